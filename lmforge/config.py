@@ -1,0 +1,388 @@
+"""Typed configuration: the model (transformers-compatible `config.json`), presets, YAML + overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2"]
+
+ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "gpt2",
+}
+FAMILY_ARCHITECTURE: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
+
+
+class ModelConfig(BaseModel):
+    """Everything the decoder needs. Behaviour is switched by fields, never by the family name;
+    `family` only decides how `config.json` and checkpoint keys are spelled on disk."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    family: Family = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    position: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False  # bias on q, k, v and o (Llama's flag, GPT-2)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    torch_dtype: str = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling.rope_type {rope_type!r} is not supported (default, linear, llama3)")
+        if self.num_experts and self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok exceeds num_experts")
+        return self
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` uses sliding-window attention."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    # ---- counting -------------------------------------------------------------------------
+
+    def num_parameters(self, *, embeddings: bool = True) -> int:
+        """Exact parameter count of the model this config builds; `embeddings=False` leaves out
+        the token and position embeddings and the output head (Kaplan's non-embedding N)."""
+        d, L, hd = self.hidden_size, self.num_hidden_layers, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        attn = d * (q + 2 * kv) + q * d
+        attn += (q + 2 * kv if self.attention_bias or self.qkv_bias else 0) + (d if self.attention_bias else 0)
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        expert = n_mats * d * self.intermediate_size
+        if self.mlp_bias:
+            expert += (n_mats - 1) * self.intermediate_size + d
+        mlp = self.num_experts * expert + d * self.num_experts if self.num_experts else expert
+        norm = d if self.norm == "rmsnorm" else 2 * d
+        total = L * (attn + mlp + 2 * norm) + norm
+        if embeddings:
+            total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+            if self.position == "learned":
+                total += self.max_position_embeddings * d
+        return total
+
+    def num_active_parameters(self) -> int:
+        """Parameters touched per token (differs from the total only for mixtures of experts)."""
+        if not self.num_experts:
+            return self.num_parameters(embeddings=False)
+        inactive = (self.num_experts - self.num_experts_per_tok) * 3 * self.hidden_size * self.intermediate_size
+        return self.num_parameters(embeddings=False) - self.num_hidden_layers * inactive
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 x active matmul parameters + attention scores (PaLM, appendix B)."""
+        seq_len = seq_len or self.max_position_embeddings
+        attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        matmul = self.num_active_parameters() + self.vocab_size * self.hidden_size
+        return 6 * matmul + attention // 2  # causal: half the score matrix
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Bytes of K and V cached per token of context across all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * bytes_per_value
+
+    # ---- transformers' config.json ---------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read a transformers `config.json` dict (transformers 4 or 5 style)."""
+        family = _family_of(hf, source)
+        if family == "gpt2":
+            fields: dict[str, Any] = dict(
+                vocab_size=hf.get("vocab_size", 50257),
+                hidden_size=hf.get("n_embd", 768),
+                num_hidden_layers=hf.get("n_layer", 12),
+                num_attention_heads=hf.get("n_head", 12),
+                intermediate_size=hf.get("n_inner") or 4 * hf.get("n_embd", 768),
+                max_position_embeddings=hf.get("n_positions", 1024),
+                norm="layernorm",
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                mlp="gelu",
+                position="learned",
+                attention_bias=True,
+                mlp_bias=True,
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            )
+            act = hf.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"{source}: activation_function {act!r} is not supported (gelu_new)")
+            for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+                if hf.get(key):
+                    raise ValueError(f"{source}: {key}=true is not supported")
+        else:
+            rope = hf.get("rope_parameters") or {}
+            scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+            if "type" in scaling and "rope_type" not in scaling:
+                scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
+            if scaling.get("rope_type", "default") == "default":
+                scaling = {}
+            act = hf.get("hidden_act", "silu")
+            if act != "silu":
+                raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu)")
+            sliding = hf.get("sliding_window")
+            layer_types = hf.get("layer_types")
+            if family == "qwen2" and not hf.get("use_sliding_window", False):
+                sliding, layer_types = None, None
+            if family == "qwen2" and sliding is not None and layer_types is None:
+                first_full = hf.get("max_window_layers", 0)
+                layer_types = [
+                    "sliding_attention" if i >= first_full else "full_attention"
+                    for i in range(hf["num_hidden_layers"])
+                ]
+            fields = dict(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=hf["num_attention_heads"],
+                num_key_value_heads=hf.get("num_key_value_heads"),
+                head_dim=hf.get("head_dim"),
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                rope_scaling=scaling or None,
+                attention_bias=hf.get("attention_bias", False),
+                qkv_bias=family == "qwen2",
+                mlp_bias=hf.get("mlp_bias", False),
+                sliding_window=sliding,
+                layer_types=layer_types if sliding is not None else None,
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            )
+            if family == "mixtral":
+                fields.update(num_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2))
+            if hf.get("pretraining_tp", 1) != 1:
+                raise ValueError(f"{source}: pretraining_tp != 1 is not supported")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"):
+            if key in hf:
+                fields[key] = hf[key]
+        fields["torch_dtype"] = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        try:
+            return cls(family=family, **fields)
+        except ValidationError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """Write transformers' `config.json` for this family (transformers-5 style, 4 keys kept for older readers)."""
+        common = dict(
+            architectures=[FAMILY_ARCHITECTURE[self.family]],
+            model_type=self.family,
+            vocab_size=self.vocab_size,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            initializer_range=self.initializer_range,
+            tie_word_embeddings=self.tie_word_embeddings,
+            dtype=self.torch_dtype,
+            torch_dtype=self.torch_dtype,
+            use_cache=True,
+        )
+        if self.family == "gpt2":
+            return dict(
+                common,
+                n_embd=self.hidden_size,
+                n_layer=self.num_hidden_layers,
+                n_head=self.num_attention_heads,
+                n_inner=self.intermediate_size,
+                n_positions=self.max_position_embeddings,
+                n_ctx=self.max_position_embeddings,
+                layer_norm_epsilon=self.norm_eps,
+                activation_function="gelu_new",
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        hf = dict(
+            common,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.norm_eps,
+            hidden_act="silu",
+            rope_parameters=rope_parameters,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            attention_dropout=0.0,
+        )
+        if self.family == "llama":
+            hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.family == "qwen2":
+            hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
+            hf.update(layer_types=self.layer_types or ["full_attention"] * self.num_hidden_layers)
+            hf["max_window_layers"] = self.num_hidden_layers
+        else:
+            hf["sliding_window"] = self.sliding_window
+        if self.family == "mixtral":
+            hf.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+            hf.update(router_jitter_noise=0.0, output_router_logits=False)
+        return hf
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        """Read `config.json` from an HF model directory."""
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
+        try:
+            hf = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return cls.from_hf(hf, source=str(file))
+
+
+def _family_of(hf: dict[str, Any], source: str) -> Family:
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    model_type = hf.get("model_type")
+    if not archs and model_type in FAMILY_ARCHITECTURE:
+        return model_type  # type: ignore[return-value]
+    supported = ", ".join(ARCHITECTURES)
+    named = ", ".join(archs) or f"model_type {model_type!r}"
+    raise ValueError(f"{source}: unsupported architecture {named}; lmforge supports {supported}")
+
+
+def _llama(**kw: Any) -> ModelConfig:
+    return ModelConfig(family="llama", **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": _llama(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama2-13b": _llama(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "llama2-70b": _llama(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+    ),
+    "llama3-8b": _llama(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama3.1-8b": _llama(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=128000,
+        eos_token_id=128001,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "mistral-7b": ModelConfig(
+        family="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, sliding_window=4096,
+    ),
+    "mixtral-8x7b": ModelConfig(
+        family="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+        norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=True, bos_token_id=None, eos_token_id=151643,
+    ),
+    "qwen2.5-7b": ModelConfig(
+        family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+        norm_eps=1e-6, qkv_bias=True, bos_token_id=None, eos_token_id=151643,
+    ),
+    "gpt2": ModelConfig(
+        family="gpt2", vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=1024, norm="layernorm", mlp="gelu", position="learned",
+        attention_bias=True, mlp_bias=True, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
+    ),
+    # CPU sizes for tests, the demo and benchmarks.
+    "tiny": _llama(
+        vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=1024,
+    ),
+    "micro": _llama(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset, optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].model_copy(update=overrides)
+
+
+# ---- YAML recipes with key=value overrides ---------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (["a", "b"], 3); the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+
+
+def load_yaml(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read a YAML recipe and apply `key=value` overrides (dotted keys reach nested sections)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return data

@@ -1,0 +1,41 @@
+"""A preallocated key/value cache for all layers (gpt-fast's static cache)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer, (layers, batch, kv_heads, max_len, head_dim), filled left to right.
+
+    All rows share one write position (prompts are left-padded to a common length), so a step
+    writes one slice and attention reads the filled prefix."""
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's (B, kv_heads, T, D) keys and values; return everything cached so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens exceed its {self.max_len} slots")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark `n` more positions as filled (called once per forward, after all layers)."""
+        self.length += n
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Drop finished sequences from the batch."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]

@@ -1,0 +1,279 @@
+"""One decoder-only transformer for every supported family, switched by config fields.
+
+Llama/Mistral/Qwen2/Mixtral: RMSNorm pre-normalisation, rotary embeddings, grouped-query
+attention, SwiGLU (or a sparse mixture of SwiGLU experts). GPT-2: LayerNorm, learned positions,
+GELU, biases. Module names follow transformers' checkpoint names so Llama-layout weights load as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lmforge.generate.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Rotary inverse frequencies, with linear or Llama-3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) queries or keys by (B, 1, T, D) angles."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(
+    start: int, q_len: int, k_len: int, pad: Tensor | None, window: int | None, device: torch.device
+) -> Tensor | None:
+    """Boolean (B|1, 1, q_len, k_len) mask for queries at cache slots start..start+q_len-1, or None
+    when plain causal attention (`is_causal`) or no mask at all (one query, nothing hidden) is exact."""
+    if pad is None and (window is None or start + q_len <= window) and (start == 0 or q_len == 1):
+        return None
+    q = torch.arange(start, start + q_len, device=device)[:, None]
+    k = torch.arange(k_len, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    if pad is None:
+        return allowed[None, None]
+    allowed = allowed[None] & (k[None] >= pad[:, None, None])
+    return (allowed | (k == q)[None])[:, None]  # a padding query sees itself, so no row is empty (NaN)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query K/V heads, through scaled_dot_product_attention."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and T == k.shape[2],
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed mixture of SwiGLU experts; the chosen experts' weights are renormalised (Mixtral)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(flat).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = make_norm(config)
+        if config.num_experts:
+            self.mlp: nn.Module = SparseMoE(config)
+        elif config.mlp == "swiglu":
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        else:
+            self.mlp = GeluMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, blocks and the final norm: hidden states, no head (shared by LM and reward models)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.windows = sorted({block.window for block in self.layers}, key=lambda w: w or 0)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers (after building on the meta device and materialising)."""
+        self.inv_freq = rope_inv_freq(self.config).to(device or self.inv_freq.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        pad: Tensor | None = None,
+        cache: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """Hidden states (B, T, D). `pad` (B,) counts left-padding tokens per row; `cache` holds
+        earlier tokens' keys and values and advances by T."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            if pad is not None:
+                positions = (positions - pad[:, None]).clamp(min=0)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.embed_positions(positions)
+        else:
+            freqs = positions[..., None].float() * self.inv_freq
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        masks = {w: attention_mask(start, T, start + T, pad, w, x.device) for w in self.windows}
+        for block in self.layers:
+            x = block(x, rope, masks[block.window], cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+
+class Transformer(nn.Module):
+    """Causal language model: `model` (the decoder) and `lm_head`, named as in transformers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        pad: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only."""
+        hidden = self.model(input_ids, positions=positions, pad=pad, cache=cache)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms; residual output
+        projections scaled by 1/sqrt(2 x layers) as in GPT-2."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                scale = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * scale)
+        self.model.reset_buffers()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,49 @@
+"""Tiny random transformers models of every supported family, built inside the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB = 97
+
+
+def tiny_hf_model(family: str, **overrides: Any):
+    """A random-weight transformers causal LM of `family` at a tiny size, in fp32 eval mode."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if family == "llama":
+        config = tf.LlamaConfig(**common)
+    elif family == "llama3":
+        config = tf.LlamaConfig(
+            **common,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        )
+    elif family == "mistral":
+        config = tf.MistralConfig(**common, sliding_window=8)
+    elif family == "mixtral":
+        config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    elif family == "qwen2":
+        config = tf.Qwen2Config(**common, tie_word_embeddings=True)
+    elif family == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # biases and norms start at 0/1; make them random so they are checked too
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
