@@ -47,6 +47,9 @@ class KeyMap:
     ignored: tuple[str, ...] = ()
 
 
+# transformers < 4.31 saved every layer's rotary `inv_freq` buffer; it holds no weights (transformers skips it too).
+OLD_ROPE_BUFFER = r"(^|\.)rotary_emb\.inv_freq$"
+DEFAULT_KEY_MAP = KeyMap(ignored=(OLD_ROPE_BUFFER,))
 KEY_MAPS: dict[str, KeyMap] = {
     "mixtral": KeyMap(
         renames=(
@@ -54,7 +57,8 @@ KEY_MAPS: dict[str, KeyMap] = {
             ("model.layers.{i}.block_sparse_moe.experts.{i}.w1", "model.layers.{i}.mlp.experts.{i}.gate_proj"),
             ("model.layers.{i}.block_sparse_moe.experts.{i}.w2", "model.layers.{i}.mlp.experts.{i}.down_proj"),
             ("model.layers.{i}.block_sparse_moe.experts.{i}.w3", "model.layers.{i}.mlp.experts.{i}.up_proj"),
-        )
+        ),
+        ignored=(OLD_ROPE_BUFFER,),
     ),
     "gpt2": KeyMap(
         renames=(
@@ -98,7 +102,7 @@ def _rename(name: str, renames: tuple[tuple[str, str], ...], reverse: bool) -> s
 
 def to_ours(family: str, disk: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Rename and reshape a family's on-disk tensors into our state-dict names."""
-    keymap = KEY_MAPS.get(family, KeyMap())
+    keymap = KEY_MAPS.get(family, DEFAULT_KEY_MAP)
     ours: dict[str, Tensor] = {}
     for name, tensor in disk.items():
         if keymap.prefix and name.startswith(keymap.prefix):
@@ -121,7 +125,7 @@ def to_ours(family: str, disk: dict[str, Tensor], config: ModelConfig) -> dict[s
 
 def to_disk(family: str, ours: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Our state dict in the family's on-disk names and layout (inverse of `to_ours`)."""
-    keymap = KEY_MAPS.get(family, KeyMap())
+    keymap = KEY_MAPS.get(family, DEFAULT_KEY_MAP)
     merged = dict(ours)
     for virtual, parts in keymap.fused:
         for name in [n for n in merged if parts[0] + "." in n]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,10 +60,11 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        # Derived values are not marked as set, so `preset(name, hidden_size=...)` derives them afresh.
         if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -223,7 +226,7 @@ class ModelConfig(BaseModel):
             use_cache=True,
         )
         if self.family == "gpt2":
-            return dict(
+            return copy.deepcopy(dict(  # copies: readers such as transformers edit what they are given
                 common,
                 n_embd=self.hidden_size,
                 n_layer=self.num_hidden_layers,
@@ -236,7 +239,7 @@ class ModelConfig(BaseModel):
                 resid_pdrop=0.0,
                 embd_pdrop=0.0,
                 attn_pdrop=0.0,
-            )
+            ))
         rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         hf = dict(
             common,
@@ -265,7 +268,7 @@ class ModelConfig(BaseModel):
         if self.family == "mixtral":
             hf.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
             hf.update(router_jitter_noise=0.0, output_router_logits=False)
-        return hf
+        return copy.deepcopy(hf)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -354,25 +357,38 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named preset, optionally with fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name].model_copy(update=overrides)
+    # Rebuilt from the fields the preset sets, so overrides are validated and derived fields
+    # (head_dim, num_key_value_heads) follow an overridden size unless the preset fixes them.
+    base = PRESETS[name]
+    return ModelConfig(**{**base.model_dump(include=base.model_fields_set), **overrides})
 
 
 # ---- YAML recipes with key=value overrides ---------------------------------------------------
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` (no dot) as a string; read it as a float, as YAML 1.2 and Python do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=3` -> (["a", "b"], 3); the value is parsed as YAML (numbers, booleans, lists)."""
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form key=value")
-    key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+    key, eq, raw = item.partition("=")
+    keys = key.strip().split(".")
+    if not eq or not all(keys):
+        raise ValueError(f"override {item!r} is not of the form key=value (dotted key, e.g. train.lr=3e-4)")
+    return keys, yaml.load(raw, Loader=_YamlLoader) if raw else ""
 
 
 def load_yaml(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """Read a YAML recipe and apply `key=value` overrides (dotted keys reach nested sections)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -1,0 +1,118 @@
+"""`lmforge <command>`: argument parsing and one dispatch table to the stage entry functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str) -> Callable:
+    def register(fn: Callable[[argparse.Namespace], int | None]) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: the checkpoint's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Build large language models end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    train = tok_sub.add_parser("train", help="train on text/JSONL/Parquet files or folders",
+                               description="Train a byte-level BPE tokenizer and save it in Hugging Face format.")
+    train.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
+                       help=".txt, .jsonl (text field) or .parquet (text column) files, or folders of them")
+    train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    train.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
+    train.add_argument("--out", type=Path, required=True, help="output directory (tokenizer.json + config)")
+
+    gen = sub.add_parser("generate", help="generate text from a prompt",
+                         description="Generate a continuation of a prompt, streamed to stdout.")
+    gen.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    add_sampling_flags(gen)
+
+    chat = sub.add_parser("chat", help="chat in the terminal, streamed",
+                          description="Interactive chat; the conversation is kept within the context window. "
+                                      "Commands: /reset clears the history, /exit (or Ctrl-D) quits.")
+    chat.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_sampling_flags(chat)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in world",
+                          description="Run every stage that exists so far on built-in data and write a report.")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = args.command if args.command != "tokenizer" else f"tokenizer {args.tokenizer_command}"
+    try:
+        return COMMANDS[key](args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lmforge {key}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+@command("tokenizer train")
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
+
+
+@command("generate")
+def _generate(args: argparse.Namespace) -> None:
+    from lmforge.generate.session import Session
+
+    session = Session.load(args.checkpoint, dtype=args.dtype)
+    params = session.sampling(args)
+    if args.chat:
+        prompt = session.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = session.encode(args.prompt)
+    for delta in session.stream(prompt, params, args.stop):
+        print(delta, end="", flush=True)
+    print()
+
+
+@command("chat")
+def _chat(args: argparse.Namespace) -> None:
+    from lmforge.generate.session import Session
+
+    session = Session.load(args.checkpoint, dtype=args.dtype)
+    session.chat_loop(session.sampling(args), system=args.system, stop=args.stop)
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> None:
+    from lmforge.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

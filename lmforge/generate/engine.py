@@ -1,0 +1,118 @@
+"""The generation engine: token ids in, token ids out (nanochat's cut; text lives elsewhere).
+
+Prompts of different lengths are left-padded into one batch, prefilled in one forward pass into
+a preallocated KV cache, then decoded one token per step for the whole batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lmforge.generate.kv_cache import KVCache
+from lmforge.generate.sampling import sample
+from lmforge.model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop (per request)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class EngineStats:
+    """Counters that show how the work was batched."""
+
+    forward_passes: int = 0
+    batches: int = 0
+    sequences: int = 0
+    max_batch_size: int = 0
+    tokens_generated: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Batched prefill + decode with a KV cache over a `Transformer`."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.stats = EngineStats()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """Raise a clear error for an empty prompt or one that leaves no room in the context."""
+        limit = self.config.max_position_embeddings
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        if len(prompt) >= limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {limit} tokens")
+
+    @torch.inference_mode()
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+        """Yield, per decoding step, each sequence's new token (None once it has stopped)."""
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        batch = len(prompts)
+        longest = max(len(p) for p in prompts)
+        max_new = min(params.max_new_tokens, self.config.max_position_embeddings - longest)
+        ids = torch.zeros(batch, longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        pads = torch.tensor([longest - len(p) for p in prompts])
+        pad = pads.to(self.device) if pads.any() else None
+        cache = KVCache(self.config, batch, longest + max_new, dtype=self.dtype, device=self.device)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        self._count_batch(batch)
+
+        logits = self.model(ids.to(self.device), pad=pad, cache=cache, last_only=True)
+        for step in range(max_new):
+            self.stats.forward_passes += 1
+            tokens = sample(
+                logits[:, -1], temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                generator=generator,
+            )
+            out: list[int | None] = [None if d else t for t, d in zip(tokens.tolist(), done.tolist())]
+            self.stats.tokens_generated += sum(t is not None for t in out)
+            done |= torch.isin(tokens, stop)
+            yield out
+            if bool(done.all()) or step == max_new - 1:
+                return
+            logits = self.model(tokens[:, None], pad=pad, cache=cache)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """New token ids for each prompt (including a final stop token, if one was produced)."""
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, params):
+            for row, token in enumerate(step):
+                if token is not None:
+                    outputs[row].append(token)
+        return outputs
+
+    def _count_batch(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.sequences += size
+        self.stats.max_batch_size = max(self.stats.max_batch_size, size)
+        self.stats.batch_sizes.append(size)

@@ -1,0 +1,93 @@
+"""A loaded checkpoint ready to talk: model, tokenizer, engine; prompts, streaming and terminal chat."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.text import stop_token_ids, stream_completions
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+Message = dict[str, str]
+
+
+@dataclass
+class Session:
+    model: Transformer
+    tokenizer: Tokenizer
+    engine: Engine
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Session:
+        """Load an HF-format model directory and the tokenizer beside its weights."""
+        model = load_model(path, dtype=dtype, device=device)
+        return cls(model, Tokenizer.from_dir(path), Engine(model))
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def sampling(self, args: Any) -> SamplingParams:
+        """Sampling parameters from command-line flags, stopping at the model's end tokens."""
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed, stop_token_ids=stop_token_ids(self.model.config, self.tokenizer),
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, with BOS where the tokenizer's config asks for one."""
+        return self.tokenizer.encode(text, add_bos=bool(self.tokenizer.config.get("add_bos_token", False)))
+
+    def chat_prompt(self, messages: Sequence[Message], reserve: int = 0) -> list[int]:
+        """Token ids of a conversation ready for the assistant's reply. Oldest turns (after any
+        system message) are dropped until the prompt plus `reserve` new tokens fit the context."""
+        messages = list(messages)
+        while True:
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            first = 1 if messages and messages[0]["role"] == "system" else 0
+            if len(ids) + reserve <= self.context or len(messages) - first <= 1:
+                return ids
+            del messages[first]
+
+    def stream(self, prompt: list[int], params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[str]:
+        """Text deltas of one completion as they are generated."""
+        for _, delta in stream_completions(self.engine, self.tokenizer, [prompt], params, stop):
+            yield delta
+
+    def chat_loop(
+        self, params: SamplingParams, *, system: str | None = None, stop: Sequence[str] = (),
+        read: TextIO = sys.stdin, write: TextIO = sys.stdout,
+    ) -> None:
+        """A terminal conversation: read a line, stream the reply, keep the history in the context."""
+        history: list[Message] = [{"role": "system", "content": system}] if system else []
+        interactive = read.isatty()
+        while True:
+            if interactive:
+                write.write("\nyou> ")
+                write.flush()
+            line = read.readline()
+            if not line or line.strip() == "/exit":
+                return
+            if line.strip() == "/reset":
+                history = history[:1] if system else []
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            prompt = self.chat_prompt(history, reserve=min(params.max_new_tokens, self.context // 2))
+            write.write("assistant> " if interactive else "")
+            reply = []
+            for delta in self.stream(prompt, params, stop):
+                reply.append(delta)
+                write.write(delta)
+                write.flush()
+            write.write("\n")
+            history.append({"role": "assistant", "content": "".join(reply).strip()})

@@ -1,0 +1,127 @@
+"""Text on top of the token engine: prompts in, streamed text out, with stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from lmforge.config import ModelConfig
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.tokenizer import Tokenizer
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> list[int]:
+    """Token ids that end a reply: the model's EOS ids, the tokenizer's EOS, and any
+    end-of-turn marker the vocabulary has (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, ...)."""
+    ids = set(config.eos_token_ids)
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    for token in END_OF_TURN_TOKENS:
+        if (token_id := tokenizer.token_to_id(token)) is not None:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+@dataclass
+class Detokenizer:
+    """Turns one sequence's token ids into text deltas: holds back an incomplete UTF-8 character
+    and any tail that could still become a stop string, and cuts the text at a stop string."""
+
+    tokenizer: Tokenizer
+    stop: Sequence[str] = ()
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    stopped: bool = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s) + 1))
+            if at != -1:
+                text, self.stopped = text[:at], True
+        self.text = text
+        if self.stopped:
+            return self._emit(len(text))
+        safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character may still complete
+        return self._emit(max(safe - self._held_back(text[:safe]), self.emitted))
+
+    def flush(self) -> str:
+        """All text not yet shown (at the end of generation)."""
+        return self._emit(len(self.text))
+
+    def _held_back(self, text: str) -> int:
+        return max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+    def _emit(self, end: int) -> str:
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta
+
+
+@dataclass
+class Completion:
+    """One prompt's generated text and how it ended (OpenAI's `finish_reason`)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+
+
+def stream_completions(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop: Sequence[str] = (),
+) -> Iterator[tuple[int, str]]:
+    """Yield (row, text delta) as tokens arrive; `completions` gathers them instead."""
+    yield from _run(engine, tokenizer, prompts, params, stop, [])
+
+
+def complete(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop: Sequence[str] = (),
+) -> list[Completion]:
+    """Generate for every prompt in one batch; stop at a stop token or stop string."""
+    results: list[Completion] = []
+    for _ in _run(engine, tokenizer, prompts, params, stop, results):
+        pass
+    return results
+
+
+def _run(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop: Sequence[str],
+    results: list[Completion],
+) -> Iterator[tuple[int, str]]:
+    rows = [Detokenizer(tokenizer, stop) for _ in prompts]
+    stop_ids = set(params.stop_token_ids)
+    ended = [False] * len(prompts)
+    for step in engine.stream(prompts, params):
+        for row, token in enumerate(step):
+            if token is None or ended[row]:
+                continue
+            if token in stop_ids:
+                ended[row] = True
+                continue
+            delta = rows[row].push(token)
+            ended[row] = rows[row].stopped
+            if delta:
+                yield row, delta
+        if all(ended):
+            break
+    for row, detok in enumerate(rows):
+        if delta := detok.flush():
+            yield row, delta
+        results.append(Completion(detok.text, detok.ids, "stop" if ended[row] else "length", len(prompts[row])))

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny transformers checkpoints of every family, saved inside the test's tmp_path."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hf_models import tiny_hf_model
+
+# Variants that switch on config fields the plain families leave off.
+VARIANTS = {
+    "llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "qwen2-sliding": (  # one full-attention layer, then one sliding-window layer
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+             layer_types=["full_attention", "sliding_attention"]),
+    ),
+}
+SHARPEN = 5.0
+
+
+def pytest_configure(config):
+    # The models here are tiny: a second intra-op thread buys nothing, and on a busy two-core
+    # machine its spin-waiting made these tests ten times slower.
+    torch.set_num_threads(1)
+
+
+def sharp_hf_model(name: str):
+    """`tiny_hf_model` with its matrices scaled up. At the default init (std 0.02) attention is
+    nearly uniform and the logits tiny, so a wrong RoPE or mask moved them by barely 1e-3; scaled,
+    such mistakes move them by ~1 while exact implementations still agree to ~1e-6."""
+    family, overrides = VARIANTS.get(name, (name, {}))
+    model = tiny_hf_model(family, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(SHARPEN)
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: `hf_checkpoint(name)` -> (transformers model, directory it was saved to)."""
+
+    def make(name: str, *, sub: str | None = None, **save_kwargs) -> tuple[torch.nn.Module, Path]:
+        model = sharp_hf_model(name)
+        path = tmp_path / (sub or f"hf-{name}")
+        model.save_pretrained(path, **save_kwargs)
+        return model, path
+
+    return make

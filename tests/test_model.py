@@ -1,0 +1,233 @@
+"""lmforge.model against transformers: logits parity per family (load and save), transformers-4
+configs, KV-cache decoding, left padding, and parameter/FLOP/KV-cache counts of the real presets."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from hf_models import VOCAB
+
+from lmforge.checkpoint import load_model, save_model
+from lmforge.config import PRESETS, ModelConfig
+from lmforge.generate.kv_cache import KVCache
+from lmforge.model import Transformer
+
+FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2"]
+VARIANTS = ["llama-bias", "qwen2-sliding"]  # see conftest.VARIANTS
+ARCHITECTURE = {  # name -> (architectures[0], model_type) in config.json
+    "llama": ("LlamaForCausalLM", "llama"),
+    "llama3": ("LlamaForCausalLM", "llama"),
+    "llama-bias": ("LlamaForCausalLM", "llama"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen2-sliding": ("Qwen2ForCausalLM", "qwen2"),
+    "gpt2": ("GPT2LMHeadModel", "gpt2"),
+}
+SEQ = 40  # longer than Mistral's sliding window (8) and Llama-3's original context (32)
+
+
+def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---- parity with transformers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
+def test_load_transformers_checkpoint_matches_logits(hf_checkpoint, name):
+    hf, path = hf_checkpoint(name)
+    ids = _ids()
+    model = load_model(path)
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        ours = model(ids)
+    assert _max_diff(ours, _hf_logits(hf, ids)) < 1e-4
+    with torch.no_grad():  # the last-position shortcut agrees with the full pass
+        assert _max_diff(model(ids, last_only=True), ours[:, -1:]) < 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
+def test_saved_model_loads_in_transformers(hf_checkpoint, tmp_path, name):
+    hf, path = hf_checkpoint(name)
+    ids = _ids()
+    out = save_model(load_model(path), tmp_path / "ours")
+    config = json.loads((out / "config.json").read_text())
+    arch, model_type = ARCHITECTURE[name]
+    assert config["architectures"] == [arch]
+    assert config["model_type"] == model_type
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == arch
+    assert _max_diff(_hf_logits(reloaded, ids), _hf_logits(hf, ids)) < 1e-4
+    generation = tf.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
+
+
+@pytest.mark.parametrize("key", ["type", "rope_type"])
+def test_transformers4_config_with_rope_scaling(hf_checkpoint, key):
+    """A Llama-3 config.json as transformers 4 wrote it: `rope_theta` and `rope_scaling`
+    at the top level (with `type` or `rope_type`), no `rope_parameters`."""
+    hf, path = hf_checkpoint("llama3")
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    assert rope["rope_type"] == "llama3"
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {key: rope.pop("rope_type"), **rope}
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.45.0"
+    (path / "config.json").write_text(json.dumps(config))
+    ids = _ids()
+    model = load_model(path)
+    assert model.config.rope_theta == 500000.0
+    assert model.config.rope_scaling["rope_type"] == "llama3"
+    with torch.no_grad():
+        ours = model(ids)
+    reference = _hf_logits(hf, ids)
+    assert _max_diff(ours, reference) < 1e-4
+
+    # The scaling matters at this length: dropping it changes the logits well beyond tolerance.
+    del config["rope_scaling"]
+    (path / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        unscaled = load_model(path)(ids)
+    assert _max_diff(unscaled, reference) > 0.1
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral", "gpt2", "qwen2-sliding"])
+def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, name):
+    _, path = hf_checkpoint(name)
+    model = load_model(path)
+    ids = _ids()
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 2, SEQ, dtype=torch.float32, device="cpu")
+        steps = [(0, 12), (12, 17)] + [(t, t + 1) for t in range(17, SEQ)]  # prefill, a chunk, then one by one
+        pieces = []
+        for start, end in steps:
+            assert cache.length == start
+            pieces.append(model(ids[:, start:end], cache=cache))
+        assert cache.length == SEQ
+        assert _max_diff(torch.cat(pieces, dim=1), full) < 1e-5
+        with pytest.raises(ValueError, match="full"):
+            model(ids[:, :1], cache=cache)
+
+
+# ---- left padding --------------------------------------------------------------------------
+
+
+def _left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    pad = torch.tensor([width - len(r) for r in rows])
+    ids = torch.stack([torch.cat([torch.full((width - len(r),), pad_id), r]) for r in rows])
+    return ids, pad
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
+def test_left_padded_batch_equals_rows_alone(hf_checkpoint, name):
+    _, path = hf_checkpoint(name)
+    model = load_model(path)
+    rows = [_ids(1, SEQ, seed=2)[0], _ids(1, 27, seed=3)[0], _ids(1, 5, seed=4)[0]]
+    ids, pad = _left_padded(rows)
+    with torch.no_grad():
+        batched = model(ids, pad=pad)
+        assert torch.isfinite(batched).all()  # padding queries must not produce NaN rows
+        for i, row in enumerate(rows):
+            alone = model(row[None])
+            assert _max_diff(batched[i, pad[i]:], alone[0]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_left_padded_cached_decoding_equals_rows_alone(hf_checkpoint, name):
+    _, path = hf_checkpoint(name)
+    model = load_model(path)
+    rows = [_ids(1, SEQ, seed=5)[0], _ids(1, 22, seed=6)[0]]
+    ids, pad = _left_padded(rows)
+    prompt = 20  # row 1 has only 2 real tokens in the prefill, then decodes past Mistral's window
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, SEQ, dtype=torch.float32, device="cpu")
+        pieces = [model(ids[:, :prompt], pad=pad, cache=cache)]
+        pieces += [model(ids[:, t : t + 1], pad=pad, cache=cache) for t in range(prompt, SEQ)]
+        decoded = torch.cat(pieces, dim=1)
+        for i, row in enumerate(rows):
+            alone = model(row[None])
+            assert _max_diff(decoded[i, pad[i]:], alone[0]) < 1e-5
+
+
+# ---- sizes of the real presets -------------------------------------------------------------
+
+# Totals of the published checkpoints (tied embeddings counted once).
+PUBLISHED = {
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3.1-8b": 8_030_261_248,
+    "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512,
+    "gpt2": 124_439_808,
+}
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_preset_parameter_count_matches_transformers(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        ours = Transformer(cfg)
+        theirs = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**cfg.to_hf()))
+    assert type(theirs).__name__ == cfg.to_hf()["architectures"][0]
+    if cfg.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert _count(ours) == cfg.num_parameters() == _count(theirs) == PUBLISHED[name]
+    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    if cfg.position == "learned":
+        embeddings += cfg.max_position_embeddings * cfg.hidden_size
+    assert cfg.num_parameters(embeddings=False) == cfg.num_parameters() - embeddings
+
+
+def test_mixtral_active_parameters():
+    cfg = PRESETS["mixtral-8x7b"]
+    inactive_experts = cfg.num_hidden_layers * (8 - 2) * 3 * 4096 * 14336
+    embeddings = 2 * 32000 * 4096
+    assert cfg.num_active_parameters() == cfg.num_parameters() - embeddings - inactive_experts
+    assert round(cfg.num_active_parameters() + embeddings, -8) == 12_900_000_000  # "12.9B active"
+
+
+def test_kv_cache_bytes_per_token():
+    assert PRESETS["llama2-7b"].kv_cache_bytes_per_token() == 2 * 32 * 32 * 128 * 2 == 524_288
+    assert PRESETS["mistral-7b"].kv_cache_bytes_per_token() == 2 * 32 * 8 * 128 * 2 == 131_072  # GQA: 8 KV heads
+    assert PRESETS["llama2-7b"].kv_cache_bytes_per_token(bytes_per_value=4) == 2 * 32 * 32 * 128 * 4
+    # The cache really holds that much: one token of every layer's K and V.
+    cfg = PRESETS["micro"]
+    cache = KVCache(cfg, 1, 1, dtype=torch.bfloat16, device="meta")
+    assert (cache.k.numel() + cache.v.numel()) * 2 == cfg.kv_cache_bytes_per_token()
+
+
+def test_flops_per_token_llama2_7b():
+    d, layers, ffn, vocab, seq = 4096, 32, 11008, 32000, 4096
+    per_layer = 4 * d * d + 3 * d * ffn + 2 * d  # attention, SwiGLU, two norms
+    matmul = layers * per_layer + d + vocab * d  # + final norm, + output head (input embedding is a lookup)
+    attention = 6 * layers * d * seq  # 12·L·H·Q·T (PaLM), halved for causal masking
+    assert PRESETS["llama2-7b"].flops_per_token(seq) == 6 * matmul + attention == 42_865_287_168
+    assert PRESETS["llama2-7b"].flops_per_token() == PRESETS["llama2-7b"].flops_per_token(4096)
+
