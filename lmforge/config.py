@@ -120,11 +120,13 @@ class ModelConfig(BaseModel):
         return self.num_parameters(embeddings=False) - self.num_hidden_layers * inactive
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 x active matmul parameters + attention scores (PaLM, appendix B)."""
+        """Training FLOPs per token: 6 x active matmul parameters + 12 x layers x heads x head_dim x
+        seq_len for the attention scores (PaLM, appendix B; causal masking not discounted, as MFU
+        is conventionally reported)."""
         seq_len = seq_len or self.max_position_embeddings
         attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
         matmul = self.num_active_parameters() + self.vocab_size * self.hidden_size
-        return 6 * matmul + attention // 2  # causal: half the score matrix
+        return 6 * matmul + attention
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of K and V cached per token of context across all layers."""

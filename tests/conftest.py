@@ -8,6 +8,10 @@ from hf_models import tiny_hf_model
 
 # Variants that switch on config fields the plain families leave off.
 VARIANTS = {
+    # Llama-3 RoPE with one frequency in each regime: kept (wavelength 6), smoothed (63), divided (628, 6283).
+    "llama3-smooth": ("llama3", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 100})),
     "llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "qwen2-sliding": (  # one full-attention layer, then one sliding-window layer
         "qwen2",
@@ -41,9 +45,9 @@ def sharp_hf_model(name: str):
 def hf_checkpoint(tmp_path):
     """Factory: `hf_checkpoint(name)` -> (transformers model, directory it was saved to)."""
 
-    def make(name: str, *, sub: str | None = None, **save_kwargs) -> tuple[torch.nn.Module, Path]:
+    def make(name: str, **save_kwargs) -> tuple[torch.nn.Module, Path]:
         model = sharp_hf_model(name)
-        path = tmp_path / (sub or f"hf-{name}")
+        path = tmp_path / f"hf-{name}"
         model.save_pretrained(path, **save_kwargs)
         return model, path
 

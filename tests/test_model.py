@@ -14,11 +14,12 @@ from lmforge.generate.kv_cache import KVCache
 from lmforge.model import Transformer
 
 FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2"]
-VARIANTS = ["llama-bias", "qwen2-sliding"]  # see conftest.VARIANTS
+VARIANTS = ["llama-bias", "llama3-smooth", "qwen2-sliding"]  # see conftest.VARIANTS
 ARCHITECTURE = {  # name -> (architectures[0], model_type) in config.json
     "llama": ("LlamaForCausalLM", "llama"),
     "llama3": ("LlamaForCausalLM", "llama"),
     "llama-bias": ("LlamaForCausalLM", "llama"),
+    "llama3-smooth": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "mistral"),
     "mixtral": ("MixtralForCausalLM", "mixtral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
@@ -73,6 +74,43 @@ def test_saved_model_loads_in_transformers(hf_checkpoint, tmp_path, name):
     assert _max_diff(_hf_logits(reloaded, ids), _hf_logits(hf, ids)) < 1e-4
     generation = tf.GenerationConfig.from_pretrained(out)
     assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
+
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+NATIVE = {  # configs made in lmforge, never read from transformers
+    "llama": ModelConfig(family="llama", **SMALL, rope_scaling={
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 24}),
+    "llama-linear": ModelConfig(family="llama", **SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral": ModelConfig(family="mistral", **SMALL, sliding_window=8),
+    "mixtral": ModelConfig(family="mixtral", **SMALL, num_experts=4, num_experts_per_tok=2),
+    "qwen2": ModelConfig(family="qwen2", **SMALL, qkv_bias=True, tie_word_embeddings=True, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"]),
+    "gpt2": ModelConfig(family="gpt2", **{**SMALL, "num_key_value_heads": 4, "intermediate_size": 96}, norm="layernorm",
+                        mlp="gelu", position="learned", attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE))
+def test_model_built_in_lmforge_loads_in_transformers(tmp_path, name):
+    cfg = NATIVE[name]
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    with torch.no_grad():  # init leaves biases 0 and norms 1; randomise them so they are checked too
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    model.eval()
+    out = save_model(model, tmp_path / "native")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == cfg.to_hf()["architectures"][0]
+    assert sum(p.numel() for p in theirs.parameters()) == cfg.num_parameters() == model.num_parameters()
+    ids = _ids()
+    with torch.no_grad():
+        ours = model(ids)
+    assert _max_diff(_hf_logits(theirs, ids), ours) < 1e-4
+    assert load_model(out).config == cfg
 
 
 @pytest.mark.parametrize("key", ["type", "rope_type"])
@@ -227,7 +265,7 @@ def test_flops_per_token_llama2_7b():
     d, layers, ffn, vocab, seq = 4096, 32, 11008, 32000, 4096
     per_layer = 4 * d * d + 3 * d * ffn + 2 * d  # attention, SwiGLU, two norms
     matmul = layers * per_layer + d + vocab * d  # + final norm, + output head (input embedding is a lookup)
-    attention = 6 * layers * d * seq  # 12·L·H·Q·T (PaLM), halved for causal masking
-    assert PRESETS["llama2-7b"].flops_per_token(seq) == 6 * matmul + attention == 42_865_287_168
+    attention = 12 * layers * d * seq  # 12·L·H·Q·T (PaLM, appendix B)
+    assert PRESETS["llama2-7b"].flops_per_token(seq) == 6 * matmul + attention == 6 * matmul + 6_442_450_944
     assert PRESETS["llama2-7b"].flops_per_token() == PRESETS["llama2-7b"].flops_per_token(4096)
 
