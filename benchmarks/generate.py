@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="weight dtypes to measure")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure lmforge with a torch.compile'd decode step (compiles once per case)")
     parser.add_argument("--profile", action="store_true", help="print a profile of one decode step")
     args = parser.parse_args()
     if args.threads:
@@ -53,14 +55,13 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        ours = Engine(load_model(workdir + "/model", dtype=dtype))
+        engines = {"lmforge": Engine(load_model(workdir + "/model", dtype=dtype))}
+        if args.compile:
+            engines["lmforge compiled"] = Engine(load_model(workdir + "/model", dtype=dtype), compile=True)
         ref = transformers.AutoModelForCausalLM.from_pretrained(workdir + "/model", dtype=dtype).eval()
         for batch in args.batch_sizes:
             prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
             params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
-
-            def run_ours() -> None:
-                ours.generate(prompts.tolist(), params)
 
             def run_ref() -> None:
                 with torch.inference_mode():
@@ -70,12 +71,15 @@ def main() -> None:
                     )
 
             tokens = batch * args.new_tokens
-            t_ours, t_ref = time_call(run_ours, args.repeats), time_call(run_ref, args.repeats)
-            rows.append((f"decode_b{batch}_{'fp32' if dtype is torch.float32 else 'bf16'}", tokens / t_ours, tokens / t_ref))
+            case = f"decode_b{batch}_{'fp32' if dtype is torch.float32 else 'bf16'}"
+            reference = tokens / time_call(run_ref, args.repeats)
+            for label, engine in engines.items():
+                ours = tokens / time_call(lambda: engine.generate(prompts.tolist(), params), args.repeats)
+                rows.append((case + ("_compiled" if label != "lmforge" else ""), ours, reference))
 
-    print(f"\n{'case':<20}{'lmforge tok/s':>15}{'transformers tok/s':>20}{'ratio':>8}")
+    print(f"\n{'case':<28}{'lmforge tok/s':>15}{'transformers tok/s':>20}{'ratio':>8}")
     for name, a, b in rows:
-        print(f"{name:<20}{a:>15.1f}{b:>20.1f}{a / b:>8.2f}")
+        print(f"{name:<28}{a:>15.1f}{b:>20.1f}{a / b:>8.2f}")
     print()
     for name, a, b in rows:
         print(f"RESULT {name} lmforge={a:.1f} reference={b:.1f} unit=tok/s ratio={a / b:.2f}")

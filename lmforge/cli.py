@@ -27,6 +27,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +90,7 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
-    session = Session.load(args.checkpoint, dtype=args.dtype)
+    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
     params = session.sampling(args)
     if args.chat:
         prompt = session.chat_prompt([{"role": "user", "content": args.prompt}])
@@ -103,7 +105,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
-    session = Session.load(args.checkpoint, dtype=args.dtype)
+    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
     session.chat_loop(session.sampling(args), system=args.system, stop=args.stop)
 
 

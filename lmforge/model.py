@@ -69,13 +69,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention_mask(
-    start: int, q_len: int, k_len: int, pad: Tensor | None, window: int | None, device: torch.device
+    start: int | Tensor, q_len: int, k_len: int, pad: Tensor | None, window: int | None, device: torch.device,
+    *, always: bool = False,
 ) -> Tensor | None:
-    """Boolean (B|1, 1, q_len, k_len) mask for queries at cache slots start..start+q_len-1, or None
-    when plain causal attention (`is_causal`) or no mask at all (one query, nothing hidden) is exact."""
-    if pad is None and (window is None or start + q_len <= window) and (start == 0 or q_len == 1):
+    """Boolean (B|1, 1, q_len, k_len) mask for queries at cache slots start..start+q_len-1. None
+    (unless `always`) when plain causal attention (`is_causal`), or no mask for one query, is exact."""
+    if not always and pad is None and (window is None or start + q_len <= window) and (start == 0 or q_len == 1):
         return None
-    q = torch.arange(start, start + q_len, device=device)[:, None]
+    q = (start + torch.arange(q_len, device=device))[:, None]
     k = torch.arange(k_len, device=device)[None, :]
     allowed = k <= q
     if window is not None:
@@ -217,7 +218,7 @@ class Decoder(nn.Module):
         B, T = x.shape[:2]
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            positions = (start + torch.arange(T, device=x.device)).expand(B, T)
             if pad is not None:
                 positions = (positions - pad[:, None]).clamp(min=0)
         rope = None
@@ -227,7 +228,9 @@ class Decoder(nn.Module):
             freqs = positions[..., None].float() * self.inv_freq
             angles = torch.cat((freqs, freqs), dim=-1)[:, None]
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        masks = {w: attention_mask(start, T, start + T, pad, w, x.device) for w in self.windows}
+        k_len = cache.attended(T) if cache is not None else T
+        static = cache is not None and cache.static
+        masks = {w: attention_mask(start, T, k_len, pad, w, x.device, always=static) for w in self.windows}
         for block in self.layers:
             x = block(x, rope, masks[block.window], cache)
         if cache is not None:

@@ -220,3 +220,31 @@ def test_sampling_params_validate():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
     assert math.isclose(SamplingParams(temperature=0.5).temperature, 0.5)
+
+
+# ---- the static cache and the compiled decode step ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_static_cache_equals_growing_cache(family, tmp_path):
+    from lmforge.generate.kv_cache import KVCache, StaticKVCache
+
+    sharp_hf_model(family).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    ids = torch.randint(3, 90, (2, 30), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([0, 4])
+    outs = {}
+    for kind in (KVCache, StaticKVCache):
+        cache = kind(model.config, 2, 64, dtype=torch.float32, device="cpu")
+        steps = [model(ids[:, :12], pad=pad, cache=cache)]
+        steps += [model(ids[:, i : i + 1], pad=pad, cache=cache) for i in range(12, 30)]
+        outs[kind] = torch.cat(steps, dim=1)
+    torch.testing.assert_close(outs[StaticKVCache], outs[KVCache], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_eager(tmp_path):
+    sharp_hf_model("mistral").save_pretrained(tmp_path)
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    eager = Engine(load_model(tmp_path)).generate(PROMPTS, params)
+    assert Engine(load_model(tmp_path), compile=True).generate(PROMPTS, params) == eager

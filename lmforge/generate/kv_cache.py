@@ -1,4 +1,4 @@
-"""A preallocated key/value cache for all layers (gpt-fast's static cache)."""
+"""Preallocated key/value caches for all layers (gpt-fast's static cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ class KVCache:
     All rows share one write position (prompts are left-padded to a common length), so a step
     writes one slice and attention reads the filled prefix."""
 
+    static = False
+
     def __init__(
         self, config: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str
     ) -> None:
@@ -21,7 +23,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
+        self.length: int | Tensor = 0
+
+    def attended(self, n: int) -> int:
+        """How many key slots a forward of `n` new tokens attends over."""
+        return self.length + n
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's (B, kv_heads, T, D) keys and values; return everything cached so far."""
@@ -36,6 +42,27 @@ class KVCache:
         """Mark `n` more positions as filled (called once per forward, after all layers)."""
         self.length += n
 
-    def keep_rows(self, rows: Tensor) -> None:
-        """Drop finished sequences from the batch."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+class StaticKVCache(KVCache):
+    """The same cache with shapes that never change, for `torch.compile`: the write position is a
+    tensor and attention reads every slot, the unfilled ones masked out."""
+
+    static = True
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__(config, batch_size, max_len, dtype=dtype, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def attended(self, n: int) -> int:
+        return self.max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        slots = self.length + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        self.length.add_(n)

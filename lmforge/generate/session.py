@@ -26,10 +26,12 @@ class Session:
     engine: Engine
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Session:
+    def load(
+        cls, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool = False
+    ) -> Session:
         """Load an HF-format model directory and the tokenizer beside its weights."""
         model = load_model(path, dtype=dtype, device=device)
-        return cls(model, Tokenizer.from_dir(path), Engine(model))
+        return cls(model, Tokenizer.from_dir(path), Engine(model, compile=compile))
 
     @property
     def context(self) -> int:
