@@ -308,11 +308,18 @@ def generation_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def save_model(
-    model: Transformer, out: str | Path, *, tokenizer: Any = None, max_shard_size: int | str = "5GB"
+    model: Transformer,
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write `model` as an HF model directory (atomically), with the tokenizer if given."""
-    config = model.config.model_copy(update={"torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """Write `model` as an HF model directory (atomically), with the tokenizer if given.
+    `state_dict` replaces the model's own (e.g. one gathered from sharded processes)."""
+    state = {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    dtype = next(iter(state.values())).dtype
+    config = model.config.model_copy(update={"torch_dtype": str(dtype).removeprefix("torch.")})
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
     with atomic_dir(out) as tmp:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
@@ -198,6 +199,7 @@ class Decoder(nn.Module):
         self.norm = make_norm(config)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.windows = sorted({block.window for block in self.layers}, key=lambda w: w or 0)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers (after building on the meta device and materialising)."""
@@ -232,7 +234,10 @@ class Decoder(nn.Module):
         static = cache is not None and cache.static
         masks = {w: attention_mask(start, T, k_len, pad, w, x.device, always=static) for w in self.windows}
         for block in self.layers:
-            x = block(x, rope, masks[block.window], cache)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, masks[block.window], cache, use_reentrant=False)
+            else:
+                x = block(x, rope, masks[block.window], cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

@@ -1,0 +1,1 @@
+"""Training: one loop for every stage, the optimizer and schedule, distributed wrappers, stages."""

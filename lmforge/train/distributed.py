@@ -1,0 +1,126 @@
+"""torchrun processes: DDP or FSDP2 (`fully_shard`), NCCL on GPU and gloo on CPU.
+
+A single process is the degenerate case (world size 1) and needs no launcher."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun described in the environment (or run alone without one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), world_size, local_rank, device)
+
+
+def wrap(model: nn.Module, strategy: Strategy, env: Dist) -> nn.Module:
+    """Wrap `model` for data-parallel training: DDP replicas, or FSDP2 sharding each block then the root."""
+    if not env.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if hasattr(model, "no_sync"):  # DDP
+        with nullcontext() if enabled else model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def all_reduce_sum(value: torch.Tensor, env: Dist) -> torch.Tensor:
+    if env.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, env: Dist) -> tuple[dict, dict | None]:
+    """Unsharded model and optimizer state dicts (on CPU), gathered for rank 0 to write."""
+    if not env.enabled:
+        return model.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(unwrap(model), optimizer or [], options=options)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
+                    optimizer_state: dict | None, env: Dist) -> None:
+    """Load unsharded state dicts into a (possibly sharded) model and its optimizer."""
+    if not env.enabled:
+        model.load_state_dict(model_state)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(unwrap(model), optimizer or [], model_state_dict=model_state,
+                   optim_state_dict=optimizer_state or {}, options=StateDictOptions(full_state_dict=True))
+
+
+def barrier(env: Dist) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, env: Dist) -> Any:
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,305 @@
+"""The one training loop every stage shares; stages differ only in their batches and loss.
+
+Per optimizer step: a global batch is cut into this process's rows and then into micro-batches;
+each micro-batch's summed loss is backpropagated, and the summed gradients are divided by the
+global count of loss terms, so batch x accumulation x processes splits give the same update.
+Then clipping, AdamW, the schedule, logging, evaluation and atomic checkpoints (resumable)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lmforge.checkpoint import atomic_dir, save_model
+from lmforge.train.distributed import (
+    Dist, all_reduce_sum, barrier, broadcast_object, full_state, gradient_sync, load_full_state, unwrap,
+)
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]  # (sum of loss terms, number of terms)
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and bookkeeping settings shared by every stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(1000, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float | None = Field(None, ge=0, description="cosine floor; default lr / 10")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+    save_every: int = Field(100, gt=0)
+    keep_last: int = Field(2, gt=0)
+    seed: int = 0
+    peak_flops: float | None = Field(None, gt=0, description="per-device matmul peak for MFU; measured if unset")
+
+    @model_validator(mode="after")
+    def _floor(self) -> TrainConfig:
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        return self
+
+
+class BatchSource(Protocol):
+    """Global batches (every tensor's first dimension is the global batch size), resumable."""
+
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; nothing was written for this step."""
+
+
+class Trainer:
+    """Runs `steps` optimizer steps of `loss_fn` over `source`, writing into `out_dir`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        source: BatchSource,
+        loss_fn: LossFn,
+        out_dir: str | Path,
+        *,
+        env: Dist = Dist(),
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        tokenizer: Any = None,
+        flops_per_token: float | None = None,
+    ) -> None:
+        self.config, self.source, self.loss_fn, self.env = config, source, loss_fn, env
+        self.out_dir = Path(out_dir)
+        self.evaluate, self.tokenizer, self.flops_per_token = evaluate, tokenizer, flops_per_token
+        self.model = model  # already wrapped for DDP/FSDP by the caller, when distributed
+        unwrap(model).model.gradient_checkpointing = config.activation_checkpointing
+        self.optimizer = build_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps
+        )
+        self.step = 0
+        self.forward = torch.compile(model) if config.compile else model
+        self.history: list[dict[str, Any]] = []
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on one global batch; returns loss, grad norm and token counts."""
+        cfg, env = self.config, self.env
+        rows = next(iter(batch.values())).shape[0]
+        per_rank = rows // env.world_size
+        if per_rank * env.world_size != rows or per_rank != cfg.micro_batch_size * cfg.grad_accum:
+            raise ValueError(
+                f"global batch of {rows} rows does not split into {env.world_size} processes x "
+                f"{cfg.grad_accum} micro-batches of {cfg.micro_batch_size}"
+            )
+        mine = {k: v[env.rank * per_rank : (env.rank + 1) * per_rank] for k, v in batch.items()}
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        self.model.train()
+        for micro in range(cfg.grad_accum):
+            part = {k: v[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size].to(env.device)
+                    for k, v in mine.items()}
+            with gradient_sync(self.model, micro == cfg.grad_accum - 1), self._autocast():
+                total, n = self.loss_fn(self.forward, part)
+                total.backward()
+            loss_sum += total.detach().double().cpu()
+            count += float(n)
+        stats = all_reduce_sum(torch.stack([loss_sum, count]).to(env.device), env).cpu()
+        loss_sum, count = float(stats[0]), float(stats[1])
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        scale = env.world_size / max(count, 1.0)  # data parallelism averaged the per-process sums
+        for p in params:
+            p.grad.mul_(scale)
+        grad_norm = self._clip(params)
+        loss = loss_sum / max(count, 1.0)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; stopped before "
+                f"updating the weights. The last checkpoint under {self.out_dir / 'checkpoints'} is intact; "
+                "lower the learning rate or check the data, then resume."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": count}
+
+    def _clip(self, params: list[nn.Parameter]) -> float:
+        limit = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.env.device.type, enabled=False)
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train to `config.steps` (continuing from the latest checkpoint if `resume`)."""
+        cfg, env = self.config, self.env
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if resume:
+            self.resume()
+        peak = cfg.peak_flops or (measure_peak_flops() if self.flops_per_token else None)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not env.is_main)
+        last_log, window = time.perf_counter(), 0.0
+        while self.step < cfg.steps:
+            set_lr(self.optimizer, lr := lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr,
+                                              warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
+            result = self.train_step(self.source.next_batch())
+            window += result["tokens"]
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - last_log
+                tokens_per_s = window / elapsed
+                record = {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+                          "tokens_per_s": tokens_per_s}
+                if self.flops_per_token and peak:
+                    record["mfu"] = tokens_per_s * self.flops_per_token / (peak * env.world_size)
+                self.log(record)
+                bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{lr:.2e}")
+                last_log, window = time.perf_counter(), 0.0
+            if self.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                self.log({"step": self.step, **self.evaluate(self.model)})
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.history[-1] if self.history else {}
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with (self.out_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-N/` (HF model directory + `trainer_state.pt`) atomically, keep the
+        newest `keep_last`, and refresh the loss curve."""
+        model_state, optim_state = full_state(self.model, self.optimizer, self.env)
+        path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        if self.env.is_main:
+            state = {
+                "step": self.step,
+                "optimizer": optim_state,
+                "data": self.source.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            }
+            with atomic_dir(path) as tmp:
+                save_model(unwrap(self.model), tmp / "model", tokenizer=self.tokenizer, state_dict=model_state)
+                torch.save(state, tmp / STATE_FILE)
+            for old in checkpoints(self.out_dir)[: -self.config.keep_last]:
+                shutil.rmtree(old)
+            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+        barrier(self.env)
+        return path
+
+    def resume(self) -> None:
+        """Load the newest checkpoint: weights, optimizer, step, data position and RNG states."""
+        found = checkpoints(self.out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoints under {self.out_dir / 'checkpoints'}")
+        path = found[-1]
+        try:
+            from lmforge.checkpoint import read_tensors, to_ours
+
+            model = unwrap(self.model)
+            model_state = to_ours(model.config.family, read_tensors(path / "model"), model.config)
+            if model.config.tie_word_embeddings:
+                model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+            state = torch.load(path / STATE_FILE, weights_only=True)
+        except Exception as e:
+            earlier = f"; the previous checkpoint {found[-2].name} is intact: delete {path.name} to resume from it" \
+                if len(found) > 1 else ""
+            raise ValueError(f"cannot resume from {path}: {e}{earlier}") from None
+        state = broadcast_object(state, self.env)
+        load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.env)
+        self.source.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+        if self.env.is_main:
+            tqdm.write(f"resumed from {path} at step {self.step}")
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoint directories under `out_dir/checkpoints`, oldest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
+
+
+def plot_metrics(metrics: Path, out: Path) -> None:
+    """Training and validation loss against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+_PEAK: dict[str, float] = {}
+
+
+def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """This process's dense matmul FLOP/s, measured once per dtype (the MFU denominator)."""
+    key = str(dtype)
+    if key not in _PEAK:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        _PEAK[key] = 2 * size**3 * n / (time.perf_counter() - start)
+    return _PEAK[key]
