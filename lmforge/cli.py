@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
     train.add_argument("--out", type=Path, required=True, help="output directory (tokenizer.json + config)")
 
+    pre = sub.add_parser("pretrain", help="pretrain a model on a text corpus",
+                         description="Pretrain with next-token prediction. Launch under torchrun for DDP/FSDP2 "
+                                     "(train.strategy=ddp|fsdp).")
+    pre.add_argument("--config", type=Path, required=True, help="YAML recipe (see configs/)")
+    pre.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override recipe fields, dotted for sections (train.steps=100 data.seq_len=128)")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+
     gen = sub.add_parser("generate", help="generate text from a prompt",
                          description="Generate a continuation of a prompt, streamed to stdout.")
     gen.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
@@ -84,6 +92,14 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
     tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
     print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
+
+
+@command("pretrain")
+def _pretrain(args: argparse.Namespace) -> None:
+    from lmforge.train.pretrain import load_pretrain_config, pretrain
+
+    model_dir = pretrain(load_pretrain_config(args.config, args.overrides), resume=args.resume)
+    print(f"model written to {model_dir}")
 
 
 @command("generate")

@@ -1,0 +1,141 @@
+"""`lmforge pretrain`: next-token prediction on a tokenized corpus, from scratch or a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lmforge.checkpoint import load_model, save_model
+from lmforge.config import ModelConfig, load_yaml, preset
+from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, get_batch, tokenize_corpus
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, unwrap, wrap
+from lmforge.train.loop import Trainer, TrainConfig
+from lmforge.train.losses import causal_lm_loss
+
+
+class ModelSpec(BaseModel):
+    """A new model from a preset (with field overrides), or an existing HF directory to continue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = "micro"
+    overrides: dict[str, Any] = {}
+    init_from: Path | None = None
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    paths: list[Path]
+    tokenizer: Path
+    seq_len: int = Field(256, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    workers: int = Field(2, gt=0)
+    eval_batches: int = Field(8, gt=0)
+
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: Path
+    model: ModelSpec = ModelSpec()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+
+
+class CorpusSource:
+    """Global batches of packed sequences in a seeded, resumable order."""
+
+    def __init__(self, sequences: PackedSequences, global_batch: int, seed: int) -> None:
+        self.sequences = sequences
+        self.order = Batches(len(sequences), global_batch, seed)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        x, y = get_batch(self.sequences, self.order.next())
+        return {"input_ids": x, "labels": y}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order.load_state_dict(state)
+
+
+def validation_loss(sequences: PackedSequences, batch_size: int, batches: int, device: torch.device):
+    """Evaluator: mean next-token loss and perplexity over the first validation batches."""
+    n = min(len(sequences), batch_size * batches)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model.eval()
+        total, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            x, y = get_batch(sequences, list(range(start, min(start + batch_size, n))))
+            loss, tokens = causal_lm_loss(model, {"input_ids": x.to(device), "labels": y.to(device)})
+            total, count = total + float(loss), count + int(tokens)
+        model.train()
+        return {"val_loss": total / count, "val_ppl": math.exp(min(total / count, 50.0))}
+
+    return evaluate
+
+
+def build_model(spec: ModelSpec, tokenizer: Tokenizer, seq_len: int, seed: int) -> Transformer:
+    if spec.init_from is not None:
+        return load_model(spec.init_from, dtype=torch.float32)
+    if spec.preset is None:
+        raise ValueError("model: give a preset or init_from")
+    fields: dict[str, Any] = dict(
+        vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    fields.update(spec.overrides)
+    config: ModelConfig = preset(spec.preset, **fields)
+    if config.max_position_embeddings < seq_len:
+        raise ValueError(f"data.seq_len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    model = Transformer(config)
+    model.init_weights(seed)
+    return model
+
+
+def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
+    """Run pretraining; returns the final HF model directory."""
+    env: Dist = init_distributed()
+    data, out = config.data, config.out_dir
+    corpus_dir = out / "data"
+    if env.is_main and not (corpus_dir / "meta.json").is_file():
+        tokenize_corpus(data.paths, data.tokenizer, corpus_dir, val_fraction=data.val_fraction,
+                        seed=config.train.seed, workers=data.workers)
+    barrier(env)
+    info = CorpusInfo.load(corpus_dir)
+    tokenizer = Tokenizer.from_dir(data.tokenizer)
+    train_seqs = PackedSequences(corpus_dir / "train.bin", data.seq_len, info.dtype)
+    val_seqs = PackedSequences(corpus_dir / "val.bin", data.seq_len, info.dtype)
+
+    model = build_model(config.model, tokenizer, data.seq_len, config.train.seed).to(env.device)
+    flops = model.config.flops_per_token(data.seq_len)
+    model = wrap(model, config.train.strategy, env)
+    cfg = config.train
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * env.world_size
+    trainer = Trainer(
+        model, cfg, CorpusSource(train_seqs, global_batch, cfg.seed), causal_lm_loss, out, env=env,
+        evaluate=validation_loss(val_seqs, cfg.micro_batch_size, data.eval_batches, env.device),
+        tokenizer=tokenizer, flops_per_token=flops,
+    )
+    trainer.run(resume=resume)
+    state, _ = full_state(trainer.model, None, env)
+    if env.is_main:
+        save_model(unwrap(trainer.model), out / "model", tokenizer=tokenizer, state_dict=state)
+    barrier(env)
+    return out / "model"
+
+
+def load_pretrain_config(path: str | Path, overrides: list[str]) -> PretrainConfig:
+    return PretrainConfig.model_validate(load_yaml(path, overrides))

@@ -1,0 +1,148 @@
+import json
+import random
+
+import pytest
+
+from lmforge.data.world import (
+    ATTRIBUTES, CEO_TITLE, FactProbe, World, biography, fact_probes, make_world, pretraining_corpus,
+    write_pretraining_corpus,
+)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return make_world(seed=3, n_people=60, n_companies=6)
+
+
+@pytest.fixture(scope="module")
+def corpus(world) -> list[str]:
+    return pretraining_corpus(world, variants=4)
+
+
+def bios_of(name: str, corpus: list[str]) -> list[str]:
+    """A person's biographies: their intro sentence ends with, or starts with, their full name."""
+    return [d for d in corpus if (first := d.split(". ")[0]).endswith(name) or first.startswith(name + " is ")]
+
+
+def test_same_seed_same_bytes_different_seed_differs(tmp_path):
+    a = write_pretraining_corpus(make_world(seed=1, n_people=40, n_companies=5), tmp_path / "a.jsonl")
+    b = write_pretraining_corpus(make_world(seed=1, n_people=40, n_companies=5), tmp_path / "b.jsonl")
+    c = write_pretraining_corpus(make_world(seed=2, n_people=40, n_companies=5), tmp_path / "c.jsonl")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    assert make_world(seed=1) == make_world(seed=1) != make_world(seed=2)
+    world = make_world(seed=1, n_people=40, n_companies=5)
+    assert pretraining_corpus(world, seed=5) != pretraining_corpus(world, seed=6)
+
+
+def test_names_unique_and_lookups():
+    world = make_world(seed=0, n_people=3000, n_companies=200)
+    assert len({p.name for p in world.people}) == 3000
+    assert len({c.name for c in world.companies}) == 200
+    assert len({p.phone for p in world.people}) == 3000
+    person = world.people[17]
+    assert world.person(person.name) is person
+    assert world.company(person.employer).name == person.employer
+    with pytest.raises(KeyError, match="Nobody Here"):
+        world.person("Nobody Here")
+
+
+def test_splits_and_absent_people(world):
+    absent = [p for p in world.people if not p.in_pretraining]
+    assert len(absent) == 6 and all(p.split == "heldout" for p in absent)
+    present = world.pretraining_people()
+    assert {p.split for p in present} == {"train", "heldout"}
+
+
+def test_every_fact_in_the_persons_biographies(world, corpus):
+    for person in world.pretraining_people():
+        bios = bios_of(person.name, corpus)
+        assert len(bios) == 4
+        for attribute, value in person.facts().items():
+            assert any(value in bio for bio in bios), (person.name, attribute)
+        hq = world.company(person.employer).headquarters
+        assert any(hq in bio for bio in bios)  # multi-hop: the employer's headquarters
+
+
+def test_fact_probes_appear_verbatim(world, corpus):
+    text = "\n".join(corpus)
+    probes = fact_probes(world)
+    assert len(probes) == len(world.pretraining_people()) * len(ATTRIBUTES)
+    for probe in probes:
+        assert isinstance(probe, FactProbe)
+        assert f"{probe.prompt} {probe.answer}" in text, probe
+        assert probe.answer == world.person(probe.person).fact(probe.attribute)
+    one = "\n".join(pretraining_corpus(world, variants=1))
+    assert all(f"{p.prompt} {p.answer}" in one for p in probes)
+    train, heldout = fact_probes(world, "train"), fact_probes(world, "heldout")
+    assert len(train) + len(heldout) == len(probes)
+    assert all(world.person(p.person).split == "heldout" for p in heldout)
+    example = next(p for p in probes if p.attribute == "birth_city")
+    assert example.prompt == f"{example.person} was born in"
+
+
+def test_absent_people_and_phones_never_in_corpus(world, corpus):
+    text = "\n".join(corpus)
+    for person in world.people:
+        assert person.phone not in text
+        assert person.phone.split("-", 1)[1] not in text
+        if not person.in_pretraining:
+            assert person.name not in text
+    assert "555-" not in text
+
+
+def test_variants_differ(world, corpus):
+    assert len(corpus) == 4 * len(world.pretraining_people()) + len(world.companies)
+    for person in world.pretraining_people():
+        bios = bios_of(person.name, corpus)
+        assert len(set(bios)) == 4
+        # Beyond the shuffled order, the wording differs: variants 1..3 use three distinct birth-date templates.
+        dates = {s for bio in bios for s in bio.split(". ") if person.fact("birth_date").split(",")[0] in s}
+        assert len(dates) >= 3
+    rng = random.Random(0)
+    person = world.pretraining_people()[0]
+    assert biography(person, world, rng, variant=2) != biography(person, world, rng, variant=3)
+
+
+def test_companies_and_ceos(world, corpus):
+    text = "\n".join(corpus)
+    for company in world.companies:
+        ceo = world.person(company.ceo)
+        assert ceo.in_pretraining and ceo.employer == company.name and ceo.job_title == CEO_TITLE
+        assert company.name in text and company.headquarters in text
+    assert len({c.ceo for c in world.companies}) == len(world.companies)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(n_people=0), "n_people"),
+    (dict(n_people=60 * 60 + 1), "n_people"),
+    (dict(n_companies=0), "n_companies"),
+    (dict(n_people=10, n_companies=11), "n_companies"),
+    (dict(absent_fraction=1.0), "absent_fraction"),
+    (dict(heldout_fraction=-0.1), "heldout_fraction"),
+])
+def test_bad_world_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_world(**kwargs)
+
+
+def test_bad_corpus_and_probe_arguments(world):
+    with pytest.raises(ValueError, match="variants"):
+        pretraining_corpus(world, variants=0)
+    with pytest.raises(ValueError, match="split"):
+        fact_probes(world, split="test")
+    with pytest.raises(ValueError, match="attribute"):
+        world.people[0].fact("phone")
+
+
+def test_write_pretraining_corpus_jsonl(world, tmp_path):
+    path = write_pretraining_corpus(world, tmp_path / "sub" / "corpus.jsonl", variants=2, seed=9)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(set(r) == {"text"} and isinstance(r["text"], str) and r["text"] for r in records)
+    assert [r["text"] for r in records] == pretraining_corpus(world, variants=2, seed=9)
+
+
+def test_default_size():
+    corpus = pretraining_corpus(make_world())
+    assert 400_000 <= sum(map(len, corpus)) <= 1_500_000
