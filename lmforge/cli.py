@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run every stage that exists so far on built-in data and write a report.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--people", type=int, default=100, help="people in the generated world (default 100)")
+    demo.add_argument("--steps", type=int, default=1000, help="pretraining steps (default 1000)")
     return parser
 
 
@@ -129,7 +131,7 @@ def _chat(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from lmforge.demo import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    run_demo(args.out, seed=args.seed, people=args.people, steps=args.steps)
 
 
 if __name__ == "__main__":

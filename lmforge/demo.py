@@ -1,73 +1,83 @@
-"""`lmforge demo`: every stage that exists so far, on built-in data, with a markdown report.
+"""`lmforge demo`: the pipeline on the built-in world, with numbers, plots and a markdown report.
 
-Today: train a BPE tokenizer (on lmforge's own source, which every installation has), build a
-tiny Llama-family model, save it as a Hugging Face directory, load it back, generate, and size up
-real presets on the meta device. Later stages (pretraining on the built-in world, SFT,
+Stages so far: generate the world, train a BPE tokenizer on its biographies, pretrain a small
+Llama-family model on them, and measure what it learned: validation loss and how often greedy
+completion of a fact it read ("Isaac Ashcombe was born in") is right. Later stages (SFT,
 alignment, retrieval) add their sections here.
 """
 
 from __future__ import annotations
 
+import json
+import platform
+import random
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
-import lmforge
-from lmforge.checkpoint import save_model
-from lmforge.config import PRESETS, preset
+from lmforge.config import PRESETS
+from lmforge.data.corpus import CorpusInfo
+from lmforge.data.world import fact_probes, make_world, pretraining_corpus, write_pretraining_corpus
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
-from lmforge.generate.text import stop_token_ids
+from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
+from lmforge.train.loop import TrainConfig
+from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
 
+VARIANTS = 8  # biographies per person, each worded and ordered differently, so facts become extractable
 REAL_PRESETS = ("llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gpt2")
+DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
 
 
-def run_demo(out: str | Path, seed: int = 0) -> Path:
+def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 1000, probes: int = 300) -> Path:
     """Run the demo into `out` and return the path of its report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    sections = []
+    started = time.perf_counter()
+    sections: list[str] = []
 
-    sources = sorted(Path(lmforge.__file__).parent.rglob("*.py"))
-    corpus = out / "corpus.txt"
-    corpus.write_text("\n\n".join(path.read_text() for path in sources))
-    start = time.perf_counter()
-    tokenizer = train_tokenizer([corpus], 1024, out / "tokenizer", show_progress=False)
-    sample = "def forward(self, x: Tensor) -> Tensor:"
+    world = make_world(seed, n_people=people, n_companies=max(4, people // 10))
+    corpus = write_pretraining_corpus(world, out / "world" / "corpus.jsonl", variants=VARIANTS)
+    documents = pretraining_corpus(world, variants=VARIANTS)
+    sections.append(
+        "## The world\n\n"
+        f"{len(world.people)} fictional people ({len(world.pretraining_people())} written into the pretraining "
+        f"corpus, each several times in different words) and {len(world.companies)} companies: "
+        f"{len(documents)} documents, {sum(map(len, documents)):,} characters. One of them:\n\n> {documents[0]}\n"
+    )
+    print(f"[demo] world: {len(world.people)} people, corpus {corpus}")
+
+    tokenizer = train_tokenizer([corpus], 2048, out / "tokenizer", show_progress=False)
+    sample = documents[0].split(". ")[1] + "."
     ids = tokenizer.encode(sample)
     sections.append(
         "## Tokenizer\n\n"
-        f"Byte-level BPE, {tokenizer.vocab_size} tokens, trained on lmforge's {len(sources)} source files "
-        f"in {time.perf_counter() - start:.1f} s.\n\n"
-        f"`{sample}` → {len(ids)} tokens: {' | '.join(f'`{tokenizer.decode([i])}`' for i in ids)}\n"
+        f"Byte-level BPE with {tokenizer.vocab_size} tokens trained on the corpus. `{sample}` is {len(ids)} tokens: "
+        + " | ".join(f"`{tokenizer.decode([i])}`" for i in ids) + "\n"
     )
-    print(f"[demo] tokenizer: {tokenizer.vocab_size} tokens")
 
-    config = preset("micro", vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    model = Transformer(config)
-    model.init_weights(seed)
-    model_dir = save_model(model, out / "model", tokenizer=tokenizer)
+    config = PretrainConfig(
+        out_dir=out / "pretrain",
+        model=ModelSpec(preset="micro", overrides=DEMO_MODEL),
+        data=DataConfig(paths=[corpus], tokenizer=out / "tokenizer", seq_len=128, val_fraction=0.05),
+        train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=30, log_every=10,
+                          eval_every=max(1, steps // 6), save_every=max(1, steps // 3), seed=seed),
+    )
+    train_start = time.perf_counter()
+    model_dir = pretrain(config)
+    train_time = time.perf_counter() - train_start
+    sections.append(pretraining_section(config, model_dir, train_time))
+
     session = Session.load(model_dir)
-    params = SamplingParams(max_new_tokens=48, temperature=0.8, top_k=50, seed=seed,
-                            stop_token_ids=stop_token_ids(session.model.config, tokenizer))
-    start = time.perf_counter()
-    text = "".join(session.stream(session.encode("def "), params))
-    elapsed = time.perf_counter() - start
-    sections.append(
-        "## Model\n\n"
-        f"A randomly initialised Llama-family model ({model.num_parameters():,} parameters, "
-        f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads, {config.num_key_value_heads} KV heads) "
-        f"saved as a Hugging Face directory at `{model_dir}` and loaded back. Untrained, so its text is noise:\n\n"
-        f"```\ndef {text}\n```\n\n({elapsed:.2f} s; pretraining arrives with the next stage.)\n"
-    )
-    print(f"[demo] generated: def {text!r}")
+    sections.append(fact_section(session, world, probes, seed))
 
-    rows = ["| preset | parameters | training GFLOPs/token | KV cache per token (bf16) |", "|---|---:|---:|---:|"]
+    rows = ["| preset | parameters | training GFLOPs/token (4k context) | KV cache per token (bf16) |",
+            "|---|---:|---:|---:|"]
     for name in REAL_PRESETS:
         cfg = PRESETS[name]
         with torch.device("meta"):
@@ -76,7 +86,76 @@ def run_demo(out: str | Path, seed: int = 0) -> Path:
                     f"{cfg.kv_cache_bytes_per_token() / 1024:.0f} KiB |")
     sections.append("## Real sizes (built on the meta device)\n\n" + "\n".join(rows) + "\n")
 
+    header = (f"# lmforge demo\n\nSeed {seed}; {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads; {time.perf_counter() - started:.0f} s in all.\n\n"
+              f"Chat with the model: `lmforge chat --checkpoint {model_dir}`\n\n")
     report = out / "report.md"
-    report.write_text("# lmforge demo\n\n" + "\n".join(sections))
+    report.write_text(header + "\n".join(sections))
     print(f"[demo] report: {report}")
     return report
+
+
+def pretraining_section(config: PretrainConfig, model_dir: Path, seconds: float) -> str:
+    records = [json.loads(line) for line in (config.out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    train_tokens = CorpusInfo.load(config.out_dir / "data").num_tokens["train"]
+    params = sum(p.numel() for p in Session.load(model_dir).model.parameters())
+    tokens = config.train.steps * config.train.micro_batch_size * config.train.grad_accum * config.data.seq_len
+    mfu = sum(r.get("mfu", 0) for r in train[1:]) / max(1, len(train) - 1)
+    lines = [
+        "## Pretraining\n",
+        f"{params:,} parameters ({DEMO_MODEL['num_hidden_layers']} layers, hidden {DEMO_MODEL['hidden_size']}, "
+        f"grouped-query attention {DEMO_MODEL['num_attention_heads']}/{DEMO_MODEL['num_key_value_heads']} heads), "
+        f"{config.train.steps} AdamW steps of {config.train.micro_batch_size} x {config.data.seq_len} tokens "
+        f"({tokens:,} tokens, {tokens / train_tokens:.0f} passes over the {train_tokens:,}-token "
+        f"training split) in {seconds:.0f} s "
+        f"({tokens / seconds:,.0f} tokens/s, MFU {mfu:.0%}).\n",
+        "| step | train loss | validation loss | validation perplexity |",
+        "|---:|---:|---:|---:|",
+    ]
+    by_step = {r["step"]: r for r in train}
+    for r in val:
+        lines.append(f"| {r['step']} | {by_step.get(r['step'], {}).get('loss', float('nan')):.3f} | "
+                     f"{r['val_loss']:.3f} | {r['val_ppl']:.2f} |")
+    lines.append("\n![loss curve](pretrain/loss.png)\n")
+    return "\n".join(lines)
+
+
+def fact_section(session: Session, world, limit: int, seed: int) -> str:
+    """Greedy completion of facts the model read, scored by exact match on the answer."""
+    probes = fact_probes(world)
+    random.Random(seed).shuffle(probes)
+    probes = probes[:limit]
+    params = SamplingParams(max_new_tokens=12, temperature=0,
+                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
+    start_of_document = [session.tokenizer.eos_id]  # documents are separated by EOS in pretraining
+    prompts = [start_of_document + session.encode(p.prompt) for p in probes]
+    results = []
+    for start in range(0, len(prompts), 32):
+        results += complete(session.engine, session.tokenizer, prompts[start : start + 32], params, stop=["."])
+    right = [r.text.strip().startswith(p.answer) for p, r in zip(probes, results)]
+    majority = Counter()
+    per_attribute: dict[str, list[bool]] = defaultdict(list)
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for probe, ok in zip(probes, right):
+        per_attribute[probe.attribute].append(ok)
+        answers[probe.attribute][probe.answer] += 1
+    for attribute, counter in answers.items():
+        majority[attribute] = counter.most_common(1)[0][1] / sum(counter.values())
+    lines = [
+        "## What pretraining taught: held-in facts\n",
+        f"Greedy completions of {len(probes)} fact prompts drawn from the corpus; right when the completion "
+        f"starts with the true answer. Overall **{sum(right) / len(right):.0%}** right. The baseline is always "
+        "answering the most common value of that attribute.\n",
+        "| attribute | right | most-common-answer baseline |",
+        "|---|---:|---:|",
+    ]
+    for attribute, oks in sorted(per_attribute.items()):
+        lines.append(f"| {attribute} | {sum(oks) / len(oks):.0%} | {majority[attribute]:.0%} |")
+    lines += ["", "| prompt | completion | true answer |", "|---|---|---|"]
+    for probe, result, ok in list(zip(probes, results, right))[:8]:
+        mark = "✓" if ok else "✗"
+        lines.append(f"| {probe.prompt} | {result.text.strip()} {mark} | {probe.answer} |")
+    print(f"[demo] held-in facts: {sum(right)}/{len(right)} right")
+    return "\n".join(lines) + "\n"

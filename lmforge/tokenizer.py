@@ -36,7 +36,6 @@ CHATML_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 class Tokenizer:
@@ -151,7 +150,9 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
     `paths` are `.txt` files (all text), `.jsonl` (the `text` field of each record), `.parquet`
     (the `text` column; needs pyarrow) or directories searched recursively for those.
     """
-    files = _find_files([paths] if isinstance(paths, (str, Path)) else paths)
+    from lmforge.data.corpus import find_files  # lmforge.data.corpus imports this module
+
+    files = find_files(paths)
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
@@ -176,63 +177,15 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
     return tokenizer
 
 
-def _find_files(paths: Iterable[str | Path]) -> list[Path]:
-    paths = [Path(p) for p in paths]
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        elif not path.exists():
-            raise FileNotFoundError(f"no such file or directory: {path}")
-        elif path.suffix not in TEXT_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
-        else:
-            files.append(path)
-    if not files:
-        raise ValueError(f"no {', '.join(TEXT_SUFFIXES)} files found in {[str(p) for p in paths]}")
-    return files
-
-
 def _read_texts(path: Path) -> Iterator[str]:
-    """The training texts of one file: `.txt` in chunks of whole lines, records of `.jsonl`/`.parquet`."""
-    if path.suffix == ".parquet":
-        yield from _read_parquet(path)
-    elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
-    else:
-        with path.open(encoding="utf-8") as f:
-            while chunk := "".join(f.readlines(1 << 20)):  # ~1 MB of lines at a time
-                yield chunk
+    """The training texts of one file: `.txt` in runs of whole lines, records of `.jsonl`/`.parquet`."""
+    from lmforge.data.corpus import chunks, read_documents, read_lines  # lmforge.data.corpus imports this module
 
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); "
-                                 "expected an object with a string field 'text'") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}, line {lineno}: field 'text' is missing or not a string")
-            yield record["text"]
-
-
-def _read_parquet(path: Path) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from exc
-    parquet = pq.ParquetFile(path)
-    if "text" not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {parquet.schema_arrow.names})")
-    values = (v for batch in parquet.iter_batches(columns=["text"]) for v in batch.column(0).to_pylist())
-    for row, value in enumerate(values, start=1):
-        if not isinstance(value, str):
-            raise ValueError(f"{path}, row {row}: field 'text' is not a string")
-        yield value
+    if path.suffix != ".txt":
+        yield from read_documents(path)
+        return
+    for lines in chunks(read_lines(path), 1 << 20):  # ~1 MB of lines at a time
+        yield "".join(lines)
 
 
 def _token_str(value: Any) -> str | None:

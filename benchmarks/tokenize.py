@@ -1,0 +1,133 @@
+"""Corpus tokenization speed: lmforge's `tokenize_corpus` vs Hugging Face `tokenizers` by hand.
+
+A synthetic corpus (random words with Zipf-like frequencies, in sentences and paragraphs of
+varied length, split over a few `.txt` files with blank lines between documents) is written to a
+temporary folder and a byte-level BPE tokenizer is trained on it. Then the corpus is tokenized
+into token files by `tokenize_corpus` with 1 and 2 worker processes, and by the reference a user
+would otherwise write: read the documents, `Tokenizer.encode_batch` them in batches in this one
+process (the library's own thread pool uses every core), append EOS and write one token file.
+Both times include reading and writing. Prints a table, then one `RESULT` line per worker count.
+"""
+
+import os
+import sys
+
+# This file shares its name with the standard library's `tokenize`, which `inspect` (so torch and
+# dataclasses) imports; run as a script, its folder comes first on sys.path, so take it off first.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from lmforge.data.corpus import CorpusInfo, iter_documents, token_dtype, tokenize_corpus  # noqa: E402
+from lmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+
+
+def make_corpus(root: Path, megabytes: float, files: int, seed: int) -> list[Path]:
+    """Write about `megabytes` of synthetic documents into `files` text files under `root`."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [13, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    words = ["".join(rng.choices(letters, weights, k=rng.randint(1, 11))) for _ in range(30000)]
+    cumulative = np.cumsum(1 / np.arange(1, len(words) + 1)).tolist()  # Zipf's law
+    budget = int(megabytes * 1e6 / files)
+    paths = []
+    for f in range(files):
+        docs, size = [], 0
+        while size < budget:
+            sentences = []
+            for _ in range(max(1, int(rng.lognormvariate(2.0, 1.0)))):
+                sentence = rng.choices(words, cum_weights=cumulative, k=rng.randint(4, 25))
+                if rng.random() < 0.2:
+                    sentence.insert(rng.randrange(len(sentence)), str(rng.randint(0, 10**rng.randint(1, 6))))
+                sentences.append(" ".join(sentence).capitalize() + rng.choice(".....?!;"))
+            doc = " ".join(sentences) if rng.random() < 0.7 else "\n".join(sentences)
+            docs.append(doc)
+            size += len(doc) + 2
+        path = root / f"part{f}.txt"
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def reference(files: list[Path], tokenizer_dir: Path, out: Path, batch_docs: int) -> np.ndarray:
+    """What a user would write with `tokenizers` alone: encode_batch in batches, EOS after each document."""
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    backend, eos, dtype = tokenizer.backend, tokenizer.eos_id, token_dtype(tokenizer.vocab_size)
+    docs = list(iter_documents(files))
+    parts = []
+    for start in range(0, len(docs), batch_docs):
+        for encoding in backend.encode_batch(docs[start : start + batch_docs], add_special_tokens=False):
+            parts.append(np.array(encoding.ids + [eos], dtype=dtype))
+    tokens = np.concatenate(parts)
+    tokens.tofile(out)
+    return tokens
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    """Best wall time of `repeats` calls, and the last call's result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megabytes", type=float, default=20.0, help="size of the synthetic corpus in MB of text")
+    parser.add_argument("--files", type=int, default=4, help="number of .txt files the corpus is split into")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of the trained BPE tokenizer")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker process counts to measure tokenize_corpus with")
+    parser.add_argument("--batch-docs", type=int, default=1024,
+                        help="documents per encode_batch call in the reference")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (the best is kept)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        files = make_corpus(root, args.megabytes, args.files, args.seed)
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        print(f"corpus: {megabytes:.1f} MB in {len(files)} files ({time.perf_counter() - start:.1f} s to write)")
+        start = time.perf_counter()
+        train_tokenizer(files, args.vocab_size, root / "tok", show_progress=False)
+        print(f"tokenizer: vocab {args.vocab_size} trained in {time.perf_counter() - start:.1f} s\n")
+
+        ref_seconds, ref_tokens = best_time(
+            lambda: reference(files, root / "tok", root / "reference.bin", args.batch_docs), args.repeats)
+        rows = [(f"tokenizers encode_batch ({os.cpu_count()} threads)", "-", ref_seconds)]
+        results = []
+        for workers in args.workers:
+            out = root / f"w{workers}"
+            seconds, info = best_time(lambda: tokenize_corpus(files, root / "tok", out, workers=workers,
+                                                              show_progress=False), args.repeats)
+            assert isinstance(info, CorpusInfo)
+            mine = np.concatenate([np.fromfile(out / f"{s}.bin", dtype=info.dtype) for s in ("train", "val")])
+            if not np.array_equal(np.bincount(mine), np.bincount(ref_tokens)):
+                raise SystemExit(f"workers={workers}: tokens differ from the reference's")
+            rows.append((f"lmforge tokenize_corpus", str(workers), seconds))
+            results.append((workers, seconds))
+
+    n = len(ref_tokens)
+    print(f"{n:,} tokens ({megabytes / n * 1e6:.2f} bytes/token)")
+    print(f"{'implementation':<40} {'workers':>7} {'seconds':>8} {'tok/s':>12} {'MB/s':>7}")
+    for name, workers, seconds in rows:
+        print(f"{name:<40} {workers:>7} {seconds:>8.2f} {n / seconds:>12,.0f} {megabytes / seconds:>7.2f}")
+    print()
+    for workers, seconds in results:
+        ours, ref = n / seconds, n / ref_seconds
+        print(f"RESULT tokenize_w{workers} lmforge={ours:.1f} reference={ref:.1f} unit=tok/s ratio={ours / ref:.2f}")
+
+
+if __name__ == "__main__":
+    main()

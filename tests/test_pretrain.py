@@ -1,0 +1,92 @@
+"""`lmforge pretrain` end to end: a SIGKILLed run resumes to the uninterrupted result; config errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.data.world import make_world, write_pretraining_corpus
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.loop import STATE_FILE, checkpoints
+
+MODEL = ["model.overrides.hidden_size=32", "model.overrides.intermediate_size=64",
+         "model.overrides.num_hidden_layers=2", "model.overrides.max_position_embeddings=64"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = write_pretraining_corpus(make_world(0, n_people=20, n_companies=4), root / "corpus.jsonl", variants=2)
+    train_tokenizer([corpus], 300, root / "tok", show_progress=False)
+    config = root / "recipe.yaml"
+    config.write_text(
+        f"out_dir: {root / 'unused'}\n"
+        f"data: {{paths: [{corpus}], tokenizer: {root / 'tok'}, seq_len: 32, workers: 1, eval_batches: 2}}\n"
+        "train: {steps: 12, micro_batch_size: 4, grad_accum: 2, lr: 3.0e-3, warmup_steps: 2, log_every: 2,\n"
+        "        eval_every: 4, save_every: 2, keep_last: 20, peak_flops: 1.0e+12}\n"
+    )
+    return config
+
+
+def run(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lmforge.cli", "pretrain", "--config", str(recipe), f"out_dir={out}", *MODEL, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(recipe, tmp_path):
+    straight = run(recipe, tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    killed = run(recipe, tmp_path / "killed")
+    deadline = time.time() + 300
+    while not checkpoints(tmp_path / "killed") and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    saved = checkpoints(tmp_path / "killed")
+    assert saved and saved[-1].name != "step-000012"  # it really died before the end
+
+    resumed = run(recipe, tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(checkpoints(tmp_path / "straight")[-1] / STATE_FILE, weights_only=True)
+    sb = torch.load(checkpoints(tmp_path / "killed")[-1] / STATE_FILE, weights_only=True)
+    assert sa["step"] == sb["step"] == 12 and sa["data"] == sb["data"]
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+def test_bad_recipes_name_the_field(recipe, tmp_path, capsys):
+    assert main(["pretrain", "--config", str(recipe), f"out_dir={tmp_path}", "train.learning_rate=1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(recipe), f"out_dir={tmp_path}", "train.steps=many"]) == 2
+    assert "steps" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["pretrain", "--config", str(recipe), f"out_dir={tmp_path / 'e'}", f"data.paths=[{empty}]"]) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    assert main(["pretrain", "--config", str(recipe), f"out_dir={tmp_path / 'b'}", f"data.paths=[{bad}]"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err and "text" in err
+
+
+def test_resume_without_checkpoints_is_an_error(recipe, tmp_path, capsys):
+    assert main(["pretrain", "--config", str(recipe), f"out_dir={tmp_path}", *MODEL, "--resume"]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
