@@ -27,6 +27,8 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/tokenization.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -208,3 +208,13 @@ def test_config_rejects_unknown_keys_and_bad_types():
         TrainConfig(learning_rate=1e-3)
     with pytest.raises(ValidationError, match="steps"):
         TrainConfig(steps="many")
+
+
+def test_activation_checkpointing_gives_the_same_update(tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        Trainer(model, config(activation_checkpointing=checkpointing, lr=1e-3), ListSource(lm_data(), 8),
+                causal_lm_loss, tmp_path / str(checkpointing)).run()
+        results.append(flat_params(model))
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)

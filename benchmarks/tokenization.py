@@ -9,24 +9,17 @@ process (the library's own thread pool uses every core), append EOS and write on
 Both times include reading and writing. Prints a table, then one `RESULT` line per worker count.
 """
 
+import argparse
 import os
-import sys
+import random
+import tempfile
+import time
+from pathlib import Path
 
-# This file shares its name with the standard library's `tokenize`, which `inspect` (so torch and
-# dataclasses) imports; run as a script, its folder comes first on sys.path, so take it off first.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import numpy as np
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from lmforge.data.corpus import CorpusInfo, iter_documents, token_dtype, tokenize_corpus  # noqa: E402
-from lmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from lmforge.data.corpus import CorpusInfo, iter_documents, token_dtype, tokenize_corpus
+from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 
 def make_corpus(root: Path, megabytes: float, files: int, seed: int) -> list[Path]:
@@ -115,7 +108,7 @@ def main() -> None:
             mine = np.concatenate([np.fromfile(out / f"{s}.bin", dtype=info.dtype) for s in ("train", "val")])
             if not np.array_equal(np.bincount(mine), np.bincount(ref_tokens)):
                 raise SystemExit(f"workers={workers}: tokens differ from the reference's")
-            rows.append((f"lmforge tokenize_corpus", str(workers), seconds))
+            rows.append(("lmforge tokenize_corpus", str(workers), seconds))
             results.append((workers, seconds))
 
     n = len(ref_tokens)
