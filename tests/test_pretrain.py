@@ -90,3 +90,17 @@ def test_bad_recipes_name_the_field(recipe, tmp_path, capsys):
 def test_resume_without_checkpoints_is_an_error(recipe, tmp_path, capsys):
     assert main(["pretrain", "--config", str(recipe), f"out_dir={tmp_path}", *MODEL, "--resume"]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+def test_changed_corpus_is_tokenized_again(recipe, tmp_path):
+    from lmforge.data.corpus import CorpusInfo
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(f'{{"text": "document number {i} about nothing much"}}\n' for i in range(40)))
+    short = [f"out_dir={tmp_path / 'run'}", *MODEL, "train.steps=2"]
+    assert main(["pretrain", "--config", str(recipe), *short]) == 0
+    first = CorpusInfo.load(tmp_path / "run" / "data")
+    assert main(["pretrain", "--config", str(recipe), *short, f"data.paths=[{other}]"]) == 0
+    second = CorpusInfo.load(tmp_path / "run" / "data")
+    assert second.sources == [str(other.resolve())] != first.sources
+    assert second.num_documents["train"] + second.num_documents["val"] == 40

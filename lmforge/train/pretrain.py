@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfig, load_yaml, preset
-from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, get_batch, tokenize_corpus
+from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, find_files, get_batch, tokenize_corpus
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, unwrap, wrap
@@ -86,6 +86,17 @@ def validation_loss(sequences: PackedSequences, batch_size: int, batches: int, d
     return evaluate
 
 
+def corpus_is_current(corpus_dir: Path, data: DataConfig, seed: int) -> bool:
+    """Whether `corpus_dir` already holds these files tokenized this way (so a resumed run reuses it)."""
+    try:
+        info = CorpusInfo.load(corpus_dir)
+    except FileNotFoundError:
+        return False
+    sources = [str(f.resolve()) for f in find_files(data.paths)]
+    return (info.sources, info.tokenizer_dir, info.val_fraction, info.seed) == (
+        sources, str(data.tokenizer.resolve()), data.val_fraction, seed)
+
+
 def build_model(spec: ModelSpec, tokenizer: Tokenizer, seq_len: int, seed: int) -> Transformer:
     if spec.init_from is not None:
         return load_model(spec.init_from, dtype=torch.float32)
@@ -110,7 +121,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
     env: Dist = init_distributed()
     data, out = config.data, config.out_dir
     corpus_dir = out / "data"
-    if env.is_main and not (corpus_dir / "meta.json").is_file():
+    if env.is_main and not corpus_is_current(corpus_dir, data, config.train.seed):
         tokenize_corpus(data.paths, data.tokenizer, corpus_dir, val_fraction=data.val_fraction,
                         seed=config.train.seed, workers=data.workers)
     barrier(env)
