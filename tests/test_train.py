@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -145,9 +146,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = Trainer(straight_model, cfg, ListSource(lm_data(), 8), causal_lm_loss, tmp_path / "straight")
     straight.run()
 
-    class Killed(ListSource):  # dies when asked for the 4th batch, after step 3's checkpoint
+    class Killed(ListSource):  # dies when asked for the 5th batch: step 4 was logged, step 3 saved
         def next_batch(self):
-            if self.position == 3:
+            if self.position == 4:
                 raise KeyboardInterrupt
             return super().next_batch()
 
@@ -161,6 +162,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for a, b in zip(straight.optimizer.state.values(), resumed.optimizer.state.values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step-000003", "step-000006"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -116,11 +117,3 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
 def barrier(env: Dist) -> None:
     if env.enabled:
         dist.barrier()
-
-
-def broadcast_object(obj: Any, env: Dist) -> Any:
-    if not env.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lmforge.checkpoint import atomic_dir, save_model
 from lmforge.train.distributed import (
-    Dist, all_reduce_sum, barrier, broadcast_object, full_state, gradient_sync, load_full_state, unwrap,
+    Dist, all_reduce_sum, barrier, full_state, gradient_sync, load_full_state, unwrap,
 )
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
@@ -246,13 +246,13 @@ class Trainer:
             earlier = f"; the previous checkpoint {found[-2].name} is intact: delete {path.name} to resume from it" \
                 if len(found) > 1 else ""
             raise ValueError(f"cannot resume from {path}: {e}{earlier}") from None
-        state = broadcast_object(state, self.env)
         load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.env)
         self.source.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]
         if self.env.is_main:
+            drop_metrics_after(self.out_dir / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} at step {self.step}")
 
 
@@ -262,6 +262,14 @@ def checkpoints(out_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
+
+
+def drop_metrics_after(metrics: Path, step: int) -> None:
+    """Forget records a killed run logged after its last checkpoint (the resumed run logs them again)."""
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
 
 
 def plot_metrics(metrics: Path, out: Path) -> None:
