@@ -67,18 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_flags(chat)
 
+    export = sub.add_parser("export", help="export a checkpoint for another runtime (GGUF for llama.cpp)")
+    export_sub = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    to_gguf = export_sub.add_parser("gguf", help="write one GGUF file for llama.cpp",
+                                    description="Write the model and tokenizer of a Llama, Mistral, Mixtral or Qwen2 "
+                                                "checkpoint as one GGUF file that llama.cpp loads.")
+    to_gguf.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    to_gguf.add_argument("--out", type=Path, required=True, help="GGUF file to write (e.g. model.gguf)")
+    to_gguf.add_argument("--dtype", default="f16", choices=["f32", "f16"],
+                         help="weight type; norms, biases and MoE routers stay f32 (default f16)")
+
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in world",
                           description="Run every stage that exists so far on built-in data and write a report.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--people", type=int, default=100, help="people in the generated world (default 100)")
-    demo.add_argument("--steps", type=int, default=1000, help="pretraining steps (default 1000)")
+    demo.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    key = args.command if args.command != "tokenizer" else f"tokenizer {args.tokenizer_command}"
+    action = getattr(args, f"{args.command}_command", None)  # commands with sub-actions: tokenizer, export
+    key = f"{args.command} {action}" if action else args.command
     try:
         return COMMANDS[key](args) or 0
     except (ValueError, FileNotFoundError) as e:
@@ -125,6 +136,14 @@ def _chat(args: argparse.Namespace) -> None:
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
     session.chat_loop(session.sampling(args), system=args.system, stop=args.stop)
+
+
+@command("export gguf")
+def _export_gguf(args: argparse.Namespace) -> None:
+    from lmforge.export.gguf import export_gguf
+
+    export_gguf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"GGUF ({args.dtype}) written to {args.out}")
 
 
 @command("demo")

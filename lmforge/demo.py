@@ -34,7 +34,7 @@ DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, n
                   num_key_value_heads=2, max_position_embeddings=256)
 
 
-def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 1000, probes: int = 300) -> Path:
+def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 600, probes: int = 300) -> Path:
     """Run the demo into `out` and return the path of its report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

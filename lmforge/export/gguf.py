@@ -1,0 +1,353 @@
+"""Write a checkpoint directory as one GGUF file that llama.cpp (and Ollama, LM Studio, ...) loads.
+
+Follows the conventions of llama.cpp's own `convert_hf_to_gguf.py`: Llama, Mistral and Mixtral
+become llama.cpp's `llama` architecture, Qwen2 its `qwen2`; tensors get llama.cpp's names
+(`blk.N.attn_q.weight`, ...); Mixtral's experts are stacked into one tensor per projection.
+llama.cpp's `llama` architecture rotates adjacent pairs of each head's query/key features, where
+Hugging Face checkpoints rotate its two halves, so the q/k projection rows are reordered on the
+way out (`interleave_rotary`); `qwen2` rotates halves like the checkpoint and is left as it is.
+Weights are written as f32 or f16; norms, biases and the MoE router stay f32 either way, as
+llama.cpp's converter keeps them. The tokenizer goes into the same file: byte-level BPE
+(`tokenizer.ggml.model = "gpt2"`, what lmforge trains) or a SentencePiece-style BPE with byte
+fallback (`"llama"`, Llama 2's tokenizer.json), with its special-token ids and chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from torch import Tensor
+
+from lmforge.checkpoint import read_tensors, to_ours
+from lmforge.config import ModelConfig
+from lmforge.tokenizer import Tokenizer
+
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2"}
+INTERLEAVED_ROPE = {"llama"}  # llama.cpp architectures that rotate adjacent pairs (the rest rotate halves)
+DTYPES = {"f32": (torch.float32, gguf.LlamaFileType.ALL_F32), "f16": (torch.float16, gguf.LlamaFileType.MOSTLY_F16)}
+
+# Our parameter names (= transformers' Llama names) -> llama.cpp's; `.weight`/`.bias` follow both.
+# `{i}` is the layer; `{e}`, an expert: each layer's experts are stacked into one 3-D tensor.
+TENSOR_NAMES = (
+    ("model.embed_tokens", "token_embd"),
+    ("model.norm", "output_norm"),
+    ("lm_head", "output"),
+    ("model.layers.{i}.input_layernorm", "blk.{i}.attn_norm"),
+    ("model.layers.{i}.self_attn.q_proj", "blk.{i}.attn_q"),
+    ("model.layers.{i}.self_attn.k_proj", "blk.{i}.attn_k"),
+    ("model.layers.{i}.self_attn.v_proj", "blk.{i}.attn_v"),
+    ("model.layers.{i}.self_attn.o_proj", "blk.{i}.attn_output"),
+    ("model.layers.{i}.post_attention_layernorm", "blk.{i}.ffn_norm"),
+    ("model.layers.{i}.mlp.gate_proj", "blk.{i}.ffn_gate"),
+    ("model.layers.{i}.mlp.up_proj", "blk.{i}.ffn_up"),
+    ("model.layers.{i}.mlp.down_proj", "blk.{i}.ffn_down"),
+    ("model.layers.{i}.mlp.gate", "blk.{i}.ffn_gate_inp"),
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj", "blk.{i}.ffn_gate_exps"),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj", "blk.{i}.ffn_up_exps"),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj", "blk.{i}.ffn_down_exps"),
+)
+KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")  # besides every 1-D tensor
+
+# tokenizer.json `Split` regexes (ahead of a regex-free ByteLevel) -> llama.cpp's pre-tokenizer names.
+# A plain ByteLevel pre-tokenizer (GPT-2's regex; what lmforge trains) is llama.cpp's "gpt-2".
+PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f16") -> Path:
+    """Write the model and tokenizer of HF-format directory `checkpoint` to GGUF file `out` (atomically)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    config = ModelConfig.from_dir(checkpoint)
+    _check_supported(config)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    tensors = gguf_tensors(config, to_ours(config.family, read_tensors(checkpoint), config))
+
+    torch_dtype, file_type = DTYPES[dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    writer = gguf.GGUFWriter(tmp, ARCHITECTURES[config.family])
+    try:
+        writer.add_name(checkpoint.resolve().name)
+        writer.add_file_type(file_type)
+        _add_hyperparameters(writer, config)
+        _add_tokenizer(writer, tokenizer, config)
+        for name, tensor in tensors.items():
+            keep_f32 = tensor.dim() == 1 or name.endswith(KEEP_F32)
+            writer.add_tensor(name, tensor.to(torch.float32 if keep_f32 else torch_dtype).numpy())
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _check_supported(config: ModelConfig) -> None:
+    if config.family not in ARCHITECTURES:
+        raise ValueError(f"{config.family} checkpoints are not supported for GGUF export yet "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+    if config.num_experts and config.mlp_bias:
+        raise ValueError("GGUF export of mixture-of-experts models with MLP biases is not supported")
+    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "llama3" and ARCHITECTURES[config.family] != "llama":
+        raise ValueError(f"llama3 rope scaling is not supported by llama.cpp's {config.family} architecture")
+    if config.sliding_window is not None:
+        warnings.warn(f"llama.cpp's {ARCHITECTURES[config.family]} architecture attends over the whole context: "
+                      f"its outputs match this model's only within the sliding window ({config.sliding_window} tokens)",
+                      stacklevel=3)
+
+
+# ---- tensors ---------------------------------------------------------------------------------
+
+
+def interleave_rotary(weight: Tensor, n_heads: int) -> Tensor:
+    """Reorder each head's q/k rows from Hugging Face's rotary layout, where feature i pairs with
+    i + head_dim/2, to llama.cpp's, where it pairs with its neighbour: row 2i + j of a head
+    becomes the old row j * head_dim/2 + i."""
+    head_dim = weight.shape[0] // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _name_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(f"^{pattern}\\.(?P<kind>weight|bias)$")
+
+
+NAME_REGEXES = tuple((_name_regex(ours), theirs) for ours, theirs in TENSOR_NAMES)
+
+
+def gguf_name(name: str) -> tuple[str, int | None]:
+    """llama.cpp's name for one of our tensors, and its expert number (None unless stacked)."""
+    for regex, theirs in NAME_REGEXES:
+        if match := regex.match(name):
+            groups = match.groupdict()
+            expert = None if groups.get("e") is None else int(groups["e"])
+            return f"{theirs.replace('{i}', groups.get('i') or '')}.{groups['kind']}", expert
+    raise ValueError(f"tensor {name} has no GGUF counterpart")
+
+
+def gguf_tensors(config: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict as llama.cpp's tensors: renamed, q/k rows interleaved for the `llama`
+    architecture, experts stacked, plus `rope_freqs.weight` for Llama-3 rope scaling."""
+    arch = ARCHITECTURES[config.family]
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # llama.cpp reuses token_embd
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    out: dict[str, Tensor] = {}
+    experts: dict[str, dict[int, Tensor]] = {}
+    for name, tensor in state.items():
+        projection = name.rsplit(".", 2)[-2]
+        if arch in INTERLEAVED_ROPE and projection in heads:
+            tensor = interleave_rotary(tensor, heads[projection])
+        target, expert = gguf_name(name)
+        if expert is None:
+            out[target] = tensor
+        else:
+            experts.setdefault(target, {})[expert] = tensor
+    for target, parts in experts.items():
+        out[target] = torch.stack([parts[e] for e in range(config.num_experts)])
+    if (config.rope_scaling or {}).get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = llama3_rope_factors(config)
+    return dict(sorted(out.items(), key=lambda item: _tensor_order(item[0])))
+
+
+def _tensor_order(name: str) -> tuple[int, int, int, object]:
+    """Embeddings, then each block's tensors in table order, then the final norm and the head."""
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if match is None:
+        return (0 if name.startswith(("token_embd", "rope_freqs")) else 2, 0, 0, name)
+    position = next(i for i, (_, theirs) in enumerate(TENSOR_NAMES) if theirs == f"blk.{{i}}.{match[2]}")
+    return (1, int(match[1]), position, match[3] != "weight")
+
+
+def llama3_rope_factors(config: ModelConfig) -> Tensor:
+    """Llama 3's rope scaling as llama.cpp takes it: per frequency, the factor it is divided by."""
+    s = config.rope_scaling or {}
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, config.head_dim, 2):
+        wavelen = 2 * math.pi * config.rope_theta ** (i / config.head_dim)
+        if wavelen < old_len / high:
+            factors.append(1.0)
+        elif wavelen > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+# ---- hyperparameters -------------------------------------------------------------------------
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    if (config.rope_scaling or {}).get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+    if config.num_experts:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, config: ModelConfig) -> None:
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"GGUF export supports BPE tokenizers only, not {model.get('type')} models")
+    if model.get("byte_fallback"):
+        _add_sentencepiece_vocab(writer, tokenizer, spec, config)
+    else:
+        _add_byte_level_vocab(writer, tokenizer, spec, config)
+    ids = {
+        "bos": tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
+        "eos": tokenizer.eos_id if tokenizer.eos_id is not None else (config.eos_token_ids or [None])[0],
+        "pad": tokenizer.pad_id if tokenizer.pad_id is not None else config.pad_token_id,
+        "unk": tokenizer.token_to_id(tokenizer.special_tokens["unk_token"] or model.get("unk_token") or ""),
+    }
+    for kind, token_id in ids.items():
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # Whether encoding adds BOS/EOS: tokenizer_config.json says so, else the post-processor shows it.
+    added = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
+    adds_bos = ids["bos"] is not None and added[:1] == [ids["bos"]] and plain[:1] != [ids["bos"]]
+    adds_eos = ids["eos"] is not None and added[-1:] == [ids["eos"]] and plain[-1:] != [ids["eos"]]
+    writer.add_add_bos_token(bool(tokenizer.config.get("add_bos_token", adds_bos)))
+    writer.add_add_eos_token(bool(tokenizer.config.get("add_eos_token", adds_eos)))
+    if tokenizer.chat_template is not None:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens in id order, padded to the model's vocab_size, and their llama.cpp token types."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
+                         f"is {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for i, added in tokenizer.backend.get_added_tokens_decoder().items():
+        types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    return tokens, [int(t) for t in types]
+
+
+def _merges(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """BPE merges in rank order (tokenizer.json holds "left right" strings or, since tokenizers 0.20, pairs)."""
+    return [tuple(m.split(" ", 1) if isinstance(m, str) else m) for m in spec["model"].get("merges", [])]
+
+
+def _add_byte_level_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, spec: dict[str, Any],
+                          config: ModelConfig) -> None:
+    pre = spec.get("pre_tokenizer") or {}
+    normalizer = spec.get("normalizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        name = "gpt-2"
+    elif (pre.get("type") == "Sequence" and len(pre["pretokenizers"]) == 2
+          and pre["pretokenizers"][0].get("type") == "Split"
+          and pre["pretokenizers"][1].get("type") == "ByteLevel"
+          and not pre["pretokenizers"][1].get("use_regex", True)):
+        regex = pre["pretokenizers"][0]["pattern"].get("Regex")
+        if regex not in PRE_TOKENIZERS:
+            raise ValueError(f"GGUF export does not know llama.cpp's name for the pre-tokenizer regex {regex!r} "
+                             f"(known: GPT-2's, Llama 3's, Qwen2's)")
+        name = PRE_TOKENIZERS[regex]
+    else:
+        raise ValueError(f"GGUF export supports byte-level BPE with GPT-2, Llama 3 or Qwen2 pre-tokenization; "
+                         f"this tokenizer.json's pre_tokenizer is {json.dumps(pre)[:200]}")
+    if normalizer.get("type") not in (None, "NFC"):
+        raise ValueError(f"GGUF export of a byte-level tokenizer with a {normalizer['type']} normalizer is not "
+                         "supported (llama.cpp would not apply it)")
+    tokens, types = _vocab(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{left} {right}" for left, right in _merges(spec)])
+
+
+def _add_sentencepiece_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, spec: dict[str, Any],
+                             config: ModelConfig) -> None:
+    """A BPE tokenizer.json with byte fallback whose spaces are SentencePiece's "▁" (Llama 2's,
+    Mistral's): llama.cpp's "llama" tokenizer merges the adjacent pair whose result scores
+    highest, so each token scores minus the rank of the merge that makes it."""
+    steps = _flatten(spec.get("normalizer")) + _flatten(spec.get("pre_tokenizer"))
+    metaspace = [s for s in steps if s.get("type") == "Metaspace"]
+    replaces_spaces = any(s.get("type") == "Replace" and s.get("pattern", {}).get("String") == " "
+                          and s.get("content") == SPACE for s in steps) or bool(metaspace)
+    if not replaces_spaces:
+        raise ValueError("GGUF export supports byte-fallback BPE tokenizers only when they write spaces as "
+                         f"SentencePiece's {SPACE!r} (Llama 2 style); this tokenizer.json does not")
+    if any(s.get("type") not in ("Prepend", "Replace", "Metaspace") for s in steps):
+        kinds = sorted({s.get("type", "?") for s in steps} - {"Prepend", "Replace", "Metaspace"})
+        raise ValueError(f"GGUF export of SentencePiece-style tokenizers does not support {', '.join(kinds)} "
+                         "normalizers/pre-tokenizers")
+    add_space_prefix = any(s.get("type") == "Prepend" and s.get("prepend") == SPACE for s in steps) or any(
+        m.get("prepend_scheme", "always" if m.get("add_prefix_space", True) else "never") != "never"
+        for m in metaspace)
+    tokens, types = _vocab(tokenizer, config.vocab_size)
+    scores = [0.0] * len(tokens)
+    for rank, (left, right) in enumerate(_merges(spec)):
+        token_id = tokenizer.token_to_id(left + right)
+        if token_id is not None and scores[token_id] == 0.0:
+            scores[token_id] = -float(rank + 1)
+    unk = spec["model"].get("unk_token")
+    for i, text in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            types[i] = int(gguf.TokenType.BYTE)
+        elif text == unk:
+            types[i] = int(gguf.TokenType.UNKNOWN)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(add_space_prefix)
+
+
+def _flatten(step: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A tokenizer.json normalizer or pre-tokenizer as a list of steps (Sequences unrolled)."""
+    if not step:
+        return []
+    if step.get("type") == "Sequence":
+        return [s for inner in step.get("normalizers", step.get("pretokenizers", [])) for s in _flatten(inner)]
+    return [step]
