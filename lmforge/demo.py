@@ -71,9 +71,8 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     train_start = time.perf_counter()
     model_dir = pretrain(config)
     train_time = time.perf_counter() - train_start
-    sections.append(pretraining_section(config, model_dir, train_time))
-
     session = Session.load(model_dir)
+    sections.append(pretraining_section(config, session.model.num_parameters(), train_time))
     sections.append(fact_section(session, world, probes, seed))
 
     rows = ["| preset | parameters | training GFLOPs/token (4k context) | KV cache per token (bf16) |",
@@ -95,12 +94,11 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     return report
 
 
-def pretraining_section(config: PretrainConfig, model_dir: Path, seconds: float) -> str:
+def pretraining_section(config: PretrainConfig, params: int, seconds: float) -> str:
     records = [json.loads(line) for line in (config.out_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     train_tokens = CorpusInfo.load(config.out_dir / "data").num_tokens["train"]
-    params = sum(p.numel() for p in Session.load(model_dir).model.parameters())
     tokens = config.train.steps * config.train.micro_batch_size * config.train.grad_accum * config.data.seq_len
     mfu = sum(r.get("mfu", 0) for r in train[1:]) / max(1, len(train) - 1)
     lines = [

@@ -79,7 +79,7 @@ def stream_completions(
     params: SamplingParams,
     stop: Sequence[str] = (),
 ) -> Iterator[tuple[int, str]]:
-    """Yield (row, text delta) as tokens arrive; `completions` gathers them instead."""
+    """Yield (row, text delta) as tokens arrive (`complete` gathers them into `Completion`s instead)."""
     yield from _run(engine, tokenizer, prompts, params, stop, [])
 
 
