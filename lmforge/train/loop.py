@@ -174,23 +174,24 @@ class Trainer:
             self.resume()
         peak = cfg.peak_flops or (measure_peak_flops() if self.flops_per_token else None)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not env.is_main)
-        last_log, window = time.perf_counter(), 0.0
+        window_tokens, window_seconds = 0.0, 0.0  # training steps only: evaluation and saving excluded
         while self.step < cfg.steps:
             set_lr(self.optimizer, lr := lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr,
                                               warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
+            start = time.perf_counter()
             result = self.train_step(self.source.next_batch())
-            window += result["tokens"]
+            window_seconds += time.perf_counter() - start
+            window_tokens += result["tokens"]
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - last_log
-                tokens_per_s = window / elapsed
+                tokens_per_s = window_tokens / window_seconds
                 record = {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                           "tokens_per_s": tokens_per_s}
                 if self.flops_per_token and peak:
                     record["mfu"] = tokens_per_s * self.flops_per_token / (peak * env.world_size)
                 self.log(record)
                 bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{lr:.2e}")
-                last_log, window = time.perf_counter(), 0.0
+                window_tokens, window_seconds = 0.0, 0.0
             if self.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 self.log({"step": self.step, **self.evaluate(self.model)})
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
