@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_flags(chat)
 
+    srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                         description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health "
+                                     "(FastAPI on uvicorn); concurrent requests are decoded in batches.")
+    srv.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1; use 0.0.0.0 to accept other machines)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+
     export = sub.add_parser("export", help="export a checkpoint for another runtime (GGUF for llama.cpp)")
     export_sub = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     to_gguf = export_sub.add_parser("gguf", help="write one GGUF file for llama.cpp",
@@ -136,6 +146,13 @@ def _chat(args: argparse.Namespace) -> None:
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
     session.chat_loop(session.sampling(args), system=args.system, stop=args.stop)
+
+
+@command("serve")
+def _serve(args: argparse.Namespace) -> None:
+    from lmforge.serve.server import serve
+
+    serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key)
 
 
 @command("export gguf")

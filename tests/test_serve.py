@@ -1,0 +1,261 @@
+"""The OpenAI-compatible server: the official `openai` client against a live uvicorn on loopback,
+greedy output against the engine run directly, batching of concurrent streams, errors, API keys."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from conftest import SHARPEN
+from hf_models import tiny_hf_model
+
+from lmforge.cli import main
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.session import Session
+from lmforge.generate.text import stop_token_ids
+from lmforge.tokenizer import train_tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from lmforge.serve.server import create_app  # noqa: E402
+
+VOCAB = 300
+MODEL = "tiny"
+KEY = "sk-test-key"
+WORDS = ["the cat", "the dog", "a mat", "the bone", "sat on", "héllo", "the", "dog ate", "cat sat on the",
+         "mat. the", "bone.", "wörld", "the dog ate the", "on the mat", "ate", "the cat sat"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. the dog ate the bone. héllo wörld 👋 日本語\n" * 30)
+    path = tmp_path_factory.mktemp("ckpt")
+    tokenizer = train_tokenizer([corpus], VOCAB, path, show_progress=False)
+    hf = tiny_hf_model("llama", vocab_size=VOCAB)
+    with torch.no_grad():  # sharpened, so that greedy picks are far from ties
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(SHARPEN)
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = tokenizer.eos_id
+    hf.save_pretrained(path)
+    tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint):
+    """Greedy text from the engine run directly, one prompt at a time (the server is not involved)."""
+    session = Session.load(checkpoint)
+    stops = stop_token_ids(session.model.config, session.tokenizer)
+    engine = Engine(session.model)
+
+    def greedy(prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=stops)
+        tokens = engine.generate([prompt_ids], params)[0]
+        stopped = bool(tokens) and tokens[-1] in stops
+        text = session.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True)
+        return text, "stop" if stopped else "length", len(tokens)
+
+    greedy.session = session
+    return greedy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    session = Session.load(checkpoint)
+    with LiveServer(create_app(session, model_name=MODEL)) as live:
+        live.session = session
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_and_health(server, client):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_chat_completion_matches_engine(client, oracle):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    prompt = oracle.session.chat_prompt(messages)
+    text, reason, n = oracle(prompt, 20)
+    assert out.object == "chat.completion" and out.model == MODEL
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == text and out.choices[0].finish_reason == reason
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), n)
+    assert out.usage.total_tokens == len(prompt) + n
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content == text and reasons == [reason]
+    assert chunks[-1].usage.completion_tokens == n
+    assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1  # really streamed
+
+
+def test_text_completion_matches_generate_command(client, oracle, checkpoint, capsys):
+    out = client.completions.create(model=MODEL, prompt="the dog", max_tokens=15, temperature=0)
+    text, reason, n = oracle(oracle.session.encode("the dog"), 15)
+    assert out.object == "text_completion"
+    assert out.choices[0].text == text and out.choices[0].finish_reason == reason
+    assert out.usage.completion_tokens == n
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "the dog", "--temperature", "0",
+                 "--max-new-tokens", "15"]) == 0
+    assert capsys.readouterr().out == out.choices[0].text + "\n"
+
+    pieces = list(client.completions.create(model=MODEL, prompt="the dog", max_tokens=15, temperature=0,
+                                            stream=True))
+    assert all(p.object == "text_completion" for p in pieces)
+    assert "".join(p.choices[0].text for p in pieces) == text
+    assert [p.choices[0].finish_reason for p in pieces if p.choices[0].finish_reason] == [reason]
+
+
+def test_length_stop_strings_n_and_seed(client, oracle):
+    full, _, _ = oracle(oracle.session.encode("the cat"), 30)
+    short = client.completions.create(model=MODEL, prompt="the cat", max_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert full.startswith(short.choices[0].text)
+    stop = full.strip()[len(full.strip()) // 2:][:2]
+    if stop.strip():
+        cut = client.completions.create(model=MODEL, prompt="the cat", max_tokens=30, temperature=0, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[: full.index(stop)]
+    sampled = dict(model=MODEL, prompt="the cat", max_tokens=12, temperature=1.0, top_p=0.95, seed=3, n=3,
+                   extra_body={"top_k": 50})
+    first, again = client.completions.create(**sampled), client.completions.create(**sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded: reproducible
+
+
+def test_concurrent_streams_are_batched(server, oracle):
+    engine = server.session.engine
+    before_batches = engine.stats.batches
+    before_max = engine.stats.max_batch_size
+    engine.stats.max_batch_size = 0
+    expected = {w: oracle(oracle.session.encode(w), 24)[0] for w in WORDS}
+    barrier = threading.Barrier(len(WORDS))
+
+    def run(word: str) -> str:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        barrier.wait()
+        stream = client.completions.create(model=MODEL, prompt=word, max_tokens=24, temperature=0, stream=True)
+        return "".join(chunk.choices[0].text for chunk in stream)
+
+    with ThreadPoolExecutor(len(WORDS)) as pool:
+        results = dict(zip(WORDS, pool.map(run, WORDS)))
+    assert results == expected
+    batches = engine.stats.batches - before_batches
+    assert engine.stats.max_batch_size > 1 and batches < len(WORDS)
+    engine.stats.max_batch_size = max(engine.stats.max_batch_size, before_max)
+
+
+def test_disconnected_stream_frees_its_row(server):
+    engine = server.session.engine
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"prompt": "the cat", "max_tokens": 100, "temperature": 0.9, "stream": True}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one chunk, then hang up
+    deadline = time.monotonic() + 20
+    while not server.app.state.batcher._queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = engine.stats.tokens_generated
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2, "temperature": 0},
+                    timeout=30)
+    assert ok.status_code == 200
+    assert engine.stats.tokens_generated - before < 100  # the abandoned row did not keep decoding
+
+
+BAD_REQUESTS = [
+    ("chat", b"{not json", 400, None),
+    ("chat", {"model": MODEL}, 422, "messages"),
+    ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
+    ("chat", {"messages": "hello"}, 422, "messages"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 422, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
+    ("chat", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("text", {"prompt": "the cat", "max_tokens": 128}, 400, "max_tokens"),
+    ("text", {"max_tokens": 3}, 422, "prompt"),
+    ("text", {"prompt": "the cat", "temperature": -1}, 400, "temperature"),
+    ("text", {"prompt": "the cat", "model": "nope"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("kind, body, status, param", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, kind, body, status, param):
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param:
+        assert error["param"] == param
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    assert client.completions.create(model=MODEL, prompt="the", max_tokens=2).choices
+
+
+def test_api_key_is_enforced(checkpoint):
+    with LiveServer(create_app(Session.load(checkpoint), api_key=KEY, model_name=MODEL)) as live:
+        wrong = openai.OpenAI(base_url=live.url + "/v1", api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model=MODEL, prompt="the", max_tokens=2)
+        r = httpx.post(live.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(live.url + "/health").status_code == 200  # health needs no key
+        right = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in right.models.list().data] == [MODEL]
+        out = right.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the cat"}],
+                                            max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
