@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server (FastAPI on uvicorn) over a loaded `Session`.
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
+Endpoints: `GET /` (the chat page), `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 (both with `stream: true` as server-sent events ending in `data: [DONE]`). Concurrent requests
 are decoded together by one `Batcher` worker thread that owns the engine."""
 
@@ -13,15 +13,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from lmforge.generate.session import Session
 from lmforge.serve.batcher import Batcher, Job
 
+CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 Number = float  # pydantic accepts ints for floats; strings are rejected (strict below)
 
 
@@ -127,6 +129,10 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE, media_type="text/html")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -323,8 +329,6 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, dtype: str | None = None, max_batch_size: int = 16) -> None:
     """Load a checkpoint and serve it with uvicorn until interrupted."""
-    from pathlib import Path
-
     import uvicorn
 
     session = Session.load(checkpoint, dtype=dtype)
