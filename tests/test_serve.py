@@ -4,28 +4,23 @@ greedy output against the engine run directly, batching of concurrent streams, e
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
-from conftest import SHARPEN
-from hf_models import tiny_hf_model
+from live_server import LiveServer, make_chat_checkpoint
 
 from lmforge.cli import main
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import stop_token_ids
-from lmforge.tokenizer import train_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from lmforge.serve.server import create_app  # noqa: E402
 
-VOCAB = 300
 MODEL = "tiny"
 KEY = "sk-test-key"
 WORDS = ["the cat", "the dog", "a mat", "the bone", "sat on", "héllo", "the", "dog ate", "cat sat on the",
@@ -34,19 +29,7 @@ WORDS = ["the cat", "the dog", "a mat", "the bone", "sat on", "héllo", "the", "
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    corpus.write_text("the cat sat on the mat. the dog ate the bone. héllo wörld 👋 日本語\n" * 30)
-    path = tmp_path_factory.mktemp("ckpt")
-    tokenizer = train_tokenizer([corpus], VOCAB, path, show_progress=False)
-    hf = tiny_hf_model("llama", vocab_size=VOCAB)
-    with torch.no_grad():  # sharpened, so that greedy picks are far from ties
-        for p in hf.parameters():
-            if p.dim() >= 2:
-                p.mul_(SHARPEN)
-    hf.config.eos_token_id = hf.generation_config.eos_token_id = tokenizer.eos_id
-    hf.save_pretrained(path)
-    tokenizer.save(path)
-    return path
+    return make_chat_checkpoint(tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -65,33 +48,6 @@ def oracle(checkpoint):
 
     greedy.session = session
     return greedy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app):
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
