@@ -147,20 +147,65 @@ def test_concurrent_streams_are_batched(server, oracle):
     engine.stats.max_batch_size = max(engine.stats.max_batch_size, before_max)
 
 
-def test_disconnected_stream_frees_its_row(server):
+LONG = {"prompt": "the cat", "max_tokens": 100, "temperature": 1.0, "seed": 0}  # runs to the length limit
+
+
+@pytest.fixture
+def slow_engine(server, monkeypatch):
+    """The server's engine with 20 ms decode steps, so that a request lasts long enough to be
+    joined or abandoned midway."""
     engine = server.session.engine
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
-                      json={"prompt": "the cat", "max_tokens": 100, "temperature": 0.9, "stream": True}) as r:
+    decode = engine.decode
+
+    def slow(*args):
+        time.sleep(0.02)
+        return decode(*args)
+
+    monkeypatch.setattr(engine, "decode", slow)
+    return engine
+
+
+def settle(engine) -> int:
+    """Tokens generated so far, once the engine has gone quiet."""
+    last = -1
+    while engine.stats.tokens_generated != last:
+        last = engine.stats.tokens_generated
+        time.sleep(0.3)
+    return last
+
+
+def test_request_arriving_mid_batch_joins_it(server, slow_engine, oracle):
+    before = settle(slow_engine)
+    body = {**LONG, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        short = httpx.post(server.url + "/v1/completions", timeout=30,
+                           json={"prompt": "the dog", "max_tokens": 3, "temperature": 0})
+        during = slow_engine.stats.tokens_generated - before
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["completion_tokens"] == 100
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert short.json()["choices"][0]["text"] == oracle(oracle.session.encode("the dog"), 3)[0]
+    # The short request finished while the long one was still decoding: it did not wait for it.
+    assert during < 100
+
+
+def test_disconnected_stream_frees_its_row(server, slow_engine):
+    before = settle(slow_engine)
+    with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True}, timeout=30) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # one chunk, then hang up
-    deadline = time.monotonic() + 20
-    while not server.app.state.batcher._queue.empty() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    before = engine.stats.tokens_generated
-    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2, "temperature": 0},
-                    timeout=30)
+    assert settle(slow_engine) - before < 100  # the abandoned row stopped decoding
+
+
+def test_disconnected_request_frees_its_row(server, slow_engine):
+    before = settle(slow_engine)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=LONG, timeout=0.3)
+    assert settle(slow_engine) - before < 100
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
-    assert engine.stats.tokens_generated - before < 100  # the abandoned row did not keep decoding
 
 
 BAD_REQUESTS = [

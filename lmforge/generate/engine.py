@@ -6,7 +6,7 @@ a preallocated KV cache, then decoded one token per step for the whole batch."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,6 @@ class EngineStats:
     sequences: int = 0
     max_batch_size: int = 0
     tokens_generated: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -89,44 +88,54 @@ class Engine:
         if len(prompt) >= limit:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {limit} tokens")
 
+    def prefill(self, prompts: Sequence[Sequence[int]], room: int) -> tuple[Tensor, KVCache, Tensor]:
+        """Left-pad `prompts` into one batch and run it through the model in one forward pass, into
+        a fresh cache with `room` free slots after the longest prompt. Returns the last position's
+        logits (B, V), the cache and each row's left padding (B,)."""
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        pads = torch.tensor([longest - len(p) for p in prompts], device=self.device)
+        if self.compiled:
+            size = self.config.max_position_embeddings
+            cache = StaticKVCache(self.config, len(prompts), size, dtype=self.dtype, device=self.device)
+        else:
+            cache = KVCache(self.config, len(prompts), longest + room, dtype=self.dtype, device=self.device)
+        self._count_batch(len(prompts))
+        self.stats.forward_passes += 1
+        logits = self.model(ids.to(self.device), pad=pads if pads.any() else None, cache=cache, last_only=True)
+        return logits[:, -1], cache, pads
+
+    def decode(self, tokens: Tensor, pads: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, V) after feeding one more token (B,) per row."""
+        self.stats.forward_passes += 1
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(tokens))
+        return self._decode(tokens[:, None], pads if pads.any() else None, cache)[:, -1]
+
     @torch.inference_mode()
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
         """Yield, per decoding step, each sequence's new token (None once it has stopped)."""
-        for prompt in prompts:
-            self.check_prompt(prompt)
-        batch = len(prompts)
-        longest = max(len(p) for p in prompts)
+        longest = max((len(p) for p in prompts), default=0)
         max_new = min(params.max_new_tokens, self.config.max_position_embeddings - longest)
-        ids = torch.zeros(batch, longest, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-        pads = torch.tensor([longest - len(p) for p in prompts])
-        pad = pads.to(self.device) if pads.any() else None
-        if self.compiled:
-            cache = StaticKVCache(self.config, batch, self.config.max_position_embeddings, dtype=self.dtype, device=self.device)
-        else:
-            cache = KVCache(self.config, batch, longest + max_new, dtype=self.dtype, device=self.device)
+        logits, cache, pads = self.prefill(prompts, max_new)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        self._count_batch(batch)
-
-        logits = self.model(ids.to(self.device), pad=pad, cache=cache, last_only=True)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for step in range(max_new):
-            self.stats.forward_passes += 1
-            tokens = sample(
-                logits[:, -1], temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                generator=generator,
-            )
+            tokens = sample(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                            generator=generator)
             out: list[int | None] = [None if d else t for t, d in zip(tokens.tolist(), done.tolist())]
             self.stats.tokens_generated += sum(t is not None for t in out)
             done |= torch.isin(tokens, stop)
             yield out
             if bool(done.all()) or step == max_new - 1:
                 return
-            logits = self._decode(tokens[:, None], pad, cache)
+            logits = self.decode(tokens, pads, cache)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """New token ids for each prompt (including a final stop token, if one was produced)."""
@@ -141,4 +150,3 @@ class Engine:
         self.stats.batches += 1
         self.stats.sequences += size
         self.stats.max_batch_size = max(self.stats.max_batch_size, size)
-        self.stats.batch_sizes.append(size)

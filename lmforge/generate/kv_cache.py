@@ -42,6 +42,51 @@ class KVCache:
         """Mark `n` more positions as filled (called once per forward, after all layers)."""
         self.length += n
 
+    # ---- reshaping between steps (continuous batching) --------------------------------------------
+
+    def reserve(self, n: int, chunk: int = 64) -> None:
+        """Make room for `n` more positions, growing by at least `chunk` slots at a time."""
+        if self.length + n <= self.max_len:
+            return
+        grown = self.length + max(n, chunk)
+        self.k, self.v = (self._resized(t, grown) for t in (self.k, self.v))
+        self.max_len = grown
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only these batch rows (a (B',) index tensor), in this order."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+    def drop_left(self, n: int) -> None:
+        """Forget the first `n` slots of every row (slots no row attends to any more)."""
+        if n:
+            self.k, self.v = self.k[:, :, :, n:], self.v[:, :, :, n:]
+            self.length -= n
+            self.max_len -= n
+
+    @classmethod
+    def stack(cls, first: KVCache, second: KVCache) -> tuple[KVCache, int, int]:
+        """One cache holding `first`'s rows then `second`'s, right-aligned so that both end at the
+        longer one's length. Returns it and the left padding each input's rows gained."""
+        length = max(first.length, second.length)
+        merged = cls.__new__(cls)
+        shape = list(first.k.shape)
+        shape[1] = first.k.shape[1] + second.k.shape[1]
+        shape[3] = length + max(first.max_len - first.length, second.max_len - second.length)
+        merged.k = first.k.new_zeros(shape)
+        merged.v = first.v.new_zeros(shape)
+        rows = first.k.shape[1]
+        for source, part in ((first, slice(0, rows)), (second, slice(rows, None))):
+            at = length - source.length
+            merged.k[:, part, :, at:length] = source.k[:, :, :, : source.length]
+            merged.v[:, part, :, at:length] = source.v[:, :, :, : source.length]
+        merged.max_len, merged.length = shape[3], length
+        return merged, length - first.length, length - second.length
+
+    def _resized(self, t: Tensor, slots: int) -> Tensor:
+        out = t.new_zeros(*t.shape[:3], slots, t.shape[4])
+        out[:, :, :, : self.length] = t[:, :, :, : self.length]
+        return out
+
 
 class StaticKVCache(KVCache):
     """The same cache with shapes that never change, for `torch.compile`: the write position is a

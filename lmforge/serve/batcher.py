@@ -1,11 +1,11 @@
-"""One worker thread owns the engine: requests wait in a queue, and every waiting request (up to
-`max_batch_size` rows) is decoded together as one `Engine.stream` batch.
+"""One worker thread owns the engine and runs a continuous batch (`DecodeBatch`): requests join
+it between decode steps, as soon as there is room, and leave it the step they finish or their
+client goes away.
 
-Requests are grouped by their sampling parameters (greedy requests all share one group; a seeded
-request runs alone so that its samples do not depend on its neighbours). Each row's tokens go to
-its own `Detokenizer`; text deltas and the end of each row are handed back through the request's
-`emit` callback (thread-safe on the caller's side). A cancelled request's rows are ignored, and a
-batch stops as soon as every row has ended or been cancelled."""
+Each row's tokens go to its own `Detokenizer`; text deltas and the end of each row are handed
+back through the request's `emit` callback (thread-safe on the caller's side). Rows of one
+request share its sampling parameters; a seeded request's rows draw from their own generator, so
+their samples do not depend on their neighbours."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.generate.continuous import DecodeBatch, Row
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import Detokenizer, stop_token_ids
@@ -43,25 +45,25 @@ class Job:
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
 
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share one engine batch."""
-        if self.temperature == 0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", self.id)
-        return (self.temperature, self.top_k, self.top_p)
-
-    def params(self, max_new_tokens: int, stop_ids: Sequence[int]) -> SamplingParams:
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+    def params(self, stop_ids: Sequence[int]) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, seed=self.seed, stop_token_ids=stop_ids)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """What the worker keeps per row: its request, its index there, and its text so far."""
+
+    job: Job
+    index: int
+    detokenizer: Detokenizer
 
 
 class Batcher:
     def __init__(self, session: Session, *, max_batch_size: int = 16, window: float = 0.01) -> None:
         self.session = session
         self.max_batch_size = max_batch_size
-        self.window = window  # how long the worker waits for company after the first request
+        self.window = window  # how long an idle worker waits for company after the first request
         self.stop_ids = stop_token_ids(session.model.config, session.tokenizer)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -87,91 +89,80 @@ class Batcher:
     # ---- the worker -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        batch = DecodeBatch(self.session.engine)
+        waiting: deque[Job] = deque()
         while True:
-            first = self._queue.get()
-            if first is None:
+            if not self._collect(waiting, idle=not len(batch) and not waiting):
                 return
-            jobs, closing = self._gather(first)
-            for batch in self._group([j for j in jobs if not j.cancelled]):
-                self._run_batch(batch)
-            if closing:
-                return
-
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        jobs, rows = [first], len(first.prompts)
-        deadline = time.monotonic() + self.window
-        while rows < self.max_batch_size:
+            self._admit(batch, waiting)
+            batch.leave([row for row in batch.rows if row.tag.job.cancelled])
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
+                self._dispatch(batch, batch.step())
+            except Exception as e:  # a failed step fails the requests in it, never the worker
+                for job in {id(row.tag.job): row.tag.job for row in batch.rows}.values():
+                    job.emit(("error", f"{type(e).__name__}: {e}"))
+                batch.leave(batch.rows)
+
+    def _collect(self, waiting: deque[Job], idle: bool) -> bool:
+        """Move queued requests to `waiting`; block first when idle. False once closed."""
+        if idle:
+            job = self._queue.get()
             if job is None:
-                return jobs, True
-            jobs.append(job)
-            rows += len(job.prompts)
-        return jobs, False
+                return False
+            waiting.append(job)
+            time.sleep(self.window)  # requests sent together are prefilled together
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            waiting.append(job)
 
-    def _group(self, jobs: list[Job]) -> list[list[Job]]:
-        """Batches of jobs with equal sampling keys that fit the context together (left padding
-        makes the longest prompt plus the most new tokens the batch's length)."""
-        context = self.session.context
-        batches: list[list[Job]] = []
-        for job in jobs:
-            for batch in batches:
-                if batch[0].key != job.key:
-                    continue
-                rows = sum(len(j.prompts) for j in batch) + len(job.prompts)
-                longest = max(len(p) for j in [*batch, job] for p in j.prompts)
-                steps = max(j.max_tokens for j in [*batch, job])
-                if rows <= self.max_batch_size and longest + steps <= context:
-                    batch.append(job)
-                    break
-            else:
-                batches.append([job])
-        return batches
-
-    def _run_batch(self, batch: list[Job]) -> None:
-        tokenizer, engine = self.session.tokenizer, self.session.engine
-        rows = [(job, i, list(prompt)) for job in batch for i, prompt in enumerate(job.prompts)]
-        detoks = [Detokenizer(tokenizer, job.stop) for job, _, _ in rows]
-        counts = [0] * len(rows)
-        ended = [False] * len(rows)
-        stop_ids = set(self.stop_ids)
-
-        def finish(r: int, reason: str) -> None:
-            ended[r] = True
-            job, i, _ = rows[r]
-            if tail := detoks[r].flush():
-                job.emit(("delta", i, tail))
-            job.emit(("done", i, reason, counts[r]))
-
+    def _admit(self, batch: DecodeBatch, waiting: deque[Job]) -> None:
+        """Prefill, in one forward pass, the waiting requests that fit the batch (first come first)."""
+        joining: list[Job] = []
+        rows = len(batch)
+        while waiting and rows + len(waiting[0].prompts) <= self.max_batch_size:
+            job = waiting.popleft()
+            if not job.cancelled:
+                joining.append(job)
+                rows += len(job.prompts)
+        if not joining:
+            return
+        prompts, params, slots = [], [], []
+        for job in joining:
+            job_params = job.params(self.stop_ids)
+            for i, prompt in enumerate(job.prompts):
+                prompts.append(prompt)
+                params.append(job_params)
+                slots.append(_Slot(job, i, Detokenizer(self.session.tokenizer, job.stop)))
         try:
-            params = batch[0].params(max(job.max_tokens for job in batch), self.stop_ids)
-            for step in engine.stream([prompt for _, _, prompt in rows], params):
-                for r, token in enumerate(step):
-                    job, i, _ = rows[r]
-                    if ended[r]:
-                        continue
-                    if job.cancelled:
-                        ended[r] = True
-                        continue
-                    if token is None:
-                        continue
-                    counts[r] += 1
-                    if token in stop_ids:
-                        finish(r, "stop")
-                        continue
-                    if delta := detoks[r].push(token):
-                        job.emit(("delta", i, delta))
-                    if detoks[r].stopped:
-                        finish(r, "stop")
-                    elif counts[r] >= job.max_tokens:
-                        finish(r, "length")
-                if all(ended):
-                    break
-            for r in range(len(rows)):
-                if not ended[r] and not rows[r][0].cancelled:
-                    finish(r, "length")  # the engine reached the end of the context
-        except Exception as e:  # a failed batch fails its requests, never the worker
-            for job in {id(job): job for job, _, _ in rows}.values():
+            self._dispatch(batch, batch.join(prompts, params, slots))
+        except Exception as e:
+            for job in joining:
                 job.emit(("error", f"{type(e).__name__}: {e}"))
+
+    def _dispatch(self, batch: DecodeBatch, tokens: list[tuple[Row, int]]) -> None:
+        """Hand each row's new token to its request as text; end rows that stopped."""
+        for row, token in tokens:
+            slot: _Slot = row.tag
+            if slot.job.cancelled:
+                continue
+            if row.finish == "stop":  # a stop token: not part of the text
+                self._finish(slot, "stop", row.generated)
+                continue
+            if delta := slot.detokenizer.push(token):
+                slot.job.emit(("delta", slot.index, delta))
+            if slot.detokenizer.stopped:
+                batch.leave([row])
+                self._finish(slot, "stop", row.generated)
+            elif row.finish == "length":
+                self._finish(slot, "length", row.generated)
+
+    @staticmethod
+    def _finish(slot: _Slot, reason: str, completion_tokens: int) -> None:
+        if tail := slot.detokenizer.flush():
+            slot.job.emit(("delta", slot.index, tail))
+        slot.job.emit(("done", slot.index, reason, completion_tokens))

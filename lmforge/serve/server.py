@@ -173,7 +173,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             prompt = session.chat_prompt(messages, reserve=max_tokens or 1)
         except ValueError as e:
             raise APIError(400, f"cannot render the messages with the chat template: {e}", param="messages") from e
-        return await respond(body, [prompt], max_tokens, chat=True)
+        return await respond(request, body, [prompt], max_tokens, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -193,7 +193,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
         vocab = session.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return await respond(body, prompts, body.max_tokens, chat=False)
+        return await respond(request, body, prompts, body.max_tokens, chat=False)
 
     def check_params(body: _Body, max_tokens: int | None) -> None:
         if body.temperature is not None and body.temperature < 0:
@@ -210,7 +210,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             raise APIError(400, f"max_tokens={max_tokens} is beyond the model's context of {session.context} "
                                 "tokens", param="max_tokens", code="context_length_exceeded")
 
-    async def respond(body: _Body, prompts: list[list[int]], max_tokens: int | None, *, chat: bool):
+    async def respond(request: Request, body: _Body, prompts: list[list[int]], max_tokens: int | None, *, chat: bool):
         for p in prompts:
             if not p:
                 raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
@@ -259,11 +259,15 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             return StreamingResponse(sse(results(), meta, len(rows), chat, usage, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, reasons = [""] * len(rows), ["length"] * len(rows)
-        async for event in results():
-            if event[0] == "delta":
-                texts[event[1]] += event[2]
-            else:
-                reasons[event[1]] = event[2]
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        try:
+            async for event in results():
+                if event[0] == "delta":
+                    texts[event[1]] += event[2]
+                else:
+                    reasons[event[1]] = event[2]
+        finally:
+            watcher.cancel()
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -274,6 +278,13 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
         return {**meta, "object": kind, "choices": choices, "usage": usage}
 
     return app
+
+
+async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) -> None:
+    """Cancel `job` when the client of a non-streamed request hangs up (a stream notices by itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    job.cancelled = True
 
 
 async def parse(request: Request, model: type[BaseModel]) -> Any:

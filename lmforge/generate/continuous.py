@@ -1,0 +1,154 @@
+"""Continuous batching (Orca's iteration-level scheduling): sequences join a running batch between
+decode steps and leave it the step they finish, so a request that arrives mid-batch waits for one
+step rather than for the whole batch, and a finished or abandoned row stops costing compute.
+
+All rows share one KV cache and one write position. A joining group is prefilled on its own (one
+left-padded forward pass) and stacked under the running rows, right-aligned: each row's left
+padding grows so that every row ends at the shared position, and its positions (slot minus
+padding) are unchanged. When rows leave, the leading slots no remaining row uses are trimmed, so
+the cache never spans more than the longest live row."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.kv_cache import KVCache
+from lmforge.generate.sampling import sample
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in the batch. `finish` becomes "stop" or "length" when it ends."""
+
+    prompt_tokens: int
+    limit: int  # most new tokens: the request's, or what is left of the context
+    params: SamplingParams
+    generator: torch.Generator | None
+    tag: Any = None  # the caller's handle
+    generated: int = 0
+    finish: str | None = None
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def sampling_key(self) -> Hashable:
+        """Rows with equal keys are sampled together in one call."""
+        p = self.params
+        if p.temperature == 0:
+            return "greedy"
+        if self.generator is not None:  # seeded rows draw from their own generator only
+            return id(self.generator)
+        return (p.temperature, p.top_k, p.top_p)
+
+
+class DecodeBatch:
+    """The running batch: `join` prefills new prompts and returns their first tokens, `step`
+    decodes one token for every live row, `leave` drops rows (finished rows leave by themselves)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.pads = torch.zeros(0, dtype=torch.long, device=self.engine.device)
+        self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.engine.device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def join(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+        tags: Sequence[Any] = (),
+    ) -> list[tuple[Row, int]]:
+        """Prefill `prompts` together and add them to the batch; returns each new row's first token.
+        `params` is one for all prompts or one per prompt; prompts given the same seeded params
+        object share one generator, as in a single `Engine.stream` call."""
+        context = self.engine.config.max_position_embeddings
+        per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        tags = list(tags) or [None] * len(prompts)
+        if not len(per_row) == len(tags) == len(prompts):
+            raise ValueError("join needs one params and one tag per prompt")
+        logits, cache, pads = self.engine.prefill(prompts, room=0)
+        generators: dict[int, torch.Generator] = {}
+        rows = []
+        for prompt, p, tag in zip(prompts, per_row, tags):
+            generator = None
+            if p.seed is not None:
+                generator = generators.setdefault(id(p), torch.Generator(self.engine.device).manual_seed(p.seed))
+            limit = min(p.max_new_tokens, context - len(prompt))
+            rows.append(Row(len(prompt), limit, p, generator, tag, stop_ids=frozenset(p.stop_token_ids)))
+        tokens = self._sample(logits, rows)
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache, shift_old, shift_new = KVCache.stack(self.cache, cache)
+            self.pads, pads = self.pads + shift_old, pads + shift_new
+        self.rows += rows
+        self.pads = torch.cat([self.pads, pads])
+        self.next_tokens = torch.cat([self.next_tokens, tokens])
+        return self._record(rows, tokens)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int]]:
+        """Decode one token for every live row."""
+        if not self.rows:
+            return []
+        assert self.cache is not None
+        self.cache.reserve(1)
+        logits = self.engine.decode(self.next_tokens, self.pads, self.cache)
+        tokens = self._sample(logits, self.rows)
+        self.next_tokens = tokens
+        return self._record(self.rows, tokens)
+
+    def leave(self, rows: Sequence[Row]) -> None:
+        """Drop `rows` from the batch and trim the cache slots no remaining row needs."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self.engine.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.pads, self.next_tokens = self.pads[index], self.next_tokens[index]
+        assert self.cache is not None
+        self.cache.keep_rows(index)
+        trim = int(self.pads.min())
+        self.cache.drop_left(trim)
+        self.pads = self.pads - trim
+
+    def _sample(self, logits: Tensor, rows: Sequence[Row]) -> Tensor:
+        groups: dict[Hashable, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.sampling_key, []).append(i)
+        if len(groups) == 1:
+            p, g = rows[0].params, rows[0].generator
+            return sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=g)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for members in groups.values():
+            p, g = rows[members[0]].params, rows[members[0]].generator
+            index = torch.tensor(members, device=logits.device)
+            tokens[index] = sample(logits[index], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                   generator=g)
+        return tokens
+
+    def _record(self, rows: Sequence[Row], tokens: Tensor) -> list[tuple[Row, int]]:
+        out = list(zip(rows, tokens.tolist()))
+        for row, token in out:
+            row.generated += 1
+            if token in row.stop_ids:
+                row.finish = "stop"
+            elif row.generated >= row.limit:
+                row.finish = "length"
+        self.engine.stats.tokens_generated += len(out)
+        self.leave([row for row, _ in out if row.finish])
+        return out
