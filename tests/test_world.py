@@ -4,8 +4,8 @@ import random
 import pytest
 
 from lmforge.data.world import (
-    ATTRIBUTES, CEO_TITLE, FactProbe, World, biography, fact_probes, make_world, pretraining_corpus,
-    write_pretraining_corpus,
+    ATTRIBUTES, CEO_TITLE, FactProbe, World, biography, fact_probes, make_world, pretraining_corpus, questions,
+    write_instruction_data, write_pretraining_corpus,
 )
 
 
@@ -146,3 +146,22 @@ def test_write_pretraining_corpus_jsonl(world, tmp_path):
 def test_default_size():
     corpus = pretraining_corpus(make_world())
     assert 400_000 <= sum(map(len, corpus)) <= 1_500_000
+
+
+def test_questions_are_answered_by_the_corpus_and_split_by_person(world, corpus, tmp_path):
+    train = questions(world, "train", phrasings=2)
+    heldout = questions(world, "heldout")
+    people = {p.name: p for p in world.pretraining_people()}
+    assert {q.person for q in train} == {n for n, p in people.items() if p.split == "train"}
+    assert {q.person for q in heldout} == {n for n, p in people.items() if p.split == "heldout"}
+    assert len(train) == 2 * len(ATTRIBUTES) * len({q.person for q in train})
+    text = "\n".join(corpus)
+    for q in train[:50] + heldout[:50]:
+        assert q.person in q.question and q.answer == people[q.person].fact(q.attribute)
+        assert q.answer in text
+    assert questions(world, "train", phrasings=2) == train  # deterministic
+    path = write_instruction_data(world, tmp_path / "sft.jsonl", "heldout")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records[0] == {"messages": heldout[0].messages()} and len(records) == len(heldout)
+    with pytest.raises(ValueError, match="phrasings"):
+        questions(world, "train", phrasings=9)

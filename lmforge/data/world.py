@@ -337,3 +337,62 @@ def fact_probes(world: World, split: Split | None = None) -> list[FactProbe]:
             prompt = TEMPLATES[attribute][0].split(" {value}")[0].format(who=p.name)
             probes.append(FactProbe(prompt=prompt, answer=p.fact(attribute), person=p.name, attribute=attribute))
     return probes
+
+
+# ---- instruction data ---------------------------------------------------------------------------------
+
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_date": ("When was {who} born?", "What is the date of birth of {who}?", "On what date was {who} born?"),
+    "birth_city": ("Where was {who} born?", "In which city was {who} born?", "What is the birthplace of {who}?"),
+    "university": ("Which university did {who} attend?", "Where did {who} study?",
+                   "What university did {who} graduate from?"),
+    "major": ("What did {who} major in?", "What was the field of study of {who}?",
+              "Which subject did {who} earn a degree in?"),
+    "employer": ("Where does {who} work?", "Which company employs {who}?", "Who is the employer of {who}?"),
+    "job_title": ("What is the job title of {who}?", "What does {who} do for a living?",
+                  "What position does {who} hold at work?"),
+    "hobby": ("What is the favorite hobby of {who}?", "What does {who} enjoy in spare time?",
+              "What is {who} passionate about outside work?"),
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str  # e.g. "Where was Alice Okafor born?"
+    answer: str  # the bare value, e.g. "Port Alder"
+    person: str
+    attribute: str
+
+    def messages(self) -> list[dict[str, str]]:
+        """The question and its answer as a chat (the SFT record format)."""
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+
+
+def questions(world: World, split: Split, *, phrasings: int = 1, seed: int = 0) -> list[Question]:
+    """Questions about the public attributes of the pretraining people of `split`: for each
+    (person, attribute), `phrasings` of the question templates (drawn with `seed`), answered with
+    the bare value. Train-split questions teach the format; held-out ones test whether knowledge
+    learned in pretraining is extracted for people the fine-tuning never mentioned."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not 1 <= phrasings <= min(len(q) for q in QUESTIONS.values()):
+        raise ValueError(f"phrasings must be between 1 and {min(len(q) for q in QUESTIONS.values())}")
+    rng = random.Random(f"{world.seed}-questions-{seed}")
+    out = []
+    for person in world.pretraining_people():
+        if person.split != split:
+            continue
+        for attribute in ATTRIBUTES:
+            for template in rng.sample(QUESTIONS[attribute], phrasings):
+                out.append(Question(template.format(who=person.name), person.fact(attribute), person.name, attribute))
+    return out
+
+
+def write_instruction_data(world: World, path: str | Path, split: Split = "train", **kwargs) -> Path:
+    """Write `questions(world, split, **kwargs)` as SFT JSONL, one `{"messages": [...]}` per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for q in questions(world, split, **kwargs):
+            f.write(json.dumps({"messages": q.messages()}, ensure_ascii=False) + "\n")
+    return path

@@ -100,16 +100,20 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, env: D
     return get_state_dict(unwrap(model), optimizer or [], options=options)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict | None,
                     optimizer_state: dict | None, env: Dist) -> None:
-    """Load unsharded state dicts into a (possibly sharded) model and its optimizer."""
+    """Load unsharded state dicts into a (possibly sharded) model and its optimizer; a None
+    `model_state` leaves the model's weights as they are."""
     if not env.enabled:
-        model.load_state_dict(model_state)
+        if model_state is not None:
+            model.load_state_dict(model_state)
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+    if model_state is None:
+        model_state = get_state_dict(unwrap(model), [], options=StateDictOptions(full_state_dict=True))[0]
     set_state_dict(unwrap(model), optimizer or [], model_state_dict=model_state,
                    optim_state_dict=optimizer_state or {}, options=StateDictOptions(full_state_dict=True))
 

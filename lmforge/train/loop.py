@@ -74,6 +74,24 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class ModelFiles:
+    """How a checkpoint holds the model: a full HF-format directory `model/` (stages that train
+    adapters write only the adapter instead; see `lmforge.train.sft.AdapterFiles`)."""
+
+    def save(self, model: nn.Module, out: Path, state: dict[str, Tensor], tokenizer: Any) -> None:
+        save_model(unwrap(model), out / "model", tokenizer=tokenizer, state_dict=state)
+
+    def load(self, model: nn.Module, checkpoint: Path) -> dict[str, Tensor] | None:
+        """The full state dict to load into `model`, or None when loaded into it in place already."""
+        from lmforge.checkpoint import read_tensors, to_ours
+
+        config = unwrap(model).config
+        state = to_ours(config.family, read_tensors(checkpoint / "model"), config)
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        return state
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or infinite; nothing was written for this step."""
 
@@ -93,8 +111,10 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         tokenizer: Any = None,
         flops_per_token: float | None = None,
+        files: ModelFiles | None = None,
     ) -> None:
         self.config, self.source, self.loss_fn, self.env = config, source, loss_fn, env
+        self.files = files or ModelFiles()
         torch.set_flush_denormal(True)  # denormal floats (e.g. in attention backward) slow x86 CPUs several-fold
         self.out_dir = Path(out_dir)
         self.evaluate, self.tokenizer, self.flops_per_token = evaluate, tokenizer, flops_per_token
@@ -209,7 +229,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-N/` (HF model directory + `trainer_state.pt`) atomically, keep the
+        """Write `checkpoints/step-N/` (the model's files + `trainer_state.pt`) atomically, keep the
         newest `keep_last`, and refresh the loss curve."""
         model_state, optim_state = full_state(self.model, self.optimizer, self.env)
         path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
@@ -221,7 +241,7 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             }
             with atomic_dir(path) as tmp:
-                save_model(unwrap(self.model), tmp / "model", tokenizer=self.tokenizer, state_dict=model_state)
+                self.files.save(self.model, tmp, model_state, self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
             for old in checkpoints(self.out_dir)[: -self.config.keep_last]:
                 shutil.rmtree(old)
@@ -236,12 +256,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoints under {self.out_dir / 'checkpoints'}")
         path = found[-1]
         try:
-            from lmforge.checkpoint import read_tensors, to_ours
-
-            model = unwrap(self.model)
-            model_state = to_ours(model.config.family, read_tensors(path / "model"), model.config)
-            if model.config.tie_word_embeddings:
-                model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+            model_state = self.files.load(self.model, path)
             state = torch.load(path / STATE_FILE, weights_only=True)
         except Exception as e:
             earlier = f"; the previous checkpoint {found[-2].name} is intact: delete {path.name} to resume from it" \
