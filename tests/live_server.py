@@ -12,6 +12,9 @@ import uvicorn
 from conftest import SHARPEN
 from hf_models import tiny_hf_model
 
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.session import Session
+from lmforge.generate.text import stop_token_ids
 from lmforge.tokenizer import train_tokenizer
 
 VOCAB = 300
@@ -32,6 +35,17 @@ def make_chat_checkpoint(path: Path, corpus_dir: Path) -> Path:
     hf.save_pretrained(path)
     tokenizer.save(path)
     return path
+
+
+def greedy_reference(session: Session, prompt: list[int], max_tokens: int) -> tuple[str, str, int]:
+    """(text, finish reason, tokens) of a greedy completion by a fresh engine over the session's
+    model, one prompt alone: what a server must reproduce whatever it batches with."""
+    stops = stop_token_ids(session.model.config, session.tokenizer)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=stops)
+    tokens = Engine(session.model).generate([prompt], params)[0]
+    stopped = bool(tokens) and tokens[-1] in stops
+    text = session.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True)
+    return text, "stop" if stopped else "length", len(tokens)
 
 
 def free_port() -> int:

@@ -10,12 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from live_server import LiveServer, make_chat_checkpoint
+from live_server import LiveServer, greedy_reference, make_chat_checkpoint
 
 from lmforge.cli import main
-from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.generate.session import Session
-from lmforge.generate.text import stop_token_ids
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -36,15 +34,9 @@ def checkpoint(tmp_path_factory):
 def oracle(checkpoint):
     """Greedy text from the engine run directly, one prompt at a time (the server is not involved)."""
     session = Session.load(checkpoint)
-    stops = stop_token_ids(session.model.config, session.tokenizer)
-    engine = Engine(session.model)
 
     def greedy(prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=stops)
-        tokens = engine.generate([prompt_ids], params)[0]
-        stopped = bool(tokens) and tokens[-1] in stops
-        text = session.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True)
-        return text, "stop" if stopped else "length", len(tokens)
+        return greedy_reference(session, prompt_ids, max_tokens)
 
     greedy.session = session
     return greedy

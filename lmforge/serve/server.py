@@ -24,6 +24,9 @@ from lmforge.generate.session import Session
 from lmforge.serve.batcher import Batcher, Job
 
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
+# The page is self-contained: the browser may fetch nothing but this server.
+PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self' data:")
 Number = float  # pydantic accepts ints for floats; strings are rejected (strict below)
 
 
@@ -132,7 +135,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:
-        return FileResponse(CHAT_PAGE, media_type="text/html")
+        return FileResponse(CHAT_PAGE, media_type="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -332,6 +335,9 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
             yield chunk([], usage=usage)
     except APIError as e:
         yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': None}})}\n\n"
+    except Exception as e:  # the stream has begun: report in band rather than cutting the connection
+        error = {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}
+        yield f"data: {json.dumps({'error': error})}\n\n"
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"
