@@ -18,6 +18,9 @@ def command(name: str) -> Callable:
     return register
 
 
+CHECKPOINT_HELP = "HF-format model directory (with tokenizer), or a PEFT adapter directory"
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
@@ -53,9 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override recipe fields, dotted for sections (train.steps=100 data.seq_len=128)")
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
 
+    ft = sub.add_parser("sft", help="fine-tune on conversations: full, LoRA, QLoRA, prompt tuning, selective",
+                        description="Supervised fine-tuning with the loss on assistant tokens only. The recipe's "
+                                    "adapter.method picks full, lora, qlora, prompt or selective.")
+    ft.add_argument("--config", type=Path, required=True, help="YAML recipe (see configs/sft-tiny.yaml)")
+    ft.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override recipe fields, dotted for sections (adapter.method=qlora train.steps=50)")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model",
+                           description="Write the adapter's base model with the LoRA weights folded in, as an "
+                                       "HF-format directory (with the base's tokenizer).")
+    merge.add_argument("--checkpoint", type=Path, required=True, help="adapter directory (PEFT format)")
+    merge.add_argument("--out", type=Path, required=True, help="output model directory")
+    merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="weight dtype of the merged model (default: the base's)")
+
     gen = sub.add_parser("generate", help="generate text from a prompt",
                          description="Generate a continuation of a prompt, streamed to stdout.")
-    gen.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    gen.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     add_sampling_flags(gen)
@@ -63,19 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat in the terminal, streamed",
                           description="Interactive chat; the conversation is kept within the context window. "
                                       "Commands: /reset clears the history, /exit (or Ctrl-D) quits.")
-    chat.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    chat.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_flags(chat)
 
     srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
                          description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health "
                                      "(FastAPI on uvicorn); concurrent requests are decoded in batches.")
-    srv.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    srv.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1; use 0.0.0.0 to accept other machines)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     srv.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    srv.add_argument("--model-name", default=None, help="model id in the API (default: the checkpoint's folder name)")
+    srv.add_argument("--max-batch-size", type=int, default=16,
+                     help="most sequences decoded together; later requests wait for a free row (default 16)")
+    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="weight dtype (default: the checkpoint's)")
 
     export = sub.add_parser("export", help="export a checkpoint for another runtime (GGUF for llama.cpp)")
     export_sub = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
@@ -86,6 +110,47 @@ def build_parser() -> argparse.ArgumentParser:
     to_gguf.add_argument("--out", type=Path, required=True, help="GGUF file to write (e.g. model.gguf)")
     to_gguf.add_argument("--dtype", default="f16", choices=["f32", "f16"],
                          help="weight type; norms, biases and MoE routers stay f32 (default f16)")
+
+    plan = sub.add_parser(
+        "plan", help="parameters, FLOPs, memory and time of a training run; or the compute-optimal size",
+        description="Plan training a preset or the model of a recipe: parameters, FLOPs, petaFLOP/s-days, memory per "
+                    "device under DDP, FSDP and QLoRA, time at an MFU. With --flops C: the compute-optimal parameters "
+                    "and tokens (Chinchilla).")
+    what = plan.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", help="model preset (llama2-7b, llama3-8b, mistral-7b, mixtral-8x7b, ...)")
+    what.add_argument("--config", type=Path, help="pretrain recipe (YAML), config.json or HF model directory")
+    what.add_argument("--flops", type=float, metavar="C", help="compute budget in FLOPs: compute-optimal N and D")
+    plan.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="recipe fields for a recipe, model fields otherwise (num_hidden_layers=40)")
+    plan.add_argument("--gpus", type=int, default=None, help="devices (default: 1)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GB", help="memory per device in GiB (default 80)")
+    plan.add_argument("--strategy", choices=["ddp", "fsdp", "qlora"], default=None,
+                      help="the strategy the verdict is for; all three are shown (default: the recipe's, else ddp)")
+    plan.add_argument("--tokens", type=float, default=None, metavar="D",
+                      help="training tokens (default: the recipe's steps, else 20 per parameter)")
+    plan.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: recipe, else context)")
+    plan.add_argument("--micro-batch", type=int, default=None, help="sequences per device (default: recipe, else 1)")
+    plan.add_argument("--recompute", choices=["none", "selective", "full"], default=None,
+                      help="activations: none keeps attention scores; selective (default) as SDPA; "
+                           "full = activation checkpointing (default: the recipe's)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time (default 0.4)")
+    plan.add_argument("--peak-flops", type=float, default=312e12,
+                      help="peak FLOP/s per device (default 312e12, A100 bf16)")
+    plan.add_argument("--lora-rank", type=int, default=8, help="QLoRA adapter rank (default 8)")
+
+    scaling = sub.add_parser("scaling", help="IsoFLOP sweeps and scaling-law fits")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True, metavar="ACTION")
+    sweep = scaling_sub.add_parser(
+        "sweep", help="train every model size at every compute budget",
+        description="Train each model of the sweep recipe at each budget C on C / 6N tokens, one pretrain run each; "
+                    "finished runs are kept, unfinished ones start over.")
+    sweep.add_argument("--config", type=Path, required=True, help="sweep recipe (see configs/scaling-sweep.yaml)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields (flops=[1e10,1e11])")
+    fit = scaling_sub.add_parser(
+        "fit", help="fit L(N, D) to a sweep's runs; plot and report",
+        description="Fit L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla's approach 3) to the finished runs and write "
+                    "scaling.png and report.md into RUNS_DIR.")
+    fit.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="the sweep's out_dir")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in world",
                           description="Run every stage that exists so far on built-in data and write a report.")
@@ -98,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    action = getattr(args, f"{args.command}_command", None)  # commands with sub-actions: tokenizer, export
+    action = getattr(args, f"{args.command}_command", None)  # commands with sub-actions: tokenizer, export, scaling
     key = f"{args.command} {action}" if action else args.command
     try:
         return COMMANDS[key](args) or 0
@@ -123,6 +188,21 @@ def _pretrain(args: argparse.Namespace) -> None:
 
     model_dir = pretrain(load_pretrain_config(args.config, args.overrides), resume=args.resume)
     print(f"model written to {model_dir}")
+
+
+@command("sft")
+def _sft(args: argparse.Namespace) -> None:
+    from lmforge.train.sft import load_sft_config, sft
+
+    out = sft(load_sft_config(args.config, args.overrides), resume=args.resume)
+    print(f"{'adapter' if out.name == 'adapter' else 'model'} written to {out}")
+
+
+@command("merge")
+def _merge(args: argparse.Namespace) -> None:
+    from lmforge.peft.adapters import merge_and_save
+
+    print(f"merged model written to {merge_and_save(args.checkpoint, args.out, dtype=args.dtype)}")
 
 
 @command("generate")
@@ -152,7 +232,8 @@ def _chat(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import serve
 
-    serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key)
+    serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          dtype=args.dtype, max_batch_size=args.max_batch_size)
 
 
 @command("export gguf")
@@ -161,6 +242,40 @@ def _export_gguf(args: argparse.Namespace) -> None:
 
     export_gguf(args.checkpoint, args.out, dtype=args.dtype)
     print(f"GGUF ({args.dtype}) written to {args.out}")
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> None:
+    from lmforge import scaling
+
+    if args.flops is not None:
+        if args.overrides:
+            raise ValueError("--flops takes no key=value overrides")
+        print(scaling.render_compute_optimal(scaling.compute_optimal(args.flops)))
+        return
+    print(scaling.render_plan(scaling.plan(
+        preset=args.preset, config=args.config, overrides=args.overrides, gpus=args.gpus, gpu_mem=args.gpu_mem,
+        strategy=args.strategy, tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        recompute=args.recompute, mfu=args.mfu, peak_flops=args.peak_flops, lora_rank=args.lora_rank)))
+
+
+@command("scaling sweep")
+def _scaling_sweep(args: argparse.Namespace) -> None:
+    from lmforge.scaling.isoflop import sweep
+
+    runs_dir = sweep(args.config, args.overrides)
+    print(f"runs in {runs_dir}; fit them with: lmforge scaling fit {runs_dir}")
+
+
+@command("scaling fit")
+def _scaling_fit(args: argparse.Namespace) -> None:
+    from lmforge.scaling.isoflop import fit
+
+    result = fit(args.runs_dir)
+    law = result.law
+    print(f"{len(result.runs)} runs: L(N, D) = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}; "
+          f"N_opt = {law.G:.3g} (C/6)^{law.params_exponent:.3f}")
+    print(f"report {result.report}, plot {result.plot}")
 
 
 @command("demo")
