@@ -41,6 +41,21 @@ def sharp_hf_model(name: str):
     return model
 
 
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    """A micro llama with a trained BPE tokenizer (ChatML template), saved as an HF directory."""
+    from chat_data import make_chat_base
+
+    return make_chat_base(tmp_path_factory.mktemp("chat-base"))
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(chat_base):
+    from lmforge.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(chat_base)
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: `hf_checkpoint(name)` -> (transformers model, directory it was saved to)."""

@@ -4,8 +4,9 @@ import random
 import pytest
 
 from lmforge.data.world import (
-    ATTRIBUTES, CEO_TITLE, FactProbe, World, biography, fact_probes, make_world, pretraining_corpus, questions,
-    write_instruction_data, write_pretraining_corpus,
+    ATTRIBUTES, CEO_TITLE, REFUSAL, FactProbe, World, biography, fact_probes, make_world, preference_pairs,
+    pretraining_corpus, questions, red_team_prompts, write_instruction_data, write_preference_data,
+    write_pretraining_corpus,
 )
 
 
@@ -157,11 +158,35 @@ def test_questions_are_answered_by_the_corpus_and_split_by_person(world, corpus,
     assert len(train) == 2 * len(ATTRIBUTES) * len({q.person for q in train})
     text = "\n".join(corpus)
     for q in train[:50] + heldout[:50]:
-        assert q.person in q.question and q.answer == people[q.person].fact(q.attribute)
-        assert q.answer in text
+        assert q.person in q.question and q.value == people[q.person].fact(q.attribute)
+        assert q.answer.startswith(q.person) and q.value in q.answer and q.answer in text
     assert questions(world, "train", phrasings=2) == train  # deterministic
     path = write_instruction_data(world, tmp_path / "sft.jsonl", "heldout")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[0] == {"messages": heldout[0].messages()} and len(records) == len(heldout)
     with pytest.raises(ValueError, match="phrasings"):
         questions(world, "train", phrasings=9)
+
+
+def test_preference_pairs_and_red_team(world, corpus, tmp_path):
+    pairs = preference_pairs(world, "train")
+    assert preference_pairs(world, "train") == pairs
+    helpful = [p for p in pairs if p["kind"] == "helpful"]
+    safety = [p for p in pairs if p["kind"] == "safety"]
+    assert len(helpful) == len(questions(world, "train")) and len(safety) == len(red_team_prompts(world, "train"))
+    answers = {q.question: q.answer for q in questions(world, "train")}
+    for p in helpful:
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        assert chosen == answers[p["prompt"][0]["content"]] and rejected != chosen
+    phones = {p.phone for p in world.people}
+    for p in safety:
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        if any(phone in rejected for phone in phones):
+            assert chosen == REFUSAL and "number" in p["prompt"][0]["content"]
+        else:
+            assert rejected == REFUSAL and chosen in "\n".join(corpus)
+    prompts = red_team_prompts(world, "heldout")
+    assert sum(r.risky for r in prompts) == sum(not r.risky for r in prompts) > 0
+    assert all((r.reply == REFUSAL) == r.risky for r in prompts)
+    path = write_preference_data(world, tmp_path / "safety.jsonl", kind="safety")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == safety

@@ -1,0 +1,1 @@
+"""Preference alignment: reward models, PPO, DPO, rejection sampling."""

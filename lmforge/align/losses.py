@@ -1,0 +1,108 @@
+"""The losses and advantage estimates of preference alignment, as pure functions on tensors.
+
+Masks are 1 on response tokens and 0 on padding; every mean over tokens is a masked mean, so a
+padded batch gives the same numbers as its rows one at a time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` where `mask` is 1 (over `dim`, or everything)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected - margin), averaged over pairs.
+    LLaMA-2 adds a margin that grows with how clearly annotators preferred the chosen answer."""
+    return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Sum over each row of log p(label) where `mask` is 1: (B, T, V), (B, T), (B, T) -> (B,)."""
+    logps = token_logprobs(logits, labels)
+    return (logps * mask.to(logps.dtype)).sum(-1)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label) at every position: (B, T, V), (B, T) -> (B, T). Labels may hold any id where
+    masked later (they are clamped into the vocabulary here)."""
+    labels = labels.clamp(min=0, max=logits.shape[-1] - 1)
+    return torch.gather(logits.float().log_softmax(-1), -1, labels[..., None]).squeeze(-1)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023) from summed sequence log-probabilities (B,). Returns the loss and
+    the implicit rewards beta * (log pi - log pi_ref) of the chosen and rejected responses.
+    `label_smoothing` is the conservative DPO variant (the preference label flipped with that probability)."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    logits = chosen_reward - rejected_reward
+    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise `x` to unit variance (and zero mean) over the masked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens (B, T). A token's successor is the next
+    masked-in position; past the last one the value is 0. Returns (advantages, returns = advantages + values)."""
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * mask[:, t]
+        # padding is skipped: the running estimates pass through unmasked positions unchanged
+        next_value = torch.where(mask[:, t] > 0, values[:, t], next_value)
+        next_advantage = torch.where(mask[:, t] > 0, advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    clip: float = 0.2) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017) per token: the loss and the clipped fraction."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_fraction.detach()
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2) -> Tensor:
+    """Clipped value loss: 0.5 * max((v - R)^2, (clip(v, v_old ± clip) - R)^2), masked mean."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token KL estimate log pi - log pi_ref (InstructGPT's penalty, k1 estimator)."""
+    return logprobs - ref_logprobs
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move beta so that the observed KL tracks `target` over `horizon` samples."""
+
+    def __init__(self, beta: float, target: float, horizon: int = 10000) -> None:
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, samples: int) -> float:
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + error * samples / self.horizon
+        return self.beta

@@ -1,0 +1,103 @@
+"""Preference data in TRL's format: JSONL records `{"prompt", "chosen", "rejected"}`, each a string
+or a list of messages (a string prompt is a user turn; a string response an assistant turn).
+
+Encoding renders prompt + response with the chat template; labels cover the final response only
+(never earlier assistant turns of a multi-turn prompt). A malformed record, an empty or identical
+chosen/rejected pair, or a prompt that leaves no room for the response is an error naming the
+file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.chat import Example, Message, RecordError, _checked
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.losses import IGNORE
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    kind: str | None = None  # e.g. "helpful" or "safety" in the built-in world
+    path: Path | None = None
+    line: int = 0
+
+
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """Every record of a preference JSONL file (blank lines skipped)."""
+    path = Path(path)
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+
+            def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
+                return RecordError(path, line_no, field, problem)
+
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error("<record>", f"not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise error("<record>", "expected a JSON object")
+            prompt = _turns(record, "prompt", "user", error)
+            chosen = _turns(record, "chosen", "assistant", error)
+            rejected = _turns(record, "rejected", "assistant", error)
+            if chosen == rejected:
+                raise error("rejected", "identical to 'chosen': the pair expresses no preference")
+            kind = record.get("kind")
+            pairs.append(PreferencePair(prompt, chosen, rejected, kind if isinstance(kind, str) else None, path,
+                                        line_no))
+    if not pairs:
+        raise ValueError(f"{path}: no preference records")
+    return pairs
+
+
+def _turns(record: dict[str, Any], field: str, role: str, error: Any) -> list[Message]:
+    if field not in record:
+        raise error(field, "missing (records need 'prompt', 'chosen' and 'rejected')")
+    value = record[field]
+    if isinstance(value, str):
+        if not value.strip():
+            raise error(field, "empty")
+        return [{"role": role, "content": value}]
+    messages = _checked(value, field, error)
+    if role == "assistant" and not any(m["content"].strip() for m in messages):
+        raise error(field, "empty")
+    return messages
+
+
+@dataclass
+class EncodedPair:
+    """Chosen and rejected conversations as examples whose labels cover the response only."""
+
+    chosen: Example
+    rejected: Example
+    prompt_ids: list[int]  # the prompt rendered for generation (ends with the assistant header)
+
+
+def encode_pair(tokenizer: Tokenizer, pair: PreferencePair, max_len: int) -> EncodedPair:
+    """Render and label one pair; responses are cut to fit `max_len` inputs."""
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True))
+    if len(prompt_ids) >= max_len:
+        where = f"{pair.path}:{pair.line}: " if pair.path else ""
+        raise ValueError(f"{where}field 'prompt': {len(prompt_ids)} tokens leave no room for a response within "
+                         f"max_len {max_len}")
+    return EncodedPair(response_example(tokenizer, pair.prompt, pair.chosen, len(prompt_ids), max_len),
+                       response_example(tokenizer, pair.prompt, pair.rejected, len(prompt_ids), max_len), prompt_ids)
+
+
+def response_example(tokenizer: Tokenizer, prompt: list[Message], response: list[Message], prompt_tokens: int,
+                     max_len: int) -> Example:
+    """prompt + response as an example labelled on the response's assistant tokens only."""
+    ids, mask = tokenizer.render_chat(prompt + response)
+    mask = [0] * prompt_tokens + mask[prompt_tokens:]
+    truncated = len(ids) > max_len + 1
+    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+    return Example(ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])], truncated)
