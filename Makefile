@@ -29,6 +29,8 @@ bench: setup
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/tokenization.py
+	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

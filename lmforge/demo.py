@@ -2,8 +2,10 @@
 
 Stages so far: generate the world, train a BPE tokenizer on its biographies, pretrain a small
 Llama-family model on them, and measure what it learned: validation loss and how often greedy
-completion of a fact it read ("Isaac Ashcombe was born in") is right. Later stages (SFT,
-alignment, retrieval) add their sections here.
+completion of a fact it read ("Isaac Ashcombe was born in") is right. Then instruction-tune it
+with LoRA on questions about the training people, and measure exact match on questions about the
+held-out people, whose facts only pretraining taught. Later stages (alignment, retrieval) add
+their sections here.
 """
 
 from __future__ import annotations
@@ -16,17 +18,22 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from lmforge.config import PRESETS
 from lmforge.data.corpus import CorpusInfo
-from lmforge.data.world import fact_probes, make_world, pretraining_corpus, write_pretraining_corpus
+from lmforge.data.world import (
+    Question, fact_probes, make_world, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
+)
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
+from lmforge.peft.method import AdapterConfig
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
+from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 
 VARIANTS = 8  # biographies per person, each worded and ordered differently, so facts become extractable
 REAL_PRESETS = ("llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gpt2")
@@ -34,7 +41,8 @@ DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, n
                   num_key_value_heads=2, max_position_embeddings=256)
 
 
-def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 600, probes: int = 300) -> Path:
+def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 600, probes: int = 300,
+             sft_steps: int = 300) -> Path:
     """Run the demo into `out` and return the path of its report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +82,7 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     session = Session.load(model_dir)
     sections.append(pretraining_section(config, session.model.num_parameters(), train_time))
     sections.append(fact_section(session, world, probes, seed))
+    sections.append(sft_stage(out, world, model_dir, session, sft_steps, seed))
 
     rows = ["| preset | parameters | training GFLOPs/token (4k context) | KV cache per token (bf16) |",
             "|---|---:|---:|---:|"]
@@ -87,7 +96,8 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
 
     header = (f"# lmforge demo\n\nSeed {seed}; {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads; {time.perf_counter() - started:.0f} s in all.\n\n"
-              f"Chat with the model: `lmforge chat --checkpoint {model_dir}`\n\n")
+              f"Chat with the models: `lmforge chat --checkpoint {out / 'sft' / 'adapter'}` (instruction-tuned), "
+              f"`lmforge generate --checkpoint {model_dir} --prompt '...'` (pretrained).\n\n")
     report = out / "report.md"
     report.write_text(header + "\n".join(sections))
     print(f"[demo] report: {report}")
@@ -157,3 +167,77 @@ def fact_section(session: Session, world, limit: int, seed: int) -> str:
         lines.append(f"| {probe.prompt} | {result.text.strip()} {mark} | {probe.answer} |")
     print(f"[demo] held-in facts: {sum(right)}/{len(right)} right")
     return "\n".join(lines) + "\n"
+
+
+def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed: int) -> str:
+    """LoRA instruction tuning on the training people's questions; exact match before and after."""
+    data = write_instruction_data(world, out / "world" / "sft.jsonl", "train", phrasings=2, seed=seed)
+    config = SFTConfig(
+        out_dir=out / "sft", base=model_dir,
+        data=SFTDataConfig(datasets=[DatasetSpec(path=data)], max_len=64, val_fraction=0.05),
+        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
+        train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0,
+                          log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed),
+    )
+    start = time.perf_counter()
+    adapter = sft(config)
+    seconds = time.perf_counter() - start
+    tuned = Session.load(adapter)
+    seen = questions(world, "train", seed=seed + 1)  # other phrasings than most of those trained on
+    heldout = questions(world, "heldout", seed=seed)
+    base_seen, tuned_seen = exact_match(base, seen), exact_match(tuned, seen)
+    base_held, tuned_held = exact_match(base, heldout), exact_match(tuned, heldout)
+    records = [json.loads(line) for line in (config.out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    trainable = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
+    lines = [
+        "## Instruction tuning (LoRA)\n",
+        f"LoRA (rank 16 on every linear layer: {trainable:,} parameters, "
+        f"{trainable / base.model.num_parameters():.1%} of the model) on {len(questions(world, 'train', phrasings=2))} question/answer "
+        f"chats about the *training* people, loss on the answers only: {steps} steps in {seconds:.0f} s; "
+        f"train loss {train[0]['loss']:.2f} → {train[-1]['loss']:.2f}, validation loss "
+        f"{val[-1]['val_loss']:.2f}. The adapter is saved in PEFT's format at `sft/adapter`.\n",
+        "Exact match of greedy answers to questions in the chat template. The held-out people were never in "
+        "the fine-tuning data: answering about them means extracting what pretraining stored.\n",
+        "| questions about | pretrained model | after LoRA SFT |",
+        "|---|---:|---:|",
+        f"| training people ({len(seen)}) | {mean(base_seen):.0%} | {mean(tuned_seen):.0%} |",
+        f"| **held-out people** ({len(heldout)}) | {mean(base_held):.0%} | **{mean(tuned_held):.0%}** |",
+        "",
+        "| held-out attribute | after LoRA SFT |",
+        "|---|---:|",
+    ]
+    by_attribute: dict[str, list[bool]] = defaultdict(list)
+    for q, (_, ok) in zip(heldout, tuned_held):
+        by_attribute[q.attribute].append(ok)
+    lines += [f"| {a} | {mean(oks):.0%} |" for a, oks in sorted(by_attribute.items())]
+    lines += ["", "| question (held-out person) | pretrained | after SFT | true answer |", "|---|---|---|---|"]
+    for q, (before, _), (after, ok) in list(zip(heldout, base_held, tuned_held))[:8]:
+        lines.append(f"| {q.question} | {cell(before)} | {cell(after)} {'✓' if ok else '✗'} | {q.answer} |")
+    lines.append("\n![SFT loss curve](sft/loss.png)\n")
+    print(f"[demo] SFT: held-out exact match {mean(base_held):.0%} -> {mean(tuned_held):.0%} "
+          f"({trainable:,} adapter parameters)")
+    return "\n".join(lines)
+
+
+def exact_match(session: Session, qs: list[Question], batch: int = 32) -> list[tuple[str, bool]]:
+    """Greedy answers to chat questions, and whether each equals the true answer."""
+    params = SamplingParams(max_new_tokens=16, temperature=0,
+                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
+    prompts = [session.chat_prompt([{"role": "user", "content": q.question}]) for q in qs]
+    answers = []
+    for start in range(0, len(prompts), batch):
+        answers += [r.text.strip() for r in complete(session.engine, session.tokenizer,
+                                                       prompts[start : start + batch], params)]
+    return [(a, a == q.answer) for a, q in zip(answers, qs)]
+
+
+def mean(results: list) -> float:
+    flags = [r[1] if isinstance(r, tuple) else r for r in results]
+    return sum(flags) / max(1, len(flags))
+
+
+def cell(text: str) -> str:
+    """Model output made safe for a markdown table cell."""
+    return (text.replace("|", "\\|").replace("\n", " ")[:40] or "(nothing)")

@@ -6,14 +6,18 @@ import json
 import re
 
 from lmforge.cli import main
+from lmforge.data.world import make_world, questions
+from lmforge.generate.engine import SamplingParams
+from lmforge.generate.session import Session
+from lmforge.generate.text import complete, stop_token_ids
 
 
 def test_demo_report_matches_the_run(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--people", "12", "--steps", "30"]) == 0
+    assert main(["demo", "--out", str(out), "--people", "12", "--steps", "30", "--sft-steps", "6"]) == 0
     report = (out / "report.md").read_text()
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
-                    "## Real sizes"):
+                    "## Instruction tuning", "## Real sizes"):
         assert section in report
     records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in records if "val_loss" in r][-1]
@@ -23,3 +27,20 @@ def test_demo_report_matches_the_run(tmp_path):
     right = re.search(r"Overall \*\*(\d+)%\*\* right", report)
     assert right and 0 <= int(right[1]) <= 100
     assert "| llama2-7b | 6.74 B |" in report
+
+    sft = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in sft if "loss" in r]
+    assert f"train loss {losses[0]:.2f} → {losses[-1]:.2f}" in report
+    assert (out / "sft" / "adapter" / "adapter_config.json").is_file()
+
+    # Held-out exact match, recomputed one question at a time with the adapter loaded afresh.
+    world = make_world(0, n_people=12, n_companies=4)
+    heldout = questions(world, "heldout", seed=0)
+    session = Session.load(out / "sft" / "adapter")
+    params = SamplingParams(max_new_tokens=16, temperature=0,
+                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
+    right = sum(complete(session.engine, session.tokenizer, [session.chat_prompt(
+        [{"role": "user", "content": q.question}])], params)[0].text.strip() == q.answer for q in heldout)
+    reported = re.search(r"\| \*\*held-out people\*\* \((\d+)\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report)
+    assert reported and int(reported[1]) == len(heldout)
+    assert int(reported[3]) == round(100 * right / len(heldout))

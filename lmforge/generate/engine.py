@@ -82,7 +82,7 @@ class Engine:
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         """Raise a clear error for an empty prompt or one that leaves no room in the context."""
-        limit = self.config.max_position_embeddings
+        limit = self.config.max_position_embeddings - getattr(self.model, "num_virtual_tokens", 0)  # soft prompt
         if not prompt:
             raise ValueError("empty prompt: give at least one token")
         if len(prompt) >= limit:

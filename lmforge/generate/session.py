@@ -21,7 +21,7 @@ Message = dict[str, str]
 
 @dataclass
 class Session:
-    model: Transformer
+    model: Transformer  # or a prompt-tuned wrapper that behaves as one
     tokenizer: Tokenizer
     engine: Engine
 
@@ -29,9 +29,18 @@ class Session:
     def load(
         cls, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool = False
     ) -> Session:
-        """Load an HF-format model directory and the tokenizer beside its weights."""
-        model = load_model(path, dtype=dtype, device=device)
-        return cls(model, Tokenizer.from_dir(path), Engine(model, compile=compile))
+        """Load an HF-format model directory and the tokenizer beside its weights, or a PEFT adapter
+        directory: its base model with the adapter (LoRA merged in), and the adapter's tokenizer
+        if it has one, else the base's."""
+        from lmforge.peft.adapters import adapter_base, is_adapter_dir, load_with_adapter
+
+        path = Path(path)
+        if is_adapter_dir(path):
+            model = load_with_adapter(path, dtype=dtype, device=device, merge=True)
+            tokenizer_dir = path if (path / "tokenizer.json").is_file() else adapter_base(path)
+        else:
+            model, tokenizer_dir = load_model(path, dtype=dtype, device=device), path
+        return cls(model, Tokenizer.from_dir(tokenizer_dir), Engine(model, compile=compile))
 
     @property
     def context(self) -> int:

@@ -1,0 +1,161 @@
+"""Supervised fine-tuning data: the JSONL formats people already have, rendered with the model's
+chat template into token ids and labels that take the loss on assistant tokens only.
+
+Record formats (TRL's and Alpaca's):
+- `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`
+- `{"instruction": ..., "input": ... (optional), "output": ...}` (Alpaca)
+- `{"prompt": ..., "completion": ...}`, each a string or a list of messages.
+
+A record that fits none of them, or has no assistant turn, is an error naming the file, the line
+and the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.losses import IGNORE
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A malformed SFT record: `path:line: field: problem`."""
+
+    def __init__(self, path: Path, line: int, field: str, problem: str) -> None:
+        super().__init__(f"{path}:{line}: field '{field}': {problem}")
+
+
+def read_messages(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
+    """(line number, conversation) for each record of an SFT JSONL file; blank lines are skipped."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(path, line_no, "<record>", f"not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise RecordError(path, line_no, "<record>", "expected a JSON object")
+            messages = to_messages(record, lambda field, problem: RecordError(path, line_no, field, problem))
+            if not any(m["role"] == "assistant" for m in messages):
+                raise RecordError(path, line_no, "messages", "no assistant turn to learn from")
+            yield line_no, messages
+
+
+def to_messages(record: Mapping[str, Any], error: Any) -> list[Message]:
+    """One record in any supported format as a list of messages; `error(field, problem)` builds
+    the exception to raise."""
+    if "messages" in record:
+        return _checked(record["messages"], "messages", error)
+    if "instruction" in record or "output" in record:
+        for field in ("instruction", "output"):
+            if not isinstance(record.get(field), str):
+                raise error(field, "Alpaca records need string 'instruction' and 'output'")
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise error("input", "must be a string")
+        user = record["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    if "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return _checked(prompt, "prompt", error) + _checked(completion, "completion", error)
+        field = "prompt" if not isinstance(prompt, (str, list)) else "completion"
+        raise error(field, "'prompt' and 'completion' must both be strings or both be lists of messages")
+    raise error("<record>", "expected 'messages', Alpaca's 'instruction'/'output', or 'prompt'/'completion'")
+
+
+def _checked(messages: Any, field: str, error: Any) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise error(field, "must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise error(f"{field}[{i}]", "must be an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise error(f"{field}[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise error(f"{field}[{i}].content", "must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+@dataclass
+class Example:
+    """One tokenized conversation: `labels[t]` is the token after `input_ids[t]` where that token
+    belongs to an assistant turn, IGNORE elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def encode(tokenizer: Tokenizer, messages: Sequence[Message], max_len: int) -> Example | None:
+    """Render and shift one conversation, cut to `max_len` inputs; None if no assistant token is left."""
+    ids, mask = tokenizer.render_chat(messages)
+    truncated = len(ids) > max_len + 1
+    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+    labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    if all(label == IGNORE for label in labels):
+        return None
+    return Example(ids[:-1], labels, truncated)
+
+
+@dataclass
+class SFTData:
+    """The tokenized examples of one file, and how many were cut or dropped to fit `max_len`."""
+
+    path: Path
+    examples: list[Example]
+    truncated: int
+    dropped: int
+
+    @classmethod
+    def load(cls, path: str | Path, tokenizer: Tokenizer, max_len: int) -> SFTData:
+        path = Path(path)
+        examples, truncated, dropped = [], 0, 0
+        for _, messages in read_messages(path):
+            example = encode(tokenizer, messages, max_len)
+            if example is None:
+                dropped += 1  # its assistant turns lie wholly beyond max_len
+                continue
+            truncated += example.truncated
+            examples.append(example)
+        if not examples:
+            raise ValueError(f"{path}: no usable examples (dropped {dropped} whose answers lie beyond "
+                             f"{max_len} tokens)")
+        return cls(path, examples, truncated, dropped)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example (padding after the text changes nothing before it)."""
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels}
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples into rows of exactly `seq_len` (the last partial row dropped). Examples
+    attend to the ones before them in a row, as in TRL's classic packing; no loss crosses a boundary."""
+    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int64)
+    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int64)
+    rows = len(ids) // seq_len
+    return [Example(ids[r * seq_len : (r + 1) * seq_len].tolist(), labels[r * seq_len : (r + 1) * seq_len].tolist())
+            for r in range(rows)]

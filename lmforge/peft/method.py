@@ -1,0 +1,78 @@
+"""How the SFT stage fine-tunes: the `AdapterConfig` section of a recipe and `apply_method`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from lmforge.model import Transformer
+from lmforge.peft.lora import ATTENTION, add_lora
+from lmforge.peft.prompt_tuning import PromptInit, prompt_tuning
+from lmforge.peft.selective import train_only
+
+
+class AdapterConfig(BaseModel):
+    """Fine-tuning method and its settings. `full` trains everything; `lora`/`qlora` train
+    low-rank adapters on `targets` (QLoRA over an NF4 base); `prompt` trains a soft prompt;
+    `selective` trains the parameters `patterns` and `layers` pick."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["full", "lora", "qlora", "prompt", "selective"] = "full"
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = list(ATTENTION)
+    rslora: bool = False
+    num_virtual_tokens: int = Field(20, gt=0)
+    prompt_init: PromptInit = "random"
+    prompt_init_text: str | None = None
+    patterns: list[str] = Field(default_factory=list, description="regexes or groups: norms, biases, embeddings, head")
+    layers: list[int] = Field(default_factory=list, description="block indices to train; -1 is the last")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterConfig:
+        if self.prompt_init == "text" and not self.prompt_init_text:
+            raise ValueError("prompt_init 'text' needs prompt_init_text")
+        if self.method == "selective" and not (self.patterns or self.layers):
+            raise ValueError("method 'selective' needs patterns and/or layers")
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets is empty")
+        return self
+
+
+def apply_method(model: Transformer, cfg: AdapterConfig, tokenizer: Any = None) -> nn.Module:
+    """Prepare `model` for fine-tuning by `cfg.method`: set what trains, add adapters. Returns the
+    model to train (the same object, or a `PromptTuned` wrapper). `tokenizer` (with `encode`)
+    is needed for a text-initialised soft prompt only."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.method == "full":
+        return model.requires_grad_(True)
+    if cfg.method in ("lora", "qlora"):
+        return add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                        rslora=cfg.rslora, quantize=cfg.method == "qlora", generator=generator)
+    if cfg.method == "prompt":
+        ids = None
+        if cfg.prompt_init == "text":
+            if tokenizer is None:
+                raise ValueError("prompt_init 'text' needs the tokenizer")
+            ids = tokenizer.encode(cfg.prompt_init_text, add_bos=bool(tokenizer.config.get("add_bos_token", False)))
+        return prompt_tuning(model, cfg.num_virtual_tokens, cfg.prompt_init, init_ids=ids,
+                             init_text=cfg.prompt_init_text, generator=generator)
+    train_only(model, cfg.patterns, cfg.layers)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should hold (those with requires_grad)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameter values (an NF4 weight counts its logical size)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

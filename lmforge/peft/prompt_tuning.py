@@ -1,0 +1,128 @@
+"""Prompt tuning (Lester et al. 2021): trainable soft-prompt vectors before every input.
+
+`PromptTuned` wraps a `Transformer` and exposes its `model`, `lm_head` and `config`, so the
+training loop, the generation engine and `disable_adapters` use it as they use the base model.
+Its logits cover the real tokens only (the virtual positions are never scored), so labels and
+loss masks need no change: that is PEFT's prepending of ignored labels, done by omission.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.generate.kv_cache import KVCache
+from lmforge.model import Transformer
+
+PromptInit = Literal["random", "vocab", "text"]
+PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+
+class PromptTuned(nn.Module):
+    """A causal LM whose every sequence starts with `num_virtual_tokens` trainable embeddings.
+
+    With left padding (`pad`) a row reads [padding][soft prompt][tokens], so the soft prompt
+    sits at positions 0..n-1 in every row, as it does unpadded. With a KV cache the soft prompt
+    is prepended at prefill only: the wrapper adds its n slots to the cache and marks it
+    (`cache.virtual_tokens`), so later decode steps pass straight through."""
+
+    def __init__(self, base: Transformer, prompt: Tensor, *, init: PromptInit = "random", init_text: str | None = None):
+        super().__init__()
+        if prompt.dim() != 2 or prompt.shape[1] != base.config.hidden_size:
+            raise ValueError(f"soft prompt of shape {tuple(prompt.shape)}; expected (n, {base.config.hidden_size})")
+        self.config = base.config
+        self.model = base.model
+        self.lm_head = base.lm_head
+        # A child after the base's modules, so the model's first parameter stays the base's (its dtype);
+        # float32 whatever the base's dtype, as PEFT keeps it.
+        self.prompt = nn.Embedding.from_pretrained(prompt.detach().float().clone(), freeze=False)
+        self.init, self.init_text = init, init_text
+        self.disabled = False
+
+    @property
+    def prompt_embeddings(self) -> nn.Parameter:
+        return self.prompt.weight
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt.weight.shape[0]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        pad: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V) of the real tokens, or (B, 1, V) for the last one (as `Transformer`)."""
+        prefill = cache is None or getattr(cache, "virtual_tokens", None) is None
+        n = 0 if self.disabled or not prefill else self.num_virtual_tokens
+        if n and positions is not None:
+            raise ValueError("a prompt-tuned model numbers its positions itself at prefill; pass no positions")
+        if cache is not None and prefill:
+            reserve(cache, n)
+        embeds = self._prepend(self.model.embed_tokens(input_ids), pad) if n else None
+        hidden = self.model(input_ids, positions=positions, pad=pad, cache=cache, inputs_embeds=embeds)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden[:, n:])
+
+    def _prepend(self, embeds: Tensor, pad: Tensor | None) -> Tensor:
+        B, T, D = embeds.shape
+        n = self.num_virtual_tokens
+        soft = self.prompt_embeddings.to(embeds.dtype).expand(B, n, D)
+        if pad is None:
+            return torch.cat((soft, embeds), dim=1)
+        # Row b is [pad_b padding][n soft][tokens]: take slot j from embeds or soft accordingly.
+        j = torch.arange(T + n, device=embeds.device)[None]
+        p = pad[:, None]
+        index = torch.where(j < p, j, torch.where(j < p + n, T + j - p, j - n))
+        return torch.cat((embeds, soft), dim=1).gather(1, index[..., None].expand(B, T + n, D))
+
+
+def reserve(cache: KVCache, n: int) -> None:
+    """Give `cache` n more slots for the soft prompt (callers size caches for their own tokens)
+    and mark it as holding the prompt."""
+    if n:
+        extra = (*cache.k.shape[:3], n, cache.k.shape[4])
+        cache.k = torch.cat((cache.k, cache.k.new_zeros(extra)), dim=3)
+        cache.v = torch.cat((cache.v, cache.v.new_zeros(extra)), dim=3)
+        cache.max_len += n
+    cache.virtual_tokens = n
+
+
+def init_prompt(
+    model: Transformer, num_virtual_tokens: int, init: PromptInit = "random", *,
+    init_ids: Sequence[int] | None = None, generator: torch.Generator | None = None,
+) -> Tensor:
+    """Initial soft prompt (n, D), as PEFT makes it: `random` N(0, 1) (an nn.Embedding's init);
+    `vocab` the embeddings of random vocabulary tokens; `text` the embeddings of `init_ids`
+    (a tokenized text), repeated or cut to n."""
+    if num_virtual_tokens <= 0:
+        raise ValueError(f"num_virtual_tokens must be positive, got {num_virtual_tokens}")
+    table = model.model.embed_tokens.weight.detach()
+    if init == "random":
+        return torch.randn(num_virtual_tokens, table.shape[1], generator=generator).to(table.device)
+    if init == "vocab":
+        ids = torch.randint(0, table.shape[0], (num_virtual_tokens,), generator=generator)
+    elif init == "text":
+        if not init_ids:
+            raise ValueError("prompt init 'text' needs the token ids of a non-empty text")
+        ids = torch.tensor((list(init_ids) * math.ceil(num_virtual_tokens / len(init_ids)))[:num_virtual_tokens])
+    else:
+        raise ValueError(f"unknown prompt init {init!r}; choose random, vocab or text")
+    return table[ids.to(table.device)].float().clone()
+
+
+def prompt_tuning(
+    model: Transformer, num_virtual_tokens: int, init: PromptInit = "random", *,
+    init_ids: Sequence[int] | None = None, init_text: str | None = None, generator: torch.Generator | None = None,
+) -> PromptTuned:
+    """Freeze `model` and wrap it with a trainable soft prompt of `num_virtual_tokens` vectors."""
+    prompt = init_prompt(model, num_virtual_tokens, init, init_ids=init_ids, generator=generator)
+    model.requires_grad_(False)
+    return PromptTuned(model, prompt, init=init, init_text=init_text).train(model.training)

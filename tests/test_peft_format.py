@@ -1,0 +1,259 @@
+"""Adapters in PEFT's format, checked with PEFT itself: lmforge-saved adapters load with
+`peft.PeftModel.from_pretrained` on the transformers model (and PEFT-saved ones in lmforge) with
+equal logits; `merge_and_save` output loads in transformers; clear errors for bad directories."""
+
+import json
+
+import peft
+import pytest
+import torch
+import transformers as tf
+from hf_models import VOCAB, tiny_hf_model
+from safetensors.torch import load_file, save_file
+
+from lmforge.checkpoint import load_model
+from lmforge.peft import (
+    add_lora, disable_adapters, is_adapter_dir, load_adapter, load_with_adapter, merge_and_save, prompt_tuning,
+    save_adapter,
+)
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def randomise_adapters(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """Factory: a tiny transformers model of `family` saved to a directory (with a tokenizer file)."""
+
+    def make(family: str = "llama", **overrides):
+        path = tmp_path / f"base-{family}"
+        tiny_hf_model(family, **overrides).save_pretrained(path)
+        (path / "tokenizer.json").write_text('{"stand-in": true}')
+        return path
+
+    return make
+
+
+def peft_model(base, adapter) -> torch.nn.Module:
+    return peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+
+
+@torch.no_grad()
+def max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, skip: int = 0) -> float:
+    x = ids()
+    return (ours(x) - theirs(x).logits[:, skip:]).abs().max().item()
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj"]), ("qwen2", "all-linear"),
+                                             ("mistral", ["o_proj", "gate_proj"])])
+def test_lmforge_lora_loads_in_peft(base_dir, tmp_path, family, targets):
+    base = base_dir(family)
+    model = add_lora(load_model(base), r=4, alpha=8, dropout=0.05, targets=targets)
+    randomise_adapters(model)
+    out = save_adapter(model, tmp_path / "adapter", base=base)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys or targets != ["q_proj", "v_proj"]
+    theirs = peft_model(base, out)
+    assert max_diff(model, theirs) < 1e-4
+    with disable_adapters(model), theirs.disable_adapter():
+        assert max_diff(model, theirs) < 1e-4
+    assert max_diff(model, tf.AutoModelForCausalLM.from_pretrained(base)) > 1e-2  # the adapters matter
+
+
+def test_adapter_config_is_peft_config(base_dir, tmp_path):
+    """Every field written is one of PEFT's LoraConfig, with the value PEFT writes for these settings."""
+    base = base_dir()
+    model = add_lora(load_model(base), r=4, alpha=8, dropout=0.1, targets=["q_proj", "k_proj"], rslora=True)
+    config = json.loads((save_adapter(model, tmp_path / "a", base=base) / "adapter_config.json").read_text())
+    reference = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj"],
+                                use_rslora=True, task_type="CAUSAL_LM", base_model_name_or_path=str(base),
+                                inference_mode=True).to_dict()
+    reference["target_modules"] = sorted(reference["target_modules"])
+    assert config.keys() <= reference.keys()
+    assert {k: reference[k] for k in config} == config
+    assert peft.PeftConfig.from_pretrained(tmp_path / "a").peft_type == "LORA"
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_lora_loads_in_lmforge(base_dir, tmp_path, rslora):
+    base = base_dir()
+    hf = tf.AutoModelForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear", use_rslora=rslora, task_type="CAUSAL_LM",
+                             base_model_name_or_path=str(base))
+    theirs = peft.get_peft_model(hf, config)
+    randomise_adapters(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_with_adapter(tmp_path / "theirs")
+    assert max_diff(ours, theirs.eval()) < 1e-4
+    merged = load_with_adapter(tmp_path / "theirs", merge=True)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert max_diff(merged, theirs) < 1e-4
+
+
+def test_prompt_tuning_both_ways(base_dir, tmp_path):
+    base = base_dir()
+    ours = prompt_tuning(load_model(base), 6, "vocab", generator=torch.Generator().manual_seed(0))
+    out = save_adapter(ours, tmp_path / "prompt", base=base)
+    assert set(load_file(out / "adapter_model.safetensors")) == {"prompt_embeddings"}
+    theirs = peft_model(base, out)
+    assert max_diff(ours, theirs, skip=6) < 1e-4  # PEFT scores the virtual positions too
+    with pytest.raises(ValueError, match="PROMPT_TUNING adapter has no weights to merge"):
+        merge_and_save(out, tmp_path / "merged")
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(base)
+    theirs = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                             base_model_name_or_path=str(base)))
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_with_adapter(tmp_path / "theirs", merge=True)  # a soft prompt stays a wrapper
+    assert loaded.num_virtual_tokens == 3
+    assert max_diff(loaded, theirs.eval(), skip=3) < 1e-4
+
+
+def test_merge_and_save_loads_in_transformers(base_dir, tmp_path):
+    base = base_dir("qwen2")
+    model = add_lora(load_model(base), r=4, alpha=8, targets="all-linear")
+    randomise_adapters(model)
+    adapter = save_adapter(model, tmp_path / "runs" / "adapter", base=base)
+    out = merge_and_save(adapter, tmp_path / "merged")
+    assert (out / "tokenizer.json").read_text() == '{"stand-in": true}'
+    merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert max_diff(model, merged) < 1e-4
+    assert max_diff(load_model(out), merged) < 1e-4
+
+
+def test_base_path_relative_to_the_adapter_dir(base_dir, tmp_path):
+    base = base_dir()
+    model = add_lora(load_model(base), r=2, alpha=2)
+    randomise_adapters(model)
+    adapter = save_adapter(model, tmp_path / "adapter", base=base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    config["base_model_name_or_path"] = f"../{base.name}"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert is_adapter_dir(adapter) and not is_adapter_dir(base)
+    assert max_diff(load_with_adapter(adapter), peft_model(base, adapter)) < 1e-4
+
+
+def test_saving_replaces_the_directory_atomically(base_dir, tmp_path):
+    base = base_dir()
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    save_adapter(add_lora(load_model(base)), out, base=base)
+    assert not (out / "stale.txt").exists()
+    with pytest.raises(ValueError, match="no adapter"):
+        save_adapter(load_model(base), out, base=base)
+    assert (out / "adapter_config.json").is_file()  # a failed save leaves the old directory
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter(base_dir, tmp_path):
+    base = base_dir()
+    return base, save_adapter(add_lora(load_model(base), r=2, alpha=4, targets=["q_proj"]), tmp_path / "ad", base=base)
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_missing_files(adapter, tmp_path):
+    base, path = adapter
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_adapter(load_model(base), tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        load_adapter(load_model(base), path)
+
+
+def test_unknown_peft_type_and_unsupported_options(adapter):
+    base, path = adapter
+    edit_config(path, peft_type="IA3")
+    with pytest.raises(ValueError, match="peft_type 'IA3' is not supported"):
+        load_adapter(load_model(base), path)
+    edit_config(path, peft_type="LORA", use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        load_adapter(load_model(base), path)
+
+
+def test_missing_base_dir(adapter, tmp_path):
+    _, path = adapter
+    edit_config(path, base_model_name_or_path=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match="base model .*gone.* not found"):
+        load_with_adapter(path)
+    edit_config(path, base_model_name_or_path=None)
+    with pytest.raises(ValueError, match="base_model_name_or_path is not set"):
+        merge_and_save(path, tmp_path / "out")
+
+
+def test_keys_that_do_not_match_are_named(adapter):
+    base, path = adapter
+    tensors = load_file(path / "adapter_model.safetensors")
+    good = dict(tensors)
+    tensors["base_model.model.model.layers.0.self_attn.z_proj.lora_A.weight"] = torch.zeros(2, 32)
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="z_proj.lora_A.weight' matches no LoRA layer"):
+        load_adapter(load_model(base), path)
+    del good["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    save_file(good, path / "adapter_model.safetensors")
+    model = load_model(base)
+    with pytest.raises(ValueError, match="no tensor for 'model.layers.1.self_attn.q_proj.lora_B.weight'"):
+        load_adapter(model, path)
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # refused before touching the model
+
+
+def test_target_not_in_model_and_wrong_rank(adapter):
+    base, path = adapter
+    edit_config(path, target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="c_attn not found"):
+        load_adapter(load_model(base), path)
+    edit_config(path, target_modules=["q_proj"], r=3)
+    with pytest.raises(ValueError, match=r"lora_A.weight has shape \(2, 32\), the model expects \(3, 32\)"):
+        load_adapter(load_model(base), path)
+
+
+def test_gpt2_is_refused(base_dir, tmp_path):
+    model = add_lora(load_model(base_dir("gpt2")), targets=["o_proj"])
+    with pytest.raises(ValueError, match="GPT-2"):
+        save_adapter(model, tmp_path / "ad", base="gpt2")
+
+
+def test_some_layers_only_and_resuming_into_an_adapted_model(base_dir, tmp_path):
+    """A regex target (one layer's q_proj) is written as full module names; loading into a model
+    that already has the layers (as a resumed run does) fills them in."""
+    base = base_dir()
+    model = add_lora(load_model(base), r=2, alpha=4, targets=r"model\.layers\.1\.self_attn\.(q|v)_proj")
+    randomise_adapters(model)
+    adapter = save_adapter(model, tmp_path / "adapter", base=base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    theirs = peft_model(base, adapter)
+    assert max_diff(model, theirs) < 1e-4
+    fresh = add_lora(load_model(base), r=2, alpha=4, targets=r"model\.layers\.1\.self_attn\.(q|v)_proj")
+    assert load_adapter(fresh, adapter) is fresh
+    assert max_diff(fresh, theirs) < 1e-4
+    with pytest.raises(ValueError, match="matches no LoRA layer"):
+        load_adapter(add_lora(load_model(base), r=2, targets=["q_proj"]), adapter)
+
+    prompted = prompt_tuning(load_model(base), 4)
+    prompt_dir = save_adapter(prompted, tmp_path / "prompt", base=base)
+    fresh = prompt_tuning(load_model(base), 4)
+    assert load_adapter(fresh, prompt_dir) is fresh
+    assert torch.equal(fresh.prompt_embeddings, prompted.prompt_embeddings)
+    with pytest.raises(ValueError, match="4 virtual tokens, the model 5"):
+        load_adapter(prompt_tuning(load_model(base), 5), prompt_dir)
