@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override recipe fields, dotted for sections (adapter.method=qlora train.steps=50)")
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
 
+    rl = sub.add_parser("ppo", help="RLHF with PPO against a reward model (per-token KL penalty, LoRA policy)",
+                        description="PPO from an SFT model: rollouts with the generation engine, reward-model "
+                                    "score minus beta x KL to the reference (the policy with adapters disabled), "
+                                    "GAE, clipped policy and value losses, adaptive KL.")
+    rl.add_argument("--config", type=Path, required=True, help="YAML recipe (see configs/ppo-tiny.yaml)")
+    rl.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields (ppo.iterations=50)")
+    rl.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model",
                            description="Write the adapter's base model with the LoRA weights folded in, as an "
                                        "HF-format directory (with the base's tokenizer).")
@@ -197,6 +205,13 @@ def _sft(args: argparse.Namespace) -> None:
 
     out = sft(load_sft_config(args.config, args.overrides), resume=args.resume)
     print(f"{'adapter' if out.name == 'adapter' else 'model'} written to {out}")
+
+
+@command("ppo")
+def _ppo(args: argparse.Namespace) -> None:
+    from lmforge.align.ppo import load_ppo_config, ppo
+
+    print(f"adapter written to {ppo(load_ppo_config(args.config, args.overrides), resume=args.resume)}")
 
 
 @command("merge")

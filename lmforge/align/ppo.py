@@ -1,0 +1,367 @@
+"""`lmforge ppo`: RLHF with PPO, as InstructGPT and LLaMA-2 describe it.
+
+Each iteration: sample responses to a batch of prompts with the generation engine (the rollout);
+score each prompt + response with the reward model; give every response token the reward
+-beta * KL(policy || reference) and add the reward-model score at its last token; estimate
+advantages with GAE from a value head on the policy's trunk, whiten them, and update policy and
+value head for several epochs of minibatches with the clipped surrogate and clipped value losses.
+beta adapts so that the KL tracks a target (Ziegler et al. 2019).
+
+The policy is the SFT model with LoRA adapters; the frozen reference is the same model with its
+adapters disabled, so no second copy of the weights is held. Checkpoints at iteration boundaries
+(adapter, value head, optimizer, controller, random state) resume to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lmforge.align.losses import (
+    AdaptiveKLController, gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs, whiten,
+)
+from lmforge.checkpoint import atomic_dir, load_model
+from lmforge.config import load_yaml
+from lmforge.data.chat import Message, RecordError, _checked
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.text import stop_token_ids
+from lmforge.peft.adapters import is_adapter_dir, save_adapter
+from lmforge.peft.lora import disable_adapters
+from lmforge.peft.method import AdapterConfig, apply_method
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.loop import STATE_FILE, checkpoints, plot_metrics
+from lmforge.train.optim import build_optimizer
+
+
+class Scorer(Protocol):
+    """What PPO needs from a reward model: a score per tokenized prompt + response."""
+
+    def score_ids(self, sequences: list[list[int]]) -> Tensor: ...
+
+
+class PPOSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(20, gt=0, description="rollout + update rounds")
+    batch_size: int = Field(16, gt=0, description="prompts per rollout")
+    mini_batch_size: int = Field(8, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    clip: float = Field(0.2, gt=0, description="policy ratio clip")
+    value_clip: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    init_kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty")
+    adaptive_kl: bool = True
+    target_kl: float = Field(1.0, gt=0, description="per-response KL the adaptive controller aims at")
+    kl_horizon: int = Field(1000, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = None
+    top_p: float | None = None
+    whiten_advantages: bool = True
+    save_every: int = Field(5, gt=0)
+    keep_last: int = Field(2, gt=0)
+    seed: int = 0
+
+
+class PPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: Path
+    policy: Path = Field(description="the SFT model: an HF directory or an adapter directory (merged in first)")
+    reward: Path = Field(description="reward model directory (sequence-classification layout)")
+    safety_reward: Path | None = Field(None, description="a safety reward model, combined as LLaMA-2 does")
+    safety_threshold: float = 0.15
+    prompts: Path = Field(description="JSONL of prompts: {'prompt': text | messages, 'risky': bool (optional)}")
+    adapter: AdapterConfig = AdapterConfig(method="lora")
+    ppo: PPOSettings = PPOSettings()
+
+
+@dataclass
+class Prompt:
+    messages: list[Message]
+    risky: bool = False
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from JSONL: `prompt` (text or messages) or `messages` (up to the last user turn)."""
+    path = Path(path)
+    out = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+
+        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
+            return RecordError(path, line_no, field, problem)
+
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error("<record>", f"not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
+            raise error("prompt", "records need 'prompt' (text or messages) or 'messages'")
+        value = record.get("prompt", record.get("messages"))
+        if isinstance(value, str):
+            if not value.strip():
+                raise error("prompt", "empty")
+            messages = [{"role": "user", "content": value}]
+        else:
+            messages = _checked(value, "prompt" if "prompt" in record else "messages", error)
+            while messages and messages[-1]["role"] == "assistant":
+                messages.pop()
+            if not messages:
+                raise error("messages", "no turn before the assistant's")
+        out.append(Prompt(messages, bool(record.get("risky", False))))
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+class ValueHead(nn.Module):
+    """A scalar estimate of the return from each position's hidden state (initialised to zero)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden, 1, bias=True)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.proj(hidden.float()).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """One batch of prompt + response sequences, right-padded, with per-token training targets.
+    Position t of the (B, T-1) tensors scores token t+1 of `ids`; `mask` marks response tokens."""
+
+    ids: Tensor
+    mask: Tensor
+    old_logprobs: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    stats: dict[str, float]
+    samples: list[tuple[str, str, float]]
+
+
+def policy_outputs(policy: nn.Module, head: ValueHead, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs of each next token (B, T-1), values (B, T-1) and logits (B, T-1, V)."""
+    hidden = policy.model(ids)
+    logits = policy.lm_head(hidden[:, :-1])
+    return token_logprobs(logits, ids[:, 1:]), head(hidden[:, :-1]), logits
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Tokenizer, scorer: Scorer,
+                 prompts: list[Prompt], *, safety: Scorer | None = None) -> None:
+        self.config, self.s = config, config.ppo
+        self.policy, self.tokenizer, self.scorer, self.safety, self.prompts = policy, tokenizer, scorer, safety, prompts
+        self.head = ValueHead(policy.config.hidden_size)
+        trainable = nn.ModuleList([policy, self.head])
+        self.optimizer = build_optimizer(trainable, lr=self.s.lr, weight_decay=self.s.weight_decay,
+                                         betas=(0.9, 0.95), eps=1e-8)
+        self.kl = AdaptiveKLController(self.s.init_kl_coef, self.s.target_kl, self.s.kl_horizon)
+        self.engine = Engine(policy)
+        self.stop_ids = stop_token_ids(policy.config, tokenizer)
+        self.prompt_ids = [tokenizer.encode(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True))
+                           for p in prompts]
+        self.iteration = 0
+        self.out_dir = config.out_dir
+
+    # ---- rollout -------------------------------------------------------------------------------
+
+    def batch_indices(self) -> list[int]:
+        """The prompts of this iteration: a seeded permutation, epoch after epoch."""
+        n, b = len(self.prompts), self.s.batch_size
+        start = self.iteration * b
+        epoch_order: dict[int, list[int]] = {}
+        out = []
+        for k in range(start, start + b):
+            epoch = k // n
+            if epoch not in epoch_order:
+                epoch_order[epoch] = random.Random(self.s.seed + epoch).sample(range(n), n)
+            out.append(epoch_order[epoch][k % n])
+        return out
+
+    @torch.no_grad()
+    def rollout(self, indices: Sequence[int]) -> Rollout:
+        s = self.s
+        self.policy.eval()
+        prompts = [self.prompt_ids[i] for i in indices]
+        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                top_p=s.top_p, stop_token_ids=self.stop_ids,
+                                seed=s.seed * 1_000_003 + self.iteration)
+        responses = self.engine.generate(prompts, params)
+        sequences = [p + r for p, r in zip(prompts, responses)]
+        longest = max(map(len, sequences))
+        ids = torch.full((len(sequences), longest), self.tokenizer.pad_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(sequences), longest - 1)
+        for row, (p, seq) in enumerate(zip(prompts, sequences)):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, len(p) - 1 : len(seq) - 1] = 1  # positions predicting response tokens
+
+        scores = self.scorer.score_ids(sequences).float()
+        if self.safety is not None:
+            from lmforge.align.reward import combined_reward
+
+            risky = torch.tensor([self.prompts[i].risky for i in indices])
+            scores = combined_reward(scores, self.safety.score_ids(sequences).float(), risky,
+                                     self.config.safety_threshold)
+        logprobs, values, _ = policy_outputs(self.policy, self.head, ids)
+        with disable_adapters(self.policy):
+            ref_logprobs, _, _ = policy_outputs(self.policy, self.head, ids)
+        kl = kl_penalty(logprobs, ref_logprobs) * mask
+        rewards = -self.kl.beta * kl
+        last = mask.cumsum(1).argmax(1)  # the position predicting each response's last token
+        rewards[torch.arange(len(sequences)), last] += scores
+        advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages = whiten(advantages, mask) * mask
+        lengths = mask.sum(1)
+        stats = {"reward": float(scores.mean()), "kl": float(kl.sum(1).mean()), "beta": self.kl.beta,
+                 "response_length": float(lengths.mean())}
+        samples = [(self.tokenizer.decode(p, skip_special_tokens=True),
+                    self.tokenizer.decode(r, skip_special_tokens=True), float(sc))
+                   for p, r, sc in list(zip(prompts, responses, scores))[:3]]
+        return Rollout(ids, mask, logprobs, values, advantages, returns, stats, samples)
+
+    # ---- update --------------------------------------------------------------------------------
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        s = self.s
+        self.policy.train()
+        totals: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        updates = 0
+        generator = torch.Generator().manual_seed(s.seed + self.iteration)
+        params = [p for p in self.optimizer.param_groups[0]["params"] + self.optimizer.param_groups[1]["params"]]
+        for _ in range(s.ppo_epochs):
+            order = torch.randperm(len(rollout.ids), generator=generator)
+            for start in range(0, len(order), s.mini_batch_size):
+                rows = order[start : start + s.mini_batch_size]
+                mask = rollout.mask[rows]
+                logprobs, values, logits = policy_outputs(self.policy, self.head, rollout.ids[rows])
+                policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.old_logprobs[rows],
+                                                             rollout.advantages[rows], mask, s.clip)
+                value_loss = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask,
+                                            s.value_clip)
+                loss = policy_loss + s.value_coef * value_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                self.optimizer.step()
+                with torch.no_grad():
+                    probs = logits.float().softmax(-1)
+                    entropy = masked_mean(-(probs * probs.clamp_min(1e-12).log()).sum(-1), mask)
+                for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                                   ("clip_fraction", clip_fraction), ("entropy", entropy)):
+                    totals[key] += float(value.detach())
+                updates += 1
+        return {k: v / updates for k, v in totals.items()}
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> None:
+        s = self.s
+        torch.manual_seed(s.seed)
+        if resume:
+            self.resume()
+        bar = tqdm(total=s.iterations, initial=self.iteration, desc="ppo", unit="it")
+        while self.iteration < s.iterations:
+            start = time.perf_counter()
+            rollout = self.rollout(self.batch_indices())
+            rollout_seconds = time.perf_counter() - start
+            losses = self.update(rollout)
+            if s.adaptive_kl:
+                self.kl.update(rollout.stats["kl"], len(rollout.ids))
+            self.iteration += 1
+            record = {"step": self.iteration, **rollout.stats, **losses, "rollout_s": rollout_seconds,
+                      "update_s": time.perf_counter() - start - rollout_seconds,
+                      "samples": [{"prompt": p, "response": r, "score": sc} for p, r, sc in rollout.samples]}
+            self.log(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{rollout.stats['reward']:.3f}", kl=f"{rollout.stats['kl']:.3f}")
+            if self.iteration % s.save_every == 0 or self.iteration == s.iterations:
+                self.save_checkpoint()
+        bar.close()
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self) -> None:
+        path = self.out_dir / "checkpoints" / f"step-{self.iteration:06d}"
+        state = {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "beta": self.kl.beta,
+                 "value_head": self.head.state_dict(), "rng": torch.get_rng_state()}
+        with atomic_dir(path) as tmp:
+            save_adapter(self.policy, tmp / "adapter", base=self.config.policy)
+            torch.save(state, tmp / STATE_FILE)
+        for old in checkpoints(self.out_dir)[: -self.s.keep_last]:
+            shutil.rmtree(old)
+        plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "reward.png")
+
+    def resume(self) -> None:
+        from lmforge.train.sft import AdapterFiles
+
+        found = checkpoints(self.out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoints under {self.out_dir / 'checkpoints'}")
+        AdapterFiles(self.config.policy).load(self.policy, found[-1])
+        state = torch.load(found[-1] / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.head.load_state_dict(state["value_head"])
+        self.kl.beta, self.iteration = state["beta"], state["iteration"]
+        torch.set_rng_state(state["rng"])
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.iteration]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        tqdm.write(f"resumed from {found[-1]} at iteration {self.iteration}")
+
+
+def load_policy(path: Path, adapter: AdapterConfig) -> tuple[nn.Module, Tokenizer]:
+    """The SFT model (an HF directory) with fresh LoRA adapters for PPO, and its tokenizer."""
+    if is_adapter_dir(path):
+        raise ValueError(f"ppo: {path} is an adapter; merge it first (`lmforge merge --checkpoint {path} --out DIR`) "
+                         "so that the PPO adapter has a base model directory")
+    if adapter.method not in ("lora", "qlora"):
+        raise ValueError(f"ppo trains LoRA adapters (the reference is the model with them disabled); "
+                         f"adapter.method {adapter.method!r} is not supported")
+    return apply_method(load_model(path, dtype=torch.float32), adapter), Tokenizer.from_dir(path)
+
+
+def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None,
+        safety: Scorer | None = None) -> Path:
+    """Run PPO; returns the adapter directory. `scorer`/`safety` stand in for the reward model paths."""
+    policy, tokenizer = load_policy(config.policy, config.adapter)
+    if scorer is None or (safety is None and config.safety_reward is not None):
+        from lmforge.align.reward import RewardScorer
+
+        scorer = scorer or RewardScorer.load(config.reward)
+        if safety is None and config.safety_reward is not None:
+            safety = RewardScorer.load(config.safety_reward)
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(config.prompts), safety=safety)
+    trainer.run(resume=resume)
+    out = config.out_dir / "adapter"
+    save_adapter(policy, out, base=config.policy)
+    tokenizer.save(out)
+    return out
+
+
+def load_ppo_config(path: str | Path, overrides: list[str]) -> PPOConfig:
+    return PPOConfig.model_validate(load_yaml(path, overrides))
