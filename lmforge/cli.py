@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields (ppo.iterations=50)")
     rl.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
 
+    dpo = sub.add_parser("dpo", help="align a model with preference pairs by DPO",
+                         description="Direct Preference Optimization on {prompt, chosen, rejected} pairs. The reference "
+                                     "is the starting model (its adapters disabled, or a frozen copy). Launch under "
+                                     "torchrun for DDP/FSDP2.")
+    dpo.add_argument("--config", type=Path, required=True, help="YAML recipe (see configs/dpo-tiny.yaml)")
+    dpo.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override recipe fields, dotted for sections (beta=0.05 train.steps=50)")
+    dpo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+
+    rs = sub.add_parser("rejection-sample", help="fine-tune on the best of K samples by a reward model (LLaMA-2)",
+                        description="Per round: sample K responses per prompt, keep the one the reward model scores "
+                                    "best, fine-tune on the kept ones with the SFT stage; the next round samples from "
+                                    "the result. Per-round scores go to OUT_DIR/rounds.jsonl.")
+    rs.add_argument("--config", type=Path, required=True, help="YAML recipe (see configs/rejection-tiny.yaml)")
+    rs.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override recipe fields, dotted for sections (rounds=3 sampling.k=8)")
+
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model",
                            description="Write the adapter's base model with the LoRA weights folded in, as an "
                                        "HF-format directory (with the base's tokenizer).")
@@ -212,6 +229,24 @@ def _ppo(args: argparse.Namespace) -> None:
     from lmforge.align.ppo import load_ppo_config, ppo
 
     print(f"adapter written to {ppo(load_ppo_config(args.config, args.overrides), resume=args.resume)}")
+
+
+@command("dpo")
+def _dpo(args: argparse.Namespace) -> None:
+    from lmforge.align.dpo import load_dpo_config, train_dpo
+
+    out = train_dpo(load_dpo_config(args.config, args.overrides), resume=args.resume)
+    print(f"{'adapter' if out.name == 'adapter' else 'model'} written to {out}")
+
+
+@command("rejection-sample")
+def _rejection_sample(args: argparse.Namespace) -> None:
+    from lmforge.align.rejection import load_rejection_config, rejection_sample
+
+    config = load_rejection_config(args.config, args.overrides)
+    out = rejection_sample(config)
+    print(f"{'adapter' if out.name == 'adapter' else 'model'} written to {out}; "
+          f"scores per round in {config.out_dir / 'rounds.jsonl'}")
 
 
 @command("merge")

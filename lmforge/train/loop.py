@@ -29,7 +29,9 @@ from lmforge.train.distributed import (
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
 Batch = dict[str, Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]  # (sum of loss terms, number of terms)
+# (sum of loss terms, number of terms) or (sum, number, {name: sum of a metric over the same terms}):
+# extra metrics are summed across micro-batches and processes, divided by the count and logged.
+LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]]
 STATE_FILE = "trainer_state.pt"
 
 
@@ -130,7 +132,8 @@ class Trainer:
     # ---- the step ----------------------------------------------------------------------------
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step on one global batch; returns loss, grad norm and token counts."""
+        """One optimizer step on one global batch; returns loss, grad norm, token count and the
+        loss function's extra metrics (means over the same count)."""
         cfg, env = self.config, self.env
         rows = next(iter(batch.values())).shape[0]
         per_rank = rows // env.world_size
@@ -142,16 +145,20 @@ class Trainer:
         mine = {k: v[env.rank * per_rank : (env.rank + 1) * per_rank] for k, v in batch.items()}
         loss_sum = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
+        extra: dict[str, Tensor] = {}
         self.model.train()
         for micro in range(cfg.grad_accum):
             part = {k: v[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size].to(env.device)
                     for k, v in mine.items()}
             with gradient_sync(self.model, micro == cfg.grad_accum - 1), self._autocast():
-                total, n = self.loss_fn(self.forward, part)
+                total, n, *more = self.loss_fn(self.forward, part)
                 total.backward()
             loss_sum += total.detach().double().cpu()
             count += float(n)
-        stats = all_reduce_sum(torch.stack([loss_sum, count]).to(env.device), env).cpu()
+            for name, value in (more[0] if more else {}).items():
+                extra[name] = extra.get(name, 0.0) + value.detach().double().cpu()
+        names = sorted(extra)
+        stats = all_reduce_sum(torch.stack([loss_sum, count, *(extra[k] for k in names)]).to(env.device), env).cpu()
         loss_sum, count = float(stats[0]), float(stats[1])
         params = [p for p in self.model.parameters() if p.grad is not None]
         scale = env.world_size / max(count, 1.0)  # data parallelism averaged the per-process sums
@@ -169,7 +176,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss, "grad_norm": grad_norm, "tokens": count}
+        means = {k: float(v) / max(count, 1.0) for k, v in zip(names, stats[2:])}
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": count, **means}
 
     def _clip(self, params: list[nn.Parameter]) -> float:
         limit = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
@@ -206,7 +214,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 tokens_per_s = window_tokens / window_seconds
                 record = {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
-                          "tokens_per_s": tokens_per_s}
+                          "tokens_per_s": tokens_per_s,
+                          **{k: v for k, v in result.items() if k not in ("loss", "grad_norm", "tokens")}}
                 if self.flops_per_token and peak:
                     record["mfu"] = tokens_per_s * self.flops_per_token / (peak * env.world_size)
                 self.log(record)

@@ -1,0 +1,282 @@
+"""`lmforge dpo`: Direct Preference Optimization (Rafailov et al. 2023) on preference pairs.
+
+The policy starts from the SFT model (an HF directory, or an SFT adapter merged into its base)
+and trains by the recipe's `adapter` method; the frozen reference is the same model with its
+adapters disabled (LoRA, QLoRA, prompt tuning) or a frozen copy (full, selective). With
+`precompute_reference` the reference log-probs of every pair are computed once before training,
+as TRL can, and ride in the batches: no second forward pass per step. Training runs in the shared
+loop (resume, logging); validation reports the DPO metrics on held-out pairs and the policy's
+preference accuracy (log pi(chosen) > log pi(rejected)) beside the reference's."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lmforge.align.losses import dpo_loss, sequence_logprobs
+from lmforge.checkpoint import load_model
+from lmforge.config import load_yaml
+from lmforge.data.chat import collate
+from lmforge.data.corpus import Batches
+from lmforge.data.preference import EncodedPair, encode_pair, read_pairs
+from lmforge.peft.adapters import is_adapter_dir, merge_and_save
+from lmforge.peft.lora import disable_adapters
+from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, wrap
+from lmforge.train.losses import IGNORE
+from lmforge.train.loop import Batch, LossFn, ModelFiles, Trainer, TrainConfig
+from lmforge.train.sft import ADAPTER_METHODS, AdapterFiles
+
+Reference = Callable[[Batch], tuple[Tensor, Tensor]]  # batch -> reference log-probs (chosen, rejected)
+
+
+class DPODataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_path: Path = Field(description="preference JSONL: {'prompt', 'chosen', 'rejected'}")
+    val_path: Path | None = None
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of train_path without val_path")
+    max_len: int = Field(512, gt=1, description="longest prompt + response in tokens (responses are cut)")
+    kind: str | None = Field(None, description="keep only records whose 'kind' is this (e.g. helpful, safety)")
+
+
+class DPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: Path
+    base: Path = Field(description="the SFT model: an HF directory, or a LoRA adapter directory (merged in first)")
+    data: DPODataConfig
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-flip rate")
+    adapter: AdapterConfig = AdapterConfig(method="lora")
+    precompute_reference: bool = Field(True, description="reference log-probs once before training, not per step")
+    train: TrainConfig = TrainConfig(steps=200, lr=5e-4, warmup_steps=10, weight_decay=0.0, eval_every=50,
+                                     save_every=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOConfig:
+        if self.adapter.method != "full" and self.train.strategy == "fsdp":
+            raise ValueError("train.strategy fsdp shards full fine-tuning only; use ddp with adapters")
+        return self
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int, kind: str | None) -> list[EncodedPair]:
+    """The pairs of one file (of `kind`, if given), encoded; reports how many responses were cut."""
+    pairs = [p for p in read_pairs(path) if kind is None or p.kind == kind]
+    if not pairs:
+        raise ValueError(f"{path}: no preference records of kind {kind!r}")
+    encoded = [encode_pair(tokenizer, p, max_len) for p in pairs]
+    cut = sum(e.chosen.truncated or e.rejected.truncated for e in encoded)
+    if cut:
+        tqdm.write(f"{path}: {cut} of {len(encoded)} pairs have a response cut to fit {max_len} tokens")
+    return encoded
+
+
+def load_data(config: DPODataConfig, tokenizer: Tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """Training and validation pairs (validation held out of the training file without `val_path`)."""
+    train = load_pairs(config.train_path, tokenizer, config.max_len, config.kind)
+    if config.val_path is not None:
+        return train, load_pairs(config.val_path, tokenizer, config.max_len, config.kind)
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = int(len(order) * config.val_fraction)
+    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in order[:n_val]]
+
+
+def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, ref: Tensor | None = None) -> Batch:
+    """One row per pair: `chosen_*` and `rejected_*` input ids and labels (each right-padded), and
+    `ref_chosen`/`ref_rejected` (B,) when the reference log-probs `ref` (B, 2) are given."""
+    chosen, rejected = collate([p.chosen for p in pairs], pad_id), collate([p.rejected for p in pairs], pad_id)
+    batch = {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
+             "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+    if ref is not None:
+        batch |= {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+    return batch
+
+
+class PairSource:
+    """Global batches of pairs in a seeded order, epoch after epoch, with their reference log-probs
+    (N, 2) when precomputed. Resumable."""
+
+    def __init__(self, pairs: list[EncodedPair], ref: Tensor | None, global_batch: int, seed: int, pad_id: int) -> None:
+        self.pairs, self.ref, self.pad_id = pairs, ref, pad_id
+        self.order = Batches(len(pairs), global_batch, seed)
+
+    def next_batch(self) -> Batch:
+        rows = self.order.next()
+        return collate_pairs([self.pairs[i] for i in rows], self.pad_id, None if self.ref is None else self.ref[rows])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order.load_state_dict(state)
+
+
+# ---- log-probabilities and the loss ----------------------------------------------------------------
+
+
+def _pad(x: Tensor, length: int, value: int) -> Tensor:
+    return nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def pair_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Summed log-probabilities of the chosen and rejected responses (B,) each, in one forward pass."""
+    c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    length = max(c_ids.shape[1], r_ids.shape[1])
+    ids = torch.cat([_pad(c_ids, length, 0), _pad(r_ids, length, 0)])
+    labels = torch.cat([_pad(batch["chosen_labels"], length, IGNORE), _pad(batch["rejected_labels"], length, IGNORE)])
+    logps = sequence_logprobs(model(ids), labels, labels != IGNORE)
+    return logps[: len(c_ids)], logps[len(c_ids) :]
+
+
+def reward_sums(chosen_reward: Tensor, rejected_reward: Tensor) -> dict[str, Tensor]:
+    """Sums over pairs of the implicit-reward metrics (the loop divides them by the number of pairs)."""
+    return {"reward_margin": (chosen_reward - rejected_reward).sum(),
+            "reward_accuracy": (chosen_reward > rejected_reward).float().sum(),
+            "chosen_reward": chosen_reward.sum(), "rejected_reward": rejected_reward.sum()}
+
+
+def dpo_loss_fn(beta: float, label_smoothing: float, reference: Reference | None = None) -> LossFn:
+    """The loop's loss function: (sum of DPO losses, number of pairs, reward metric sums). Reference
+    log-probs come with the batch (`ref_chosen`, `ref_rejected`) or from `reference`."""
+
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        chosen, rejected = pair_logprobs(model, batch)
+        if "ref_chosen" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
+        else:
+            ref_chosen, ref_rejected = reference(batch)
+        loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
+                                                        label_smoothing)
+        n = len(chosen)
+        return loss * n, torch.tensor(n), reward_sums(chosen_reward, rejected_reward)
+
+    return loss_fn
+
+
+def make_reference(policy: nn.Module, frozen: nn.Module | None) -> Reference:
+    """Reference log-probs from `frozen` (a copy of the starting model) or, without one, from the
+    policy with its adapters disabled (at the start of training: the policy itself)."""
+
+    @torch.no_grad()
+    def reference(batch: Batch) -> tuple[Tensor, Tensor]:
+        if frozen is not None:
+            return pair_logprobs(frozen, batch)
+        with disable_adapters(policy):
+            return pair_logprobs(policy, batch)
+
+    return reference
+
+
+def all_logprobs(fn: Reference, pairs: list[EncodedPair], batch_size: int, pad_id: int, device: torch.device,
+                 desc: str | None = None) -> Tensor:
+    """(N, 2) log-probabilities of every pair's chosen and rejected response under `fn`."""
+    out = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
+        out.append(torch.stack(fn(batch), dim=1).detach().float().cpu())
+    return torch.cat(out)
+
+
+def preference_accuracy(logps: Tensor) -> float:
+    """Fraction of pairs (N, 2) whose chosen response is the more likely one."""
+    return float((logps[:, 0] > logps[:, 1]).float().mean())
+
+
+def validation(pairs: list[EncodedPair], ref: Tensor, config: DPOConfig, pad_id: int, device: torch.device):
+    """Evaluator: DPO loss and reward metrics on the held-out pairs, the policy's preference accuracy
+    and, for comparison, the reference's."""
+    reference_accuracy = preference_accuracy(ref)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model.eval()
+        policy = all_logprobs(lambda batch: pair_logprobs(model, batch), pairs, config.train.micro_batch_size, pad_id,
+                              device)
+        model.train()
+        loss, chosen_reward, rejected_reward = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], config.beta,
+                                                        config.label_smoothing)
+        sums = reward_sums(chosen_reward, rejected_reward)
+        return {"val_loss": float(loss), **{f"val_{k}": float(v) / len(pairs) for k, v in sums.items()},
+                "val_preference_accuracy": preference_accuracy(policy),
+                "val_reference_preference_accuracy": reference_accuracy}
+
+    return evaluate
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+def model_base(base: Path, out_dir: Path, env: Dist = Dist()) -> Path:
+    """`base` if it is a model directory; for a LoRA adapter directory, its base model with the
+    adapter merged in, written once to `out_dir/base` (the base new adapters name)."""
+    if not is_adapter_dir(base):
+        return base
+    merged = out_dir / "base"
+    if env.is_main and not (merged / "config.json").is_file():
+        tqdm.write(f"merging the adapter {base} into {merged}")
+        merge_and_save(base, merged)
+    barrier(env)
+    return merged
+
+
+def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
+    """Run DPO; returns the output adapter or model directory."""
+    env: Dist = init_distributed()
+    cfg = config.train
+    base = model_base(config.base, config.out_dir, env)
+    tokenizer = Tokenizer.from_dir(base)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+    train, val = load_data(config.data, tokenizer, cfg.seed)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * env.world_size
+    if len(train) < global_batch:
+        raise ValueError(f"{config.data.train_path}: {len(train)} training pairs cannot fill one global batch of "
+                         f"{global_batch}")
+
+    start = load_model(base, dtype=torch.float32).to(env.device)
+    adapter = config.adapter.method in ADAPTER_METHODS
+    frozen = None if adapter or config.precompute_reference else copy.deepcopy(start).requires_grad_(False).eval()
+    model = apply_method(start, config.adapter, tokenizer).to(env.device)
+    trainable, total = parameter_counts(model)
+    if env.is_main:
+        tqdm.write(f"dpo: {config.adapter.method}, {trainable:,} of {total:,} parameters train "
+                   f"({100 * trainable / total:.3f}%), {len(train)} pairs, {len(val)} held out")
+    reference = make_reference(model, frozen)  # before any step: the policy is still the reference
+    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        model.eval()
+        ref_val = all_logprobs(reference, val, cfg.micro_batch_size, pad_id, env.device, "reference (val)") \
+            if val else None
+        ref_train = all_logprobs(reference, train, cfg.micro_batch_size, pad_id, env.device, "reference (train)") \
+            if config.precompute_reference else None
+        model.train()
+
+    files = AdapterFiles(base) if adapter else ModelFiles()
+    model = wrap(model, cfg.strategy, env)
+    loss_fn = dpo_loss_fn(config.beta, config.label_smoothing, None if config.precompute_reference else reference)
+    trainer = Trainer(
+        model, cfg, PairSource(train, ref_train, global_batch, cfg.seed, pad_id), loss_fn, config.out_dir, env=env,
+        tokenizer=tokenizer, files=files,
+        evaluate=validation(val, ref_val, config, pad_id, env.device) if val else None,
+    )
+    trainer.run(resume=resume)
+    state, _ = full_state(trainer.model, None, env)
+    if env.is_main:
+        files.save(trainer.model, config.out_dir, state, tokenizer)
+    barrier(env)
+    return config.out_dir / ("adapter" if adapter else "model")
+
+
+def load_dpo_config(path: str | Path, overrides: list[str]) -> DPOConfig:
+    return DPOConfig.model_validate(load_yaml(path, overrides))
