@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override recipe fields, dotted for sections (adapter.method=qlora train.steps=50)")
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
 
+    rw = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley–Terry)",
+                        description="Train a reward model: the base's trunk with a scalar head, Bradley–Terry loss on "
+                                    "chosen/rejected pairs (data.kind=safety for LLaMA-2's safety model). Writes a "
+                                    "sequence-classification model to out_dir/model.")
+    rw.add_argument("--config", type=Path, required=True, help="YAML recipe (see configs/reward-tiny.yaml)")
+    rw.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override recipe fields, dotted for sections (data.kind=safety margin=0.5 train.steps=50)")
+    rw.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+
     rl = sub.add_parser("ppo", help="RLHF with PPO against a reward model (per-token KL penalty, LoRA policy)",
                         description="PPO from an SFT model: rollouts with the generation engine, reward-model "
                                     "score minus beta x KL to the reference (the policy with adapters disabled), "
@@ -222,6 +231,14 @@ def _sft(args: argparse.Namespace) -> None:
 
     out = sft(load_sft_config(args.config, args.overrides), resume=args.resume)
     print(f"{'adapter' if out.name == 'adapter' else 'model'} written to {out}")
+
+
+@command("reward")
+def _reward(args: argparse.Namespace) -> None:
+    from lmforge.align.reward import load_reward_config, train_reward
+
+    out = train_reward(load_reward_config(args.config, args.overrides), resume=args.resume)
+    print(f"reward model written to {out}")
 
 
 @command("ppo")

@@ -455,7 +455,7 @@ def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]
     out = []
     for q in questions(world, split, seed=seed):
         if rng.random() < 0.5:
-            other = rng.choice([p for p in people if p.fact(q.attribute) != q.value])
+            other = rng.choice([p for p in people if p.split == split and p.fact(q.attribute) != q.value])
             rejected = TEMPLATES[q.attribute][0].format(who=q.person, value=other.fact(q.attribute))
         else:
             rejected = rng.choice(EVASIVE)
