@@ -98,6 +98,45 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("overrides", nargs="*", metavar="key=value",
                     help="override recipe fields, dotted for sections (rounds=3 sampling.k=8)")
 
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint on a task file, a built-in world task, or lm-eval tasks",
+        description="Score a checkpoint on a JSONL task -- {prompt, answer}: exact match, F1, ROUGE, BLEU; "
+                    "{question, choices, answer_index}: acc and acc_norm by log-likelihood; {text}: perplexity and "
+                    "bits per byte -- or a built-in world task; or, with --harness lm-eval, on lm-evaluation-harness "
+                    "tasks.")
+    ev.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", metavar="FILE|NAME",
+                        help="task JSONL (few-shot exemplars in NAME.exemplars.jsonl beside it), a folder with "
+                             "test.jsonl (and train.jsonl exemplars), or a built-in task: world-qa-heldout, "
+                             "world-qa-train, world-mc, world-bios")
+    source.add_argument("--harness", choices=["lm-eval"], help="run lm-evaluation-harness tasks (see --tasks)")
+    ev.add_argument("--tasks", metavar="NAME[,NAME]", help="lm-eval task names (with --harness)")
+    ev.add_argument("--include-path", type=Path, metavar="DIR",
+                    help="folder of extra lm-eval task YAML files (with --harness)")
+    ev.add_argument("--shots", type=int, default=None,
+                    help="few-shot exemplars per item (default 0; with --harness: the task's own)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (of each task)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of exemplar draws and sampling (default 0)")
+    ev.add_argument("--cot", action="store_true",
+                    help="chain of thought: add \"Let's think step by step.\"; the answer follows \"the answer is\"")
+    ev.add_argument("--chat", action="store_true",
+                    help="prompts as user turns of the chat template, few-shot exemplars as earlier turns")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="most tokens per answer (default 32, 256 with --cot)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    ev.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    ev.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")
+    ev.add_argument("--batch-size", type=int, default=32,
+                    help="prompts, or questions with all their choices, per batch (default 32)")
+    ev.add_argument("--world-seed", type=int, default=0, help="seed of the built-in world (default 0, as the demo's)")
+    ev.add_argument("--world-people", type=int, default=100,
+                    help="people in the built-in world (default 100, as the demo's)")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weight dtype (default: the checkpoint's)")
+    ev.add_argument("--out", type=Path, default=None, metavar="FILE.json",
+                    help="also write the results, with every item, as JSON")
+
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model",
                            description="Write the adapter's base model with the LoRA weights folded in, as an "
                                        "HF-format directory (with the base's tokenizer).")
@@ -202,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = f"{args.command} {action}" if action else args.command
     try:
         return COMMANDS[key](args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"lmforge {key}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -264,6 +303,38 @@ def _rejection_sample(args: argparse.Namespace) -> None:
     out = rejection_sample(config)
     print(f"{'adapter' if out.name == 'adapter' else 'model'} written to {out}; "
           f"scores per round in {config.out_dir / 'rounds.jsonl'}")
+
+
+@command("eval")
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    if args.harness:
+        from lmforge.eval.harness import harness_table, run_harness
+
+        if not args.tasks:
+            raise ValueError("--harness lm-eval needs --tasks NAME[,NAME]")
+        if args.cot:
+            raise ValueError("--cot applies to --task; lm-eval tasks define their own prompts")
+        results = run_harness(args.checkpoint, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                              shots=args.shots, limit=args.limit, batch_size=args.batch_size, chat=args.chat,
+                              seed=args.seed, dtype=args.dtype)
+        print(harness_table(results))
+    else:
+        from lmforge.eval.runner import run_eval, summary
+
+        if args.tasks or args.include_path:
+            raise ValueError("--tasks and --include-path go with --harness lm-eval")
+        results = run_eval(args.checkpoint, args.task, shots=args.shots or 0, limit=args.limit, seed=args.seed,
+                           cot=args.cot, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           batch_size=args.batch_size, world_seed=args.world_seed, world_people=args.world_people,
+                           dtype=args.dtype)
+        print(summary(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results written to {args.out}")
 
 
 @command("merge")

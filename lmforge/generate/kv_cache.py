@@ -54,7 +54,7 @@ class KVCache:
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows (a (B',) index tensor), in this order."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
 
     def drop_left(self, n: int) -> None:
         """Forget the first `n` slots of every row (slots no row attends to any more)."""

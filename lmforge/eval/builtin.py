@@ -1,0 +1,76 @@
+"""Tasks generated from the built-in world, deterministically for its seed and size.
+
+- `world-qa-heldout`: questions about the held-out people (whose facts only pretraining taught),
+  answered by generation and scored by exact match; exemplars are training-people questions.
+- `world-qa-train`: questions about the training people, in other phrasings than the fine-tuning
+  data's; exemplars are held-out-people questions.
+- `world-mc`: each fact of a held-out person as multiple choice: the corpus's own phrasing ("Alice
+  Okafor was born in") and four values of that attribute, the true one and three other people's;
+  exemplars are the training people's facts.
+- `world-bios`: a perplexity set of freshly worded biographies of the held-out people (those left
+  out of pretraining among them).
+
+`BUILTIN_TASKS` maps each name to a builder from a `World`; later datasets of the world add theirs there."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from lmforge.data.world import ATTRIBUTES, World, biography, fact_probes, make_world, questions
+from lmforge.eval.tasks import ChoiceItem, GenerationItem, Task, TextItem
+
+QA_TEMPLATE = "Question: {}\nAnswer:"
+
+
+def world_qa(world: World, split: str, seed: int) -> list[GenerationItem]:
+    return [GenerationItem(q.question, q.answer) for q in questions(world, split, seed=seed)]
+
+
+def qa_heldout(world: World) -> Task:
+    return Task("world-qa-heldout", world_qa(world, "heldout", seed=0), world_qa(world, "train", seed=0), QA_TEMPLATE,
+                "questions about the training people")
+
+
+def qa_train(world: World) -> Task:
+    # Other phrasings than most of the demo's fine-tuning questions (written with seed 0).
+    return Task("world-qa-train", world_qa(world, "train", seed=1), world_qa(world, "heldout", seed=0), QA_TEMPLATE,
+                "questions about the held-out people")
+
+
+def fact_choices(world: World, split: str, rng: random.Random, n_choices: int = 4) -> list[ChoiceItem]:
+    """Each fact probe of `split` with its true value and `n_choices - 1` other values of the attribute."""
+    values = {a: list(dict.fromkeys(p.fact(a) for p in world.people)) for a in ATTRIBUTES}
+    items = []
+    for probe in fact_probes(world, split):
+        others = [v for v in values[probe.attribute] if v != probe.answer]
+        choices = rng.sample(others, min(n_choices - 1, len(others))) + [probe.answer]
+        rng.shuffle(choices)
+        items.append(ChoiceItem(probe.prompt, tuple(choices), choices.index(probe.answer)))
+    return items
+
+
+def mc(world: World) -> Task:
+    rng = random.Random(f"{world.seed}-mc")
+    return Task("world-mc", fact_choices(world, "heldout", rng), fact_choices(world, "train", rng),
+                exemplar_source="the training people's facts")
+
+
+def bios(world: World) -> Task:
+    rng = random.Random(f"{world.seed}-bios")
+    return Task("world-bios", [TextItem(biography(p, world, rng)) for p in world.people if p.split == "heldout"])
+
+
+BUILTIN_TASKS: dict[str, Callable[[World], Task]] = {
+    "world-qa-heldout": qa_heldout,
+    "world-qa-train": qa_train,
+    "world-mc": mc,
+    "world-bios": bios,
+}
+
+
+def world_task(name: str, *, seed: int = 0, people: int = 100) -> Task:
+    """A built-in task on `make_world(seed, people)` with the demo's number of companies."""
+    if name not in BUILTIN_TASKS:
+        raise ValueError(f"no built-in task {name!r}; built-in: {', '.join(BUILTIN_TASKS)}")
+    return BUILTIN_TASKS[name](make_world(seed, n_people=people, n_companies=max(4, people // 10)))

@@ -1,0 +1,223 @@
+"""Run a task against a loaded checkpoint: generation through the engine, multiple choice and
+perplexity by log-likelihood. `run_eval` is `lmforge eval --task`."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lmforge.eval import metrics
+from lmforge.eval.builtin import BUILTIN_TASKS, world_task
+from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
+from lmforge.eval.tasks import (
+    ChoiceItem, GenerationItem, Task, check_shots, choice_context, choice_messages, draw_exemplars, extract_answer,
+    generation_messages, generation_text, load_task_file,
+)
+from lmforge.generate.engine import SamplingParams
+from lmforge.generate.session import Session
+from lmforge.generate.text import complete, stop_token_ids
+from lmforge.tokenizer import Tokenizer
+
+DEFAULT_MAX_NEW_TOKENS, COT_MAX_NEW_TOKENS = 32, 256
+
+
+def load_task(spec: str | Path, *, world_seed: int = 0, world_people: int = 100) -> Task:
+    """A built-in task by name, or a task file or directory (see `lmforge.eval.tasks`)."""
+    if str(spec) in BUILTIN_TASKS:
+        return world_task(str(spec), seed=world_seed, people=world_people)
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"no task file or directory {spec}, and no built-in task of that name "
+                                f"(built-in: {', '.join(BUILTIN_TASKS)})")
+    return load_task_file(spec)
+
+
+def run_eval(
+    checkpoint: str | Path,
+    task: str | Path,
+    *,
+    shots: int = 0,
+    limit: int | None = None,
+    seed: int = 0,
+    cot: bool = False,
+    chat: bool = False,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 32,
+    world_seed: int = 0,
+    world_people: int = 100,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Load the checkpoint and the task, evaluate, and return the results (metrics, settings, samples)."""
+    loaded = load_task(task, world_seed=world_seed, world_people=world_people)
+    session = Session.load(checkpoint, dtype=dtype)
+    results = evaluate(session, loaded, shots=shots, limit=limit, seed=seed, cot=cot, chat=chat,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       batch_size=batch_size, progress=progress)
+    return {"checkpoint": str(checkpoint), **results}
+
+
+def evaluate(
+    session: Session,
+    task: Task,
+    *,
+    shots: int = 0,
+    limit: int | None = None,
+    seed: int = 0,
+    cot: bool = False,
+    chat: bool = False,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a loaded model on a task. `shots` exemplars per item are drawn with `seed` from the
+    task's exemplar pool; `cot` asks for chain-of-thought generation; `chat` renders prompts with
+    the chat template. Sampling is greedy unless `temperature` > 0. A batch holds `batch_size`
+    prompts (generation) or contexts (log-likelihood: a question with all its choices, a text window)."""
+    check_shots(task, shots)
+    if cot and task.kind != "generation":
+        raise ValueError(f"chain of thought applies to generation tasks; {task.name} is a {task.kind} task")
+    if chat and task.kind == "perplexity":
+        raise ValueError(f"{task.name} is a perplexity task: it scores raw text, not chats")
+    if chat and session.tokenizer.chat_template is None:
+        raise ValueError("chat mode needs a tokenizer with a chat_template")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    items = task.items[:limit]
+    rng = random.Random(seed)
+    exemplars = [draw_exemplars(task, item, shots, rng) if shots else [] for item in items]
+    settings = {"task": task.name, "kind": task.kind, "n": len(items), "shots": shots, "seed": seed,
+                "chat": chat}
+    if task.kind == "generation":
+        if max_new_tokens is None:
+            max_new_tokens = COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
+        settings |= {"cot": cot, "max_new_tokens": params.max_new_tokens, "temperature": temperature,
+                     "top_k": top_k, "top_p": top_p}
+        return settings | _generation(session, task, items, exemplars, params, cot, chat, batch_size, progress)
+    if task.kind == "choice":
+        return settings | _choice(session, task, items, exemplars, chat, batch_size, progress)
+    return settings | _perplexity(session, items, batch_size, progress)
+
+
+def document_prefix(tokenizer: Tokenizer) -> int:
+    """The token raw text starts after: BOS where the tokenizer adds one, else the EOS that
+    separates pretraining documents."""
+    add_bos = bool(tokenizer.config.get("add_bos_token", False))
+    token = tokenizer.bos_id if add_bos or tokenizer.eos_id is None else tokenizer.eos_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a bos_token nor an eos_token to start a document with")
+    return token
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and of its continuation as they read together (whitespace at the
+    context's end moves to the continuation, as lm-eval does)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return head, whole[len(head) :]
+
+
+def _generation(
+    session: Session, task: Task, items: Sequence[GenerationItem], exemplars: Sequence[Sequence[GenerationItem]],
+    params: SamplingParams, cot: bool, chat: bool, batch_size: int, progress: bool,
+) -> dict[str, Any]:
+    tokenizer = session.tokenizer
+    room = max(1, session.context - params.max_new_tokens)
+    if chat:
+        inputs: list[Any] = [generation_messages(item, shots, cot) for item, shots in zip(items, exemplars)]
+        prompts = [session.chat_prompt(m, reserve=params.max_new_tokens)[-room:] for m in inputs]
+        stop: list[str] = []
+    else:
+        inputs = [generation_text(task, item, shots, cot) for item, shots in zip(items, exemplars)]
+        prompts = [([document_prefix(tokenizer)] + tokenizer.encode(text))[-room:] for text in inputs]
+        stop = ["\n\n"] if cot else ["\n"]  # exemplars are separated by a blank line; answers are one line
+    outputs = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{task.name} generation", unit="batch",
+                      disable=not progress):
+        outputs += [c.text for c in complete(session.engine, tokenizer, prompts[start : start + batch_size],
+                                             params, stop)]
+    predictions = [extract_answer(o, cot) for o in outputs]
+    answers = [item.answer for item in items]
+    em = [metrics.exact_match(p, a) for p, a in zip(predictions, answers)]
+    em_norm = [metrics.exact_match(p, a, normalize=True) for p, a in zip(predictions, answers)]
+    f1 = [metrics.token_f1(p, a) for p, a in zip(predictions, answers)]
+    scores = {"exact_match": _mean(em), "exact_match_normalized": _mean(em_norm), "f1": _mean(f1),
+              **metrics.rouge(predictions, answers), "bleu": metrics.bleu(predictions, answers)}
+    samples = [{"input": i, "answer": a, "output": o, "prediction": p, "exact_match": e, "f1": f}
+               for i, a, o, p, e, f in zip(inputs, answers, outputs, predictions, em, f1)]
+    return {"metrics": scores, "samples": samples}
+
+
+def _choice(
+    session: Session, task: Task, items: Sequence[ChoiceItem], exemplars: Sequence[Sequence[ChoiceItem]],
+    chat: bool, batch_size: int, progress: bool,
+) -> dict[str, Any]:
+    tokenizer = session.tokenizer
+    requests, inputs = [], []
+    for item, shots in zip(items, exemplars):
+        if chat:
+            inputs.append(choice_messages(item, shots))
+            context = tokenizer.apply_chat_template(inputs[-1], add_generation_prompt=True)
+            prefix, delimiter = [], ""
+        else:
+            inputs.append(context := choice_context(task, item, shots))
+            prefix, delimiter = [document_prefix(tokenizer)], " "
+        for choice in item.choices:
+            head, tail = encode_pair(tokenizer, context, delimiter + choice)
+            requests.append((prefix + head, tail))
+    scores = loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
+    samples, at = [], 0
+    for item, shown in zip(items, inputs):
+        lls = [score for score, _ in scores[at : at + len(item.choices)]]
+        at += len(item.choices)
+        best, best_norm = metrics.choose(lls, item.choices)
+        samples.append({"input": shown, "choices": list(item.choices), "answer_index": item.answer_index,
+                        "loglikelihoods": lls, "prediction": best, "prediction_norm": best_norm})
+    acc = _mean([s["prediction"] == s["answer_index"] for s in samples])
+    acc_norm = _mean([s["prediction_norm"] == s["answer_index"] for s in samples])
+    return {"metrics": {"acc": acc, "acc_norm": acc_norm}, "samples": samples}
+
+
+def _perplexity(session: Session, items: Sequence[Any], batch_size: int, progress: bool) -> dict[str, Any]:
+    tokenizer = session.tokenizer
+    texts = [item.text for item in items]
+    documents = tokenizer.encode_batch(texts)
+    totals = rolling_loglikelihoods(session.model, documents, document_prefix(tokenizer), batch_size=batch_size,
+                                    progress=progress)
+    nll = -sum(totals)
+    tokens = sum(len(d) for d in documents)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    words = sum(len(re.split(r"\s+", t)) for t in texts)  # as lm-eval counts them
+    scores = {"perplexity": metrics.perplexity(nll, tokens), "word_perplexity": metrics.perplexity(nll, words),
+              "bits_per_byte": metrics.bits_per_byte(nll, n_bytes), "tokens": tokens, "bytes": n_bytes}
+    samples = [{"text": t, "loglikelihood": ll, "tokens": len(d)} for t, ll, d in zip(texts, totals, documents)]
+    return {"metrics": scores, "samples": samples}
+
+
+def _mean(values: Sequence[float | bool]) -> float:
+    return sum(values) / len(values)
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The results' metrics as a small table for the terminal."""
+    modes = (", chat" if results["chat"] else "") + (", chain of thought" if results.get("cot") else "")
+    lines = [f"{results['task']} ({results['kind']}, {results['n']} items, {results['shots']}-shot{modes})"]
+    for name, value in results["metrics"].items():
+        lines.append(f"  {name:<24}{value:>16,}" if isinstance(value, int) else f"  {name:<24}{value:>16,.4f}")
+    return "\n".join(lines)
+
