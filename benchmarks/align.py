@@ -1,0 +1,111 @@
+"""PPO step time split into rollout, scoring and update, and rollout speed against plain
+generation of the same batch with the same engine settings.
+
+The policy is the `tiny` preset (vocab 2048, hidden 384, 6 layers) with LoRA r=16 on every linear
+layer; the reward model has the same trunk with a scalar head (random weights: speed only). Each
+PPO iteration samples 32 prompts x 64 new tokens. The rollout is timed inside `PPOTrainer.rollout`
+(generation, reward model, policy/reference/value forward passes); "plain generation" is
+`Engine.generate` of the same prompts and sampling parameters on the same model."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.align.ppo import PPOConfig, PPOTrainer, Prompt
+from lmforge.align.reward import RewardModel, RewardScorer
+from lmforge.checkpoint import save_model
+from lmforge.config import preset
+from lmforge.data.world import make_world, questions, write_pretraining_corpus
+from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.model import Transformer
+from lmforge.peft.method import AdapterConfig, apply_method
+from lmforge.tokenizer import train_tokenizer
+
+
+class TimedScorer:
+    """Wraps a scorer and accumulates the time spent scoring."""
+
+    def __init__(self, scorer: RewardScorer) -> None:
+        self.scorer, self.seconds = scorer, 0.0
+
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        start = time.perf_counter()
+        scores = self.scorer.score_ids(sequences)
+        self.seconds += time.perf_counter() - start
+        return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32, help="prompts per rollout")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per response")
+    parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations (after one warm-up)")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp())
+    world = make_world(0, n_people=60)
+    corpus = write_pretraining_corpus(world, root / "corpus.jsonl")
+    tokenizer = train_tokenizer([corpus], 2048, root / "tok", show_progress=False)
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=256,
+                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    lm = Transformer(config)
+    lm.init_weights(seed=0)
+    save_model(lm, root / "policy", tokenizer=tokenizer)
+    scorer = TimedScorer(RewardScorer(RewardModel.from_lm(lm, tokenizer.pad_id, seed=0), tokenizer))
+
+    prompts = [Prompt([{"role": "user", "content": q.question}]) for q in questions(world, "train")]
+    ppo_config = PPOConfig.model_validate({
+        "out_dir": str(root / "out"), "policy": str(root / "policy"), "reward": str(root / "unused"),
+        "prompts": str(root / "unused"),
+        "ppo": {"batch_size": args.batch, "mini_batch_size": 16, "ppo_epochs": 1, "max_new_tokens": args.new_tokens}})
+    policy = apply_method(lm, AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear"))
+    trainer = PPOTrainer(ppo_config, policy, tokenizer, scorer, prompts)
+    # Responses run to the token limit: a random model rarely samples a stop token.
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+    engine = Engine(policy)
+
+    rollout_s = update_s = score_s = plain_s = 0.0
+    tokens = 0
+    for it in range(args.iterations + 1):
+        indices = trainer.batch_indices()
+        scorer.seconds = 0.0
+        start = time.perf_counter()
+        rollout = trainer.rollout(indices)
+        middle = time.perf_counter()
+        trainer.update(rollout)
+        end = time.perf_counter()
+        batch = [trainer.prompt_ids[i] for i in indices]
+        plain_start = time.perf_counter()
+        generated = engine.generate(batch, params)
+        plain = time.perf_counter() - plain_start
+        trainer.iteration += 1
+        if it == 0:
+            continue  # warm-up
+        rollout_s += middle - start
+        update_s += end - middle
+        score_s += scorer.seconds
+        plain_s += plain
+        tokens += int(rollout.mask.sum())
+        assert sum(map(len, generated)) > 0
+
+    n = args.iterations
+    generation_s = rollout_s - score_s
+    print(f"\n{'phase':<34}{'seconds/iteration':>18}")
+    for name, value in (("rollout (generation + forwards)", generation_s), ("  of which reward-model scoring", score_s),
+                        ("update (policy + value)", update_s)):
+        print(f"{name:<34}{value / n:>18.3f}")
+    rollout_tps = tokens / generation_s
+    plain_tps = n * args.batch * args.new_tokens / plain_s
+    print(f"\n{'case':<34}{'lmforge tok/s':>15}{'plain generate tok/s':>22}{'ratio':>8}")
+    print(f"{'ppo rollout vs plain generation':<34}{rollout_tps:>15.1f}{plain_tps:>22.1f}{rollout_tps / plain_tps:>8.2f}")
+    print(f"\nRESULT ppo_rollout lmforge={rollout_tps:.1f} reference={plain_tps:.1f} unit=tok/s "
+          f"ratio={rollout_tps / plain_tps:.2f}")
+
+
+if __name__ == "__main__":
+    main()
