@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/tokenization.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/eval.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

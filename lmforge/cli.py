@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--people", type=int, default=100, help="people in the generated world (default 100)")
     demo.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
     demo.add_argument("--sft-steps", type=int, default=300, help="LoRA instruction-tuning steps (default 300)")
+    demo.add_argument("--align-steps", type=int, default=150,
+                      help="steps of each reward model and of DPO (default 150)")
     return parser
 
 
@@ -421,7 +423,8 @@ def _scaling_fit(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from lmforge.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, people=args.people, steps=args.steps, sft_steps=args.sft_steps)
+    run_demo(args.out, seed=args.seed, people=args.people, steps=args.steps, sft_steps=args.sft_steps,
+             align_steps=args.align_steps)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from lmforge.config import PRESETS
 from lmforge.data.corpus import CorpusInfo
 from lmforge.data.world import (
-    Question, fact_probes, make_world, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
+    Question, fact_probes, make_world, pretraining_corpus, questions, red_team_prompts, write_instruction_data,
+    write_preference_data, write_pretraining_corpus, write_safety_data,
 )
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -31,18 +32,24 @@ from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
+from lmforge.align.dpo import DPOConfig, DPODataConfig, train_dpo
+from lmforge.align.reward import RewardConfig, RewardDataConfig, RewardScorer, combined_reward, train_reward
+from lmforge.align.safety import refusal_report
+from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 
 VARIANTS = 8  # biographies per person, each worded and ordered differently, so facts become extractable
 REAL_PRESETS = ("llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gpt2")
+DPO_BETA, DPO_LR = 0.1, 3e-4
+SAFETY_SHARE = 0.15  # weight of the safety demonstrations in the SFT mixture (the questions weigh 1)
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
 
 
 def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 600, probes: int = 300,
-             sft_steps: int = 300) -> Path:
+             sft_steps: int = 300, align_steps: int = 150) -> Path:
     """Run the demo into `out` and return the path of its report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,7 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     sections.append(pretraining_section(config, session.model.num_parameters(), train_time))
     sections.append(fact_section(session, world, probes, seed))
     sections.append(sft_stage(out, world, model_dir, session, sft_steps, seed))
+    sections.append(alignment_stage(out, world, out / "sft" / "adapter", seed, align_steps))
 
     rows = ["| preset | parameters | training GFLOPs/token (4k context) | KV cache per token (bf16) |",
             "|---|---:|---:|---:|"]
@@ -172,9 +180,11 @@ def fact_section(session: Session, world, limit: int, seed: int) -> str:
 def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed: int) -> str:
     """LoRA instruction tuning on the training people's questions; exact match before and after."""
     data = write_instruction_data(world, out / "world" / "sft.jsonl", "train", phrasings=2, seed=seed)
+    safety = write_safety_data(world, out / "world" / "safety-sft.jsonl", "train")
     config = SFTConfig(
         out_dir=out / "sft", base=model_dir,
-        data=SFTDataConfig(datasets=[DatasetSpec(path=data)], max_len=64, val_fraction=0.05),
+        data=SFTDataConfig(datasets=[DatasetSpec(path=data), DatasetSpec(path=safety, weight=SAFETY_SHARE)], max_len=96,
+                           val_fraction=0.05),
         adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
         train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0,
                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed),
@@ -194,8 +204,10 @@ def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed
     lines = [
         "## Instruction tuning (LoRA)\n",
         f"LoRA (rank 16 on every linear layer: {trainable:,} parameters, "
-        f"{trainable / base.model.num_parameters():.1%} of the model) on {len(questions(world, 'train', phrasings=2))} question/answer "
-        f"chats about the *training* people, loss on the answers only: {steps} steps in {seconds:.0f} s; "
+        f"{trainable / base.model.num_parameters():.1%} of the model) on {len(questions(world, 'train', phrasings=2))} "
+        "question/answer chats about the *training* people, mixed with safety demonstrations (requests for a "
+        "private phone number answered with a refusal, harmless look-alikes answered; "
+        f"{SAFETY_SHARE / (1 + SAFETY_SHARE):.0%} of the examples), loss on the answers only: {steps} steps in {seconds:.0f} s; "
         f"train loss {train[0]['loss']:.2f} → {train[-1]['loss']:.2f}, validation loss "
         f"{val[-1]['val_loss']:.2f}. The adapter is saved in PEFT's format at `sft/adapter`.\n",
         "Exact match of greedy answers to questions in the chat template. The held-out people were never in "
@@ -241,3 +253,73 @@ def mean(results: list) -> float:
 def cell(text: str) -> str:
     """Model output made safe for a markdown table cell."""
     return (text.replace("|", "\\|").replace("\n", " ")[:40] or "(nothing)")
+
+
+def alignment_stage(out: Path, world, sft_adapter: Path, seed: int, steps: int) -> str:
+    """Helpfulness and safety reward models, then DPO from the SFT model; scores at SFT and after."""
+    merged = merge_and_save(sft_adapter, out / "sft" / "merged")
+    prefs = write_preference_data(world, out / "world" / "preferences.jsonl", "train", seed=seed)
+    heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed)
+    rm_train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
+                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)
+    start = time.perf_counter()
+    reward_dirs = {kind: train_reward(RewardConfig(
+        out_dir=out / f"reward-{kind}", base=merged, train=rm_train,
+        data=RewardDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
+        for kind in ("helpful", "safety")}
+    rm_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    dpo_adapter = train_dpo(DPOConfig(
+        out_dir=out / "dpo", base=merged, beta=DPO_BETA,
+        data=DPODataConfig(train_path=prefs, val_path=heldout, max_len=128, kind="helpful"),
+        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
+        train=TrainConfig(steps=steps, micro_batch_size=16, lr=DPO_LR, warmup_steps=10, weight_decay=0.0,
+                          log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)))
+    dpo_seconds = time.perf_counter() - start
+
+    scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
+    red_team = red_team_prompts(world, "heldout")
+    qs = questions(world, "heldout", seed=seed)
+    rows = {}
+    for name, session in (("SFT", Session.load(merged)), ("SFT + DPO", Session.load(dpo_adapter))):
+        answers = exact_match(session, qs)
+        refusals = refusal_report(session, red_team)
+        prompts = [[{"role": "user", "content": q.question}] for q in qs] + \
+                  [[{"role": "user", "content": r.prompt}] for r in red_team]
+        replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
+        helpful = torch.tensor(scorers["helpful"].score(prompts, replies))
+        safety = torch.tensor(scorers["safety"].score(prompts, replies))
+        risky = torch.tensor([False] * len(qs) + [r.risky for r in red_team])
+        rows[name] = (float(combined_reward(helpful, safety, risky).mean()), mean(answers), refusals)
+    val = {kind: [json.loads(line) for line in (out / f"reward-{kind}" / "metrics.jsonl").read_text().splitlines()
+                  if "val_accuracy" in line][-1]["val_accuracy"] for kind in reward_dirs}
+    dpo_val = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()
+               if "val_preference_accuracy" in line][-1]
+    lines = [
+        "## Alignment: reward models and DPO\n",
+        f"Preference pairs about the training people ({sum(1 for _ in prefs.open())}): the true answer over another "
+        "person's value or an evasive reply (*helpful*), and a refusal over a phone-number leak on prompts asking for "
+        "the private number, or the answer over a refusal on harmless look-alikes (*safety*).\n",
+        f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {rm_seconds:.0f} s): pairwise "
+        f"accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and **{val['safety']:.0%}** "
+        "(safety). As in LLaMA-2, the score used is the safety model's on risky prompts, the helpfulness model's "
+        "otherwise.",
+        f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {dpo_seconds:.0f} s): held-out "
+        "preference accuracy "
+        f"{dpo_val['val_reference_preference_accuracy']:.0%} (SFT) → **{dpo_val['val_preference_accuracy']:.0%}**.\n",
+        "| model | mean reward (held-out) | exact match (held-out people) | refusal rate (red team) | "
+        "false refusals (look-alikes) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, (reward, em, refusals) in rows.items():
+        lines.append(f"| {name} | {reward:.2f} | {em:.0%} | {refusals.refusal_rate:.0%} | "
+                     f"{refusals.false_refusal_rate:.0%} |")
+    lines += ["", "The refusals come from the safety demonstrations mixed into SFT; DPO on helpfulness preferences "
+              "alone does not protect them — compare the refusal rates above (LLaMA-2 counters this trade-off with a "
+              "separate safety reward model in RLHF).", "",
+              "| red-team prompt (held-out person) | SFT | SFT + DPO |", "|---|---|---|"]
+    for (prompt, before), (_, after) in list(zip(rows["SFT"][2].replies, rows["SFT + DPO"][2].replies))[:6]:
+        lines.append(f"| {prompt.prompt} | {cell(before)} | {cell(after)} |")
+    print(f"[demo] alignment: refusal {rows['SFT'][2].refusal_rate:.0%} -> {rows['SFT + DPO'][2].refusal_rate:.0%}, "
+          f"reward {rows['SFT'][0]:.2f} -> {rows['SFT + DPO'][0]:.2f}")
+    return "\n".join(lines) + "\n"

@@ -14,10 +14,11 @@ from lmforge.generate.text import complete, stop_token_ids
 
 def test_demo_report_matches_the_run(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--people", "12", "--steps", "30", "--sft-steps", "6"]) == 0
+    assert main(["demo", "--out", str(out), "--people", "12", "--steps", "30", "--sft-steps", "6",
+                 "--align-steps", "4"]) == 0
     report = (out / "report.md").read_text()
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
-                    "## Instruction tuning", "## Real sizes"):
+                    "## Instruction tuning", "## Alignment", "## Real sizes"):
         assert section in report
     records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in records if "val_loss" in r][-1]
@@ -44,3 +45,12 @@ def test_demo_report_matches_the_run(tmp_path):
     reported = re.search(r"\| \*\*held-out people\*\* \((\d+)\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report)
     assert reported and int(reported[1]) == len(heldout)
     assert int(reported[3]) == round(100 * right / len(heldout))
+
+    # Alignment: the reported preference accuracies are the DPO run's own validation records.
+    dpo = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in dpo if "val_preference_accuracy" in r][-1]
+    assert (f"held-out preference accuracy {last['val_reference_preference_accuracy']:.0%} (SFT) → "
+            f"**{last['val_preference_accuracy']:.0%}**") in report
+    for kind in ("helpful", "safety"):
+        assert (out / f"reward-{kind}" / "model" / "config.json").is_file()
+    assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)

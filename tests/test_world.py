@@ -6,7 +6,7 @@ import pytest
 from lmforge.data.world import (
     ATTRIBUTES, CEO_TITLE, REFUSAL, FactProbe, World, biography, fact_probes, make_world, preference_pairs,
     pretraining_corpus, questions, red_team_prompts, write_instruction_data, write_preference_data,
-    write_pretraining_corpus,
+    write_pretraining_corpus, write_safety_data,
 )
 
 
@@ -190,3 +190,10 @@ def test_preference_pairs_and_red_team(world, corpus, tmp_path):
     assert all((r.reply == REFUSAL) == r.risky for r in prompts)
     path = write_preference_data(world, tmp_path / "safety.jsonl", kind="safety")
     assert [json.loads(line) for line in path.read_text().splitlines()] == safety
+
+
+def test_safety_demonstrations(world, tmp_path):
+    path = write_safety_data(world, tmp_path / "safety.jsonl", "train")
+    records = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    prompts = red_team_prompts(world, "train")
+    assert [(m[0]["content"], m[1]["content"]) for m in records] == [(r.prompt, r.reply) for r in prompts]

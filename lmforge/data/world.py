@@ -480,3 +480,15 @@ def write_preference_data(world: World, path: str | Path, split: Split = "train"
             if kind is None or p["kind"] == kind:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
     return path
+
+
+def write_safety_data(world: World, path: str | Path, split: Split = "train") -> Path:
+    """Safety demonstrations as SFT JSONL: each red-team prompt with the refusal, each harmless
+    look-alike with its answer (LLaMA-2's safety supervised fine-tuning)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in red_team_prompts(world, split):
+            messages = [{"role": "user", "content": r.prompt}, {"role": "assistant", "content": r.reply}]
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    return path
