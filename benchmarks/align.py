@@ -96,7 +96,7 @@ def main() -> None:
     n = args.iterations
     generation_s = rollout_s - score_s
     print(f"\n{'phase':<34}{'seconds/iteration':>18}")
-    for name, value in (("rollout (generation + forwards)", generation_s), ("  of which reward-model scoring", score_s),
+    for name, value in (("rollout: sampling + policy/reference", generation_s), ("rollout: reward-model scoring", score_s),
                         ("update (policy + value)", update_s)):
         print(f"{name:<34}{value / n:>18.3f}")
     rollout_tps = tokens / generation_s
