@@ -26,6 +26,8 @@ from lmforge.data.world import (
     Question, fact_probes, make_world, pretraining_corpus, questions, red_team_prompts, write_instruction_data,
     write_preference_data, write_pretraining_corpus, write_safety_data,
 )
+from lmforge.eval.builtin import world_task
+from lmforge.eval.runner import evaluate
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -43,6 +45,7 @@ from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 VARIANTS = 8  # biographies per person, each worded and ordered differently, so facts become extractable
 REAL_PRESETS = ("llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gpt2")
 DPO_BETA, DPO_LR = 0.1, 3e-4
+SHOTS = (0, 1, 3)
 SAFETY_SHARE = 0.15  # weight of the safety demonstrations in the SFT mixture (the questions weigh 1)
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
@@ -90,6 +93,7 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     sections.append(pretraining_section(config, session.model.num_parameters(), train_time))
     sections.append(fact_section(session, world, probes, seed))
     sections.append(sft_stage(out, world, model_dir, session, sft_steps, seed))
+    sections.append(prompting_section(session, Session.load(out / "sft" / "adapter"), seed, people))
     sections.append(alignment_stage(out, world, out / "sft" / "adapter", seed, align_steps))
 
     rows = ["| preset | parameters | training GFLOPs/token (4k context) | KV cache per token (bf16) |",
@@ -253,6 +257,29 @@ def mean(results: list) -> float:
 def cell(text: str) -> str:
     """Model output made safe for a markdown table cell."""
     return (text.replace("|", "\\|").replace("\n", " ")[:40] or "(nothing)")
+
+
+def prompting_section(base: Session, tuned: Session, seed: int, people: int, limit: int = 150) -> str:
+    """Zero-, one- and few-shot prompting of the pretrained and the instruction-tuned model on the
+    world's multiple-choice facts (log-likelihood) and held-out questions (generation)."""
+    rows = []
+    for label, session, name, chat, metric in (
+        ("pretrained", base, "world-mc", False, "acc"),
+        ("pretrained", base, "world-qa-heldout", False, "f1"),
+        ("instruction-tuned (chat)", tuned, "world-qa-heldout", True, "exact_match"),
+    ):
+        task = world_task(name, seed=seed, people=people)
+        scores = [evaluate(session, task, shots=k, limit=limit, seed=seed, chat=chat, progress=False)["metrics"][metric]
+                  for k in SHOTS]
+        rows.append(f"| {name} | {label} | {metric} | " + " | ".join(f"{v:.2f}" for v in scores) + " |")
+    return "\n".join([
+        "## Prompting: zero, one and few shots\n",
+        f"`lmforge eval` on the built-in tasks (first {limit} items); exemplars are drawn from each task's own "
+        "pool (the training people's facts and questions), never the item itself. Multiple choice is scored by the log-likelihood of each choice; questions by greedy generation.\n",
+        "| task | model | metric | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |",
+        "|---|---|---|" + "---:|" * len(SHOTS),
+        *rows,
+    ]) + "\n"
 
 
 def alignment_stage(out: Path, world, sft_adapter: Path, seed: int, steps: int) -> str:

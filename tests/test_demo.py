@@ -18,7 +18,7 @@ def test_demo_report_matches_the_run(tmp_path):
                  "--align-steps", "4"]) == 0
     report = (out / "report.md").read_text()
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
-                    "## Instruction tuning", "## Alignment", "## Real sizes"):
+                    "## Instruction tuning", "## Prompting", "## Alignment", "## Real sizes"):
         assert section in report
     records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in records if "val_loss" in r][-1]
