@@ -32,7 +32,8 @@ from lmforge.align.losses import (
 )
 from lmforge.checkpoint import atomic_dir, load_model
 from lmforge.config import load_yaml
-from lmforge.data.chat import Message, RecordError, _checked
+from lmforge.data.chat import Message, check_messages
+from lmforge.data.records import RecordError, jsonl_records
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
@@ -101,18 +102,12 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from JSONL: `prompt` (text or messages) or `messages` (up to the last user turn)."""
     path = Path(path)
     out = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for line_no, record in jsonl_records(path):
 
         def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
             return RecordError(path, line_no, field, problem)
 
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error("<record>", f"not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
+        if not ("prompt" in record or "messages" in record):
             raise error("prompt", "records need 'prompt' (text or messages) or 'messages'")
         value = record.get("prompt", record.get("messages"))
         if isinstance(value, str):
@@ -120,7 +115,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 raise error("prompt", "empty")
             messages = [{"role": "user", "content": value}]
         else:
-            messages = _checked(value, "prompt" if "prompt" in record else "messages", error)
+            messages = check_messages(value, "prompt" if "prompt" in record else "messages", error)
             while messages and messages[-1]["role"] == "assistant":
                 messages.pop()
             if not messages:

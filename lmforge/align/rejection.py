@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from lmforge.align.dpo import model_base
 from lmforge.config import load_yaml
-from lmforge.data.chat import Message, RecordError, _checked, to_messages
+from lmforge.data.chat import Message, check_messages, to_messages
+from lmforge.data.records import RecordError, jsonl_records
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -99,21 +100,12 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     SFT record (its conversation before the last assistant turn). Blank lines are skipped."""
     path = Path(path)
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_no, record in jsonl_records(path):
 
-            def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-                return RecordError(path, line_no, field, problem)
+        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
+            return RecordError(path, line_no, field, problem)
 
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error("<record>", f"not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise error("<record>", "expected a JSON object")
-            prompts.append(Prompt(_prompt_messages(record, error), path, line_no))
+        prompts.append(Prompt(_prompt_messages(record, error), path, line_no))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -126,7 +118,7 @@ def _prompt_messages(record: dict[str, Any], error: Any) -> list[Message]:
             if not value.strip():
                 raise error("prompt", "empty")
             return [{"role": "user", "content": value}]
-        messages = _checked(value, "prompt", error)
+        messages = check_messages(value, "prompt", error)
         if messages[-1]["role"] == "assistant":
             raise error("prompt", "ends with an assistant turn: nothing is left to answer")
         return messages

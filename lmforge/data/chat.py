@@ -11,7 +11,6 @@ and the field."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.records import RecordError, jsonl_records
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
 
@@ -27,37 +27,21 @@ Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
-    """A malformed SFT record: `path:line: field: problem`."""
-
-    def __init__(self, path: Path, line: int, field: str, problem: str) -> None:
-        super().__init__(f"{path}:{line}: field '{field}': {problem}")
-
-
 def read_messages(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
     """(line number, conversation) for each record of an SFT JSONL file; blank lines are skipped."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(path, line_no, "<record>", f"not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise RecordError(path, line_no, "<record>", "expected a JSON object")
-            messages = to_messages(record, lambda field, problem: RecordError(path, line_no, field, problem))
-            if not any(m["role"] == "assistant" for m in messages):
-                raise RecordError(path, line_no, "messages", "no assistant turn to learn from")
-            yield line_no, messages
+    for line_no, record in jsonl_records(path):
+        messages = to_messages(record, lambda field, problem: RecordError(path, line_no, field, problem))
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordError(path, line_no, "messages", "no assistant turn to learn from")
+        yield line_no, messages
 
 
 def to_messages(record: Mapping[str, Any], error: Any) -> list[Message]:
     """One record in any supported format as a list of messages; `error(field, problem)` builds
     the exception to raise."""
     if "messages" in record:
-        return _checked(record["messages"], "messages", error)
+        return check_messages(record["messages"], "messages", error)
     if "instruction" in record or "output" in record:
         for field in ("instruction", "output"):
             if not isinstance(record.get(field), str):
@@ -72,13 +56,13 @@ def to_messages(record: Mapping[str, Any], error: Any) -> list[Message]:
         if isinstance(prompt, str) and isinstance(completion, str):
             return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         if isinstance(prompt, list) and isinstance(completion, list):
-            return _checked(prompt, "prompt", error) + _checked(completion, "completion", error)
+            return check_messages(prompt, "prompt", error) + check_messages(completion, "completion", error)
         field = "prompt" if not isinstance(prompt, (str, list)) else "completion"
         raise error(field, "'prompt' and 'completion' must both be strings or both be lists of messages")
     raise error("<record>", "expected 'messages', Alpaca's 'instruction'/'output', or 'prompt'/'completion'")
 
 
-def _checked(messages: Any, field: str, error: Any) -> list[Message]:
+def check_messages(messages: Any, field: str, error: Any) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise error(field, "must be a non-empty list of messages")
     out = []

@@ -8,12 +8,12 @@ file, the line and the field."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.chat import Example, Message, RecordError, _checked
+from lmforge.data.chat import Example, Message, check_messages
+from lmforge.data.records import RecordError, jsonl_records
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
 
@@ -32,28 +32,18 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     """Every record of a preference JSONL file (blank lines skipped)."""
     path = Path(path)
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_no, record in jsonl_records(path):
 
-            def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-                return RecordError(path, line_no, field, problem)
+        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
+            return RecordError(path, line_no, field, problem)
 
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error("<record>", f"not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise error("<record>", "expected a JSON object")
-            prompt = _turns(record, "prompt", "user", error)
-            chosen = _turns(record, "chosen", "assistant", error)
-            rejected = _turns(record, "rejected", "assistant", error)
-            if chosen == rejected:
-                raise error("rejected", "identical to 'chosen': the pair expresses no preference")
-            kind = record.get("kind")
-            pairs.append(PreferencePair(prompt, chosen, rejected, kind if isinstance(kind, str) else None, path,
-                                        line_no))
+        prompt = _turns(record, "prompt", "user", error)
+        chosen = _turns(record, "chosen", "assistant", error)
+        rejected = _turns(record, "rejected", "assistant", error)
+        if chosen == rejected:
+            raise error("rejected", "identical to 'chosen': the pair expresses no preference")
+        kind = record.get("kind")
+        pairs.append(PreferencePair(prompt, chosen, rejected, kind if isinstance(kind, str) else None, path, line_no))
     if not pairs:
         raise ValueError(f"{path}: no preference records")
     return pairs
@@ -67,7 +57,7 @@ def _turns(record: dict[str, Any], field: str, role: str, error: Any) -> list[Me
         if not value.strip():
             raise error(field, "empty")
         return [{"role": role, "content": value}]
-    messages = _checked(value, field, error)
+    messages = check_messages(value, field, error)
     if role == "assistant" and not any(m["content"].strip() for m in messages):
         raise error(field, "empty")
     return messages

@@ -11,15 +11,14 @@ naming the file, the line and the field."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.data.chat import RecordError
+from lmforge.data.records import RecordError, jsonl_records
 
 Kind = Literal["generation", "choice", "perplexity"]
 Message = dict[str, str]
@@ -76,7 +75,7 @@ def read_task_file(path: str | Path) -> list[Item]:
     path = Path(path)
     items: list[Item] = []
     kind: Kind | None = None
-    for line_no, record in _records(path):
+    for line_no, record in jsonl_records(path):
         def error(field: str, problem: str, line: int = line_no) -> RecordError:
             return RecordError(path, line, field, problem)
 
@@ -108,20 +107,6 @@ def load_task_file(path: str | Path) -> Task:
         raise ValueError(f"{pool}: {KIND_OF[type(exemplars[0])]} exemplars for a {KIND_OF[type(items[0])]} task")
     name = Path(path).name.removesuffix(".jsonl")
     return Task(name, items, exemplars, exemplar_source=str(pool) if pool.is_file() else f"no {pool}")
-
-
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(path, line_no, "<record>", f"not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise RecordError(path, line_no, "<record>", "expected a JSON object")
-            yield line_no, record
 
 
 def _detect(record: dict[str, Any], error: Any) -> Kind:
