@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -184,8 +185,16 @@ def test_error_events_and_network_errors_show(page):
     expect(page.locator("#error")).to_contain_text("Network error")
 
 
-def test_stop_keeps_the_partial_answer_and_frees_the_server(page, chat_bodies, server, oracle):
-    stats = server.session.engine.stats
+def test_stop_keeps_the_partial_answer_and_frees_the_server(page, chat_bodies, server, oracle, monkeypatch):
+    engine = server.session.engine
+    decode = engine.decode
+
+    def slow(*args):  # 20 ms decode steps: the click lands mid-reply even on a busy machine
+        time.sleep(0.02)
+        return decode(*args)
+
+    monkeypatch.setattr(engine, "decode", slow)
+    stats = engine.stats
     before = stats.tokens_generated
     settings(page, temperature=1, seed=1, max_tokens=100)
     page.evaluate(STOP_AT_FIRST_TEXT)  # 100 tokens take a fraction of a second: click from inside the page
