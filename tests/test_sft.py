@@ -177,6 +177,15 @@ def test_lora_run_learns_resumes_exactly_and_loads_for_generation(tmp_path, base
 def test_full_fine_tuning_writes_a_model_and_only_changes_what_trains(tmp_path, base):
     assert main(["sft", "--config", str(recipe(tmp_path, base, "full", 2))]) == 0
     out = tmp_path / "out" / "model"
+
+    # report.md beside the outputs: parameters, every validation record, the curve, the configuration
+    report = (tmp_path / "out" / "report.md").read_text()
+    n = load_model(out).num_parameters()
+    assert f"Parameters: {n:,} ({n:,} trained, 100.00%)" in report
+    for record in [r for r in metrics(tmp_path / "out") if "val_loss" in r]:
+        assert f"| {record['step']} | {record['val_loss']:.4g} |" in report
+    assert "![training curve](loss.png)" in report and (tmp_path / "out" / "loss.png").is_file()
+    assert f"out_dir: {tmp_path / 'out'}" in report and "method: full" in report
     tuned, original = load_model(out).state_dict(), load_model(base).state_dict()
     assert all(not torch.equal(tuned[k], original[k]) for k in original if "layers.0" in k)
     assert (out / "tokenizer.json").is_file()

@@ -10,6 +10,8 @@ preference accuracy (log pi(chosen) > log pi(rejected)) beside the reference's."
 
 from __future__ import annotations
 
+import time
+
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,9 +33,9 @@ from lmforge.peft.adapters import is_adapter_dir, merge_and_save
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, wrap
+from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
 from lmforge.train.losses import IGNORE
-from lmforge.train.loop import Batch, LossFn, ModelFiles, Trainer, TrainConfig
+from lmforge.train.loop import Batch, LossFn, ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.sft import ADAPTER_METHODS, AdapterFiles
 
 Reference = Callable[[Batch], tuple[Tensor, Tensor]]  # batch -> reference log-probs (chosen, rejected)
@@ -234,6 +236,7 @@ def model_base(base: Path, out_dir: Path, env: Dist = Dist()) -> Path:
 
 def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     """Run DPO; returns the output adapter or model directory."""
+    started = time.perf_counter()
     env: Dist = init_distributed()
     cfg = config.train
     base = model_base(config.base, config.out_dir, env)
@@ -271,10 +274,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
         evaluate=validation(val, ref_val, config, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
-    state, _ = full_state(trainer.model, None, env)
-    if env.is_main:
-        files.save(trainer.model, config.out_dir, state, tokenizer)
-    barrier(env)
+    finish_run(trainer, config, "DPO", started)
     return config.out_dir / ("adapter" if adapter else "model")
 
 

@@ -15,6 +15,8 @@ record's numeric `margin` field, else the recipe's), and validation logs pairwis
 
 from __future__ import annotations
 
+import time
+
 import json
 import math
 from dataclasses import dataclass
@@ -38,8 +40,8 @@ from lmforge.data.preference import EncodedPair, PreferencePair, encode_pair, re
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, unwrap, wrap
-from lmforge.train.loop import ModelFiles, Trainer, TrainConfig
+from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
+from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.losses import IGNORE
 
 SEQ_CLS_ARCHITECTURES: dict[str, str] = {
@@ -382,6 +384,7 @@ def load_data(config: RewardDataConfig, tokenizer: Tokenizer, margin: float,
 
 def train_reward(config: RewardConfig, resume: bool = False) -> Path:
     """Train a reward model; returns its directory (`out_dir/model`)."""
+    started = time.perf_counter()
     env: Dist = init_distributed()
     cfg = config.train
     if is_adapter_dir(config.base):
@@ -404,10 +407,7 @@ def train_reward(config: RewardConfig, resume: bool = False) -> Path:
         evaluate=pairwise_metrics(val, cfg.micro_batch_size, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
-    state, _ = full_state(trainer.model, None, env)
-    if env.is_main:
-        files.save(trainer.model, config.out_dir, state, tokenizer)
-    barrier(env)
+    finish_run(trainer, config, "Reward model", started)
     return config.out_dir / "model"
 
 

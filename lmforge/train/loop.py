@@ -281,6 +281,19 @@ class Trainer:
             tqdm.write(f"resumed from {path} at step {self.step}")
 
 
+def finish_run(trainer: Trainer, config: BaseModel, title: str, started: float, **report: Any) -> None:
+    """Write the trained model's files into the run's directory and its `report.md` (main process),
+    then wait for every process."""
+    state, _ = full_state(trainer.model, None, trainer.env)
+    if trainer.env.is_main:
+        from lmforge.report import write_run_report
+
+        trainer.files.save(trainer.model, trainer.out_dir, state, trainer.tokenizer)
+        write_run_report(trainer.out_dir, title=title, config=config, model=unwrap(trainer.model),
+                         seconds=time.perf_counter() - started, **report)
+    barrier(trainer.env)
+
+
 def checkpoints(out_dir: Path) -> list[Path]:
     """Checkpoint directories under `out_dir/checkpoints`, oldest first."""
     root = out_dir / "checkpoints"

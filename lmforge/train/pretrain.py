@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from lmforge.checkpoint import load_model, save_model
+from lmforge.checkpoint import load_model
 from lmforge.config import ModelConfig, load_yaml, preset
 from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, find_files, get_batch, tokenize_corpus
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, unwrap, wrap
-from lmforge.train.loop import Trainer, TrainConfig
+from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
+from lmforge.train.loop import Trainer, TrainConfig, finish_run
 from lmforge.train.losses import causal_lm_loss
 
 
@@ -118,6 +119,7 @@ def build_model(spec: ModelSpec, tokenizer: Tokenizer, seq_len: int, seed: int) 
 
 def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
     """Run pretraining; returns the final HF model directory."""
+    started = time.perf_counter()
     env: Dist = init_distributed()
     data, out = config.data, config.out_dir
     corpus_dir = out / "data"
@@ -141,10 +143,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
         tokenizer=tokenizer, flops_per_token=flops,
     )
     trainer.run(resume=resume)
-    state, _ = full_state(trainer.model, None, env)
-    if env.is_main:
-        save_model(unwrap(trainer.model), out / "model", tokenizer=tokenizer, state_dict=state)
-    barrier(env)
+    finish_run(trainer, config, "Pretraining", started, tokens=cfg.steps * global_batch * data.seq_len)
     return out / "model"
 
 

@@ -8,6 +8,8 @@ model to `out_dir/model`; adapter methods write a PEFT adapter to `out_dir/adapt
 
 from __future__ import annotations
 
+import time
+
 import math
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ from lmforge.data.corpus import Batches
 from lmforge.peft.adapters import load_adapter, save_adapter
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.distributed import Dist, barrier, full_state, init_distributed, unwrap, wrap
-from lmforge.train.loop import ModelFiles, Trainer, TrainConfig
+from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
+from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.losses import causal_lm_loss
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt")
@@ -146,6 +148,7 @@ def load_data(config: SFTDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[l
 
 def sft(config: SFTConfig, *, resume: bool = False) -> Path:
     """Run supervised fine-tuning; returns the output model or adapter directory."""
+    started = time.perf_counter()
     env: Dist = init_distributed()
     cfg = config.train
     tokenizer = Tokenizer.from_dir(config.base)
@@ -172,10 +175,7 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
         evaluate=validation_loss(val, cfg.micro_batch_size, config.data.eval_batches, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
-    state, _ = full_state(trainer.model, None, env)
-    if env.is_main:
-        files.save(trainer.model, config.out_dir, state, tokenizer)
-    barrier(env)
+    finish_run(trainer, config, "Supervised fine-tuning", started)
     return config.out_dir / ("adapter" if adapter else "model")
 
 
