@@ -48,6 +48,19 @@ def greedy_reference(session: Session, prompt: list[int], max_tokens: int) -> tu
     return text, "stop" if stopped else "length", len(tokens)
 
 
+def slow_down_decoding(engine: Engine, monkeypatch, seconds: float = 0.02) -> Engine:
+    """Make each decode step of `engine` take `seconds` longer, so that a request lasts long enough
+    to be joined, stopped or abandoned midway, however fast or busy the machine."""
+    decode = engine.decode
+
+    def slow(*args):
+        time.sleep(seconds)
+        return decode(*args)
+
+    monkeypatch.setattr(engine, "decode", slow)
+    return engine
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

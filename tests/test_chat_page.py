@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer, greedy_reference, make_chat_checkpoint
+from live_server import LiveServer, greedy_reference, make_chat_checkpoint, slow_down_decoding
 from playwright.sync_api import expect, sync_playwright
 
 from lmforge.generate.session import Session
@@ -186,15 +185,7 @@ def test_error_events_and_network_errors_show(page):
 
 
 def test_stop_keeps_the_partial_answer_and_frees_the_server(page, chat_bodies, server, oracle, monkeypatch):
-    engine = server.session.engine
-    decode = engine.decode
-
-    def slow(*args):  # 20 ms decode steps: the click lands mid-reply even on a busy machine
-        time.sleep(0.02)
-        return decode(*args)
-
-    monkeypatch.setattr(engine, "decode", slow)
-    stats = engine.stats
+    stats = slow_down_decoding(server.session.engine, monkeypatch).stats  # the click lands mid-reply
     before = stats.tokens_generated
     settings(page, temperature=1, seed=1, max_tokens=100)
     page.evaluate(STOP_AT_FIRST_TEXT)  # 100 tokens take a fraction of a second: click from inside the page

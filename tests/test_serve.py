@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from live_server import LiveServer, greedy_reference, make_chat_checkpoint
+from live_server import LiveServer, greedy_reference, make_chat_checkpoint, slow_down_decoding
 
 from lmforge.cli import main
 from lmforge.generate.session import Session
@@ -144,17 +144,8 @@ LONG = {"prompt": "the cat", "max_tokens": 100, "temperature": 1.0, "seed": 0}  
 
 @pytest.fixture
 def slow_engine(server, monkeypatch):
-    """The server's engine with 20 ms decode steps, so that a request lasts long enough to be
-    joined or abandoned midway."""
-    engine = server.session.engine
-    decode = engine.decode
-
-    def slow(*args):
-        time.sleep(0.02)
-        return decode(*args)
-
-    monkeypatch.setattr(engine, "decode", slow)
-    return engine
+    """The server's engine with 20 ms decode steps."""
+    return slow_down_decoding(server.session.engine, monkeypatch)
 
 
 def settle(engine) -> int:
