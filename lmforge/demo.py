@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import PRESETS
 from lmforge.data.corpus import CorpusInfo
+from lmforge.data.preference import PreferenceDataConfig
 from lmforge.data.world import (
     Question, fact_probes, make_world, pretraining_corpus, questions, red_team_prompts, write_instruction_data,
     write_preference_data, write_pretraining_corpus, write_safety_data,
@@ -34,8 +35,8 @@ from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
-from lmforge.align.dpo import DPOConfig, DPODataConfig, train_dpo
-from lmforge.align.reward import RewardConfig, RewardDataConfig, RewardScorer, combined_reward, train_reward
+from lmforge.align.dpo import DPOConfig, train_dpo
+from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import refusal_report
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
@@ -292,13 +293,13 @@ def alignment_stage(out: Path, world, sft_adapter: Path, seed: int, steps: int) 
     start = time.perf_counter()
     reward_dirs = {kind: train_reward(RewardConfig(
         out_dir=out / f"reward-{kind}", base=merged, train=rm_train,
-        data=RewardDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
+        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
         for kind in ("helpful", "safety")}
     rm_seconds = time.perf_counter() - start
     start = time.perf_counter()
     dpo_adapter = train_dpo(DPOConfig(
         out_dir=out / "dpo", base=merged, beta=DPO_BETA,
-        data=DPODataConfig(train_path=prefs, val_path=heldout, max_len=128, kind="helpful"),
+        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind="helpful"),
         adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
         train=TrainConfig(steps=steps, micro_batch_size=16, lr=DPO_LR, warmup_steps=10, weight_decay=0.0,
                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)))

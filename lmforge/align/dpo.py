@@ -28,7 +28,7 @@ from lmforge.checkpoint import load_model
 from lmforge.config import load_yaml
 from lmforge.data.chat import collate
 from lmforge.data.corpus import Batches
-from lmforge.data.preference import EncodedPair, encode_pair, read_pairs
+from lmforge.data.preference import EncodedPair, PreferenceDataConfig, encode_pair, read_pairs
 from lmforge.peft.adapters import is_adapter_dir, merge_and_save
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
@@ -41,22 +41,12 @@ from lmforge.train.sft import ADAPTER_METHODS, AdapterFiles
 Reference = Callable[[Batch], tuple[Tensor, Tensor]]  # batch -> reference log-probs (chosen, rejected)
 
 
-class DPODataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    train_path: Path = Field(description="preference JSONL: {'prompt', 'chosen', 'rejected'}")
-    val_path: Path | None = None
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of train_path without val_path")
-    max_len: int = Field(512, gt=1, description="longest prompt + response in tokens (responses are cut)")
-    kind: str | None = Field(None, description="keep only records whose 'kind' is this (e.g. helpful, safety)")
-
-
 class DPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
     base: Path = Field(description="the SFT model: an HF directory, or a LoRA adapter directory (merged in first)")
-    data: DPODataConfig
+    data: PreferenceDataConfig
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-flip rate")
     adapter: AdapterConfig = AdapterConfig(method="lora")
@@ -86,7 +76,7 @@ def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int, kind: str | None)
     return encoded
 
 
-def load_data(config: DPODataConfig, tokenizer: Tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair]]:
+def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair]]:
     """Training and validation pairs (validation held out of the training file without `val_path`)."""
     train = load_pairs(config.train_path, tokenizer, config.max_len, config.kind)
     if config.val_path is not None:

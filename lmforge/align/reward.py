@@ -36,7 +36,9 @@ from lmforge.checkpoint import (
 from lmforge.config import FAMILY_ARCHITECTURE, ModelConfig, load_yaml
 from lmforge.data.chat import Example, Message, RecordError
 from lmforge.data.corpus import Batches
-from lmforge.data.preference import EncodedPair, PreferencePair, encode_pair, read_pairs, response_example
+from lmforge.data.preference import (
+    EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
+)
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
 from lmforge.tokenizer import Tokenizer
@@ -340,22 +342,12 @@ def pairwise_metrics(pairs: list[PairIds], batch_size: int, pad_id: int, device:
 # ---- the stage -----------------------------------------------------------------------------------
 
 
-class RewardDataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    train_path: Path
-    val_path: Path | None = None
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of train_path without val_path")
-    max_len: int = Field(512, gt=1, description="longest scored sequence in tokens (longer responses are cut)")
-    kind: str | None = Field(None, description="keep only records of this kind (e.g. safety)")
-
-
 class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
     base: Path = Field(description="HF-format model directory (with its tokenizer): the trunk to start from")
-    data: RewardDataConfig
+    data: PreferenceDataConfig
     margin: float = Field(0.0, ge=0, description="LLaMA-2's margin for records without a 'margin'; 0 disables")
     train: TrainConfig = TrainConfig(steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=50,
                                      save_every=100)
@@ -371,7 +363,7 @@ class RewardFiles(ModelFiles):
         return read_reward_state(checkpoint / "model")[1]
 
 
-def load_data(config: RewardDataConfig, tokenizer: Tokenizer, margin: float,
+def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, margin: float,
               seed: int) -> tuple[list[PairIds], list[PairIds]]:
     """Training and validation pairs (validation from val_path, or a seeded share of the training file)."""
     train = load_pairs(config.train_path, tokenizer, config.max_len, kind=config.kind, margin=margin)

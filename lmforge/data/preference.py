@@ -12,10 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from lmforge.data.chat import Example, Message, check_messages
 from lmforge.data.records import RecordError, jsonl_records
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
+
+
+class PreferenceDataConfig(BaseModel):
+    """Where a preference stage reads its pairs (the `data` section of reward and DPO recipes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_path: Path = Field(description="preference JSONL: {'prompt', 'chosen', 'rejected'}")
+    val_path: Path | None = None
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of train_path without val_path")
+    max_len: int = Field(512, gt=1, description="longest prompt + response in tokens (responses are cut)")
+    kind: str | None = Field(None, description="keep only records whose 'kind' is this (e.g. helpful, safety)")
 
 
 @dataclass
