@@ -3,9 +3,10 @@ generation of the same batch with the same engine settings.
 
 The policy is the `tiny` preset (vocab 2048, hidden 384, 6 layers) with LoRA r=16 on every linear
 layer; the reward model has the same trunk with a scalar head (random weights: speed only). Each
-PPO iteration samples 32 prompts x 64 new tokens. The rollout is timed inside `PPOTrainer.rollout`
-(generation, reward model, policy/reference/value forward passes); "plain generation" is
-`Engine.generate` of the same prompts and sampling parameters on the same model."""
+PPO iteration samples 32 prompts x 64 new tokens. The rollout is timed inside `PPOTrainer.rollout`:
+generation (the policy's log-probs and values are read off the generating forward passes), the
+reference's forward pass, and the reward model. "Plain generation" is `Engine.generate` of the
+same prompts and sampling parameters on the same model (LoRA unmerged, as the rollout runs it)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def main() -> None:
     n = args.iterations
     generation_s = rollout_s - score_s
     print(f"\n{'phase':<34}{'seconds/iteration':>18}")
-    for name, value in (("rollout: sampling + policy/reference", generation_s), ("rollout: reward-model scoring", score_s),
+    for name, value in (("rollout: sampling + reference", generation_s), ("rollout: reward-model scoring", score_s),
                         ("update (policy + value)", update_s)):
         print(f"{name:<34}{value / n:>18.3f}")
     rollout_tps = tokens / generation_s

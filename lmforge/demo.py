@@ -33,6 +33,7 @@ from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
+from lmforge.report import table_cell
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.align.dpo import DPOConfig, train_dpo
@@ -231,33 +232,22 @@ def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed
     lines += [f"| {a} | {mean(oks):.0%} |" for a, oks in sorted(by_attribute.items())]
     lines += ["", "| question (held-out person) | pretrained | after SFT | true answer |", "|---|---|---|---|"]
     for q, (before, _), (after, ok) in list(zip(heldout, base_held, tuned_held))[:8]:
-        lines.append(f"| {q.question} | {cell(before)} | {cell(after)} {'✓' if ok else '✗'} | {q.answer} |")
+        lines.append(f"| {q.question} | {table_cell(before, 40)} | {table_cell(after, 40)} {'✓' if ok else '✗'} | {q.answer} |")
     lines.append("\n![SFT loss curve](sft/loss.png)\n")
     print(f"[demo] SFT: held-out exact match {mean(base_held):.0%} -> {mean(tuned_held):.0%} "
           f"({trainable:,} adapter parameters)")
     return "\n".join(lines)
 
 
-def exact_match(session: Session, qs: list[Question], batch: int = 32) -> list[tuple[str, bool]]:
+def exact_match(session: Session, qs: list[Question]) -> list[tuple[str, bool]]:
     """Greedy answers to chat questions, and whether each equals the true answer."""
-    params = SamplingParams(max_new_tokens=16, temperature=0,
-                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
-    prompts = [session.chat_prompt([{"role": "user", "content": q.question}]) for q in qs]
-    answers = []
-    for start in range(0, len(prompts), batch):
-        answers += [r.text.strip() for r in complete(session.engine, session.tokenizer,
-                                                       prompts[start : start + batch], params)]
+    answers = session.replies([[{"role": "user", "content": q.question}] for q in qs], session.greedy(16))
     return [(a, a == q.answer) for a, q in zip(answers, qs)]
 
 
 def mean(results: list) -> float:
     flags = [r[1] if isinstance(r, tuple) else r for r in results]
     return sum(flags) / max(1, len(flags))
-
-
-def cell(text: str) -> str:
-    """Model output made safe for a markdown table cell."""
-    return (text.replace("|", "\\|").replace("\n", " ")[:40] or "(nothing)")
 
 
 def prompting_section(base: Session, tuned: Session, seed: int, people: int, limit: int = 150) -> str:
@@ -347,7 +337,7 @@ def alignment_stage(out: Path, world, sft_adapter: Path, seed: int, steps: int) 
               "separate safety reward model in RLHF).", "",
               "| red-team prompt (held-out person) | SFT | SFT + DPO |", "|---|---|---|"]
     for (prompt, before), (_, after) in list(zip(rows["SFT"][2].replies, rows["SFT + DPO"][2].replies))[:6]:
-        lines.append(f"| {prompt.prompt} | {cell(before)} | {cell(after)} |")
+        lines.append(f"| {prompt.prompt} | {table_cell(before, 40)} | {table_cell(after, 40)} |")
     print(f"[demo] alignment: refusal {rows['SFT'][2].refusal_rate:.0%} -> {rows['SFT + DPO'][2].refusal_rate:.0%}, "
           f"reward {rows['SFT'][0]:.2f} -> {rows['SFT + DPO'][0]:.2f}")
     return "\n".join(lines) + "\n"

@@ -23,6 +23,34 @@ def hardware() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def sample_generations(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                       max_new_tokens: int = 48) -> list[tuple[str, str]]:
+    """Greedy completions of tokenized `prompts` by `model`, decoded: a report's sample generations."""
+    from lmforge.generate.engine import Engine, SamplingParams
+    from lmforge.generate.text import complete, stop_token_ids
+
+    if not prompts:
+        return []
+    was_training = model.training
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop_token_ids=stop_token_ids(model.config, tokenizer))
+    completions = complete(Engine(model), tokenizer, [list(p) for p in prompts], params)
+    model.train(was_training)
+    return [(tokenizer.decode(list(p), skip_special_tokens=True), c.text) for p, c in zip(prompts, completions)]
+
+
+def response_prompts(examples: Sequence[Any], n: int = 4) -> list[list[int]]:
+    """The prompt part (every token before the first labelled one) of the first `n` chat examples."""
+    from lmforge.train.losses import IGNORE
+
+    prompts = []
+    for example in examples[:n]:
+        first = next((t for t, label in enumerate(example.labels) if label != IGNORE), None)
+        if first is not None:
+            prompts.append(example.input_ids[: first + 1])
+    return prompts
+
+
 def write_run_report(
     out_dir: str | Path, *, title: str, config: BaseModel, model: nn.Module, seconds: float,
     samples: Sequence[tuple[str, str]] = (), plot: str = "loss.png", tokens: int | None = None,
@@ -54,7 +82,7 @@ def write_run_report(
         lines.append("")
     if samples:
         lines += ["## Samples\n", "| prompt | output |", "|---|---|"]
-        lines += [f"| {_cell(p)} | {_cell(o)} |" for p, o in samples]
+        lines += [f"| {table_cell(p)} | {table_cell(o)} |" for p, o in samples]
         lines.append("")
     lines += ["## Configuration\n", "```yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip(),
               "```", ""]
@@ -71,6 +99,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _cell(text: str, limit: int = 120) -> str:
+def table_cell(text: str, limit: int = 200) -> str:
+    """Text made safe for a markdown table cell, cut to `limit` characters."""
     text = text.replace("|", "\\|").replace("\n", " ").strip()
     return (text[:limit] + "…") if len(text) > limit else text or "(nothing)"

@@ -13,11 +13,11 @@ from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.losses import IGNORE
 
 
-def make_chat_base(root: Path) -> Path:
+def make_chat_base(root: Path, context: int = 128) -> Path:
     """A micro llama (random weights) with a BPE tokenizer and ChatML template, as an HF directory."""
     corpus = write_pretraining_corpus(make_world(0, n_people=20, n_companies=4), root / "corpus.jsonl", variants=1)
     tokenizer = train_tokenizer([corpus], 400, root / "tok", show_progress=False)
-    model = Transformer(preset("micro", vocab_size=tokenizer.vocab_size, max_position_embeddings=128,
+    model = Transformer(preset("micro", vocab_size=tokenizer.vocab_size, max_position_embeddings=context,
                                bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                pad_token_id=tokenizer.pad_id))
     model.init_weights(seed=0)

@@ -13,7 +13,7 @@ from chat_data import write_jsonl
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import load_model, save_model
-from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, ppo, read_prompts
+from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo, read_prompts
 from lmforge.data.chat import RecordError
 from lmforge.data.world import make_world, questions
 from lmforge.generate.engine import Engine, SamplingParams
@@ -96,6 +96,10 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly(setup, sharp_
     assert after > before + 0.04
     assert max(r["kl"] for r in records) < 2 * config.ppo.target_kl  # the adaptive controller's bound
     assert {"policy_loss", "value_loss", "clip_fraction", "entropy", "response_length", "samples"} <= set(records[0])
+    report = (root / "whole" / "out" / "report.md").read_text()
+    assert "![training curve](reward.png)" in report and (root / "whole" / "out" / "reward.png").is_file()
+    assert f"reward {records[-1]['reward']:.4g}" in report
+    assert f"(score {records[-1]['samples'][0]['score']:.3f})" in report
 
     out = root / "whole" / "out"
     shutil.rmtree(out / "checkpoints" / "step-000024")
@@ -116,6 +120,27 @@ def test_reference_is_the_policy_with_adapters_disabled(setup, sharp_base):
     assert rollout.stats["kl"] == pytest.approx(0.0, abs=1e-5)
     assert rollout.mask.sum(1).tolist() == [float(n) for n in rollout.mask.sum(1).tolist()]
     assert (rollout.advantages * (1 - rollout.mask)).abs().max() == 0
+
+
+def test_rollout_keeps_the_log_probs_and_values_of_a_full_forward_pass(setup, sharp_base):
+    """The rollout reads old log-probs and values off the generating forward passes (KV cache,
+    left-padded batch); they must equal a full forward over each finished sequence."""
+    root, train, _, scorer, tokenizer = setup
+    config = recipe(root / "sampled", sharp_base, train, 1)
+    config.ppo.max_new_tokens = 6
+    policy, _ = load_policy(sharp_base, config.adapter)
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(train))
+    with torch.no_grad():  # a non-zero adapter and value head, so that both paths matter
+        generator = torch.Generator().manual_seed(0)
+        for name, p in list(policy.named_parameters()) + list(trainer.head.named_parameters()):
+            if "lora_B" in name or "proj" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    rollout = trainer.rollout(trainer.batch_indices())
+    logprobs, values, _ = policy_outputs(policy, trainer.head, rollout.ids)
+    mask = rollout.mask.bool()
+    torch.testing.assert_close(rollout.old_logprobs[mask], logprobs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.old_values[mask], values[mask], atol=1e-4, rtol=0)
+    assert rollout.stats["kl"] > 0
 
 
 def test_bad_prompt_files(tmp_path):

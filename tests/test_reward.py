@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -179,6 +180,15 @@ def test_training_validates_and_resumes_exactly(tmp_path, chat_base):
     assert all(0 <= m["accuracy"] <= 1 and "margin" in m for m in records if "loss" in m)
     assert [m["step"] for m in val] == [2, 4, 6]
     assert all(0 <= m["val_accuracy"] <= 1 and "val_loss" in m and "val_accuracy_safety" in m for m in val)
+    # the report's samples: held-out pairs with the saved model's scores, as transformers-layout loading gives them
+    report = (out / "report.md").read_text()
+    first = read_pairs(tmp_path / "pairs.jsonl")
+    scorer = RewardScorer.load(model_dir)
+    shown = [line for line in report.splitlines() if "| chosen (" in line]
+    assert len(shown) == 4
+    scores = [float(x) for x in re.findall(r"\(([+-]\d+\.\d+)\)", shown[0])]
+    assert len(scores) == 2 and scores[0] != scores[1]
+    assert any(abs(scorer.score([p.prompt], [p.chosen[0]["content"]])[0] - scores[0]) < 0.006 for p in first)
 
     # As if killed after the step-4 checkpoint: resuming reproduces the uninterrupted run exactly.
     shutil.rmtree(checkpoints(out)[-1])
@@ -235,8 +245,8 @@ def test_held_out_pairwise_accuracy_on_the_world(tmp_path, chat_base):
     world = make_world(0, n_people=30, n_companies=3, absent_fraction=0.0, heldout_fraction=0.3)
     train = write_preference_data(world, tmp_path / "train.jsonl", "train")
     heldout = write_preference_data(world, tmp_path / "heldout.jsonl", "heldout")
-    path = recipe(tmp_path, chat_base, 60, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=5,
-                  eval_every=60, save_every=60, log_every=10)
+    path = recipe(tmp_path, chat_base, 120, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=5,
+                  eval_every=120, save_every=120, log_every=10)
     model_dir = train_reward(load_reward_config(path, [f"data.train_path={train}", f"data.val_path={heldout}"]))
 
     scorer = RewardScorer.load(model_dir)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from chat_data import labelled_text, write_jsonl
@@ -20,7 +21,10 @@ from lmforge.data.world import make_world, write_instruction_data
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
-from lmforge.train.sft import MixtureSource
+from lmforge.generate.engine import SamplingParams
+from lmforge.generate.text import complete, stop_token_ids
+from lmforge.report import table_cell, response_prompts
+from lmforge.train.sft import MixtureSource, SFTConfig, load_data
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Alice born?"},
         {"role": "assistant", "content": "Port Alder"}, {"role": "user", "content": "And Bruno?"},
@@ -186,6 +190,17 @@ def test_full_fine_tuning_writes_a_model_and_only_changes_what_trains(tmp_path, 
         assert f"| {record['step']} | {record['val_loss']:.4g} |" in report
     assert "![training curve](loss.png)" in report and (tmp_path / "out" / "loss.png").is_file()
     assert f"out_dir: {tmp_path / 'out'}" in report and "method: full" in report
+    # sample generations: the saved model's greedy replies to the first validation prompts
+    config = SFTConfig.model_validate(yaml.safe_load((tmp_path / "sft.yaml").read_text()))
+    session = Session.load(out)
+    _, val = load_data(config.data, session.tokenizer, config.train.seed)
+    prompts = response_prompts(val)
+    params = SamplingParams(max_new_tokens=48, temperature=0.0,
+                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
+    replies = complete(session.engine, session.tokenizer, prompts, params)
+    assert len(prompts) == 4 and "## Samples" in report
+    for reply in replies:
+        assert f"| {table_cell(reply.text)} |" in report
     tuned, original = load_model(out).state_dict(), load_model(base).state_dict()
     assert all(not torch.equal(tuned[k], original[k]) for k in original if "layers.0" in k)
     assert (out / "tokenizer.json").is_file()

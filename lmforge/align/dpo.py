@@ -264,7 +264,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
         evaluate=validation(val, ref_val, config, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
-    finish_run(trainer, config, "DPO", started)
+    finish_run(trainer, config, "DPO", started, sample_prompts=[p.prompt_ids for p in (val or train)[:4]])
     return config.out_dir / ("adapter" if adapter else "model")
 
 

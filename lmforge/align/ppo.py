@@ -39,6 +39,7 @@ from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method
+from lmforge.report import write_run_report
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import STATE_FILE, checkpoints, plot_metrics
 from lmforge.train.optim import build_optimizer
@@ -161,6 +162,10 @@ def policy_outputs(policy: nn.Module, head: ValueHead, ids: Tensor) -> tuple[Ten
     return token_logprobs(logits, ids[:, 1:]), head(hidden[:, :-1]), logits
 
 
+PPO_PANELS = {"reward-model score": ("reward",), "KL to the reference per response": ("kl",),
+              "policy loss": ("policy_loss",)}
+
+
 class PPOTrainer:
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Tokenizer, scorer: Scorer,
                  prompts: list[Prompt], *, safety: Scorer | None = None) -> None:
@@ -194,6 +199,33 @@ class PPOTrainer:
         return out
 
     @torch.no_grad()
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[list[float]],
+                                                                               list[list[float]]]:
+        """Sample responses with the engine and keep, for every sampled token, the policy's log-prob of
+        it and the value estimate at its position, read from the forward passes that generated it (the
+        lm_head's input and output), so no second policy forward is needed after generation."""
+        captured: list[tuple[Tensor, Tensor]] = []
+        hook = self.policy.lm_head.register_forward_hook(
+            lambda module, args, output: captured.append((args[0][:, -1], output[:, -1])))
+        responses: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        values: list[list[float]] = [[] for _ in prompts]
+        try:
+            for step in self.engine.stream(prompts, params):
+                hidden, logits = captured.pop()
+                live = [row for row, token in enumerate(step) if token is not None]
+                tokens = torch.tensor([step[row] for row in live])
+                step_logprobs = token_logprobs(logits[live], tokens).tolist()
+                step_values = self.head(hidden[live]).tolist()
+                for i, row in enumerate(live):
+                    responses[row].append(step[row])
+                    logprobs[row].append(step_logprobs[i])
+                    values[row].append(step_values[i])
+        finally:
+            hook.remove()
+        return responses, logprobs, values
+
+    @torch.no_grad()
     def rollout(self, indices: Sequence[int]) -> Rollout:
         s = self.s
         self.policy.eval()
@@ -201,14 +233,18 @@ class PPOTrainer:
         params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                 top_p=s.top_p, stop_token_ids=self.stop_ids,
                                 seed=s.seed * 1_000_003 + self.iteration)
-        responses = self.engine.generate(prompts, params)
+        responses, sampled_logprobs, sampled_values = self.sample(prompts, params)
         sequences = [p + r for p, r in zip(prompts, responses)]
         longest = max(map(len, sequences))
         ids = torch.full((len(sequences), longest), self.tokenizer.pad_id or 0, dtype=torch.long)
         mask = torch.zeros(len(sequences), longest - 1)
+        logprobs, values = torch.zeros(len(sequences), longest - 1), torch.zeros(len(sequences), longest - 1)
         for row, (p, seq) in enumerate(zip(prompts, sequences)):
             ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, len(p) - 1 : len(seq) - 1] = 1  # positions predicting response tokens
+            response = slice(len(p) - 1, len(seq) - 1)  # positions predicting response tokens
+            mask[row, response] = 1
+            logprobs[row, response] = torch.tensor(sampled_logprobs[row])
+            values[row, response] = torch.tensor(sampled_values[row])
 
         scores = self.scorer.score_ids(sequences).float()
         if self.safety is not None:
@@ -217,9 +253,8 @@ class PPOTrainer:
             risky = torch.tensor([self.prompts[i].risky for i in indices])
             scores = combined_reward(scores, self.safety.score_ids(sequences).float(), risky,
                                      self.config.safety_threshold)
-        logprobs, values, _ = policy_outputs(self.policy, self.head, ids)
         with disable_adapters(self.policy):
-            ref_logprobs, _, _ = policy_outputs(self.policy, self.head, ids)
+            ref_logprobs = token_logprobs(self.policy(ids[:, :-1]), ids[:, 1:])
         kl = kl_penalty(logprobs, ref_logprobs) * mask
         rewards = -self.kl.beta * kl
         last = mask.cumsum(1).argmax(1)  # the position predicting each response's last token
@@ -308,7 +343,7 @@ class PPOTrainer:
             torch.save(state, tmp / STATE_FILE)
         for old in checkpoints(self.out_dir)[: -self.s.keep_last]:
             shutil.rmtree(old)
-        plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "reward.png")
+        plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "reward.png", PPO_PANELS)
 
     def resume(self) -> None:
         from lmforge.train.sft import AdapterFiles
@@ -351,10 +386,15 @@ def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None
         if safety is None and config.safety_reward is not None:
             safety = RewardScorer.load(config.safety_reward)
     trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(config.prompts), safety=safety)
+    started = time.perf_counter()
     trainer.run(resume=resume)
     out = config.out_dir / "adapter"
     save_adapter(policy, out, base=config.policy)
     tokenizer.save(out)
+    last = json.loads((config.out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    write_run_report(config.out_dir, title="PPO", config=config, model=policy, plot="reward.png",
+                     seconds=time.perf_counter() - started,
+                     samples=[(s["prompt"], f"{s['response']} (score {s['score']:.3f})") for s in last["samples"]])
     return out
 
 

@@ -342,6 +342,21 @@ def pairwise_metrics(pairs: list[PairIds], batch_size: int, pad_id: int, device:
 # ---- the stage -----------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def scored_samples(model: RewardModel, tokenizer: Tokenizer, pairs: list[PairIds]) -> list[tuple[str, str]]:
+    """(prompt, both responses with their scores) for a report's samples table."""
+    out = []
+    for pair in pairs:
+        shared = next((i for i, (a, b) in enumerate(zip(pair.chosen, pair.rejected)) if a != b),
+                      min(len(pair.chosen), len(pair.rejected)))
+        model.eval()
+        chosen, rejected = model(pad_right([pair.chosen, pair.rejected], model.config.pad_token_id)).tolist()
+        text = [tokenizer.decode(ids[shared:], skip_special_tokens=True) for ids in (pair.chosen, pair.rejected)]
+        out.append((tokenizer.decode(pair.chosen[:shared], skip_special_tokens=True),
+                    f"chosen ({chosen:+.2f}): {text[0]} / rejected ({rejected:+.2f}): {text[1]}"))
+    return out
+
+
 class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -399,7 +414,7 @@ def train_reward(config: RewardConfig, resume: bool = False) -> Path:
         evaluate=pairwise_metrics(val, cfg.micro_batch_size, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
-    finish_run(trainer, config, "Reward model", started)
+    finish_run(trainer, config, "Reward model", started, samples=scored_samples(unwrap(model), tokenizer, val[:4]))
     return config.out_dir / "model"
 
 

@@ -12,7 +12,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine, SamplingParams
-from lmforge.generate.text import stop_token_ids, stream_completions
+from lmforge.generate.text import complete, stop_token_ids, stream_completions
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -53,6 +53,11 @@ class Session:
             seed=args.seed, stop_token_ids=stop_token_ids(self.model.config, self.tokenizer),
         )
 
+    def greedy(self, max_new_tokens: int) -> SamplingParams:
+        """Greedy decoding that stops at the model's end tokens."""
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                              stop_token_ids=stop_token_ids(self.model.config, self.tokenizer))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt, with BOS where the tokenizer's config asks for one."""
         return self.tokenizer.encode(text, add_bos=bool(self.tokenizer.config.get("add_bos_token", False)))
@@ -67,6 +72,13 @@ class Session:
             if len(ids) + reserve <= self.context or len(messages) - first <= 1:
                 return ids
             del messages[first]
+
+    def replies(self, conversations: Sequence[Sequence[Message]], params: SamplingParams, *,
+                batch_size: int = 32) -> list[str]:
+        """The assistant's next reply to each conversation, generated in batches."""
+        prompts = [self.chat_prompt(c, reserve=params.max_new_tokens) for c in conversations]
+        return [c.text.strip() for start in range(0, len(prompts), batch_size)
+                for c in complete(self.engine, self.tokenizer, prompts[start : start + batch_size], params)]
 
     def stream(self, prompt: list[int], params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[str]:
         """Text deltas of one completion as they are generated."""

@@ -13,7 +13,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -281,15 +281,20 @@ class Trainer:
             tqdm.write(f"resumed from {path} at step {self.step}")
 
 
-def finish_run(trainer: Trainer, config: BaseModel, title: str, started: float, **report: Any) -> None:
+def finish_run(trainer: Trainer, config: BaseModel, title: str, started: float, *,
+               sample_prompts: Sequence[Sequence[int]] = (), **report: Any) -> None:
     """Write the trained model's files into the run's directory and its `report.md` (main process),
-    then wait for every process."""
+    with greedy generations for `sample_prompts` (unless FSDP shards the weights), then wait for
+    every process."""
     state, _ = full_state(trainer.model, None, trainer.env)
     if trainer.env.is_main:
-        from lmforge.report import write_run_report
+        from lmforge.report import sample_generations, write_run_report
 
         trainer.files.save(trainer.model, trainer.out_dir, state, trainer.tokenizer)
-        write_run_report(trainer.out_dir, title=title, config=config, model=unwrap(trainer.model),
+        model = unwrap(trainer.model)
+        if sample_prompts and trainer.config.strategy != "fsdp":
+            report["samples"] = sample_generations(model, trainer.tokenizer, sample_prompts)
+        write_run_report(trainer.out_dir, title=title, config=config, model=model,
                          seconds=time.perf_counter() - started, **report)
     barrier(trainer.env)
 
@@ -310,26 +315,31 @@ def drop_metrics_after(metrics: Path, step: int) -> None:
         metrics.write_text("".join(line + "\n" for line in kept))
 
 
-def plot_metrics(metrics: Path, out: Path) -> None:
-    """Training and validation loss against steps, as a PNG."""
+LOSS_PANELS = {"loss": ("loss", "val_loss")}
+
+
+def plot_metrics(metrics: Path, out: Path, panels: dict[str, tuple[str, ...]] = LOSS_PANELS) -> None:
+    """Metrics against steps as a PNG: one panel per entry of `panels` (its y label), one line per
+    metric key logged in `metrics.jsonl` (losses on a log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (label, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=key.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if label == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -143,8 +144,18 @@ def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
         tokenizer=tokenizer, flops_per_token=flops,
     )
     trainer.run(resume=resume)
-    finish_run(trainer, config, "Pretraining", started, tokens=cfg.steps * global_batch * data.seq_len)
+    finish_run(trainer, config, "Pretraining", started, tokens=cfg.steps * global_batch * data.seq_len,
+               sample_prompts=document_openings(val_seqs.tokens, tokenizer.eos_id))
     return out / "model"
+
+
+def document_openings(tokens: np.ndarray, eos_id: int | None, n: int = 4, length: int = 12) -> list[list[int]]:
+    """The first `length` tokens of the first `n` whole documents in a token stream (EOS-separated)."""
+    if eos_id is None:
+        return []
+    head = np.asarray(tokens[: 200 * length * n])
+    starts = (np.flatnonzero(head == eos_id) + 1).tolist()
+    return [head[s : s + length].tolist() for s in starts if s + length <= len(head) and eos_id not in head[s : s + length]][:n]
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str]) -> PretrainConfig:

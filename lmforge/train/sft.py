@@ -28,6 +28,7 @@ from lmforge.peft.adapters import load_adapter, save_adapter
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
+from lmforge.report import response_prompts
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.losses import causal_lm_loss
 
@@ -175,7 +176,7 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
         evaluate=validation_loss(val, cfg.micro_batch_size, config.data.eval_batches, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
-    finish_run(trainer, config, "Supervised fine-tuning", started)
+    finish_run(trainer, config, "Supervised fine-tuning", started, sample_prompts=response_prompts(val or train[0]))
     return config.out_dir / ("adapter" if adapter else "model")
 
 
