@@ -32,6 +32,8 @@ bench: setup
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/finetune.py
 	$(BIN)/python benchmarks/eval.py
+	$(BIN)/python benchmarks/align.py
+	$(BIN)/python benchmarks/rag.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,9 +21,10 @@ def command(name: str) -> Callable:
 CHECKPOINT_HELP = "HF-format model directory (with tokenizer), or a PEFT adapter directory"
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature; 0 is greedy (default {temperature:g})")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
@@ -32,6 +33,12 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
+
+
+def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, default=3, help="chunks to retrieve (default 3)")
+    p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense",
+                   help="dense (embeddings), bm25 (words) or hybrid (both, fused by reciprocal rank) (default dense)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +180,62 @@ def build_parser() -> argparse.ArgumentParser:
                      help="most sequences decoded together; later requests wait for a free row (default 16)")
     srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="weight dtype (default: the checkpoint's)")
+
+    srv.add_argument("--store", type=Path, default=None,
+                     help="answer chat requests from this context store (`lmforge rag index`): the last user "
+                          "message is searched for and the response lists its sources")
+    srv.add_argument("--rag-k", type=int, default=3, help="chunks retrieved per chat request with --store (default 3)")
+
+    rag = sub.add_parser("rag", help="a context store: index documents, ask grounded questions",
+                         description="Retrieval-augmented generation over a context store: chunk texts by tokens, "
+                                     "embed them (sentence-transformers), keep vectors in faiss and texts in SQLite.")
+    rag_sub = rag.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
+    index = rag_sub.add_parser("index", help="add or update documents in a store (created if absent)",
+                               description="Index .txt/.md files (one document each), JSONL ('text' plus metadata, "
+                                           "optional 'id') and folders of them. A document indexed before is skipped "
+                                           "if unchanged and has its chunks replaced if changed.")
+    index.add_argument("--store", type=Path, required=True, help="store directory")
+    index.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="files or folders to index")
+    index.add_argument("--embedding-model", type=Path, default=None,
+                       help="a local sentence-transformers directory (default: all-MiniLM-L6-v2, bundled); "
+                            "fixed when the store is created")
+    index.add_argument("--chunk-tokens", type=int, default=128, help="chunk length in embedding-model tokens "
+                                                                     "(new stores; default 128)")
+    index.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive chunks (default 32)")
+    index.add_argument("--index", choices=["flat", "hnsw"], default="flat",
+                       help="faiss index of a new store: exact (flat) or approximate (hnsw) (default flat)")
+    remove = rag_sub.add_parser("remove", help="delete documents (and their chunks) from a store")
+    remove.add_argument("--store", type=Path, required=True, help="store directory")
+    remove.add_argument("doc_ids", nargs="+", metavar="DOC_ID", help="document ids (see `lmforge rag list`)")
+    listing = rag_sub.add_parser("list", help="list a store's documents")
+    listing.add_argument("--store", type=Path, required=True, help="store directory")
+    search = rag_sub.add_parser("search", help="print the chunks retrieved for a query")
+    search.add_argument("--store", type=Path, required=True, help="store directory")
+    search.add_argument("query", help="the search text")
+    add_retrieval_flags(search)
+    ask = rag_sub.add_parser("ask", help="answer a question from the store, citing numbered sources",
+                             description="Retrieve the best chunks, put them in the prompt as numbered sources, "
+                                         "generate, and print the answer with the sources it cites. --hops 2 searches "
+                                         "again for the first answer (multi-hop questions).")
+    ask.add_argument("--store", type=Path, required=True, help="store directory")
+    ask.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--hops", type=int, default=1, help="retrieval rounds; each later one searches for the "
+                                                         "previous answer (default 1)")
+    add_retrieval_flags(ask)
+    add_sampling_flags(ask, temperature=0.0)
+
+    agent = sub.add_parser("agent", help="answer with a ReAct agent: search the store and calculate, step by step",
+                           description="A Thought / Action / Observation loop: the model chooses search[query] "
+                                       "(the store's best chunk) or calculator[expression] (arithmetic only) until it "
+                                       "gives a Final Answer or runs out of steps. Prints the trace.")
+    agent.add_argument("--store", type=Path, required=True, help="store directory")
+    agent.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
+    agent.add_argument("question", help="the question")
+    agent.add_argument("--max-steps", type=int, default=4, help="most assistant turns (default 4)")
+    agent.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense",
+                       help="retrieval for the search tool (default dense)")
+    add_sampling_flags(agent, temperature=0.0)
 
     export = sub.add_parser("export", help="export a checkpoint for another runtime (GGUF for llama.cpp)")
     export_sub = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
@@ -374,7 +437,90 @@ def _serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import serve
 
     serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          dtype=args.dtype, max_batch_size=args.max_batch_size)
+          dtype=args.dtype, max_batch_size=args.max_batch_size, store=args.store, rag_k=args.rag_k)
+
+
+@command("rag index")
+def _rag_index(args: argparse.Namespace) -> None:
+    from lmforge.rag.documents import read_documents
+    from lmforge.rag.embed import load_embedder
+    from lmforge.rag.store import Store
+
+    documents = read_documents(args.paths)
+    embedder = load_embedder(args.embedding_model) if args.embedding_model else None
+    if Store.is_store(args.store):
+        store = Store.open(args.store, embedder)
+    else:
+        store = Store.create(args.store, embedder, index=args.index, chunk_tokens=args.chunk_tokens,
+                             overlap=args.overlap)
+    with store:
+        stats = store.add(documents)
+        print(f"{args.store}: {stats.added} documents added, {stats.replaced} replaced, {stats.unchanged} unchanged; "
+              f"{stats.chunks} chunks embedded; {len(store.documents())} documents, {len(store)} chunks in all")
+
+
+@command("rag remove")
+def _rag_remove(args: argparse.Namespace) -> None:
+    from lmforge.rag.store import Store
+
+    with Store.open(args.store) as store:
+        for doc_id in args.doc_ids:
+            print(f"{doc_id}: {store.remove(doc_id)} chunks removed")
+
+
+@command("rag list")
+def _rag_list(args: argparse.Namespace) -> None:
+    from lmforge.rag.store import Store
+
+    with Store.open(args.store) as store:
+        for doc_id in store.documents():
+            print(doc_id)
+
+
+@command("rag search")
+def _rag_search(args: argparse.Namespace) -> None:
+    from lmforge.rag.store import Store
+
+    with Store.open(args.store) as store:
+        for hit in store.search(args.query, args.k, args.mode):
+            print(f"{hit.rank}. {hit.doc_id} (score {hit.score:.3f})\n   {' '.join(hit.text.split())}")
+
+
+@command("rag ask")
+def _rag_ask(args: argparse.Namespace) -> None:
+    from lmforge.generate.session import Session
+    from lmforge.rag.answer import answer_questions
+    from lmforge.rag.store import Store
+
+    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    with Store.open(args.store) as store:
+        [answer] = answer_questions(session, store, [args.question], session.sampling(args), k=args.k,
+                                    mode=args.mode, hops=args.hops)
+    print(answer.answer or "(no answer)")
+    print("\nSources:")
+    cited = {hit.chunk_id for hit in answer.cited()}
+    for number, hit in enumerate(answer.sources, 1):
+        mark = "*" if hit.chunk_id in cited else " "
+        print(f"{mark}[{number}] {hit.doc_id} (score {hit.score:.3f}): {' '.join(hit.text.split())[:160]}")
+    if not cited:
+        print("(the answer cites none of them)")
+
+
+@command("agent")
+def _agent(args: argparse.Namespace) -> None:
+    from lmforge.generate.session import Session
+    from lmforge.rag.agent import run_agents
+    from lmforge.rag.answer import agent_tools
+    from lmforge.rag.store import Store
+
+    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    params = session.sampling(args)
+    with Store.open(args.store) as store:
+        [trace] = run_agents([args.question], lambda chats: session.replies(chats, params),
+                             agent_tools(store, args.mode), max_steps=args.max_steps)
+    print(trace.render())
+    if trace.answer is None:
+        print(f"(no final answer within {args.max_steps} steps)")
 
 
 @command("export gguf")

@@ -7,9 +7,11 @@ import re
 
 from lmforge.cli import main
 from lmforge.data.world import make_world, questions
+from lmforge.data.world_store import context_documents
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
+from lmforge.rag.store import Store
 
 
 def test_demo_report_matches_the_run(tmp_path):
@@ -18,7 +20,8 @@ def test_demo_report_matches_the_run(tmp_path):
                  "--align-steps", "4"]) == 0
     report = (out / "report.md").read_text()
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
-                    "## Instruction tuning", "## Prompting", "## Alignment", "## Real sizes"):
+                    "## Instruction tuning", "## Prompting", "## Alignment", "## Retrieval", "## Summary",
+                    "## Real sizes"):
         assert section in report
     records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in records if "val_loss" in r][-1]
@@ -54,3 +57,11 @@ def test_demo_report_matches_the_run(tmp_path):
     for kind in ("helpful", "safety"):
         assert (out / f"reward-{kind}" / "model" / "config.json").is_file()
     assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)
+    assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
+
+    # Retrieval: the store holds the world's documents; the summary's SFT row restates the retrieval table
+    with Store.open(out / "store") as store:
+        assert store.documents() == sorted(d["id"] for d in context_documents(world))
+    closed, grounded = re.search(r"\| \*\*all\*\* \(\d+\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report).groups()
+    assert re.search(rf"\| SFT \| \d+% \| {closed}% \| {grounded}% \|", report)
+    assert "Final Answer:" in report or "Observation:" in report

@@ -2,7 +2,11 @@
 
 Endpoints: `GET /` (the chat page), `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 (both with `stream: true` as server-sent events ending in `data: [DONE]`). Concurrent requests
-are decoded together by one `Batcher` worker thread that owns the engine."""
+are decoded together by one `Batcher` worker thread that owns the engine.
+
+With a context store, chat requests are answered with retrieval: the last user message is searched
+for, replaced by the grounded prompt over the best chunks, and the response carries a `sources`
+list (in the first chunk when streamed) beside OpenAI's fields."""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from lmforge.generate.session import Session
+from lmforge.rag.answer import grounded_chat_prompt
+from lmforge.rag.store import Store
 from lmforge.serve.batcher import Batcher, Job
 
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
@@ -92,8 +98,9 @@ class CompletionBody(_Body):
 
 
 def create_app(session: Session, *, api_key: str | None = None, model_name: str = "lmforge",
-               max_batch_size: int = 16) -> FastAPI:
-    """The FastAPI app serving `session` under the model id `model_name`."""
+               max_batch_size: int = 16, store: Store | None = None, rag_k: int = 3) -> FastAPI:
+    """The FastAPI app serving `session` under the model id `model_name`; chat answers are grounded
+    in the `rag_k` best chunks of `store` when one is given."""
     batcher = Batcher(session, max_batch_size=max_batch_size)
     created = int(time.time())
 
@@ -172,11 +179,18 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             raise APIError(400, "'messages' must hold at least one message", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        extra: dict[str, Any] = {}
         try:
-            prompt = session.chat_prompt(messages, reserve=max_tokens or 1)
+            if store is not None and messages[-1]["role"] == "user":
+                hits = await asyncio.to_thread(store.search, messages[-1]["content"], rag_k)
+                prompt, hits = grounded_chat_prompt(session, messages, hits, max_tokens or 1)
+                extra["sources"] = [{"index": i, "doc_id": h.doc_id, "text": h.text, "score": h.score,
+                                     "metadata": h.metadata} for i, h in enumerate(hits, 1)]
+            else:
+                prompt = session.chat_prompt(messages, reserve=max_tokens or 1)
         except ValueError as e:
             raise APIError(400, f"cannot render the messages with the chat template: {e}", param="messages") from e
-        return await respond(request, body, [prompt], max_tokens, chat=True)
+        return await respond(request, body, [prompt], max_tokens, chat=True, extra=extra)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -213,7 +227,8 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             raise APIError(400, f"max_tokens={max_tokens} is beyond the model's context of {session.context} "
                                 "tokens", param="max_tokens", code="context_length_exceeded")
 
-    async def respond(request: Request, body: _Body, prompts: list[list[int]], max_tokens: int | None, *, chat: bool):
+    async def respond(request: Request, body: _Body, prompts: list[list[int]], max_tokens: int | None, *, chat: bool,
+                      extra: dict[str, Any] | None = None):
         for p in prompts:
             if not p:
                 raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
@@ -259,7 +274,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
 
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse(results(), meta, len(rows), chat, usage, include_usage),
+            return StreamingResponse(sse(results(), meta, len(rows), chat, usage, include_usage, extra or {}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, reasons = [""] * len(rows), ["length"] * len(rows)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
@@ -278,7 +293,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
         kind = "chat.completion" if chat else "text_completion"
-        return {**meta, "object": kind, "choices": choices, "usage": usage}
+        return {**meta, "object": kind, "choices": choices, "usage": usage, **(extra or {})}
 
     return app
 
@@ -309,8 +324,9 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
 
 
 async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usage: dict,
-              include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+              include_usage: bool, first_extra: dict[str, Any]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; `first_extra`'s
+    fields go into the first chunk."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -325,7 +341,7 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
     try:
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(n)])
+                          "finish_reason": None} for i in range(n)], **first_extra)
         async for event in events:
             if event[0] == "delta":
                 yield chunk([choice(event[1], event[2], None)])
@@ -344,12 +360,14 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, dtype: str | None = None, max_batch_size: int = 16) -> None:
-    """Load a checkpoint and serve it with uvicorn until interrupted."""
+          model_name: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
+          store: str | None = None, rag_k: int = 3) -> None:
+    """Load a checkpoint (and a context store) and serve it with uvicorn until interrupted."""
     import uvicorn
 
     session = Session.load(checkpoint, dtype=dtype)
     name = model_name or Path(checkpoint).resolve().name
-    app = create_app(session, api_key=api_key, model_name=name, max_batch_size=max_batch_size)
+    app = create_app(session, api_key=api_key, model_name=name, max_batch_size=max_batch_size,
+                     store=Store.open(store) if store else None, rag_k=rag_k)
     print(f"serving '{name}' on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -22,10 +22,9 @@ from safetensors.torch import load_file
 
 from lmforge.config import PRESETS
 from lmforge.data.corpus import CorpusInfo
-from lmforge.data.preference import PreferenceDataConfig
 from lmforge.data.world import (
-    Question, fact_probes, make_world, pretraining_corpus, questions, red_team_prompts, write_instruction_data,
-    write_preference_data, write_pretraining_corpus, write_safety_data,
+    fact_probes, make_world, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
+    write_safety_data,
 )
 from lmforge.eval.builtin import world_task
 from lmforge.eval.runner import evaluate
@@ -36,17 +35,17 @@ from lmforge.model import Transformer
 from lmforge.report import table_cell
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
-from lmforge.align.dpo import DPOConfig, train_dpo
-from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
-from lmforge.align.safety import refusal_report
-from lmforge.peft.adapters import merge_and_save
+from lmforge.demo.alignment import Alignment, alignment_stage, score
+from lmforge.demo.common import exact_match, mean
+from lmforge.demo.retrieval import Retrieval, retrieval_stage
 from lmforge.peft.method import AdapterConfig
+from lmforge.rag.evaluate import compare_grounding
+from lmforge.rag.store import Store
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 
 VARIANTS = 8  # biographies per person, each worded and ordered differently, so facts become extractable
 REAL_PRESETS = ("llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gpt2")
-DPO_BETA, DPO_LR = 0.1, 3e-4
 SHOTS = (0, 1, 3)
 SAFETY_SHARE = 0.15  # weight of the safety demonstrations in the SFT mixture (the questions weigh 1)
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -96,7 +95,11 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     sections.append(fact_section(session, world, probes, seed))
     sections.append(sft_stage(out, world, model_dir, session, sft_steps, seed))
     sections.append(prompting_section(session, Session.load(out / "sft" / "adapter"), seed, people))
-    sections.append(alignment_stage(out, world, out / "sft" / "adapter", seed, align_steps))
+    alignment = alignment_stage(out, world, out / "sft" / "adapter", seed, align_steps)
+    sections.append(alignment.section)
+    retrieval = retrieval_stage(out, world, alignment.models["SFT"], seed, sft_steps)
+    sections.append(retrieval.section)
+    sections.insert(2, summary_section(world, session, alignment, retrieval, seed))
 
     rows = ["| preset | parameters | training GFLOPs/token (4k context) | KV cache per token (bf16) |",
             "|---|---:|---:|---:|"]
@@ -111,7 +114,9 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     header = (f"# lmforge demo\n\nSeed {seed}; {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads; {time.perf_counter() - started:.0f} s in all.\n\n"
               f"Chat with the models: `lmforge chat --checkpoint {out / 'sft' / 'adapter'}` (instruction-tuned), "
-              f"`lmforge generate --checkpoint {model_dir} --prompt '...'` (pretrained).\n\n")
+              f"`lmforge generate --checkpoint {model_dir} --prompt '...'` (pretrained); ask the context store: "
+              f"`lmforge rag ask --store {retrieval.store} --checkpoint {retrieval.model} \"...\"`, "
+              f"`lmforge agent --store {retrieval.store} --checkpoint {retrieval.model} \"...\"`.\n\n")
     report = out / "report.md"
     report.write_text(header + "\n".join(sections))
     print(f"[demo] report: {report}")
@@ -213,7 +218,8 @@ def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed
         f"{trainable / base.model.num_parameters():.1%} of the model) on {len(questions(world, 'train', phrasings=2))} "
         "question/answer chats about the *training* people, mixed with safety demonstrations (requests for a "
         "private phone number answered with a refusal, harmless look-alikes answered; "
-        f"{SAFETY_SHARE / (1 + SAFETY_SHARE):.0%} of the examples), loss on the answers only: {steps} steps in {seconds:.0f} s; "
+        f"{SAFETY_SHARE / (1 + SAFETY_SHARE):.0%} of the examples), loss on the answers only: {steps} steps in "
+        f"{seconds:.0f} s; "
         f"train loss {train[0]['loss']:.2f} → {train[-1]['loss']:.2f}, validation loss "
         f"{val[-1]['val_loss']:.2f}. The adapter is saved in PEFT's format at `sft/adapter`.\n",
         "Exact match of greedy answers to questions in the chat template. The held-out people were never in "
@@ -239,17 +245,6 @@ def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed
     return "\n".join(lines)
 
 
-def exact_match(session: Session, qs: list[Question]) -> list[tuple[str, bool]]:
-    """Greedy answers to chat questions, and whether each equals the true answer."""
-    answers = session.replies([[{"role": "user", "content": q.question}] for q in qs], session.greedy(16))
-    return [(a, a == q.answer) for a, q in zip(answers, qs)]
-
-
-def mean(results: list) -> float:
-    flags = [r[1] if isinstance(r, tuple) else r for r in results]
-    return sum(flags) / max(1, len(flags))
-
-
 def prompting_section(base: Session, tuned: Session, seed: int, people: int, limit: int = 150) -> str:
     """Zero-, one- and few-shot prompting of the pretrained and the instruction-tuned model on the
     world's multiple-choice facts (log-likelihood) and held-out questions (generation)."""
@@ -273,71 +268,26 @@ def prompting_section(base: Session, tuned: Session, seed: int, people: int, lim
     ]) + "\n"
 
 
-def alignment_stage(out: Path, world, sft_adapter: Path, seed: int, steps: int) -> str:
-    """Helpfulness and safety reward models, then DPO from the SFT model; scores at SFT and after."""
-    merged = merge_and_save(sft_adapter, out / "sft" / "merged")
-    prefs = write_preference_data(world, out / "world" / "preferences.jsonl", "train", seed=seed)
-    heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed)
-    rm_train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
-                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)
-    start = time.perf_counter()
-    reward_dirs = {kind: train_reward(RewardConfig(
-        out_dir=out / f"reward-{kind}", base=merged, train=rm_train,
-        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
-        for kind in ("helpful", "safety")}
-    rm_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    dpo_adapter = train_dpo(DPOConfig(
-        out_dir=out / "dpo", base=merged, beta=DPO_BETA,
-        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind="helpful"),
-        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
-        train=TrainConfig(steps=steps, micro_batch_size=16, lr=DPO_LR, warmup_steps=10, weight_decay=0.0,
-                          log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)))
-    dpo_seconds = time.perf_counter() - start
-
-    scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
-    red_team = red_team_prompts(world, "heldout")
-    qs = questions(world, "heldout", seed=seed)
-    rows = {}
-    for name, session in (("SFT", Session.load(merged)), ("SFT + DPO", Session.load(dpo_adapter))):
-        answers = exact_match(session, qs)
-        refusals = refusal_report(session, red_team)
-        prompts = [[{"role": "user", "content": q.question}] for q in qs] + \
-                  [[{"role": "user", "content": r.prompt}] for r in red_team]
-        replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
-        helpful = torch.tensor(scorers["helpful"].score(prompts, replies))
-        safety = torch.tensor(scorers["safety"].score(prompts, replies))
-        risky = torch.tensor([False] * len(qs) + [r.risky for r in red_team])
-        rows[name] = (float(combined_reward(helpful, safety, risky).mean()), mean(answers), refusals)
-    val = {kind: [json.loads(line) for line in (out / f"reward-{kind}" / "metrics.jsonl").read_text().splitlines()
-                  if "val_accuracy" in line][-1]["val_accuracy"] for kind in reward_dirs}
-    dpo_val = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()
-               if "val_preference_accuracy" in line][-1]
-    lines = [
-        "## Alignment: reward models and DPO\n",
-        f"Preference pairs about the training people ({sum(1 for _ in prefs.open())}): the true answer over another "
-        "person's value or an evasive reply (*helpful*), and a refusal over a phone-number leak on prompts asking for "
-        "the private number, or the answer over a refusal on harmless look-alikes (*safety*).\n",
-        f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {rm_seconds:.0f} s): pairwise "
-        f"accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and **{val['safety']:.0%}** "
-        "(safety). As in LLaMA-2, the score used is the safety model's on risky prompts, the helpfulness model's "
-        "otherwise.",
-        f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {dpo_seconds:.0f} s): held-out "
-        "preference accuracy "
-        f"{dpo_val['val_reference_preference_accuracy']:.0%} (SFT) → **{dpo_val['val_preference_accuracy']:.0%}**.\n",
-        "| model | mean reward (held-out) | exact match (held-out people) | refusal rate (red team) | "
-        "false refusals (look-alikes) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, (reward, em, refusals) in rows.items():
-        lines.append(f"| {name} | {reward:.2f} | {em:.0%} | {refusals.refusal_rate:.0%} | "
-                     f"{refusals.false_refusal_rate:.0%} |")
-    lines += ["", "The refusals come from the safety demonstrations mixed into SFT; DPO on helpfulness preferences "
-              "alone does not protect them — compare the refusal rates above (LLaMA-2 counters this trade-off with a "
-              "separate safety reward model in RLHF).", "",
-              "| red-team prompt (held-out person) | SFT | SFT + DPO |", "|---|---|---|"]
-    for (prompt, before), (_, after) in list(zip(rows["SFT"][2].replies, rows["SFT + DPO"][2].replies))[:6]:
-        lines.append(f"| {prompt.prompt} | {table_cell(before, 40)} | {table_cell(after, 40)} |")
-    print(f"[demo] alignment: refusal {rows['SFT'][2].refusal_rate:.0%} -> {rows['SFT + DPO'][2].refusal_rate:.0%}, "
-          f"reward {rows['SFT'][0]:.2f} -> {rows['SFT + DPO'][0]:.2f}")
-    return "\n".join(lines) + "\n"
+def summary_section(world, base: Session, alignment: Alignment, retrieval: Retrieval, seed: int) -> str:
+    """One table: each stage's model on held-out people (closed-book), on facts pretraining never saw
+    (without and with the context store), and on the red-team prompts."""
+    updated = retrieval.questions
+    texts, answers, gold = ([r.question.question for r in updated], [r.question.answer for r in updated],
+                            [r.doc_id for r in updated])
+    rows = ["## Summary\n",
+            "Every model on held-out prompts: questions about held-out people (what pretraining stored), questions "
+            "about facts pretraining never saw (without and with the context store), red-team prompts and their "
+            "harmless look-alikes, and the mean reward-model score (LLaMA-2's combination).\n",
+            "| model | held-out people | unseen facts, closed-book | unseen facts, with retrieval | refusals "
+            "(red team) | false refusals | mean reward |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    models = {**alignment.models, "SFT + retrieval tuning": retrieval.model}
+    sessions = {"pretrained": base, **{name: Session.load(path) for name, path in models.items()}}
+    with Store.open(retrieval.store) as store:
+        for name, session in sessions.items():
+            sc = alignment.scores.get(name) or score(session, world, alignment.scorers, seed)
+            grounding = compare_grounding(session, store, texts, answers, gold, k=2)
+            rows.append(f"| {name} | {sc.exact_match:.0%} | {grounding.closed_book_em:.0%} | "
+                        f"{grounding.grounded_em:.0%} | {sc.refusals.refusal_rate:.0%} | "
+                        f"{sc.refusals.false_refusal_rate:.0%} | {sc.reward:.2f} |")
+    return "\n".join(rows) + "\n"
