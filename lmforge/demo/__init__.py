@@ -37,7 +37,7 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.demo.alignment import Alignment, alignment_stage, score
 from lmforge.demo.common import exact_match, mean
-from lmforge.demo.retrieval import Retrieval, retrieval_stage
+from lmforge.demo.retrieval import K, Retrieval, retrieval_stage
 from lmforge.peft.method import AdapterConfig
 from lmforge.rag.evaluate import compare_grounding
 from lmforge.rag.store import Store
@@ -286,7 +286,7 @@ def summary_section(world, base: Session, alignment: Alignment, retrieval: Retri
     with Store.open(retrieval.store) as store:
         for name, session in sessions.items():
             sc = alignment.scores.get(name) or score(session, world, alignment.scorers, seed)
-            grounding = compare_grounding(session, store, texts, answers, gold, k=2)
+            grounding = compare_grounding(session, store, texts, answers, gold, k=K)
             rows.append(f"| {name} | {sc.exact_match:.0%} | {grounding.closed_book_em:.0%} | "
                         f"{grounding.grounded_em:.0%} | {sc.refusals.refusal_rate:.0%} | "
                         f"{sc.refusals.false_refusal_rate:.0%} | {sc.reward:.2f} |")

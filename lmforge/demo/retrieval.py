@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.world import World
+from lmforge.data.world import World, make_world
 from lmforge.data.world_store import (
     RetrievalQuestion, multihop_questions, retrieval_questions, write_context_documents, write_grounded_demonstrations,
     write_react_demonstrations,
@@ -25,10 +25,13 @@ from lmforge.report import table_cell
 from lmforge.train.loop import TrainConfig
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 
-K = 2  # sources per prompt
+K = 1  # sources per prompt: the best chunk (a bigger model can weigh more; this one copies)
 
 
-GROUNDED_SHARE, REACT_SHARE, REPLAY_SHARE = 1.0, 0.6, 0.5  # the tuning mixture (replay: the SFT data)
+# The tuning mixture: grounded demonstrations about this world's training people and about the people
+# of another world (so many names that copying them from the sources beats memorising them),
+# ReAct traces, and the SFT data replayed.
+GROUNDED_SHARE, OTHER_WORLD_SHARE, REACT_SHARE, REPLAY_SHARE = 0.5, 1.0, 0.6, 0.5
 
 
 @dataclass
@@ -40,19 +43,24 @@ class Retrieval:
 
 
 def tune_for_retrieval(out: Path, world: World, sft_model: Path, seed: int, steps: int) -> tuple[Path, float]:
-    """LoRA on the SFT model: grounded-answer and ReAct demonstrations about the training people,
-    with the SFT data replayed so that plain questions and refusals keep working."""
+    """Full fine-tuning of the SFT model on grounded-answer and ReAct demonstrations about the
+    training people, with the SFT data replayed so that plain questions and refusals keep working.
+    (LoRA of rank 16 did not learn to copy from the sources at this size: its loss stayed near 1.9.)"""
     grounded = write_grounded_demonstrations(world, out / "world" / "grounded-sft.jsonl", "train", k=K, seed=seed)
+    other = make_world(world.seed + 1, n_people=400, n_companies=20)
+    elsewhere = write_grounded_demonstrations(other, out / "world" / "grounded-other-world.jsonl", "train", k=K,
+                                              seed=seed)
     react = write_react_demonstrations(world, out / "world" / "react-sft.jsonl", "train")
-    datasets = [DatasetSpec(path=grounded, weight=GROUNDED_SHARE), DatasetSpec(path=react, weight=REACT_SHARE),
+    datasets = [DatasetSpec(path=grounded, weight=GROUNDED_SHARE), DatasetSpec(path=elsewhere, weight=OTHER_WORLD_SHARE),
+                DatasetSpec(path=react, weight=REACT_SHARE),
                 DatasetSpec(path=out / "world" / "sft.jsonl", weight=REPLAY_SHARE),
                 DatasetSpec(path=out / "world" / "safety-sft.jsonl", weight=REPLAY_SHARE / 4)]
     start = time.perf_counter()
     adapter = sft(SFTConfig(
         out_dir=out / "rag-sft", base=sft_model,
         data=SFTDataConfig(datasets=datasets, max_len=256, val_fraction=0.05),
-        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
-        train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0,
+        adapter=AdapterConfig(method="full"),
+        train=TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)))
     return adapter, time.perf_counter() - start
 
@@ -93,7 +101,7 @@ def retrieval_stage(out: Path, world: World, sft_model: Path, seed: int, steps: 
         f"{len(world.people)} people (including those absent from pretraining, and the new employers of those who "
         f"changed jobs) and of the companies: {len(store.documents())} documents, {len(store)} chunks, "
         f"embedded with all-MiniLM-L6-v2 into a flat faiss index in {seconds:.1f} s (`lmforge rag index`). "
-        f"The SFT model is then tuned with LoRA for {steps} steps ({tune_seconds:.0f} s) on grounded demonstrations "
+        f"The SFT model is then fine-tuned for {steps} steps ({tune_seconds:.0f} s) on grounded demonstrations "
         "(sources numbered in the prompt, the answer citing one) and ReAct traces about the *training* people, with "
         "the SFT data replayed; the questions below are about held-out people.\n",
         "| retrieval | recall@1 | recall@" + str(K) + " |", "|---|---:|---:|",
