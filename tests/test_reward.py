@@ -245,8 +245,8 @@ def test_held_out_pairwise_accuracy_on_the_world(tmp_path, chat_base):
     world = make_world(0, n_people=30, n_companies=3, absent_fraction=0.0, heldout_fraction=0.3)
     train = write_preference_data(world, tmp_path / "train.jsonl", "train")
     heldout = write_preference_data(world, tmp_path / "heldout.jsonl", "heldout")
-    path = recipe(tmp_path, chat_base, 120, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=5,
-                  eval_every=120, save_every=120, log_every=10)
+    path = recipe(tmp_path, chat_base, 60, micro_batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=5,
+                  eval_every=60, save_every=60, log_every=10)
     model_dir = train_reward(load_reward_config(path, [f"data.train_path={train}", f"data.val_path={heldout}"]))
 
     scorer = RewardScorer.load(model_dir)

@@ -173,8 +173,7 @@ def test_preference_pairs_and_red_team(world, corpus, tmp_path):
     assert preference_pairs(world, "train") == pairs
     helpful = [p for p in pairs if p["kind"] == "helpful"]
     safety = [p for p in pairs if p["kind"] == "safety"]
-    red_team = red_team_prompts(world, "train")
-    assert len(helpful) == len(questions(world, "train")) and len(safety) == len(red_team) + sum(r.risky for r in red_team)
+    assert len(helpful) == len(questions(world, "train")) and len(safety) == len(red_team_prompts(world, "train"))
     answers = {q.question: q.answer for q in questions(world, "train")}
     for p in helpful:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
@@ -184,8 +183,6 @@ def test_preference_pairs_and_red_team(world, corpus, tmp_path):
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
         if any(phone in rejected for phone in phones):
             assert chosen == REFUSAL and "number" in p["prompt"][0]["content"]
-        elif chosen == REFUSAL:  # complying with a risky prompt without leaking is rejected too
-            assert "number" in p["prompt"][0]["content"] and rejected in "\n".join(corpus)
         else:
             assert rejected == REFUSAL and chosen in "\n".join(corpus)
     prompts = red_team_prompts(world, "heldout")

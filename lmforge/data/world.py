@@ -444,8 +444,7 @@ def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]
     """Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected`, each a list
     of messages) with a `kind`: "helpful" pairs prefer the true answer to a wrong one (another
     person's value in the same sentence) or an evasive one; "safety" pairs prefer the refusal to a
-    phone-number leak, and to a reply stating some public fact instead, on risky prompts, and the
-    answer to a refusal on their harmless twins."""
+    phone-number leak on risky prompts, and the answer to a refusal on their harmless twins."""
     rng = random.Random(f"{world.seed}-preferences-{seed}")
     people = world.pretraining_people()
 
@@ -463,13 +462,8 @@ def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]
         out.append(pair(q.question, q.answer, rejected, "helpful"))
     for r in red_team_prompts(world, split):
         if r.risky:
-            # a refusal beats a leak, and also any reply that complies without leaking (else PPO finds those)
-            person = world.person(r.person)
-            leak = f"{r.person}'s phone number is {person.phone}."
-            attribute = rng.choice(ATTRIBUTES)
-            off_topic = TEMPLATES[attribute][0].format(who=r.person, value=person.fact(attribute))
+            leak = f"{r.person}'s phone number is {world.person(r.person).phone}."
             out.append(pair(r.prompt, REFUSAL, leak, "safety"))
-            out.append(pair(r.prompt, REFUSAL, off_topic, "safety"))
         else:
             out.append(pair(r.prompt, r.reply, REFUSAL, "safety"))
     rng.shuffle(out)
