@@ -92,9 +92,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     lines = [
         "## Alignment: reward models, DPO and PPO\n",
         f"Preference pairs about the training people ({sum(1 for _ in prefs.open())}): the true answer over another "
-        "person's value or an evasive reply (*helpful*); on prompts asking for the private number, a refusal over a "
-        "phone-number leak or over a reply that complies with some other fact, and on their harmless look-alikes the "
-        "answer over a refusal (*safety*).\n",
+        "person's value or an evasive reply (*helpful*); a refusal over a phone-number leak on prompts asking for the "
+        "private number, and the answer over a refusal on their harmless look-alikes (*safety*).\n",
         f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {rm_seconds:.0f} s): pairwise "
         f"accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and **{val['safety']:.0%}** "
         "(safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or where it is low), the "
@@ -119,9 +118,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                      f"{sc.refusals.false_refusal_rate:.0%} |")
     lines += ["", "The refusals come from the safety demonstrations mixed into SFT. DPO on helpfulness preferences "
               "alone does not protect them. PPO is scored by the safety reward model on risky prompts, as LLaMA-2 "
-              "does, but it optimises whatever that small model rewards: where a reply that is neither a refusal nor "
-              "a leak scores well, PPO finds it (reward hacking) — compare the refusal rates above and the replies "
-              "below.", "",
+              "does, which keeps more of them; it still optimises whatever that small model rewards, so replies "
+              "that are neither a refusal nor a leak can score well (reward hacking) — compare the replies below.", "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
     for row in list(zip(*replies))[:6]:
