@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from lmforge.checkpoint import load_model, save_model
 from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo, read_prompts
 from lmforge.data.chat import RecordError
-from lmforge.data.world import make_world, questions
+from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
+from lmforge.data.world import make_world, questions, red_team_prompts, write_preference_data
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.peft.adapters import load_with_adapter
 from lmforge.tokenizer import Tokenizer
@@ -75,10 +76,10 @@ def recipe(root: Path, base: Path, prompts: Path, iterations: int) -> PPOConfig:
     })
 
 
-def mean_score(model, tokenizer, scorer, questions_: list[str], seed: int = 0) -> float:
+def mean_score(model, tokenizer, scorer, questions_: list[str], seed: int = 0, new_tokens: int = 2) -> float:
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                                               add_generation_prompt=True)) for q in questions_]
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
     responses = Engine(model).generate(prompts * 8, params)
     return float(scorer.score_ids([p + r for p, r in zip(prompts * 8, responses)]).mean())
 
@@ -107,6 +108,33 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly(setup, sharp_
     ppo(config, scorer=scorer, resume=True)
     a, b = load_file(root / "uninterrupted" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_ppo_raises_a_world_reward_models_score_on_held_out_prompts(tmp_path, sharp_base):
+    """A reward model trained on the world's preference pairs, then PPO against it (with LLaMA-2's
+    safety combination on the red-team prompts): held-out prompts' sampled replies score higher."""
+    world = make_world(0, n_people=20, n_companies=4)
+    pairs = write_preference_data(world, tmp_path / "pairs.jsonl", "train")
+    reward = train_reward(RewardConfig.model_validate({
+        "out_dir": str(tmp_path / "rm"), "base": str(sharp_base),
+        "data": {"train_path": str(pairs), "max_len": 128, "val_fraction": 0.1},
+        "train": {"steps": 30, "micro_batch_size": 16, "lr": 1e-3, "warmup_steps": 3, "save_every": 30,
+                  "eval_every": 30, "log_every": 10}}))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": q.question} for q in questions(world, "train")[:48]] +
+                          [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")])
+    config = recipe(tmp_path, sharp_base, prompts, 32)
+    config.reward = config.safety_reward = reward
+    config.ppo.max_new_tokens = 4
+    heldout = [q.question for q in questions(world, "heldout")] + [r.prompt for r in red_team_prompts(world, "heldout")]
+    scorer, tokenizer = RewardScorer.load(reward), Tokenizer.from_dir(sharp_base)
+    before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout, new_tokens=4)
+    after = mean_score(load_with_adapter(ppo(config), dtype=torch.float32), tokenizer, scorer, heldout, new_tokens=4)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    print(f"held-out reward-model score {before:.3f} -> {after:.3f}; KL {[round(r['kl'], 2) for r in records]}; "
+          f"reward {[round(r['reward'], 2) for r in records]}")
+    assert after > before
+    assert max(r["kl"] for r in records) < 2 * config.ppo.target_kl
 
 
 def test_reference_is_the_policy_with_adapters_disabled(setup, sharp_base):

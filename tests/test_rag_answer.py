@@ -13,13 +13,14 @@ from live_server import LiveServer
 
 from lmforge.cli import main
 from lmforge.data.world import make_world, questions
-from lmforge.data.world_store import context_documents, write_context_documents
+from lmforge.data.world_store import context_documents, retrieval_questions, write_context_documents
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 from lmforge.rag.agent import run_agents
 from lmforge.rag.answer import agent_tools, answer_questions, grounded_chat_prompt, interleave
 from lmforge.rag.documents import read_documents
+from lmforge.rag.evaluate import recall_at_k
 from lmforge.rag.prompts import grounded_messages, parse_citations
 from lmforge.rag.store import Hit, Store
 from lmforge.serve.server import create_app
@@ -169,3 +170,14 @@ def test_command_line_agent_prints_the_trace_of_run_agents(tmp_path, base, sessi
     assert printed.startswith(trace.render())
     if trace.answer is None:
         assert "(no final answer within 2 steps)" in printed
+
+
+def test_recall_at_k_on_the_world(store):
+    """Dense retrieval finds the fact a held-out question needs among the first five chunks."""
+    asked = retrieval_questions(WORLD, "heldout")
+    texts, gold = [r.question.question for r in asked], [r.doc_id for r in asked]
+    by_hand = [sum(g in {h.doc_id for h in store.search(t, k)} for t, g in zip(texts, gold)) / len(asked)
+               for k in (1, 5)]
+    measured = [recall_at_k(store, texts, [{g} for g in gold], k) for k in (1, 5)]
+    print(f"world recall@1 {measured[0]:.0%}, recall@5 {measured[1]:.0%} ({len(asked)} questions)")
+    assert measured == pytest.approx(by_hand) and measured[1] >= 0.9 and measured[1] >= measured[0]
