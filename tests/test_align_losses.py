@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmforge.align.losses import (
+    group_advantages, kl_k3,
     AdaptiveKLController, bradley_terry_loss, dpo_loss, gae, masked_mean, ppo_policy_loss, ppo_value_loss,
     sequence_logprobs, whiten,
 )
@@ -86,3 +87,18 @@ def test_adaptive_kl_controller_moves_towards_target():
     controller = AdaptiveKLController(beta=0.1, target=6.0, horizon=100)
     assert controller.update(kl=12.0, samples=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert controller.update(kl=3.0, samples=10) == pytest.approx(0.1 * 1.02 * (1 - 0.2 * 0.1))  # error clipped
+
+
+def test_group_advantages_hand_case():
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, 5.0])  # three prompts, two samples each
+    std = math.sqrt(2.0)  # sample standard deviation of (1, 3)
+    expected = torch.tensor([-1 / std, 1 / std, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(scores, 2), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(scores, 4)
+
+
+def test_k3_kl_estimate_hand_case():
+    logprobs, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -1.5])
+    expected = [0.0, math.exp(1.0) - 1.0 - 1.0, math.exp(-1.0) + 1.0 - 1.0]
+    assert kl_k3(logprobs, ref).tolist() == pytest.approx(expected)

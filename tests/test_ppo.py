@@ -13,6 +13,7 @@ from chat_data import write_jsonl
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import load_model, save_model
+from lmforge.align.losses import group_advantages
 from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo, read_prompts
 from lmforge.data.chat import RecordError
 from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
@@ -108,6 +109,31 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly(setup, sharp_
     ppo(config, scorer=scorer, resume=True)
     a, b = load_file(root / "uninterrupted" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_grpo_raises_the_reward_with_group_advantages(setup, sharp_base):
+    """GRPO (no value model): each prompt sampled four times, advantages relative to the group."""
+    root, train, heldout, scorer, tokenizer = setup
+    config = recipe(root / "grpo", sharp_base, train, 16)
+    config.ppo.estimator, config.ppo.group_size, config.ppo.batch_size = "grpo", 4, 8
+    policy, _ = load_policy(sharp_base, config.adapter)
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(train))
+    indices = trainer.batch_indices()
+    assert len(indices) == 32 and all(len(set(indices[i : i + 4])) == 1 for i in range(0, 32, 4))
+    rollout = trainer.rollout(indices)
+    # every response token carries its sequence's score relative to the other samples of its prompt
+    sequences = [row[: int(m.nonzero().max()) + 2].tolist() for row, m in zip(rollout.ids, rollout.mask)]
+    expected = group_advantages(scorer.score_ids(sequences).float(), 4)
+    torch.testing.assert_close(rollout.advantages, expected[:, None] * rollout.mask)
+
+    before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout)
+    adapter = ppo(config, scorer=scorer)
+    after = mean_score(load_with_adapter(adapter, dtype=torch.float32), tokenizer, scorer, heldout)
+    records = [json.loads(line) for line in (root / "grpo" / "out" / "metrics.jsonl").read_text().splitlines()]
+    print(f"GRPO held-out mean reward {before:.3f} -> {after:.3f}; KL {[round(r['kl'], 2) for r in records]}")
+    assert after > before + 0.03
+    assert max(r["kl"] for r in records) < 2 * config.ppo.target_kl
+    assert "kl_loss" in records[0] and "value_loss" not in records[0]
 
 
 def test_ppo_raises_a_world_reward_models_score_on_held_out_prompts(tmp_path, sharp_base):

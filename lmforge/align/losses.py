@@ -96,6 +96,23 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return logprobs - ref_logprobs
 
 
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate that is never negative: r - log r - 1 with r = pi_ref / pi
+    (Schulman's k3; GRPO's KL term)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def group_advantages(scores: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """GRPO's advantage (Shao et al. 2024): each score against the other samples of its prompt,
+    (r - mean) / (std + eps), for scores laid out as consecutive groups of `group_size`."""
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    std = groups.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+    return ((groups - groups.mean(1, keepdim=True)) / (std + eps)).view(-1)
+
+
 class AdaptiveKLController:
     """Ziegler et al. (2019): move beta so that the observed KL tracks `target` over `horizon` samples."""
 

@@ -7,6 +7,11 @@ advantages with GAE from a value head on the policy's trunk, whiten them, and up
 value head for several epochs of minibatches with the clipped surrogate and clipped value losses.
 beta adapts so that the KL tracks a target (Ziegler et al. 2019).
 
+`estimator: grpo` swaps the value model for GRPO's group-relative advantages (Shao et al. 2024):
+each prompt is sampled `group_size` times, a response's advantage is its score against its group's
+mean and spread, and the KL to the reference enters the loss (k3 estimate, weight beta) instead of
+the reward. Everything else (rollouts, clipping, the KL controller, checkpoints) is shared.
+
 The policy is the SFT model with LoRA adapters; the frozen reference is the same model with its
 adapters disabled, so no second copy of the weights is held. Checkpoints at iteration boundaries
 (adapter, value head, optimizer, controller, random state) resume to the uninterrupted result."""
@@ -20,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lmforge.align.losses import (
-    AdaptiveKLController, gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs, whiten,
+    AdaptiveKLController, gae, group_advantages, kl_k3, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss,
+    token_logprobs, whiten,
 )
 from lmforge.checkpoint import atomic_dir, load_model
 from lmforge.config import load_yaml
@@ -75,6 +81,9 @@ class PPOSettings(BaseModel):
     top_k: int | None = None
     top_p: float | None = None
     whiten_advantages: bool = True
+    estimator: Literal["gae", "grpo"] = Field("gae", description="advantages from a value head (PPO) or "
+                                                                 "relative to a group of samples (GRPO)")
+    group_size: int = Field(4, gt=1, description="GRPO: samples per prompt")
     save_every: int = Field(5, gt=0)
     keep_last: int = Field(2, gt=0)
     seed: int = 0
@@ -148,6 +157,7 @@ class Rollout:
     ids: Tensor
     mask: Tensor
     old_logprobs: Tensor
+    ref_logprobs: Tensor
     old_values: Tensor
     advantages: Tensor
     returns: Tensor
@@ -186,7 +196,8 @@ class PPOTrainer:
     # ---- rollout -------------------------------------------------------------------------------
 
     def batch_indices(self) -> list[int]:
-        """The prompts of this iteration: a seeded permutation, epoch after epoch."""
+        """The prompts of this iteration: a seeded permutation, epoch after epoch (with GRPO, each
+        prompt `group_size` times in a row)."""
         n, b = len(self.prompts), self.s.batch_size
         start = self.iteration * b
         epoch_order: dict[int, list[int]] = {}
@@ -196,6 +207,8 @@ class PPOTrainer:
             if epoch not in epoch_order:
                 epoch_order[epoch] = random.Random(self.s.seed + epoch).sample(range(n), n)
             out.append(epoch_order[epoch][k % n])
+        if self.s.estimator == "grpo":
+            return [i for i in out for _ in range(self.s.group_size)]
         return out
 
     @torch.no_grad()
@@ -256,26 +269,30 @@ class PPOTrainer:
         with disable_adapters(self.policy):
             ref_logprobs = token_logprobs(self.policy(ids[:, :-1]), ids[:, 1:])
         kl = kl_penalty(logprobs, ref_logprobs) * mask
-        rewards = -self.kl.beta * kl
-        last = mask.cumsum(1).argmax(1)  # the position predicting each response's last token
-        rewards[torch.arange(len(sequences)), last] += scores
-        advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
-        if s.whiten_advantages:
-            advantages = whiten(advantages, mask) * mask
+        if s.estimator == "grpo":
+            advantages, returns = group_advantages(scores, s.group_size)[:, None] * mask, torch.zeros_like(mask)
+        else:
+            rewards = -self.kl.beta * kl
+            last = mask.cumsum(1).argmax(1)  # the position predicting each response's last token
+            rewards[torch.arange(len(sequences)), last] += scores
+            advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
+            if s.whiten_advantages:
+                advantages = whiten(advantages, mask) * mask
         lengths = mask.sum(1)
         stats = {"reward": float(scores.mean()), "kl": float(kl.sum(1).mean()), "beta": self.kl.beta,
                  "response_length": float(lengths.mean())}
         samples = [(self.tokenizer.decode(p, skip_special_tokens=True),
                     self.tokenizer.decode(r, skip_special_tokens=True), float(sc))
                    for p, r, sc in list(zip(prompts, responses, scores))[:3]]
-        return Rollout(ids, mask, logprobs, values, advantages, returns, stats, samples)
+        return Rollout(ids, mask, logprobs, ref_logprobs, values, advantages, returns, stats, samples)
 
     # ---- update --------------------------------------------------------------------------------
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         s = self.s
         self.policy.train()
-        totals: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        second = "kl_loss" if s.estimator == "grpo" else "value_loss"  # the loss beside the policy's
+        totals: dict[str, float] = {"policy_loss": 0.0, second: 0.0, "clip_fraction": 0.0, "entropy": 0.0}
         updates = 0
         generator = torch.Generator().manual_seed(s.seed + self.iteration)
         params = [p for p in self.optimizer.param_groups[0]["params"] + self.optimizer.param_groups[1]["params"]]
@@ -287,9 +304,12 @@ class PPOTrainer:
                 logprobs, values, logits = policy_outputs(self.policy, self.head, rollout.ids[rows])
                 policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.old_logprobs[rows],
                                                              rollout.advantages[rows], mask, s.clip)
-                value_loss = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask,
-                                            s.value_clip)
-                loss = policy_loss + s.value_coef * value_loss
+                if s.estimator == "grpo":
+                    other = masked_mean(kl_k3(logprobs, rollout.ref_logprobs[rows]), mask)
+                    loss = policy_loss + self.kl.beta * other
+                else:
+                    other = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, s.value_clip)
+                    loss = policy_loss + s.value_coef * other
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -297,7 +317,7 @@ class PPOTrainer:
                 with torch.no_grad():
                     probs = logits.float().softmax(-1)
                     entropy = masked_mean(-(probs * probs.clamp_min(1e-12).log()).sum(-1), mask)
-                for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                for key, value in (("policy_loss", policy_loss), (second, other),
                                    ("clip_fraction", clip_fraction), ("entropy", entropy)):
                     totals[key] += float(value.detach())
                 updates += 1
