@@ -97,7 +97,7 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
     sections.append(prompting_section(session, Session.load(out / "sft" / "adapter"), seed, people))
     alignment = alignment_stage(out, world, out / "sft" / "adapter", seed, align_steps)
     sections.append(alignment.section)
-    retrieval = retrieval_stage(out, world, alignment.models["SFT"], seed, 2 * sft_steps)
+    retrieval = retrieval_stage(out, world, alignment.models["SFT"], seed, 4 * sft_steps)
     sections.append(retrieval.section)
     sections.insert(2, summary_section(world, session, alignment, retrieval, seed))
 

@@ -47,7 +47,7 @@ def tune_for_retrieval(out: Path, world: World, sft_model: Path, seed: int, step
     training people, with the SFT data replayed so that plain questions and refusals keep working.
     (LoRA of rank 16 did not learn to copy from the sources at this size: its loss stayed near 1.9.)"""
     grounded = write_grounded_demonstrations(world, out / "world" / "grounded-sft.jsonl", "train", k=K, seed=seed)
-    other = make_world(world.seed + 1, n_people=1000, n_companies=20)
+    other = make_world(world.seed + 1, n_people=2000, n_companies=20)
     elsewhere = write_grounded_demonstrations(other, out / "world" / "grounded-other-world.jsonl", "train", k=K,
                                               seed=seed)
     react = write_react_demonstrations(world, out / "world" / "react-sft.jsonl", "train")
