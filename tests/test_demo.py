@@ -59,9 +59,9 @@ def test_demo_report_matches_the_run(tmp_path):
     assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)
     assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
 
-    # Retrieval: the store holds the world's documents; the summary's SFT row restates the retrieval table
+    # Retrieval: the store holds the world's documents; the summary restates the retrieval table's figures
     with Store.open(out / "store") as store:
         assert store.documents() == sorted(d["id"] for d in context_documents(world))
     closed, grounded = re.search(r"\| \*\*all\*\* \(\d+\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report).groups()
-    assert re.search(rf"\| SFT \| \d+% \| {closed}% \| {grounded}% \|", report)
+    assert re.search(rf"\| SFT \+ retrieval tuning \| \d+% \| {closed}% \| {grounded}% \|", report)
     assert "Final Answer:" in report or "Observation:" in report

@@ -281,13 +281,17 @@ def summary_section(world, base: Session, alignment: Alignment, retrieval: Retri
             "| model | held-out people | unseen facts, closed-book | unseen facts, with retrieval | refusals "
             "(red team) | false refusals | mean reward |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    models = {**alignment.models, "SFT + retrieval tuning": retrieval.model}
-    sessions = {"pretrained": base, **{name: Session.load(path) for name, path in models.items()}}
+    sessions = {"pretrained": base, **{name: Session.load(path) for name, path in alignment.models.items()}}
+    groundings = {}
     with Store.open(retrieval.store) as store:
         for name, session in sessions.items():
-            sc = alignment.scores.get(name) or score(session, world, alignment.scorers, seed)
-            grounding = compare_grounding(session, store, texts, answers, gold, k=K)
-            rows.append(f"| {name} | {sc.exact_match:.0%} | {grounding.closed_book_em:.0%} | "
-                        f"{grounding.grounded_em:.0%} | {sc.refusals.refusal_rate:.0%} | "
-                        f"{sc.refusals.false_refusal_rate:.0%} | {sc.reward:.2f} |")
+            groundings[name] = compare_grounding(session, store, texts, answers, gold, k=K)
+    groundings["SFT + retrieval tuning"] = retrieval.grounding  # measured in its own stage
+    sessions["SFT + retrieval tuning"] = Session.load(retrieval.model)
+    for name, session in sessions.items():
+        sc = alignment.scores.get(name) or score(session, world, alignment.scorers, seed)
+        grounding = groundings[name]
+        rows.append(f"| {name} | {sc.exact_match:.0%} | {grounding.closed_book_em:.0%} | "
+                    f"{grounding.grounded_em:.0%} | {sc.refusals.refusal_rate:.0%} | "
+                    f"{sc.refusals.false_refusal_rate:.0%} | {sc.reward:.2f} |")
     return "\n".join(rows) + "\n"

@@ -19,7 +19,7 @@ from lmforge.data.world_store import (
 from lmforge.generate.session import Session
 from lmforge.peft.method import AdapterConfig
 from lmforge.rag.documents import read_documents
-from lmforge.rag.evaluate import compare_grounding, compare_multihop, exact_match, recall_at_k
+from lmforge.rag.evaluate import GroundedResult, compare_grounding, compare_multihop, exact_match, recall_at_k
 from lmforge.rag.store import Store
 from lmforge.report import table_cell
 from lmforge.train.loop import TrainConfig
@@ -40,6 +40,7 @@ class Retrieval:
     store: Path
     model: Path  # the SFT model tuned for grounded answers and ReAct
     questions: list[RetrievalQuestion]  # held-out questions whose answers pretraining never saw
+    grounding: GroundedResult  # the tuned model on them, without and with the store
 
 
 def tune_for_retrieval(out: Path, world: World, sft_model: Path, seed: int, steps: int) -> tuple[Path, float]:
@@ -142,4 +143,4 @@ def retrieval_stage(out: Path, world: World, sft_model: Path, seed: int, steps: 
           f"with retrieval; two-hop {hops.single_em:.0%} single, {hops.iterative_em:.0%} iterative, "
           f"{hops.agent_em:.0%} agent")
     store.close()
-    return Retrieval("\n".join(lines) + "\n", out / "store", model, updated)
+    return Retrieval("\n".join(lines) + "\n", out / "store", model, updated, grounding)
