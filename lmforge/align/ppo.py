@@ -212,31 +212,28 @@ class PPOTrainer:
         return out
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[list[float]],
-                                                                               list[list[float]]]:
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], Tensor, Tensor]:
         """Sample responses with the engine and keep, for every sampled token, the policy's log-prob of
         it and the value estimate at its position, read from the forward passes that generated it (the
-        lm_head's input and output), so no second policy forward is needed after generation."""
+        lm_head's input and output), so no second policy forward is needed after generation.
+        Returns the responses and (B, steps) log-probs and values, meaningful where a row was live."""
         captured: list[tuple[Tensor, Tensor]] = []
         hook = self.policy.lm_head.register_forward_hook(
             lambda module, args, output: captured.append((args[0][:, -1], output[:, -1])))
         responses: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
-        values: list[list[float]] = [[] for _ in prompts]
+        step_logprobs, step_values = [], []
         try:
             for step in self.engine.stream(prompts, params):
                 hidden, logits = captured.pop()
-                live = [row for row, token in enumerate(step) if token is not None]
-                tokens = torch.tensor([step[row] for row in live])
-                step_logprobs = token_logprobs(logits[live], tokens).tolist()
-                step_values = self.head(hidden[live]).tolist()
-                for i, row in enumerate(live):
-                    responses[row].append(step[row])
-                    logprobs[row].append(step_logprobs[i])
-                    values[row].append(step_values[i])
+                tokens = torch.tensor([0 if token is None else token for token in step])
+                step_logprobs.append(token_logprobs(logits, tokens))
+                step_values.append(self.head(hidden))
+                for row, token in enumerate(step):
+                    if token is not None:
+                        responses[row].append(token)
         finally:
             hook.remove()
-        return responses, logprobs, values
+        return responses, torch.stack(step_logprobs, 1), torch.stack(step_values, 1)
 
     @torch.no_grad()
     def rollout(self, indices: Sequence[int]) -> Rollout:
@@ -256,8 +253,8 @@ class PPOTrainer:
             ids[row, : len(seq)] = torch.tensor(seq)
             response = slice(len(p) - 1, len(seq) - 1)  # positions predicting response tokens
             mask[row, response] = 1
-            logprobs[row, response] = torch.tensor(sampled_logprobs[row])
-            values[row, response] = torch.tensor(sampled_values[row])
+            logprobs[row, response] = sampled_logprobs[row, : len(seq) - len(p)]
+            values[row, response] = sampled_values[row, : len(seq) - len(p)]
 
         scores = self.scorer.score_ids(sequences).float()
         if self.safety is not None:
