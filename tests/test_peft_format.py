@@ -12,9 +12,10 @@ from hf_models import VOCAB, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import load_model
+from lmforge.peft.tokens import input_and_output
 from lmforge.peft import (
-    add_lora, disable_adapters, is_adapter_dir, load_adapter, load_with_adapter, merge_and_save, prompt_tuning,
-    save_adapter,
+    AdapterConfig, add_lora, add_trainable_tokens, apply_method, disable_adapters, is_adapter_dir, load_adapter,
+    load_with_adapter, merge_and_save, prompt_tuning, save_adapter, trainable_parameters,
 )
 
 
@@ -26,7 +27,7 @@ def randomise_adapters(model: torch.nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name or "trainable_tokens_delta" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
@@ -98,6 +99,74 @@ def test_peft_lora_loads_in_lmforge(base_dir, tmp_path, rslora):
     merged = load_with_adapter(tmp_path / "theirs", merge=True)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert max_diff(merged, theirs) < 1e-4
+
+
+TOKENS = [3, 5, 40]  # ids() draws from [3, VOCAB): the trained rows are read and scored
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied, tied embeddings
+def test_trainable_tokens_load_in_peft(base_dir, tmp_path, family):
+    base = base_dir(family)
+    model = add_lora(load_model(base), r=4, alpha=8, targets="all-linear")
+    add_trainable_tokens(model, input_and_output(model, TOKENS))
+    randomise_adapters(model)
+    tied = family == "qwen2"
+    out = save_adapter(model, tmp_path / "adapter", base=base)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == (TOKENS if tied else {"embed_tokens": TOKENS, "lm_head": TOKENS})
+    rows = {k for k in load_file(out / "adapter_model.safetensors") if "token_adapter" in k}
+    assert rows == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"} | (
+        set() if tied else {"base_model.model.lm_head.token_adapter.trainable_tokens_delta"})
+    theirs = peft_model(base, out)
+    assert max_diff(model, theirs) < 1e-4
+    with disable_adapters(model), theirs.disable_adapter():
+        assert max_diff(model, theirs) < 1e-4
+    merged = tf.AutoModelForCausalLM.from_pretrained(merge_and_save(out, tmp_path / "merged")).eval()
+    assert max_diff(model, merged) < 1e-4
+    assert max_diff(load_with_adapter(out), theirs) < 1e-4  # and back
+
+
+def test_peft_trainable_tokens_load_in_lmforge(base_dir, tmp_path):
+    base = base_dir()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                             trainable_token_indices={"embed_tokens": [4, 9], "lm_head": [9, 11, 12]},
+                             base_model_name_or_path=str(base))
+    theirs = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base), config)
+    randomise_adapters(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert max_diff(load_with_adapter(tmp_path / "theirs"), theirs.eval()) < 1e-4
+    merged = load_with_adapter(tmp_path / "theirs", merge=True)
+    assert not any("token_adapter" in n or "lora_" in n for n, _ in merged.named_parameters())
+    assert max_diff(merged, theirs) < 1e-4
+
+
+class Vocabulary:
+    def token_to_id(self, token: str) -> int | None:
+        return {"<|im_start|>": 3, "<|im_end|>": 5}.get(token)
+
+
+def test_only_the_chosen_rows_train(base_dir):
+    base = base_dir()
+    model = apply_method(load_model(base), AdapterConfig(method="lora", r=2, trainable_tokens=["<|im_end|>", 40]),
+                         Vocabulary())
+    hidden = model.config.hidden_size
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert sum(p.numel() for p in trainable_parameters(model)) == lora + 2 * 2 * hidden  # two rows, in and out
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids()
+    x[0, :4] = torch.tensor([5, 40, 5, 7])
+    torch.optim.SGD(trainable_parameters(model), lr=1.0).zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    torch.optim.SGD(trainable_parameters(model), lr=1.0).step()
+    embed = model.model.embed_tokens
+    assert torch.equal(embed.weight, before["model.embed_tokens.weight"])  # the base rows stay frozen
+    assert not torch.equal(embed.rows, before["model.embed_tokens.token_adapter.trainable_tokens_delta"])
+    assert not torch.equal(model.lm_head.rows, before["lm_head.token_adapter.trainable_tokens_delta"])
+    with pytest.raises(ValueError, match="not one token"):
+        apply_method(load_model(base), AdapterConfig(method="lora", trainable_tokens=["<|eot|>"]), Vocabulary())
+    with pytest.raises(ValueError, match="trainable_tokens goes with method lora"):
+        AdapterConfig(method="full", trainable_tokens=[3])
 
 
 def test_prompt_tuning_both_ways(base_dir, tmp_path):

@@ -33,7 +33,7 @@ from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
 from lmforge.report import table_cell
-from lmforge.tokenizer import train_tokenizer
+from lmforge.tokenizer import IM_END, IM_START, train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.demo.alignment import Alignment, alignment_stage, score
 from lmforge.demo.common import exact_match, mean
@@ -196,7 +196,8 @@ def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed
         out_dir=out / "sft", base=model_dir,
         data=SFTDataConfig(datasets=[DatasetSpec(path=data), DatasetSpec(path=safety, weight=SAFETY_SHARE)], max_len=96,
                            val_fraction=0.05),
-        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
+        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", trainable_tokens=[IM_START, IM_END],
+                              seed=seed),
         train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0,
                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed),
     )
@@ -214,7 +215,8 @@ def sft_stage(out: Path, world, model_dir: Path, base: Session, steps: int, seed
     trainable = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
     lines = [
         "## Instruction tuning (LoRA)\n",
-        f"LoRA (rank 16 on every linear layer: {trainable:,} parameters, "
+        f"LoRA (rank 16 on every linear layer, plus the embedding and output rows of the chat markers "
+        f"`{IM_START}` and `{IM_END}`, which pretraining never saw: {trainable:,} parameters, "
         f"{trainable / base.model.num_parameters():.1%} of the model) on {len(questions(world, 'train', phrasings=2))} "
         "question/answer chats about the *training* people, mixed with safety demonstrations (requests for a "
         "private phone number answered with a refusal, harmless look-alikes answered; "

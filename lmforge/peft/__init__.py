@@ -1,5 +1,5 @@
-"""Parameter-efficient fine-tuning: LoRA, QLoRA (NF4 base), prompt tuning, selective training,
-and adapters in PEFT's on-disk format."""
+"""Parameter-efficient fine-tuning: LoRA, QLoRA (NF4 base), trainable token rows, prompt tuning,
+selective training, and adapters in PEFT's on-disk format."""
 
 from lmforge.peft.adapters import (
     adapter_base, adapter_state, is_adapter_dir, load_adapter, load_with_adapter, merge_and_save, read_adapter,
@@ -11,10 +11,11 @@ from lmforge.peft.lora import (
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts, trainable_parameters
 from lmforge.peft.prompt_tuning import PromptTuned, prompt_tuning
 from lmforge.peft.selective import train_only
+from lmforge.peft.tokens import TrainableTokens, add_trainable_tokens
 
 __all__ = [
-    "AdapterConfig", "FrozenLinear", "LoRALinear", "PromptTuned", "adapter_base", "adapter_state", "add_lora",
-    "apply_method", "disable_adapters", "is_adapter_dir", "load_adapter", "load_with_adapter", "merge_and_save",
+    "AdapterConfig", "FrozenLinear", "LoRALinear", "PromptTuned", "TrainableTokens", "adapter_base", "adapter_state",
+    "add_lora", "add_trainable_tokens", "apply_method", "disable_adapters", "is_adapter_dir", "load_adapter", "load_with_adapter", "merge_and_save",
     "merge_and_unload", "merge_lora", "parameter_counts", "prompt_tuning", "read_adapter", "save_adapter",
     "train_only", "trainable_parameters", "unmerge_lora",
 ]

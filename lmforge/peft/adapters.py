@@ -22,6 +22,9 @@ from lmforge.checkpoint import atomic_dir, load_model, save_model, to_disk, to_o
 from lmforge.config import ModelConfig
 from lmforge.peft.lora import add_lora, linear_names, lora_layers, matches, merge_and_unload, target_names
 from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
+from lmforge.peft.tokens import (
+    add_trainable_tokens, expected_token_state, peft_token_indices, token_layers, token_state,
+)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -29,8 +32,7 @@ PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
 LORA_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-                    "layers_to_transform", "lora_bias", "target_parameters", "trainable_token_indices",
-                    "layer_replication")
+                    "layers_to_transform", "lora_bias", "target_parameters", "layer_replication")
 
 
 # ---- names -------------------------------------------------------------------------------------
@@ -60,14 +62,14 @@ def from_peft_keys(tensors: dict[str, Tensor], config: ModelConfig, source: Path
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under our names: LoRA A/B matrices, or the soft prompt."""
+    """The adapter's tensors under our names: LoRA A/B matrices and trainable token rows, or the soft prompt."""
     if isinstance(model, PromptTuned):
         return {"prompt_embeddings": model.prompt_embeddings}
     state = {}
     for name, m in lora_layers(model):
         state[f"{name}.lora_A.weight"] = m.lora_A.weight
         state[f"{name}.lora_B.weight"] = m.lora_B.weight
-    return state
+    return state | token_state(model)
 
 
 def _lora_config(model: nn.Module) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def _lora_config(model: nn.Module) -> dict[str, Any]:
         "lora_dropout": dropout, "target_modules": leaves, "use_rslora": rslora, "fan_in_fan_out": False,
         "bias": "none", "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "trainable_token_indices": peft_token_indices(model),
     }
 
 
@@ -182,7 +185,8 @@ def _load_lora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tens
         raise ValueError(f"{path / CONFIG}: bias={config['bias']!r} is not supported (none)")
     r = config["r"]
     state = from_peft_keys(tensors, model.config, path / WEIGHTS)
-    adapted = any(lora_layers(model))
+    tokens = config.get("trainable_token_indices")
+    adapted = any(lora_layers(model)) or any(token_layers(model))
     if adapted:
         expected = {name: tuple(t.shape) for name, t in adapter_state(model).items()}
     else:
@@ -191,10 +195,17 @@ def _load_lora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tens
             layer = model.get_submodule(name)
             expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
             expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
+        if tokens:
+            try:
+                expected |= expected_token_state(model, tokens)
+            except ValueError as e:
+                raise ValueError(f"{path / CONFIG}: {e}") from None
     _check_keys(state, expected, path / WEIGHTS)
     if not adapted:
         add_lora(model, r=r, alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                  targets=config["target_modules"], rslora=config.get("use_rslora", False))
+        if tokens:
+            add_trainable_tokens(model, tokens)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.peft.tokens import merge_tokens_and_unload
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 NF4_BLOCK = 64  # weights per NF4 block (QLoRA's choice)
 NF4_SCALER_BLOCK = 256  # block scales per quantisation factor (QLoRA's double quantisation)
@@ -238,7 +240,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each LoRA/frozen layer by a plain `nn.Linear` holding W + s B A (NF4 weights are
-    dequantised first); returns the plain model, in place."""
+    dequantised first), and trainable token rows by plain layers holding them; returns the plain
+    model, in place."""
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, FrozenLinear)]:
         weight = m.dense_weight().float()
         if isinstance(m, LoRALinear) and not m.merged:
@@ -248,4 +251,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
         _replace(model, name, linear.train(m.training))
-    return model
+    return merge_tokens_and_unload(model)

@@ -12,6 +12,7 @@ from lmforge.model import Transformer
 from lmforge.peft.lora import ATTENTION, add_lora
 from lmforge.peft.prompt_tuning import PromptInit, prompt_tuning
 from lmforge.peft.selective import train_only
+from lmforge.peft.tokens import add_trainable_tokens, input_and_output
 
 
 class AdapterConfig(BaseModel):
@@ -32,6 +33,9 @@ class AdapterConfig(BaseModel):
     prompt_init_text: str | None = None
     patterns: list[str] = Field(default_factory=list, description="regexes or groups: norms, biases, embeddings, head")
     layers: list[int] = Field(default_factory=list, description="block indices to train; -1 is the last")
+    trainable_tokens: list[str | int] = Field(
+        default_factory=list, description="with LoRA: tokens (strings or ids) whose embedding and output rows train, "
+        "e.g. a chat template's markers the base never saw (PEFT's trainable_token_indices)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -42,6 +46,8 @@ class AdapterConfig(BaseModel):
             raise ValueError("method 'selective' needs patterns and/or layers")
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is empty")
+        if self.trainable_tokens and self.method not in ("lora", "qlora"):
+            raise ValueError(f"trainable_tokens goes with method lora or qlora, not {self.method!r}")
         return self
 
 
@@ -53,8 +59,11 @@ def apply_method(model: Transformer, cfg: AdapterConfig, tokenizer: Any = None) 
     if cfg.method == "full":
         return model.requires_grad_(True)
     if cfg.method in ("lora", "qlora"):
-        return add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                        rslora=cfg.rslora, quantize=cfg.method == "qlora", generator=generator)
+        add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, rslora=cfg.rslora,
+                 quantize=cfg.method == "qlora", generator=generator)
+        if cfg.trainable_tokens:
+            add_trainable_tokens(model, input_and_output(model, token_ids(cfg.trainable_tokens, tokenizer)))
+        return model
     if cfg.method == "prompt":
         ids = None
         if cfg.prompt_init == "text":
@@ -65,6 +74,19 @@ def apply_method(model: Transformer, cfg: AdapterConfig, tokenizer: Any = None) 
                              init_text=cfg.prompt_init_text, generator=generator)
     train_only(model, cfg.patterns, cfg.layers)
     return model
+
+
+def token_ids(tokens: list[str | int], tokenizer: Any) -> list[int]:
+    """Ids of `tokens`: ids as they are, strings looked up as single tokens of the vocabulary."""
+    if any(isinstance(t, str) for t in tokens) and tokenizer is None:
+        raise ValueError("trainable_tokens given as strings need the tokenizer")
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.token_to_id(token) if isinstance(token, str) else token
+        if token_id is None:
+            raise ValueError(f"trainable_tokens: {token!r} is not one token of the vocabulary")
+        ids.append(token_id)
+    return ids
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
