@@ -17,7 +17,7 @@ from chat_data import labelled_text, write_jsonl
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
 from lmforge.data.chat import RecordError, SFTData, collate, encode, pack, read_messages
-from lmforge.data.world import make_world, write_instruction_data
+from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
@@ -220,3 +220,29 @@ def test_bad_recipe_and_data_errors(tmp_path, base, capsys):
     assert f"{bad}:2: field 'messages': no assistant turn" in capsys.readouterr().err
     assert main(["sft", "--config", str(path), "adapter.method=magic"]) == 2
     assert "adapter.method" in capsys.readouterr().err
+
+
+def test_trainable_tokens_teach_the_end_of_turn(tmp_path, base):
+    """The base never saw `<|im_end|>`: LoRA alone leaves its output row random and its probability
+    after an answer near 1/vocab; training the marker rows (PEFT's trainable_token_indices) gives it
+    most of the mass, on questions about people the fine-tuning never named."""
+    world = make_world(0, n_people=20, n_companies=4)
+    heldout = [q.messages() for q in questions(world, "heldout")]
+    chance = {}
+    for tokens in ([], ["<|im_start|>", "<|im_end|>"]):
+        path = recipe(tmp_path / str(len(tokens)), base, "lora", 40, micro_batch_size=8, grad_accum=1)
+        config = yaml.safe_load(path.read_text())
+        config["adapter"]["trainable_tokens"] = tokens
+        path.write_text(json.dumps(config))
+        assert main(["sft", "--config", str(path)]) == 0
+        session = Session.load(tmp_path / str(len(tokens)) / "out" / "adapter")
+        tok = session.tokenizer
+        end = tok.token_to_id("<|im_end|>")
+        probabilities = []
+        for chat in heldout:
+            ids = tok.encode(tok.apply_chat_template(chat[:1], add_generation_prompt=True) + chat[1]["content"])
+            with torch.no_grad():
+                probabilities.append(session.model(torch.tensor([ids]))[0, -1].softmax(-1)[end].item())
+        chance[len(tokens)] = sum(probabilities) / len(probabilities)
+    print(f"P(<|im_end|>) after held-out answers: LoRA {chance[0]:.3f}, with the marker rows {chance[2]:.3f}")
+    assert chance[0] < 0.05 and chance[2] > 0.3
