@@ -118,7 +118,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                      f"{sc.refusals.false_refusal_rate:.0%} |")
     lines += ["", "The refusals come from the safety demonstrations mixed into SFT. DPO on helpfulness preferences "
               "alone does not protect them. PPO is scored by the safety reward model on risky prompts, as LLaMA-2 "
-              "does, which keeps more of them; it still optimises whatever that small model rewards, so replies "
+              "does. It optimises whatever these small reward models reward: the helpfulness model cannot tell a "
+              "right value from a wrong one, so there is little PPO can honestly gain over SFT on it, and replies "
               "that are neither a refusal nor a leak can score well (reward hacking) — compare the replies below.", "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
