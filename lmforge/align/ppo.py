@@ -389,7 +389,8 @@ def load_policy(path: Path, adapter: AdapterConfig) -> tuple[nn.Module, Tokenize
     if adapter.method not in ("lora", "qlora"):
         raise ValueError(f"ppo trains LoRA adapters (the reference is the model with them disabled); "
                          f"adapter.method {adapter.method!r} is not supported")
-    return apply_method(load_model(path, dtype=torch.float32), adapter), Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)
+    return apply_method(load_model(path, dtype=torch.float32), adapter, tokenizer), tokenizer
 
 
 def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None,
