@@ -258,6 +258,14 @@ def test_unknown_peft_type_and_unsupported_options(adapter):
     edit_config(path, peft_type="LORA", use_dora=True)
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         load_adapter(load_model(base), path)
+    edit_config(path, use_dora=False, trainable_token_indices={"wte": [3]})
+    model = load_model(base)
+    with pytest.raises(ValueError, match=r"adapter_config.json: trainable_token_indices names \['wte'\]"):
+        load_adapter(model, path)
+    edit_config(path, trainable_token_indices=[3, 5])  # rows the weights file does not hold
+    with pytest.raises(ValueError, match="no tensor for 'model.embed_tokens.token_adapter.trainable_tokens_delta'"):
+        load_adapter(model, path)
+    assert not any("lora_" in n or "token_adapter" in n for n, _ in model.named_parameters())
 
 
 def test_missing_base_dir(adapter, tmp_path):

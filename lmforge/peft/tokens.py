@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LAYERS = ("model.embed_tokens", "lm_head")  # the input embedding and the output layer, by our names
+EMBED, HEAD = "model.embed_tokens", "lm_head"  # the input embedding and the output layer, by our names
+LAYERS = (EMBED, HEAD)
 
 
 class TokenRows(nn.Module):
@@ -80,37 +81,41 @@ class TrainableTokens(nn.Module):
         return f"tokens={self.token_indices}, {'embedding' if self.embedding else 'linear'}"
 
 
+def tied(model: nn.Module) -> bool:
+    return model.get_submodule(HEAD).weight is model.get_submodule(EMBED).weight
+
+
 def layer_indices(model: nn.Module, token_indices: Sequence[int] | dict[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Which rows train in which layer, by PEFT's rule: a list selects rows of the input embedding
-    (a tied output layer follows it); a dict names the layers (`{"embed_tokens": [...], "lm_head": [...]}`)."""
+    """Which rows train in which layer, by PEFT's rule: a list selects rows of the input embedding;
+    a dict names the layers (`{"embed_tokens": [...], "lm_head": [...]}`). A tied output layer
+    always uses the embedding's rows."""
     if not isinstance(token_indices, dict):
-        chosen = {"model.embed_tokens": list(token_indices)}
+        chosen = {EMBED: list(token_indices)}
     else:
         short = {name.rsplit(".", 1)[-1]: name for name in LAYERS}
         unknown = set(token_indices) - set(short)
         if unknown:
             raise ValueError(f"trainable_token_indices names {sorted(unknown)}; the layers are embed_tokens and lm_head")
         chosen = {short[k]: list(v) for k, v in token_indices.items() if v}
-    embed, head = (model.get_submodule(name) for name in LAYERS)
-    if head.weight is embed.weight:  # tied: the output layer uses the embedding's rows
-        chosen["lm_head"] = chosen.get("model.embed_tokens") or chosen.pop("lm_head", [])
+    if tied(model):
+        rows = chosen.get(EMBED) or chosen.get(HEAD, [])
+        chosen = {EMBED: rows, HEAD: rows}
     return {name: chosen[name] for name in LAYERS if chosen.get(name)}
 
 
 def input_and_output(model: nn.Module, token_ids: Sequence[int]) -> list[int] | dict[str, list[int]]:
     """`token_ids` for both the input embedding and the output layer, in PEFT's form for this model."""
-    embed, head = (model.get_submodule(name) for name in LAYERS)
-    return list(token_ids) if head.weight is embed.weight else {"embed_tokens": list(token_ids),
-                                                                 "lm_head": list(token_ids)}
+    return list(token_ids) if tied(model) else {"embed_tokens": list(token_ids), "lm_head": list(token_ids)}
 
 
 def expected_token_state(model: nn.Module, token_indices: Sequence[int] | dict[str, Sequence[int]]
                          ) -> dict[str, tuple[int, int]]:
     """The shapes of the rows `add_trainable_tokens(model, token_indices)` would add, by our names."""
     layers = layer_indices(model, token_indices)
-    tied = model.get_submodule(LAYERS[1]).weight is model.get_submodule(LAYERS[0]).weight
+    if tied(model):
+        layers.pop(HEAD, None)  # shares the embedding's rows
     return {f"{name}.token_adapter.trainable_tokens_delta": (len(ids), model.get_submodule(name).weight.shape[1])
-            for name, ids in layers.items() if not (tied and name == "lm_head" and LAYERS[0] in layers)}
+            for name, ids in layers.items()}
 
 
 def add_trainable_tokens(model: nn.Module, token_indices: Sequence[int] | dict[str, Sequence[int]]) -> nn.Module:
@@ -118,11 +123,9 @@ def add_trainable_tokens(model: nn.Module, token_indices: Sequence[int] | dict[s
     `token_indices` (in place; returns `model`)."""
     if any(token_layers(model)):
         raise ValueError("the model already has trainable tokens")
-    embed = model.get_submodule(LAYERS[0])
-    tied = model.get_submodule(LAYERS[1]).weight is embed.weight
-    shared = None
+    shared, share = None, tied(model)
     for name, indices in layer_indices(model, token_indices).items():
-        wrapped = TrainableTokens(model.get_submodule(name), indices, shared if tied else None)
+        wrapped = TrainableTokens(model.get_submodule(name), indices, shared if share else None)
         shared = wrapped.token_adapter
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
@@ -140,7 +143,7 @@ def peft_token_indices(model: nn.Module) -> list[int] | dict[str, list[int]] | N
     layers = dict(token_layers(model))
     if not layers:
         return None
-    embed, head = (layers.get(name) for name in LAYERS)
+    embed, head = layers.get(EMBED), layers.get(HEAD)
     if embed is not None and head is not None and head.token_adapter is embed.token_adapter:
         return embed.token_indices
     return {name.rsplit(".", 1)[-1]: m.token_indices for name, m in layers.items()}
