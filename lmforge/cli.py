@@ -311,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a training command under torchrun joined a process group
+            from lmforge.train.distributed import leave_process_group
+
+            leave_process_group()
 
 
 @command("tokenizer train")

@@ -104,3 +104,22 @@ def test_changed_corpus_is_tokenized_again(recipe, tmp_path):
     second = CorpusInfo.load(tmp_path / "run" / "data")
     assert second.sources == [str(other.resolve())] != first.sources
     assert second.num_documents["train"] + second.num_documents["val"] == 40
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_equal_one_with_accumulation(recipe, tmp_path):
+    """`torchrun --nproc_per_node 2 -m lmforge.cli pretrain` (DDP, gloo) trains the model that one
+    process accumulating the same global batch over two micro-batches trains, and exits cleanly."""
+    steps = ["train.steps=4", "train.save_every=4", "train.eval_every=4"]
+    single = run(recipe, tmp_path / "one", *steps)
+    assert single.wait(timeout=300) == 0, single.stderr.read()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge.cli",
+           "pretrain", "--config", str(recipe), f"out_dir={tmp_path / 'two'}", *MODEL, *steps, "train.grad_accum=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"]))  # it trained

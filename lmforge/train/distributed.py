@@ -51,6 +51,12 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), world_size, local_rank, device)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group if this process joined one (PyTorch asks for it before exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap(model: nn.Module, strategy: Strategy, env: Dist) -> nn.Module:
     """Wrap `model` for data-parallel training: DDP replicas, or FSDP2 sharding each block then the root."""
     if not env.enabled:
