@@ -39,9 +39,6 @@ class TrainableTokens(nn.Module):
         if not isinstance(base, (nn.Embedding, nn.Linear)):
             raise TypeError(f"trainable tokens need an nn.Embedding or nn.Linear, got {type(base).__name__}")
         vocab = base.weight.shape[0]
-        bad = [i for i in token_indices if not 0 <= i < vocab]
-        if bad or not token_indices or len(set(token_indices)) != len(token_indices):
-            raise ValueError(f"trainable token indices must be distinct ids in [0, {vocab}), got {list(token_indices)}")
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = getattr(base, "bias", None)
@@ -100,6 +97,10 @@ def layer_indices(model: nn.Module, token_indices: Sequence[int] | dict[str, Seq
     if tied(model):
         rows = chosen.get(EMBED) or chosen.get(HEAD, [])
         chosen = {EMBED: rows, HEAD: rows}
+    for name, indices in chosen.items():
+        vocab = model.get_submodule(name).weight.shape[0]
+        if any(not 0 <= i < vocab for i in indices) or len(set(indices)) != len(indices):
+            raise ValueError(f"trainable token indices must be distinct ids in [0, {vocab}), got {indices}")
     return {name: chosen[name] for name in LAYERS if chosen.get(name)}
 
 
