@@ -263,7 +263,8 @@ def test_unknown_peft_type_and_unsupported_options(adapter):
     with pytest.raises(ValueError, match=r"adapter_config.json: trainable_token_indices names \['wte'\]"):
         load_adapter(model, path)
     edit_config(path, trainable_token_indices=[3, VOCAB])
-    with pytest.raises(ValueError, match=rf"adapter_config.json: trainable token indices must be distinct ids in \[0, {VOCAB}\)"):
+    with pytest.raises(ValueError, match=rf"adapter_config.json: trainable token indices must be distinct ids "
+                                         rf"in \[0, {VOCAB}\)"):
         load_adapter(model, path)
     edit_config(path, trainable_token_indices=[3, 5])  # rows the weights file does not hold
     with pytest.raises(ValueError, match="no tensor for 'model.embed_tokens.token_adapter.trainable_tokens_delta'"):

@@ -64,5 +64,6 @@ def test_the_agent_answers_more_two_hop_questions_than_one_retrieval(stage):
     # Its right answers came from the store: the answer's sentence was among the observations (the
     # first hop may come from memory, for people pretraining knew and employers that did not change).
     solved = [(t, q) for t, q in zip(hops.agent, stage.hop_questions) if exact_match([t.answer or ""], [q.answer]) == 1]
-    looked_up = [any(m["role"] == "user" and q.hops[-1].fact in m["content"] for m in t.messages[1:]) for t, q in solved]
+    looked_up = [any(m["role"] == "user" and q.hops[-1].fact in m["content"] for m in t.messages[1:])
+                 for t, q in solved]
     assert sum(looked_up) >= 0.8 * len(solved)

@@ -92,7 +92,8 @@ def layer_indices(model: nn.Module, token_indices: Sequence[int] | dict[str, Seq
         short = {name.rsplit(".", 1)[-1]: name for name in LAYERS}
         unknown = set(token_indices) - set(short)
         if unknown:
-            raise ValueError(f"trainable_token_indices names {sorted(unknown)}; the layers are embed_tokens and lm_head")
+            raise ValueError(f"trainable_token_indices names {sorted(unknown)}; "
+                             "the layers are embed_tokens and lm_head")
         chosen = {short[k]: list(v) for k, v in token_indices.items() if v}
     if tied(model):
         rows = chosen.get(EMBED) or chosen.get(HEAD, [])
