@@ -3,11 +3,13 @@ generation of the same batch with the same engine settings.
 
 The policy is the `tiny` preset (vocab 2048, hidden 384, 6 layers) with LoRA r=16 on every linear
 layer; the reward model has the same trunk with a scalar head (random weights: speed only). Each
-PPO iteration samples 32 prompts x 64 new tokens. The rollout is timed inside `PPOTrainer.rollout`:
-sampling (the policy's log-probs and values are read off the generating forward passes), the
-reference's forward pass, and the reward model. "Plain generation" is `Engine.generate` of the
-same prompts and sampling parameters on the same model (LoRA unmerged, as the rollout runs it).
-Two ratios: sampling alone against plain generation, and sampling plus the reference pass."""
+PPO iteration samples 32 prompts x 64 new tokens. The rollout is the sampling: responses from the
+generation engine, with the policy's log-probs and values read off the forward passes that
+generated them. Scoring is what the reward needs once the responses are finished, two
+teacher-forced passes over them: the reward model, and the frozen reference for the per-token KL
+penalty. "Plain generation" is `Engine.generate` of the same prompts and sampling parameters on the
+same model (LoRA unmerged, as the rollout runs it). The ratio the issue names is the rollout's
+against plain generation; a second row adds the reference pass to the rollout."""
 
 from __future__ import annotations
 
@@ -69,49 +71,48 @@ def main() -> None:
     policy = apply_method(lm, AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear"))
     trainer = PPOTrainer(ppo_config, policy, tokenizer, scorer, prompts)
     trainer.sample = sampling = Timed(trainer.sample)
+    trainer.reference_logprobs = reference = Timed(trainer.reference_logprobs)
     # Responses run to the token limit: a random model rarely samples a stop token.
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
     engine = Engine(policy)
 
-    rollout_s = update_s = score_s = sample_s = plain_s = 0.0
-    tokens = 0
+    phases = dict.fromkeys(("rollout: sampling", "scoring: reward model", "scoring: reference log-probs",
+                            "update (policy + value)"), 0.0)
+    plain_s, tokens = 0.0, 0
     for it in range(args.iterations + 1):
         indices = trainer.batch_indices()
-        scoring.seconds = sampling.seconds = 0.0
-        start = time.perf_counter()
+        scoring.seconds = sampling.seconds = reference.seconds = 0.0
         rollout = trainer.rollout(indices)
-        middle = time.perf_counter()
+        start = time.perf_counter()
         trainer.update(rollout)
-        end = time.perf_counter()
+        update = time.perf_counter() - start
         batch = [trainer.prompt_ids[i] for i in indices]
-        plain_start = time.perf_counter()
+        start = time.perf_counter()
         generated = engine.generate(batch, params)
-        plain = time.perf_counter() - plain_start
+        plain = time.perf_counter() - start
         trainer.iteration += 1
         if it == 0:
             continue  # warm-up
-        rollout_s += middle - start
-        update_s += end - middle
-        score_s += scoring.seconds
-        sample_s += sampling.seconds
+        for name, seconds in zip(phases, (sampling.seconds, scoring.seconds, reference.seconds, update)):
+            phases[name] += seconds
         plain_s += plain
         tokens += int(rollout.mask.sum())
         assert sum(map(len, generated)) > 0
 
     n = args.iterations
-    generation_s = rollout_s - score_s
     print(f"\n{'phase':<34}{'seconds/iteration':>18}")
-    for name, value in (("rollout: sampling", sample_s), ("rollout: reference pass", generation_s - sample_s),
-                        ("rollout: reward-model scoring", score_s), ("update (policy + value)", update_s)):
-        print(f"{name:<34}{value / n:>18.3f}")
+    for name, seconds in phases.items():
+        print(f"{name:<34}{seconds / n:>18.3f}")
+    sample_s, reference_s = phases["rollout: sampling"], phases["scoring: reference log-probs"]
     plain_tps = n * args.batch * args.new_tokens / plain_s
     print(f"\n{'case':<34}{'lmforge tok/s':>15}{'plain generate tok/s':>22}{'ratio':>8}")
-    for name, seconds in (("ppo sampling vs plain generation", sample_s), ("sampling + reference pass", generation_s)):
+    for name, seconds in (("rollout vs plain generation", sample_s), ("rollout + reference pass", sample_s + reference_s)):
         tps = tokens / seconds
         print(f"{name:<34}{tps:>15.1f}{plain_tps:>22.1f}{tps / plain_tps:>8.2f}")
-    rollout_tps = tokens / generation_s
+    rollout_tps = tokens / sample_s
     print(f"\nRESULT ppo_rollout lmforge={rollout_tps:.1f} reference={plain_tps:.1f} unit=tok/s "
           f"ratio={rollout_tps / plain_tps:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -236,6 +236,13 @@ class PPOTrainer:
         return responses, torch.stack(step_logprobs, 1), torch.stack(step_values, 1)
 
     @torch.no_grad()
+    def reference_logprobs(self, ids: Tensor) -> Tensor:
+        """The frozen reference's (the policy with its adapters disabled) log-probs (B, T-1) of each
+        next token of finished sequences: one teacher-forced pass, like the reward model's."""
+        with disable_adapters(self.policy):
+            return token_logprobs(self.policy(ids[:, :-1]), ids[:, 1:])
+
+    @torch.no_grad()
     def rollout(self, indices: Sequence[int]) -> Rollout:
         s = self.s
         self.policy.eval()
@@ -263,8 +270,7 @@ class PPOTrainer:
             risky = torch.tensor([self.prompts[i].risky for i in indices])
             scores = combined_reward(scores, self.safety.score_ids(sequences).float(), risky,
                                      self.config.safety_threshold)
-        with disable_adapters(self.policy):
-            ref_logprobs = token_logprobs(self.policy(ids[:, :-1]), ids[:, 1:])
+        ref_logprobs = self.reference_logprobs(ids)
         kl = kl_penalty(logprobs, ref_logprobs) * mask
         if s.estimator == "grpo":
             advantages, returns = group_advantages(scores, s.group_size)[:, None] * mask, torch.zeros_like(mask)
