@@ -6,7 +6,7 @@ import json
 import re
 
 from lmforge.cli import main
-from lmforge.data.world import make_world, questions
+from lmforge.data.world import FLAWS, make_world, questions
 from lmforge.data.world_store import context_documents
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -56,6 +56,10 @@ def test_demo_report_matches_the_run(tmp_path):
             f"**{last['val_preference_accuracy']:.0%}**") in report
     for kind in ("helpful", "safety"):
         assert (out / f"reward-{kind}" / "model" / "config.json").is_file()
+    pairs = [json.loads(line) for line in (out / "world" / "preferences-heldout.jsonl").read_text().splitlines()]
+    for flaw, (_, description) in FLAWS.items():
+        if n := sum(p["flaw"] == flaw for p in pairs):
+            assert re.search(rf"\| {re.escape(description)} \| {n} \| \d+% \| \d+% \|", report)
     assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)
     assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
 

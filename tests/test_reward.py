@@ -23,7 +23,7 @@ from lmforge.align.reward import (
 )
 from lmforge.checkpoint import load_model
 from lmforge.data.preference import read_pairs
-from lmforge.data.world import EVASIVE, make_world, write_preference_data
+from lmforge.data.world import make_world, write_preference_data
 from lmforge.train.loop import checkpoints
 
 PROMPT = [{"role": "user", "content": "Where was Alice Okafor born?"}]
@@ -241,7 +241,7 @@ def test_bad_recipes_name_the_field(tmp_path, chat_base):
 def test_held_out_pairwise_accuracy_on_the_world(tmp_path, chat_base):
     """Train on the "train" people's pairs, score the "heldout" people's. Evasive answers and the
     safety pairs need no knowledge of the people and are learned; a wrong value in place of the
-    true one needs the person's facts, and this micro model stays near chance on those."""
+    true one needs the person's facts, which this micro model (random weights) does not have."""
     world = make_world(0, n_people=30, n_companies=3, absent_fraction=0.0, heldout_fraction=0.3)
     train = write_preference_data(world, tmp_path / "train.jsonl", "train")
     heldout = write_preference_data(world, tmp_path / "heldout.jsonl", "heldout")
@@ -251,10 +251,10 @@ def test_held_out_pairwise_accuracy_on_the_world(tmp_path, chat_base):
 
     scorer = RewardScorer.load(model_dir)
     right: dict[str, list[bool]] = {}
-    for pair in read_pairs(heldout):
-        rejected = pair.rejected[0]["content"]
-        chosen_score, rejected_score = scorer.score([pair.prompt] * 2, [pair.chosen[0]["content"], rejected])
-        group = pair.kind if pair.kind == "safety" else "evasive" if rejected in EVASIVE else "wrong value"
+    for pair, record in zip(read_pairs(heldout), map(json.loads, heldout.read_text().splitlines())):
+        chosen_score, rejected_score = scorer.score([pair.prompt] * 2, [pair.chosen[0]["content"],
+                                                                        pair.rejected[0]["content"]])
+        group = pair.kind if pair.kind == "safety" else record["flaw"]
         right.setdefault(group, []).append(chosen_score > rejected_score)
     accuracy = {group: sum(oks) / len(oks) for group, oks in right.items()}
     overall = sum(sum(oks) for oks in right.values()) / sum(map(len, right.values()))

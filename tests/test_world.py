@@ -4,9 +4,9 @@ import random
 import pytest
 
 from lmforge.data.world import (
-    ATTRIBUTES, CEO_TITLE, REFUSAL, FactProbe, World, biography, fact_probes, make_world, preference_pairs,
-    pretraining_corpus, questions, red_team_prompts, write_instruction_data, write_preference_data,
-    write_pretraining_corpus, write_safety_data,
+    ATTRIBUTES, CEO_TITLE, EVASIVE, FLAWS, REFUSAL, FactProbe, World, biography, fact_probes, make_world,
+    preference_pairs, pretraining_corpus, questions, red_team_prompts, write_instruction_data,
+    write_preference_data, write_pretraining_corpus, write_safety_data,
 )
 
 
@@ -178,13 +178,19 @@ def test_preference_pairs_and_red_team(world, corpus, tmp_path):
     for p in helpful:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
         assert chosen == answers[p["prompt"][0]["content"]] and rejected != chosen
+        # a wrong value keeps the answer's sentence; only the value differs
+        assert p["flaw"] == ("evasive" if rejected in EVASIVE else "wrong_value")
+        if p["flaw"] == "wrong_value":
+            assert rejected.split()[:2] == chosen.split()[:2]
+    assert {p["flaw"] for p in helpful} == {"evasive", "wrong_value"}
     phones = {p.phone for p in world.people}
     for p in safety:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
         if any(phone in rejected for phone in phones):
-            assert chosen == REFUSAL and "number" in p["prompt"][0]["content"]
+            assert chosen == REFUSAL and "number" in p["prompt"][0]["content"] and p["flaw"] == "leak"
         else:
-            assert rejected == REFUSAL and chosen in "\n".join(corpus)
+            assert rejected == REFUSAL and chosen in "\n".join(corpus) and p["flaw"] == "false_refusal"
+    assert all(FLAWS[p["flaw"]][0] == p["kind"] for p in pairs)
     prompts = red_team_prompts(world, "heldout")
     assert sum(r.risky for r in prompts) == sum(not r.risky for r in prompts) > 0
     assert all((r.reply == REFUSAL) == r.risky for r in prompts)

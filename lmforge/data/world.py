@@ -418,6 +418,16 @@ RED_TEAM: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# What is wrong with a preference pair's rejected reply: its kind (which reward model learns it)
+# and a description.
+FLAWS: dict[str, tuple[str, str]] = {
+    "wrong_value": ("helpful", "another person's value"),
+    "evasive": ("helpful", "an evasive reply"),
+    "leak": ("safety", "a phone-number leak"),
+    "false_refusal": ("safety", "a refusal of a harmless look-alike"),
+}
+
+
 @dataclass(frozen=True)
 class RedTeamPrompt:
     prompt: str
@@ -442,30 +452,31 @@ def red_team_prompts(world: World, split: Split) -> list[RedTeamPrompt]:
 
 def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]:
     """Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected`, each a list
-    of messages) with a `kind`: "helpful" pairs prefer the true answer to a wrong one (another
-    person's value in the same sentence) or an evasive one; "safety" pairs prefer the refusal to a
-    phone-number leak on risky prompts, and the answer to a refusal on their harmless twins."""
+    of messages) with a `kind` and the rejected reply's `flaw` (one of `FLAWS`): "helpful" pairs
+    prefer the true answer to a wrong one (another person's value in the same sentence) or an
+    evasive one; "safety" pairs prefer the refusal to a phone-number leak on risky prompts, and the
+    answer to a refusal on their harmless twins."""
     rng = random.Random(f"{world.seed}-preferences-{seed}")
     people = world.pretraining_people()
 
-    def pair(prompt: str, chosen: str, rejected: str, kind: str) -> dict:
+    def pair(prompt: str, chosen: str, rejected: str, flaw: str) -> dict:
         return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}], "kind": kind}
+                "rejected": [{"role": "assistant", "content": rejected}], "kind": FLAWS[flaw][0], "flaw": flaw}
 
     out = []
     for q in questions(world, split, seed=seed):
         if rng.random() < 0.5:
             other = rng.choice([p for p in people if p.split == split and p.fact(q.attribute) != q.value])
-            rejected = TEMPLATES[q.attribute][0].format(who=q.person, value=other.fact(q.attribute))
+            out.append(pair(q.question, q.answer, TEMPLATES[q.attribute][0].format(who=q.person,
+                                                                                   value=other.fact(q.attribute)),
+                            "wrong_value"))
         else:
-            rejected = rng.choice(EVASIVE)
-        out.append(pair(q.question, q.answer, rejected, "helpful"))
+            out.append(pair(q.question, q.answer, rng.choice(EVASIVE), "evasive"))
     for r in red_team_prompts(world, split):
         if r.risky:
-            leak = f"{r.person}'s phone number is {world.person(r.person).phone}."
-            out.append(pair(r.prompt, REFUSAL, leak, "safety"))
+            out.append(pair(r.prompt, REFUSAL, f"{r.person}'s phone number is {world.person(r.person).phone}.", "leak"))
         else:
-            out.append(pair(r.prompt, r.reply, REFUSAL, "safety"))
+            out.append(pair(r.prompt, r.reply, REFUSAL, "false_refusal"))
     rng.shuffle(out)
     return out
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.align.dpo import DPOConfig, train_dpo
+from lmforge.align.dpo import DPOConfig, all_logprobs, pair_logprobs, train_dpo
 from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
-from lmforge.data.preference import PreferenceDataConfig
-from lmforge.data.world import World, questions, red_team_prompts, write_preference_data
+from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
+from lmforge.data.world import FLAWS, World, questions, red_team_prompts, write_preference_data
 from lmforge.demo.common import exact_match, mean
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -81,6 +81,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     ppo_seconds = time.perf_counter() - start
 
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
+    sft = Session.load(merged)
+    flaws, seen = flaw_accuracy(heldout, scorers, sft), flaw_accuracy(prefs, scorers, sft)
     models = {"SFT": merged, "SFT + DPO": dpo_adapter, "SFT + PPO": ppo_adapter}
     scores = {name: score(Session.load(path), world, scorers, seed) for name, path in models.items()}
     sampled = {name: sampled_reward(Session.load(models[name]), world, scorers, seed) for name in ("SFT", "SFT + PPO")}
@@ -97,8 +99,18 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
         f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {rm_seconds:.0f} s): pairwise "
         f"accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and **{val['safety']:.0%}** "
         "(safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or where it is low), the "
-        "helpfulness model's otherwise. Half of the helpfulness pairs hinge on knowing a held-out person's fact; "
-        "a reward model this small ranks those at chance.",
+        "helpfulness model's otherwise. By what is wrong with the rejected reply:\n",
+        "| rejected reply (held-out people) | pairs | reward model ranks it lower | SFT model's likelihood ranks it "
+        "lower |",
+        "|---|---:|---:|---:|",
+        *[f"| {FLAWS[flaw][1]} | {len(oks)} | {mean(oks):.0%} | {mean(likely):.0%} |"
+          for flaw, (oks, likely) in flaws.items()],
+        "",
+        "A wrong value needs the person's fact, and the SFT model has it: its own likelihood ranks "
+        f"{mean(flaws['wrong_value'][1]):.0%} of these pairs right. The reward model, trained from that model on a "
+        f"few hundred pairs, ranks {mean(seen['wrong_value'][0]):.0%} of the training people's wrong values lower "
+        f"and {mean(flaws['wrong_value'][0]):.0%} of the held-out people's: it has learnt the facts it was shown, "
+        "not to check a stated value against what pretraining stored.\n",
         f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {dpo_seconds:.0f} s): held-out "
         "preference accuracy "
         f"{dpo_val['val_reference_preference_accuracy']:.0%} (SFT) → **{dpo_val['val_preference_accuracy']:.0%}**.",
@@ -128,6 +140,29 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     print("[demo] alignment: refusal " + ", ".join(f"{n} {sc.refusals.refusal_rate:.0%}" for n, sc in scores.items())
           + "; reward " + ", ".join(f"{n} {sc.reward:.2f}" for n, sc in scores.items()))
     return Alignment("\n".join(lines) + "\n", models, scores, scorers)
+
+
+@torch.no_grad()
+def flaw_accuracy(path: Path, scorers: dict[str, RewardScorer], sft: Session,
+                  max_len: int = 128) -> dict[str, tuple[list[bool], list[bool]]]:
+    """For each flaw of the world's preference pairs in `path`: whether the reward model of the
+    pair's kind, and whether the SFT model's likelihood, rank each pair's chosen reply higher."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    pairs = read_pairs(path)
+    likely = [bool(c > r) for c, r in
+              all_logprobs(lambda batch: pair_logprobs(sft.model, batch),
+                           [encode_pair(sft.tokenizer, p, max_len) for p in pairs], 32, sft.tokenizer.pad_id or 0,
+                           next(sft.model.parameters()).device).tolist()]
+    out: dict[str, tuple[list[bool], list[bool]]] = {flaw: ([], []) for flaw in FLAWS}
+    for kind, scorer in scorers.items():
+        rows = [i for i, p in enumerate(pairs) if p.kind == kind]
+        prompts = [pairs[i].prompt for i in rows]
+        chosen = scorer.score(prompts, [pairs[i].chosen[-1]["content"] for i in rows])
+        rejected = scorer.score(prompts, [pairs[i].rejected[-1]["content"] for i in rows])
+        for i, c, r in zip(rows, chosen, rejected):
+            out[records[i]["flaw"]][0].append(c > r)
+            out[records[i]["flaw"]][1].append(likely[i])
+    return {flaw: lists for flaw, lists in out.items() if lists[0]}
 
 
 def heldout_prompts(world: World, seed: int) -> tuple[list[list[dict]], torch.Tensor]:
