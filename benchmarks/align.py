@@ -106,7 +106,8 @@ def main() -> None:
     sample_s, reference_s = phases["rollout: sampling"], phases["scoring: reference log-probs"]
     plain_tps = n * args.batch * args.new_tokens / plain_s
     print(f"\n{'case':<34}{'lmforge tok/s':>15}{'plain generate tok/s':>22}{'ratio':>8}")
-    for name, seconds in (("rollout vs plain generation", sample_s), ("rollout + reference pass", sample_s + reference_s)):
+    for name, seconds in (("rollout vs plain generation", sample_s),
+                          ("rollout + reference pass", sample_s + reference_s)):
         tps = tokens / seconds
         print(f"{name:<34}{tps:>15.1f}{plain_tps:>22.1f}{tps / plain_tps:>8.2f}")
     rollout_tps = tokens / sample_s

@@ -50,6 +50,23 @@ def chat_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sharp_base(tmp_path_factory, chat_base) -> Path:
+    """The micro chat model with its matrices scaled up: peaked next-token distributions, as a
+    trained model has, so that a few dozen rollouts can move probability between candidates."""
+    from lmforge.checkpoint import load_model, save_model
+    from lmforge.tokenizer import Tokenizer
+
+    model = load_model(chat_base)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    out = tmp_path_factory.mktemp("sharp") / "model"
+    save_model(model, out, tokenizer=Tokenizer.from_dir(chat_base))
+    return out
+
+
+@pytest.fixture(scope="module")
 def chat_tokenizer(chat_base):
     from lmforge.tokenizer import Tokenizer
 

@@ -12,7 +12,6 @@ import torch
 from chat_data import write_jsonl
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import load_model, save_model
 from lmforge.align.losses import group_advantages
 from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo, read_prompts
 from lmforge.data.chat import RecordError
@@ -25,32 +24,19 @@ from lmforge.tokenizer import Tokenizer
 
 class IdScorer:
     """A reward model stand-in with a known optimum and a dense signal: the mean token id of the
-    response over the vocabulary size (higher ids are better)."""
+    response (without the end-of-turn marker `end` that closes it) over the vocabulary size (higher
+    ids are better)."""
 
-    def __init__(self, prompt_lengths: dict[tuple[int, ...], int], vocab: int) -> None:
-        self.prompt_lengths, self.vocab = prompt_lengths, vocab
+    def __init__(self, prompt_lengths: dict[tuple[int, ...], int], vocab: int, end: int) -> None:
+        self.prompt_lengths, self.vocab, self.end = prompt_lengths, vocab, end
 
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
         scores = []
         for seq in sequences:
             n = next(n for p, n in self.prompt_lengths.items() if tuple(seq[: len(p)]) == p)
-            response = seq[n:]
+            response = seq[n:-1] if seq[-1] == self.end else seq[n:]
             scores.append(sum(response) / max(1, len(response)) / self.vocab)
         return torch.tensor(scores)
-
-
-@pytest.fixture(scope="module")
-def sharp_base(tmp_path_factory, chat_base) -> Path:
-    """The micro chat model with its matrices scaled up: peaked next-token distributions, as a
-    trained model has, so that a few dozen rollouts can move probability between candidates."""
-    model = load_model(chat_base)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(4.0)
-    out = tmp_path_factory.mktemp("sharp") / "model"
-    save_model(model, out, tokenizer=Tokenizer.from_dir(chat_base))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def setup(tmp_path_factory, sharp_base):
                                                                     add_generation_prompt=True))): 0
                for q in [p.messages[0]["content"] for p in read_prompts(train)] + heldout}
     prompts = {p: len(p) for p in prompts}
-    return root, train, heldout, IdScorer(prompts, tokenizer.vocab_size), tokenizer
+    return root, train, heldout, IdScorer(prompts, tokenizer.vocab_size, tokenizer.token_to_id("<|im_end|>")), tokenizer
 
 
 def recipe(root: Path, base: Path, prompts: Path, iterations: int) -> PPOConfig:
@@ -78,11 +64,14 @@ def recipe(root: Path, base: Path, prompts: Path, iterations: int) -> PPOConfig:
 
 
 def mean_score(model, tokenizer, scorer, questions_: list[str], seed: int = 0, new_tokens: int = 2) -> float:
+    """The mean score of 8 replies sampled per question, each closed with `<|im_end|>` as PPO scores them."""
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                                               add_generation_prompt=True)) for q in questions_]
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed, stop_token_ids=[im_end])
     responses = Engine(model).generate(prompts * 8, params)
-    return float(scorer.score_ids([p + r for p, r in zip(prompts * 8, responses)]).mean())
+    return float(scorer.score_ids([p + r + ([] if r[-1:] == [im_end] else [im_end])
+                                   for p, r in zip(prompts * 8, responses)]).mean())
 
 
 def test_ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly(setup, sharp_base):
@@ -122,8 +111,10 @@ def test_grpo_raises_the_reward_with_group_advantages(setup, sharp_base):
     assert len(indices) == 32 and all(len(set(indices[i : i + 4])) == 1 for i in range(0, 32, 4))
     rollout = trainer.rollout(indices)
     # every response token carries its sequence's score relative to the other samples of its prompt
+    im_end = tokenizer.token_to_id("<|im_end|>")
     sequences = [row[: int(m.nonzero().max()) + 2].tolist() for row, m in zip(rollout.ids, rollout.mask)]
-    expected = group_advantages(scorer.score_ids(sequences).float(), 4)
+    closed = [seq if seq[-1] == im_end else seq + [im_end] for seq in sequences]
+    expected = group_advantages(scorer.score_ids(closed).float(), 4)
     torch.testing.assert_close(rollout.advantages, expected[:, None] * rollout.mask)
 
     before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout)
@@ -195,6 +186,37 @@ def test_rollout_keeps_the_log_probs_and_values_of_a_full_forward_pass(setup, sh
     torch.testing.assert_close(rollout.old_logprobs[mask], logprobs[mask], atol=1e-4, rtol=0)
     torch.testing.assert_close(rollout.old_values[mask], values[mask], atol=1e-4, rtol=0)
     assert rollout.stats["kl"] > 0
+
+
+def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, sharp_base):
+    """The reward model reads its score at `<|im_end|>`, where training read it: a response cut at
+    max_new_tokens is scored with the marker appended; one that ended itself is scored as it is."""
+    root, train, _, _, tokenizer = setup
+    im_end = tokenizer.token_to_id("<|im_end|>")
+
+    class Recorder:
+        seen: list[list[int]] = []
+
+        def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+            self.seen = sequences
+            return torch.zeros(len(sequences))
+
+    config = recipe(root / "closed", sharp_base, train, 1)
+    config.ppo.max_new_tokens = 3
+    policy, _ = load_policy(sharp_base, config.adapter)
+    trainer = PPOTrainer(config, policy, tokenizer, scorer := Recorder(), read_prompts(train))
+    sample = trainer.sample
+
+    def first_ends_itself(prompts, params):
+        responses, logprobs, values = sample(prompts, params)
+        return [responses[0][:1] + [im_end], *responses[1:]], logprobs, values
+
+    trainer.sample = first_ends_itself
+    rollout = trainer.rollout(trainer.batch_indices())
+    generated = [row[: int(m.nonzero().max()) + 2].tolist() for row, m in zip(rollout.ids, rollout.mask)]
+    assert generated[0][-1] == im_end and scorer.seen[0] == generated[0]
+    cut = [i for i, seq in enumerate(generated) if seq[-1] != im_end]
+    assert cut and all(scorer.seen[i] == generated[i] + [im_end] for i in cut)
 
 
 def test_bad_prompt_files(tmp_path):

@@ -1,7 +1,8 @@
 """`lmforge ppo`: RLHF with PPO, as InstructGPT and LLaMA-2 describe it.
 
 Each iteration: sample responses to a batch of prompts with the generation engine (the rollout);
-score each prompt + response with the reward model; give every response token the reward
+score each prompt + response with the reward model (a response cut at the token limit closed with
+the chat template's end-of-turn marker, where the reward model reads its score); give every response token the reward
 -beta * KL(policy || reference) and add the reward-model score at its last token; estimate
 advantages with GAE from a value head on the policy's trunk, whiten them, and update policy and
 value head for several epochs of minibatches with the clipped surrogate and clipped value losses.
@@ -36,6 +37,7 @@ from lmforge.align.losses import (
     AdaptiveKLController, gae, group_advantages, kl_k3, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss,
     token_logprobs, whiten,
 )
+from lmforge.align.reward import RewardScorer, combined_reward, turn_end_id
 from lmforge.checkpoint import atomic_dir, load_model
 from lmforge.config import load_yaml
 from lmforge.data.chat import Message, check_messages
@@ -188,6 +190,7 @@ class PPOTrainer:
         self.kl = AdaptiveKLController(self.s.init_kl_coef, self.s.target_kl, self.s.kl_horizon)
         self.engine = Engine(policy)
         self.stop_ids = stop_token_ids(policy.config, tokenizer)
+        self.turn_end = turn_end_id(tokenizer)
         self.prompt_ids = [tokenizer.encode(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True))
                            for p in prompts]
         self.iteration = 0
@@ -263,12 +266,13 @@ class PPOTrainer:
             logprobs[row, response] = sampled_logprobs[row, : len(seq) - len(p)]
             values[row, response] = sampled_values[row, : len(seq) - len(p)]
 
-        scores = self.scorer.score_ids(sequences).float()
+        # A response cut at max_new_tokens is scored closed with the end-of-turn marker, the token
+        # the reward model was trained to read its score at (OpenRLHF does the same).
+        closed = [seq if seq[-1] in self.stop_ids else seq + [self.turn_end] for seq in sequences]
+        scores = self.scorer.score_ids(closed).float()
         if self.safety is not None:
-            from lmforge.align.reward import combined_reward
-
             risky = torch.tensor([self.prompts[i].risky for i in indices])
-            scores = combined_reward(scores, self.safety.score_ids(sequences).float(), risky,
+            scores = combined_reward(scores, self.safety.score_ids(closed).float(), risky,
                                      self.config.safety_threshold)
         ref_logprobs = self.reference_logprobs(ids)
         kl = kl_penalty(logprobs, ref_logprobs) * mask
@@ -404,8 +408,6 @@ def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None
     """Run PPO; returns the adapter directory. `scorer`/`safety` stand in for the reward model paths."""
     policy, tokenizer = load_policy(config.policy, config.adapter)
     if scorer is None or (safety is None and config.safety_reward is not None):
-        from lmforge.align.reward import RewardScorer
-
         scorer = scorer or RewardScorer.load(config.reward)
         if safety is None and config.safety_reward is not None:
             safety = RewardScorer.load(config.safety_reward)

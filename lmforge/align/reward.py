@@ -164,6 +164,15 @@ def scored_ids(example: Example, max_len: int) -> list[int]:
     return (example.input_ids[: last + 1] + [example.labels[last]])[:max_len]
 
 
+def turn_end_id(tokenizer: Tokenizer) -> int:
+    """The token the chat template closes an assistant turn with (ChatML's `<|im_end|>`): the last
+    token of every scored sequence, where the reward model reads its score."""
+    prompt: list[Message] = [{"role": "user", "content": "?"}]
+    prompt_tokens = len(tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)))
+    reply = response_example(tokenizer, prompt, [{"role": "assistant", "content": "."}], prompt_tokens, 1 << 20)
+    return scored_ids(reply, 1 << 20)[-1]
+
+
 def pad_right(sequences: list[list[int]], pad_id: int) -> Tensor:
     ids = torch.full((len(sequences), max(map(len, sequences))), pad_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
