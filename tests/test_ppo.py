@@ -190,7 +190,8 @@ def test_rollout_keeps_the_log_probs_and_values_of_a_full_forward_pass(setup, sh
 
 def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, sharp_base):
     """The reward model reads its score at `<|im_end|>`, where training read it: a response cut at
-    max_new_tokens is scored with the marker appended; one that ended itself is scored as it is."""
+    max_new_tokens is scored with the marker appended, less `missing_eos_penalty`; one that ended
+    itself is scored as it is."""
     root, train, _, _, tokenizer = setup
     im_end = tokenizer.token_to_id("<|im_end|>")
 
@@ -202,7 +203,7 @@ def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, shar
             return torch.zeros(len(sequences))
 
     config = recipe(root / "closed", sharp_base, train, 1)
-    config.ppo.max_new_tokens = 3
+    config.ppo.max_new_tokens, config.ppo.missing_eos_penalty = 3, 2.0
     policy, _ = load_policy(sharp_base, config.adapter)
     trainer = PPOTrainer(config, policy, tokenizer, scorer := Recorder(), read_prompts(train))
     sample = trainer.sample
@@ -217,6 +218,7 @@ def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, shar
     assert generated[0][-1] == im_end and scorer.seen[0] == generated[0]
     cut = [i for i, seq in enumerate(generated) if seq[-1] != im_end]
     assert cut and all(scorer.seen[i] == generated[i] + [im_end] for i in cut)
+    assert rollout.stats["reward"] == pytest.approx(-2.0 * len(cut) / len(generated))
 
 
 def test_bad_prompt_files(tmp_path):

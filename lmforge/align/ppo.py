@@ -79,6 +79,8 @@ class PPOSettings(BaseModel):
     target_kl: float = Field(1.0, gt=0, description="per-response KL the adaptive controller aims at")
     kl_horizon: int = Field(1000, gt=0)
     max_new_tokens: int = Field(32, gt=0)
+    missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of a response cut at "
+                                                             "max_new_tokens (TRL's option of the same name)")
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = None
     top_p: float | None = None
@@ -268,12 +270,14 @@ class PPOTrainer:
 
         # A response cut at max_new_tokens is scored closed with the end-of-turn marker, the token
         # the reward model was trained to read its score at (OpenRLHF does the same).
-        closed = [seq if seq[-1] in self.stop_ids else seq + [self.turn_end] for seq in sequences]
+        cut = torch.tensor([seq[-1] not in self.stop_ids for seq in sequences])
+        closed = [seq + [self.turn_end] if c else seq for seq, c in zip(sequences, cut.tolist())]
         scores = self.scorer.score_ids(closed).float()
         if self.safety is not None:
             risky = torch.tensor([self.prompts[i].risky for i in indices])
             scores = combined_reward(scores, self.safety.score_ids(closed).float(), risky,
                                      self.config.safety_threshold)
+        scores = scores - s.missing_eos_penalty * cut
         ref_logprobs = self.reference_logprobs(ids)
         kl = kl_penalty(logprobs, ref_logprobs) * mask
         if s.estimator == "grpo":

@@ -63,7 +63,9 @@ class TrainableTokens(nn.Module):
             if self.disabled:
                 return out
             slot = self.slots[x]
-            return torch.where((slot >= 0)[..., None], self.rows.to(out.dtype)[slot.clamp(min=0)], out)
+            # F.embedding, not rows[slot]: indexing's backward accumulates in a thread-dependent order
+            # on CPU, and training must give the same weights run after run.
+            return torch.where((slot >= 0)[..., None], F.embedding(slot.clamp(min=0), self.rows.to(out.dtype)), out)
         out = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return out
