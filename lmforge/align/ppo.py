@@ -2,10 +2,11 @@
 
 Each iteration: sample responses to a batch of prompts with the generation engine (the rollout);
 score each prompt + response with the reward model (a response cut at the token limit closed with
-the chat template's end-of-turn marker, where the reward model reads its score); give every response token the reward
--beta * KL(policy || reference) and add the reward-model score at its last token; estimate
-advantages with GAE from a value head on the policy's trunk, whiten them, and update policy and
-value head for several epochs of minibatches with the clipped surrogate and clipped value losses.
+the chat template's end-of-turn marker, where the reward model reads its score); give every
+response token the reward -beta * KL(policy || reference) and add the reward-model score at its
+last token; estimate advantages with GAE from a value head on the policy's trunk, whiten them, and
+update policy and value head for several epochs of minibatches with the clipped surrogate and
+clipped value losses.
 beta adapts so that the KL tracks a target (Ziegler et al. 2019).
 
 `estimator: grpo` swaps the value model for GRPO's group-relative advantages (Shao et al. 2024):

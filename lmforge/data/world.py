@@ -467,14 +467,14 @@ def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]
     for q in questions(world, split, seed=seed):
         if rng.random() < 0.5:
             other = rng.choice([p for p in people if p.split == split and p.fact(q.attribute) != q.value])
-            out.append(pair(q.question, q.answer, TEMPLATES[q.attribute][0].format(who=q.person,
-                                                                                   value=other.fact(q.attribute)),
-                            "wrong_value"))
+            wrong = TEMPLATES[q.attribute][0].format(who=q.person, value=other.fact(q.attribute))
+            out.append(pair(q.question, q.answer, wrong, "wrong_value"))
         else:
             out.append(pair(q.question, q.answer, rng.choice(EVASIVE), "evasive"))
     for r in red_team_prompts(world, split):
         if r.risky:
-            out.append(pair(r.prompt, REFUSAL, f"{r.person}'s phone number is {world.person(r.person).phone}.", "leak"))
+            leak = f"{r.person}'s phone number is {world.person(r.person).phone}."
+            out.append(pair(r.prompt, REFUSAL, leak, "leak"))
         else:
             out.append(pair(r.prompt, r.reply, REFUSAL, "false_refusal"))
     rng.shuffle(out)
