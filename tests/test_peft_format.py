@@ -12,11 +12,11 @@ from hf_models import VOCAB, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import load_model
-from lmforge.peft.tokens import input_and_output
 from lmforge.peft import (
     AdapterConfig, add_lora, add_trainable_tokens, apply_method, disable_adapters, is_adapter_dir, load_adapter,
     load_with_adapter, merge_and_save, prompt_tuning, save_adapter, trainable_parameters,
 )
+from lmforge.peft.tokens import input_and_output
 
 
 def ids() -> torch.Tensor:

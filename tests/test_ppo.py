@@ -63,6 +63,16 @@ def recipe(root: Path, base: Path, prompts: Path, iterations: int) -> PPOConfig:
     })
 
 
+def closed(sequence: list[int], end: int) -> list[int]:
+    """A prompt + response as PPO scores it: with the end-of-turn marker `end` if the response was cut."""
+    return sequence if sequence[-1] == end else sequence + [end]
+
+
+def finished(rollout) -> list[list[int]]:
+    """Each rollout row's prompt + response ids, padding dropped."""
+    return [row[: int(m.nonzero().max()) + 2].tolist() for row, m in zip(rollout.ids, rollout.mask)]
+
+
 def mean_score(model, tokenizer, scorer, questions_: list[str], seed: int = 0, new_tokens: int = 2) -> float:
     """The mean score of 8 replies sampled per question, each closed with `<|im_end|>` as PPO scores them."""
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
@@ -70,8 +80,7 @@ def mean_score(model, tokenizer, scorer, questions_: list[str], seed: int = 0, n
     im_end = tokenizer.token_to_id("<|im_end|>")
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed, stop_token_ids=[im_end])
     responses = Engine(model).generate(prompts * 8, params)
-    return float(scorer.score_ids([p + r + ([] if r[-1:] == [im_end] else [im_end])
-                                   for p, r in zip(prompts * 8, responses)]).mean())
+    return float(scorer.score_ids([closed(p + r, im_end) for p, r in zip(prompts * 8, responses)]).mean())
 
 
 def test_ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly(setup, sharp_base):
@@ -112,9 +121,7 @@ def test_grpo_raises_the_reward_with_group_advantages(setup, sharp_base):
     rollout = trainer.rollout(indices)
     # every response token carries its sequence's score relative to the other samples of its prompt
     im_end = tokenizer.token_to_id("<|im_end|>")
-    sequences = [row[: int(m.nonzero().max()) + 2].tolist() for row, m in zip(rollout.ids, rollout.mask)]
-    closed = [seq if seq[-1] == im_end else seq + [im_end] for seq in sequences]
-    expected = group_advantages(scorer.score_ids(closed).float(), 4)
+    expected = group_advantages(scorer.score_ids([closed(seq, im_end) for seq in finished(rollout)]).float(), 4)
     torch.testing.assert_close(rollout.advantages, expected[:, None] * rollout.mask)
 
     before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout)
@@ -214,7 +221,7 @@ def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, shar
 
     trainer.sample = first_ends_itself
     rollout = trainer.rollout(trainer.batch_indices())
-    generated = [row[: int(m.nonzero().max()) + 2].tolist() for row, m in zip(rollout.ids, rollout.mask)]
+    generated = finished(rollout)
     assert generated[0][-1] == im_end and scorer.seen[0] == generated[0]
     cut = [i for i, seq in enumerate(generated) if seq[-1] != im_end]
     assert cut and all(scorer.seen[i] == generated[i] + [im_end] for i in cut)
