@@ -82,7 +82,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
 
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
     sft = Session.load(merged)
-    flaws, seen = flaw_accuracy(heldout, scorers, sft), flaw_accuracy(prefs, scorers, sft)
+    redrawn = write_preference_data(world, out / "world" / "preferences-redrawn.jsonl", "train", seed=seed + 1)
+    flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (heldout, prefs, redrawn))
     models = {"SFT": merged, "SFT + DPO": dpo_adapter, "SFT + PPO": ppo_adapter}
     scores = {name: score(Session.load(path), world, scorers, seed) for name, path in models.items()}
     sampled = {name: sampled_reward(Session.load(models[name]), world, scorers, seed) for name in ("SFT", "SFT + PPO")}
@@ -108,9 +109,10 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
         "",
         "A wrong value needs the person's fact, and the SFT model has it: its own likelihood ranks "
         f"{mean(flaws['wrong_value'][1]):.0%} of these pairs right. The reward model, trained from that model on a "
-        f"few hundred pairs, ranks {mean(seen['wrong_value'][0]):.0%} of the training people's wrong values lower "
-        f"and {mean(flaws['wrong_value'][0]):.0%} of the held-out people's: it has learnt the facts it was shown, "
-        "not to check a stated value against what pretraining stored.\n",
+        f"few hundred pairs, ranks {mean(seen['wrong_value'][0]):.0%} of its training pairs' wrong values lower, "
+        f"{mean(fresh['wrong_value'][0]):.0%} of a fresh draw for the same people (other wordings, other wrong "
+        f"values) and {mean(flaws['wrong_value'][0]):.0%} of the held-out people's: it has learnt the pairs it was "
+        "shown, not the facts behind them, nor to check a stated value against what pretraining stored.\n",
         f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {dpo_seconds:.0f} s): held-out "
         "preference accuracy "
         f"{dpo_val['val_reference_preference_accuracy']:.0%} (SFT) → **{dpo_val['val_preference_accuracy']:.0%}**.",
