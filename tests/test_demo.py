@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
@@ -14,7 +15,8 @@ from lmforge.generate.text import complete, stop_token_ids
 from lmforge.rag.store import Store
 
 
-def test_demo_report_matches_the_run(tmp_path):
+def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):
+    """Journey 1: `lmforge demo`, then `lmforge chat` with its instruction-tuned model."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--people", "12", "--steps", "30", "--sft-steps", "6",
                  "--align-steps", "4"]) == 0
@@ -48,6 +50,15 @@ def test_demo_report_matches_the_run(tmp_path):
     reported = re.search(r"\| \*\*held-out people\*\* \((\d+)\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report)
     assert reported and int(reported[1]) == len(heldout)
     assert int(reported[3]) == round(100 * right / len(heldout))
+
+    # `lmforge chat` with the tuned model answers as the same model does greedily, turn by turn.
+    chat = [{"role": "user", "content": heldout[0].question}]
+    expected = complete(session.engine, session.tokenizer, [session.chat_prompt(chat)], params)[0].text.strip()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{heldout[0].question}\n/exit\n"))
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(out / "sft" / "adapter"), "--temperature", "0",
+                 "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].strip() == expected
 
     # Alignment: the reported preference accuracies are the DPO run's own validation records.
     dpo = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]

@@ -87,9 +87,11 @@ class Session:
 
     def chat_loop(
         self, params: SamplingParams, *, system: str | None = None, stop: Sequence[str] = (),
-        read: TextIO = sys.stdin, write: TextIO = sys.stdout,
+        read: TextIO | None = None, write: TextIO | None = None,
     ) -> None:
-        """A terminal conversation: read a line, stream the reply, keep the history in the context."""
+        """A terminal conversation: read a line, stream the reply, keep the history in the context.
+        `read` and `write` default to the standard streams current at the call."""
+        read, write = read or sys.stdin, write or sys.stdout
         history: list[Message] = [{"role": "system", "content": system}] if system else []
         interactive = read.isatty()
         while True:
