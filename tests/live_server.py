@@ -1,12 +1,20 @@
-"""A uvicorn server on loopback in a background thread, and the tiny chat checkpoint it serves."""
+"""A uvicorn server on loopback in a background thread, `lmforge serve` as a process, and the tiny
+chat checkpoint they serve."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
 from conftest import SHARPEN
@@ -88,3 +96,45 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@dataclass
+class Served:
+    """A running `lmforge serve` process: its base URL, port and combined output file."""
+
+    url: str
+    port: int
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def lmforge_serve(log: Path, *args: str, timeout: float = 120) -> Iterator[Served]:
+    """`lmforge serve ARGS --port P` as a subprocess on a free port, yielded once `/health` answers;
+    terminated (then killed if it lingers) when the block ends."""
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", *args, "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    served = Served(f"http://127.0.0.1:{port}", port, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, f"lmforge serve exited with {process.returncode}:\n{served.output()}"
+            assert time.monotonic() < deadline, f"lmforge serve did not answer in {timeout} s:\n{served.output()}"
+            try:
+                if httpx.get(served.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield served
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
