@@ -119,14 +119,23 @@ class ModelConfig(BaseModel):
         inactive = (self.num_experts - self.num_experts_per_tok) * 3 * self.hidden_size * self.intermediate_size
         return self.num_parameters(embeddings=False) - self.num_hidden_layers * inactive
 
+    def matmul_parameters(self) -> int:
+        """Weights of the matrix multiplies one token goes through: attention and the active experts'
+        (or the dense) MLP matrices, the router, and the output head; no norms, biases or embeddings."""
+        d, hd = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * self.intermediate_size
+        if self.num_experts:
+            mlp = self.num_experts_per_tok * mlp + d * self.num_experts
+        return self.num_hidden_layers * (d * (q + 2 * kv) + q * d + mlp) + self.vocab_size * d
+
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 x active matmul parameters + 12 x layers x heads x head_dim x
+        """Training FLOPs per token: 6 x `matmul_parameters` + 12 x layers x heads x head_dim x
         seq_len for the attention scores (PaLM, appendix B; causal masking not discounted, as MFU
         is conventionally reported)."""
         seq_len = seq_len or self.max_position_embeddings
         attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
-        matmul = self.num_active_parameters() + self.vocab_size * self.hidden_size
-        return 6 * matmul + attention
+        return 6 * self.matmul_parameters() + attention
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of K and V cached per token of context across all layers."""

@@ -263,8 +263,8 @@ def test_kv_cache_bytes_per_token():
 
 def test_flops_per_token_llama2_7b():
     d, layers, ffn, vocab, seq = 4096, 32, 11008, 32000, 4096
-    per_layer = 4 * d * d + 3 * d * ffn + 2 * d  # attention, SwiGLU, two norms
-    matmul = layers * per_layer + d + vocab * d  # + final norm, + output head (input embedding is a lookup)
+    per_layer = 4 * d * d + 3 * d * ffn  # attention, SwiGLU (norm gains multiply, they are no matmul)
+    matmul = layers * per_layer + vocab * d  # + output head (the input embedding is a lookup)
     attention = 12 * layers * d * seq  # 12·L·H·Q·T (PaLM, appendix B)
     assert PRESETS["llama2-7b"].flops_per_token(seq) == 6 * matmul + attention == 6 * matmul + 6_442_450_944
     assert PRESETS["llama2-7b"].flops_per_token() == PRESETS["llama2-7b"].flops_per_token(4096)

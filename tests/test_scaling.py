@@ -52,7 +52,8 @@ def test_counts_match_transformers(name):
     p = plan_model(cfg, seq_len=seq)
     assert (p.params, p.embedding_params, p.non_embedding_params) == (total, embedding, total - embedding)
     attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq
-    matmul = total - embedding - inactive + cfg.vocab_size * cfg.hidden_size  # the head is a matmul, the lookup is not
+    routers = sum(p.numel() for n, p in params.items() if n.endswith("mlp.gate.weight"))
+    matmul = matrices + routers - inactive + cfg.vocab_size * cfg.hidden_size  # the head is a matmul, the lookup is not
     assert p.attention_flops_per_token == attention
     assert p.flops_per_token == 6 * matmul + attention
     assert model_layout(cfg, 8).linear_weights == matrices
@@ -64,7 +65,8 @@ def test_gpt2_by_hand():
     p = plan(preset="gpt2", tokens=1e9)
     assert p.params == vocab * d + ctx * d + layers * block + 2 * d == 124_439_808  # tied head
     assert p.embedding_params == vocab * d + ctx * d
-    assert p.seq_len == ctx and p.flops_per_token == 6 * (layers * block + 2 * d + vocab * d) + 12 * layers * d * ctx
+    matrices = d * 3 * d + d * d + 2 * d * 4 * d  # qkv, attention out, MLP up and down
+    assert p.seq_len == ctx and p.flops_per_token == 6 * (layers * matrices + vocab * d) + 12 * layers * d * ctx
     assert p.train_flops == p.flops_per_token * 1e9
     assert p.petaflop_days == pytest.approx(p.train_flops / (1e15 * 86400))
 

@@ -120,7 +120,8 @@ def training_memory(strategy: Strategy, params: int, gpus: int, layout: Layout, 
         base = NF4_BYTES * layout.linear_weights + WEIGHT_BYTES * (params - layout.linear_weights)
         return Memory(base + WEIGHT_BYTES * lora, GRAD_BYTES * lora, ADAM_BYTES * lora,
                       activations=activations, logits=logits)
-    gathered = (WEIGHT_BYTES + GRAD_BYTES) * layout.largest_unit if strategy == "fsdp" else 0.0
+    # FSDP gathers one unit beyond the shards; on one device the "shard" is already everything.
+    gathered = (WEIGHT_BYTES + GRAD_BYTES) * layout.largest_unit if strategy == "fsdp" and gpus > 1 else 0.0
     return Memory(*model_state_bytes(params, strategy, gpus), gathered=gathered, activations=activations,
                   logits=logits)
 

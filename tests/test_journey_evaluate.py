@@ -1,0 +1,289 @@
+"""Journey 9, Evaluate like the papers, through the command line: `lmforge eval --checkpoint DIR --task
+qa.jsonl --shots 3` (EM, F1, ROUGE, BLEU), a perplexity task, and `lmforge eval --harness lm-eval --tasks
+...` on a local lm-evaluation-harness task. The checkpoint is a micro llama trained here to recite some
+facts; the oracles are transformers' greedy decoding and log-likelihoods, the SQuAD rules, rouge-score,
+sacrebleu and lm-eval's own `hf` model on the same directory."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import re
+import socket
+import string
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import save_model
+from lmforge.cli import main
+from lmforge.config import preset
+from lmforge.data.world import make_world
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+TEMPLATES = {"birth_date": "When was {} born?", "employer": "Who employs {}?", "job_title": "What is the job of {}?"}
+TRAINED, TEST_TRAINED, TEST_UNSEEN = range(6), range(2), range(6, 8)  # people, by index
+EXEMPLAR_PEOPLE = range(2, 6)
+MAX_NEW_TOKENS = 32  # lmforge eval's default for generation tasks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """No network: the Hugging Face libraries told so, and any internet connection refused."""
+    connect = socket.socket.connect
+
+    def refuse(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"network access in an offline test: {address}")
+        return connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(socket.socket, "connect", refuse)
+        yield
+
+
+@functools.cache
+def people() -> list:
+    return make_world(0, n_people=20, n_companies=4).pretraining_people()[:8]
+
+
+def facts(indices: range) -> list[tuple[str, str]]:
+    """(question, answer) about the world's people: dates, companies and job titles."""
+    everyone = people()
+    return [(template.format(everyone[i].name), everyone[i].fact(attribute))
+            for i in indices for attribute, template in TEMPLATES.items()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, chat_base) -> Path:
+    """A micro llama (256-token context) trained on few-shot documents of the TRAINED people's facts."""
+    tokenizer = Tokenizer.from_dir(chat_base)
+    lines = [f"{q} {a}" for q, a in facts(TRAINED)]
+    rng = random.Random(0)
+    documents = [[tokenizer.eos_id] + tokenizer.encode("\n\n".join(rng.sample(lines, 4)) + "\n\n") for _ in range(64)]
+    longest = max(map(len, documents))
+    batch = torch.tensor([d + [tokenizer.pad_id] * (longest - len(d)) for d in documents])
+    labels = torch.tensor([d[1:] + [-100] * (longest - len(d)) for d in documents])
+    torch.manual_seed(0)
+    model = Transformer(preset("micro", vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id))
+    model.init_weights(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        rows = torch.randint(0, len(documents), (8,))
+        loss = F.cross_entropy(model(batch[rows, :-1]).flatten(0, 1), labels[rows].flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return save_model(model, tmp_path_factory.mktemp("journey-eval") / "model", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    """The checkpoint as transformers reads it: (model, tokenizer)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).float().eval()
+    return model, transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+def printed_metrics(text: str) -> dict[str, float]:
+    """The `name value` rows of `lmforge eval`'s summary."""
+    return {name: float(value.replace(",", "")) for name, value in re.findall(r"^  (\w+) +([\d.,]+)$", text, re.M)}
+
+
+# ---- generation: EM, F1, ROUGE, BLEU -------------------------------------------------------------------
+
+
+def squad_normalize(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_f1(prediction: str, reference: str) -> float:
+    """SQuAD v1.1's evaluate-v1.1.py F1, with both-empty counted as a match."""
+    pred, ref = squad_normalize(prediction).split(), squad_normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def reference_metrics(predictions: list[str], answers: list[str]) -> dict[str, float]:
+    import sacrebleu
+    from rouge_score.rouge_scorer import RougeScorer
+
+    n = len(answers)
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"])
+    rouge = [scorer.score(a, p) for p, a in zip(predictions, answers)]
+    return {
+        "exact_match": sum(p.strip() == a.strip() for p, a in zip(predictions, answers)) / n,
+        "exact_match_normalized": sum(squad_normalize(p) == squad_normalize(a) for p, a in zip(predictions, answers)) / n,
+        "f1": sum(squad_f1(p, a) for p, a in zip(predictions, answers)) / n,
+        **{kind: sum(r[kind].fmeasure for r in rouge) / n for kind in ("rouge1", "rouge2", "rougeL")},
+        "bleu": sacrebleu.corpus_bleu(predictions, [answers]).score,
+    }
+
+
+def greedy_answer(hf, prompt: str) -> str:
+    """transformers' greedy continuation of the document-start token and `prompt`, up to the line's end."""
+    model, tokenizer = hf
+    ids = [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).split("\n")[0].strip()
+
+
+@pytest.mark.slow
+def test_eval_qa_task_three_shot(tmp_path, capsys, checkpoint, hf):
+    (date_question, date), *_ = facts(TEST_TRAINED)
+    month, day, year = date.replace(",", "").split()
+    test = facts(TEST_TRAINED) + facts(TEST_UNSEEN) + [(date_question, f"{day} {month} {year}")]  # reordered
+    answers = [a for _, a in test]
+    pool = facts(EXEMPLAR_PEOPLE)
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": q, "answer": a} for q, a in test])
+    write_jsonl(tmp_path / "qa.exemplars.jsonl", [{"prompt": q, "answer": a} for q, a in pool])
+    out = tmp_path / "qa-results.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--task", str(qa), "--shots", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert (results["task"], results["n"], results["shots"]) == ("qa", len(test), 3)
+
+    shown = {f"{q} {a}" for q, a in pool}
+    for sample, (question, answer) in zip(results["samples"], test):
+        *shots, asked = sample["input"].split("\n\n")
+        assert asked == question and sample["answer"] == answer
+        assert len(set(shots)) == 3 and set(shots) <= shown
+
+    predictions = [greedy_answer(hf, s["input"]) for s in results["samples"]]
+    print("predictions:", list(zip(predictions, answers)))
+    assert [s["prediction"] for s in results["samples"]] == predictions
+    expected = reference_metrics(predictions, answers)
+    assert results["metrics"] == pytest.approx(expected, abs=1e-9)
+    assert printed_metrics(printed) == pytest.approx(expected, abs=5e-5)
+    assert [s["f1"] for s in results["samples"]] == pytest.approx([squad_f1(p, a) for p, a in zip(predictions, answers)])
+
+    recited = [p == a for p, a in zip(predictions, answers)]
+    known, unseen = len(facts(TEST_TRAINED)), slice(len(facts(TEST_TRAINED)), -1)
+    assert sum(recited[:known]) / known > sum(recited[unseen]) / len(recited[unseen])  # trained facts come back
+    assert recited[0] and predictions[-1] == predictions[0]  # the reordered date: its words, not their order
+    assert (results["samples"][-1]["exact_match"], results["samples"][-1]["f1"]) == (0, 1)
+    assert expected["bleu"] > 0 and expected["f1"] > expected["exact_match"]
+
+
+# ---- perplexity ----------------------------------------------------------------------------------------
+
+
+def test_eval_perplexity_task(tmp_path, capsys, checkpoint, hf):
+    seen, unseen = facts(TEST_TRAINED)[:3], facts(TEST_UNSEEN)[:3]
+    texts = ["\n\n".join(f"{q} {a}" for q, a in part) for part in (seen, unseen)]
+    task = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--task", str(task), "--out", str(out)]) == 0
+    printed = printed_metrics(capsys.readouterr().out)
+    results = json.loads(out.read_text())
+
+    model, tokenizer = hf
+    nlls, counts = [], []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert len(ids) < model.config.max_position_embeddings
+        with torch.no_grad():
+            logits = model(torch.tensor([[tokenizer.eos_token_id] + ids])).logits[0, :-1]
+        nlls.append(F.cross_entropy(logits, torch.tensor(ids), reduction="sum").item())
+        counts.append(len(ids))
+    nll, tokens, n_bytes = sum(nlls), sum(counts), sum(len(t.encode()) for t in texts)
+    words = sum(len(t.split()) for t in texts)
+    expected = {"perplexity": math.exp(nll / tokens), "word_perplexity": math.exp(nll / words),
+                "bits_per_byte": nll / (math.log(2) * n_bytes)}
+    metrics = results["metrics"]
+    assert (metrics["tokens"], metrics["bytes"]) == (tokens, n_bytes)
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+    assert printed == pytest.approx(metrics, abs=5e-5)
+    assert [s["loglikelihood"] for s in results["samples"]] == pytest.approx([-x for x in nlls], rel=1e-5)
+    assert nlls[0] / counts[0] < nlls[1] / counts[1]  # the facts it was trained on are likelier
+
+
+# ---- lm-evaluation-harness -------------------------------------------------------------------------------
+
+
+def write_harness_task(root: Path) -> Path:
+    """A local multiple-choice lm-eval task over every fact, 2-shot from the exemplar people's facts."""
+    def records(indices: range) -> list[dict]:
+        rng = random.Random(indices.start)
+        out = []
+        for i in indices:
+            person = people()[i]
+            for attribute, template in TEMPLATES.items():
+                answer = person.fact(attribute)
+                others = sorted({p.fact(attribute) for p in people()} - {answer})
+                choices = rng.sample([answer, *rng.sample(others, 3)], 4)
+                out.append({"question": template.format(person.name), "choices": choices,
+                            "answer": choices.index(answer)})
+        return out
+
+    write_jsonl(root / "mc_test.jsonl", records(range(8)))
+    write_jsonl(root / "mc_train.jsonl", records(EXEMPLAR_PEOPLE))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "facts_mc.yaml").write_text(
+        "task: facts_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {root / 'mc_test.jsonl'}\n    train: {root / 'mc_train.jsonl'}\n"
+        "test_split: test\nfewshot_split: train\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "num_fewshot: 2\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return tasks
+
+
+def table_values(table: str) -> dict[str, float]:
+    """{metric: value} of lm-eval's markdown table for one task (shown 2-shot)."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    header = rows[0]
+    values = {}
+    for row in rows[2:]:
+        cells = dict(zip(header, row))
+        assert cells["Tasks"] in ("facts_mc", "") and cells["n-shot"] == "2"
+        values[cells["Metric"]] = float(row[header.index("Value")])
+    return values
+
+
+@pytest.mark.slow
+def test_eval_lm_eval_harness_task_matches_lm_evals_hf_model(tmp_path, capsys, checkpoint):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks = write_harness_task(tmp_path)
+    out = tmp_path / "harness.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--harness", "lm-eval", "--tasks", "facts_mc",
+                 "--include-path", str(tasks), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    ours = json.loads(out.read_text())["results"]["facts_mc"]
+
+    reference = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=str(checkpoint), device="cpu", batch_size=8), tasks=["facts_mc"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), fewshot_random_seed=0,
+        bootstrap_iters=0)["results"]["facts_mc"]
+    print(f"acc {ours['acc,none']:.4f} (lm-eval hf {reference['acc,none']:.4f}), "
+          f"acc_norm {ours['acc_norm,none']:.4f} (lm-eval hf {reference['acc_norm,none']:.4f})")
+    assert (ours["acc,none"], ours["acc_norm,none"]) == (reference["acc,none"], reference["acc_norm,none"])
+    assert table_values(table) == pytest.approx({m: reference[f"{m},none"] for m in ("acc", "acc_norm")}, abs=5e-5)
+    assert reference["acc,none"] > 0.5  # four choices: the trained facts are recognised
