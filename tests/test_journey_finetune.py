@@ -153,5 +153,4 @@ def test_finetune_journey(tmp_path, chat_base, capsys):
     theirs = peft_reply(q_tuned, tokenizer, chat_prompt(tokenizer, NAMES[0]))
     assert cli_reply(qlora, NAMES[0], capsys) == theirs
     assert_style(theirs)
-    with capsys.disabled():
-        print("\n" + "; ".join(log))
+    print("; ".join(log))

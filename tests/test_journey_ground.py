@@ -66,12 +66,6 @@ def printed_sources(lines: list[str]) -> list[str]:
     return [line.split(" (score")[0] for line in lines[start:start + K]]
 
 
-def show(capsys, text: str) -> None:
-    """Print past the capture that the commands' output goes to."""
-    with capsys.disabled():
-        print(text)
-
-
 @pytest.mark.slow
 def test_ground_journey(tmp_path, capsys):
     docs = write_docs(tmp_path / "docs")
@@ -97,14 +91,12 @@ def test_ground_journey(tmp_path, capsys):
     assert main(["rag", "ask", "--store", str(kb), "--checkpoint", str(model), "--k", str(K),
                  "--max-new-tokens", "64", question]) == 0
     lines = capsys.readouterr().out.splitlines()
-    show(capsys, f"rag ask {question!r} -> {lines[0]!r}")
     assert lines[0] == answer and "(the answer cites none of them)" not in lines
     assert printed_sources(lines) == [f"*[1] {asked.doc_id}", f" [2] {ranked[1].doc_id}"]
 
     assert main(["agent", "--store", str(kb), "--checkpoint", str(model), "--max-new-tokens", "160",
                  hop.question]) == 0
     trace = capsys.readouterr().out.splitlines()
-    show(capsys, "\n".join(trace))
     assert [line.split(":")[0] for line in trace] == AGENT_LINES and trace[0] == f"Question: {hop.question}"
     searches = [line.removeprefix("Action: search[").removesuffix("]") for line in trace if line.startswith("Action:")]
     assert searches == [h.query for h in hop.hops]
