@@ -1,5 +1,6 @@
 """Shared fixtures: tiny transformers checkpoints of every family, saved inside the test's tmp_path."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,20 @@ def hf_checkpoint(tmp_path):
         return model, path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """No network: the Hugging Face libraries told so, and any internet connection refused."""
+    connect = socket.socket.connect
+
+    def refuse(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"network access in an offline test: {address}")
+        return connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(socket.socket, "connect", refuse)
+        yield

@@ -5,7 +5,6 @@ acc/acc_norm, per-choice log-likelihoods, word perplexity and greedy generations
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,7 @@ MAX_LENGTH = 64  # below the biographies' length: perplexity runs in rolling win
 TASKS = ("toy_mc", "toy_ppl", "toy_gen")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """No network: the Hugging Face libraries told so, and any internet connection refused."""
-    connect = socket.socket.connect
-
-    def refuse(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise OSError(f"network access in an offline test: {address}")
-        return connect(sock, address)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(socket.socket, "connect", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import math
 import random
 import re
-import socket
 import string
 from collections import Counter
 from pathlib import Path
@@ -33,21 +32,7 @@ EXEMPLAR_PEOPLE = range(2, 6)
 MAX_NEW_TOKENS = 32  # lmforge eval's default for generation tasks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """No network: the Hugging Face libraries told so, and any internet connection refused."""
-    connect = socket.socket.connect
-
-    def refuse(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise OSError(f"network access in an offline test: {address}")
-        return connect(sock, address)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(socket.socket, "connect", refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @functools.cache
