@@ -99,10 +99,7 @@ class ModelConfig(BaseModel):
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = d * (q + 2 * kv) + q * d
         attn += (q + 2 * kv if self.attention_bias or self.qkv_bias else 0) + (d if self.attention_bias else 0)
-        n_mats = 3 if self.mlp == "swiglu" else 2
-        expert = n_mats * d * self.intermediate_size
-        if self.mlp_bias:
-            expert += (n_mats - 1) * self.intermediate_size + d
+        expert = self._mlp_parameters()
         mlp = self.num_experts * expert + d * self.num_experts if self.num_experts else expert
         norm = d if self.norm == "rmsnorm" else 2 * d
         total = L * (attn + mlp + 2 * norm) + norm
@@ -114,10 +111,14 @@ class ModelConfig(BaseModel):
 
     def num_active_parameters(self) -> int:
         """Parameters touched per token (differs from the total only for mixtures of experts)."""
-        if not self.num_experts:
-            return self.num_parameters(embeddings=False)
-        inactive = (self.num_experts - self.num_experts_per_tok) * 3 * self.hidden_size * self.intermediate_size
+        inactive = (self.num_experts - self.num_experts_per_tok) * self._mlp_parameters() if self.num_experts else 0
         return self.num_parameters(embeddings=False) - self.num_hidden_layers * inactive
+
+    def _mlp_parameters(self) -> int:
+        """One MLP's (or one expert's) weights and biases."""
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        biases = (n_mats - 1) * self.intermediate_size + self.hidden_size if self.mlp_bias else 0
+        return n_mats * self.hidden_size * self.intermediate_size + biases
 
     def matmul_parameters(self) -> int:
         """Weights of the matrix multiplies one token goes through: attention and the active experts'

@@ -52,13 +52,17 @@ def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):
     assert int(reported[3]) == round(100 * right / len(heldout))
 
     # `lmforge chat` with the tuned model answers as the same model does greedily, turn by turn.
-    chat = [{"role": "user", "content": heldout[0].question}]
-    expected = complete(session.engine, session.tokenizer, [session.chat_prompt(chat)], params)[0].text.strip()
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{heldout[0].question}\n/exit\n"))
+    chat, expected = [], []
+    for q in heldout[:2]:
+        chat.append({"role": "user", "content": q.question})
+        reply = complete(session.engine, session.tokenizer, [session.chat_prompt(chat)], params)[0].text.strip()
+        chat.append({"role": "assistant", "content": reply})
+        expected.append(reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{q.question}\n" for q in heldout[:2]) + "/exit\n"))
     capsys.readouterr()
     assert main(["chat", "--checkpoint", str(out / "sft" / "adapter"), "--temperature", "0",
                  "--max-new-tokens", "16"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].strip() == expected
+    assert [line.strip() for line in capsys.readouterr().out.strip().splitlines()] == expected
 
     # Alignment: the reported preference accuracies are the DPO run's own validation records.
     dpo = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
@@ -72,6 +76,10 @@ def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):
         if n := sum(p["flaw"] == flaw for p in pairs):
             assert re.search(rf"\| {re.escape(description)} \| {n} \| \d+% \| \d+% \|", report)
     assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)
+    trained, redrawn = ({json.dumps([r["prompt"], r["rejected"]]) for r in map(json.loads, path.read_text().splitlines())}
+                        for path in (out / "world" / "preferences.jsonl", out / "world" / "preferences-redrawn.jsonl"))
+    assert redrawn and not trained & redrawn
+    assert re.search(r"ranks \d+% of its training pairs' wrong values lower, \d+% of new pairs drawn", report)
     assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
 
     # Retrieval: the store holds the world's documents; the summary restates the retrieval table's figures

@@ -80,7 +80,6 @@ def test_ground_journey(tmp_path, capsys):
                      if store.search(r.question.question, 1)[0].doc_id == r.doc_id)
         question, answer = asked.question.question, asked.question.answer
         ranked = store.search(question, K)
-        top = {h.query: store.search(h.query, 1)[0] for h in hop.hops}
     texts = {d["id"]: d["text"] for d in docs}
     grounded = [*grounded_messages(question, [h.text for h in ranked]),
                 {"role": "assistant", "content": cite(answer, 1)}]
@@ -101,8 +100,8 @@ def test_ground_journey(tmp_path, capsys):
     searches = [line.removeprefix("Action: search[").removesuffix("]") for line in trace if line.startswith("Action:")]
     assert searches == [h.query for h in hop.hops]
     assert [line for line in trace if line.startswith("Observation:")] == \
-        [f"Observation: {top[q].text}" for q in searches]
-    assert trace[-1] == f"Final Answer: {hop.answer}" and hop.value in trace[-1]
+        [f"Observation: {texts[h.doc_id]}" for h in hop.hops]
+    assert trace[-1] == f"Final Answer: {hop.answer}"
 
     with lmforge_serve(tmp_path / "serve.log", "--checkpoint", str(model), "--store", str(kb),
                        "--rag-k", str(K)) as served:

@@ -271,13 +271,15 @@ def test_plan_compute_optimal_size_for_1e21_flops(capsys):
 
     rule_n = math.sqrt(flops / (6 * 20))  # D = 20 N and C = 6 N D
     rows = {"law minimum": (n_opt, flops / (6 * n_opt)), "20 tokens/parameter": (rule_n, 20 * rule_n)}
+    losses = {}
     for label, (n, d) in rows.items():
         params, tokens, ratio, loss = field(text, rf"^{label} +(\S+ \w) +(\S+ \w) +(\S+) +(\S+)$")
         assert_shows(params, n, significant=3)
         assert_shows(tokens, d, significant=3)
         assert_shows(ratio, d / n, decimals=1)
         assert_shows(loss, chinchilla_loss(n, d), decimals=3)
-    assert chinchilla_loss(*rows["law minimum"]) < chinchilla_loss(*rows["20 tokens/parameter"])
+        losses[label] = number(loss)
+    assert losses["law minimum"] <= losses["20 tokens/parameter"]  # as printed: the law's optimum is no worse
 
 
 @pytest.mark.parametrize("args", [["--flops", "0"], ["--flops", "1e21", "num_hidden_layers=2"]])

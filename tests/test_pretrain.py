@@ -4,7 +4,6 @@ the uninterrupted result is in test_journey_pretrain.py.)"""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,13 +85,8 @@ def test_two_processes_under_torchrun_equal_one_with_accumulation(recipe, tmp_pa
     steps = ["train.steps=4", "train.save_every=4", "train.eval_every=4"]
     single = run(recipe, tmp_path / "one", *steps)
     assert single.wait(timeout=300) == 0, single.stderr.read()
-    if strategy == "ddp":
-        launch = ["--standalone"]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launch = ["--nnodes", "1", "--node_rank", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+    launch = (["--standalone"] if strategy == "ddp" else  # port 0: the c10d store picks a free one
+              ["--nnodes", "1", "--node_rank", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"])
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc_per_node", "2", "-m", "lmforge.cli",
            "pretrain", "--config", str(recipe), f"out_dir={tmp_path / 'two'}", *MODEL, *steps, "train.grad_accum=1",
            f"train.strategy={strategy}"]

@@ -15,7 +15,9 @@ from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
-from lmforge.data.world import FLAWS, World, questions, red_team_prompts, write_preference_data
+from lmforge.data.world import (
+    FLAWS, World, preference_pairs, questions, red_team_prompts, write_preference_data,
+)
 from lmforge.demo.common import exact_match, mean
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -82,7 +84,7 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
 
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
     sft = Session.load(merged)
-    redrawn = write_preference_data(world, out / "world" / "preferences-redrawn.jsonl", "train", seed=seed + 1)
+    redrawn = redraw(world, prefs, out / "world" / "preferences-redrawn.jsonl", seed + 1)
     flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (heldout, prefs, redrawn))
     models = {"SFT": merged, "SFT + DPO": dpo_adapter, "SFT + PPO": ppo_adapter}
     scores = {name: score(Session.load(path), world, scorers, seed) for name, path in models.items()}
@@ -110,9 +112,10 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
         "A wrong value needs the person's fact, and the SFT model has it: its own likelihood ranks "
         f"{mean(flaws['wrong_value'][1]):.0%} of these pairs right. The reward model, trained from that model on a "
         f"few hundred pairs, ranks {mean(seen['wrong_value'][0]):.0%} of its training pairs' wrong values lower, "
-        f"{mean(fresh['wrong_value'][0]):.0%} of a fresh draw for the same people (other wordings, other wrong "
-        f"values) and {mean(flaws['wrong_value'][0]):.0%} of the held-out people's: it has learnt the pairs it was "
-        "shown, not the facts behind them, nor to check a stated value against what pretraining stored.\n",
+        f"{mean(fresh['wrong_value'][0]):.0%} of new pairs drawn for the same people (questions and wrong "
+        f"values drawn again) and {mean(flaws['wrong_value'][0]):.0%} of the held-out people's: it has learnt the "
+        "pairs it was shown, not the facts behind them, nor to check a stated value against what pretraining "
+        "stored.\n",
         f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {dpo_seconds:.0f} s): held-out "
         "preference accuracy "
         f"{dpo_val['val_reference_preference_accuracy']:.0%} (SFT) → **{dpo_val['val_preference_accuracy']:.0%}**.",
@@ -142,6 +145,17 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     print("[demo] alignment: refusal " + ", ".join(f"{n} {sc.refusals.refusal_rate:.0%}" for n, sc in scores.items())
           + "; reward " + ", ".join(f"{n} {sc.reward:.2f}" for n, sc in scores.items()))
     return Alignment("\n".join(lines) + "\n", models, scores, scorers)
+
+
+def redraw(world: World, trained: Path, path: Path, seed: int) -> Path:
+    """The training people's preference pairs drawn again with `seed`, without those in `trained`."""
+    def key(record: dict) -> str:
+        return json.dumps([record["prompt"], record["rejected"]])
+
+    seen = {key(json.loads(line)) for line in trained.read_text().splitlines()}
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n"
+                            for p in preference_pairs(world, "train", seed=seed) if key(p) not in seen))
+    return path
 
 
 @torch.no_grad()

@@ -91,7 +91,8 @@ class Session:
     ) -> None:
         """A terminal conversation: read a line, stream the reply, keep the history in the context.
         `read` and `write` default to the standard streams current at the call."""
-        read, write = read or sys.stdin, write or sys.stdout
+        read = sys.stdin if read is None else read
+        write = sys.stdout if write is None else write
         history: list[Message] = [{"role": "system", "content": system}] if system else []
         interactive = read.isatty()
         while True:

@@ -213,8 +213,7 @@ def plan_model(model: ModelConfig, *, name: str = "model", seq_len: int | None =
         tokens_from=tokens_from, gpus=gpus, gpu_mem=gpu_mem * GIB, strategy=strategy, recompute=recompute,
         peak_flops=peak_flops, mfu=mfu, lora_rank=lora_rank, params=params,
         non_embedding_params=model.num_parameters(embeddings=False), flops_per_token=flops,
-        # flops_per_token is 6·(matmul parameters) + an attention term linear in the sequence length
-        attention_flops_per_token=model.flops_per_token(2 * seq_len) - flops,
+        attention_flops_per_token=flops - 6 * model.matmul_parameters(),
         activations=activations,
         memory={s: training_memory(s, params, gpus, layout, activations[recompute], logits) for s in STRATEGIES},
     )
@@ -328,7 +327,6 @@ def duration(seconds: float) -> str:
 def render_plan(p: Plan) -> str:
     """The plan as a readable text table."""
     m = p.model
-    matmul = (p.flops_per_token - p.attention_flops_per_token) / 6
     kv_heads = f" ({m.num_key_value_heads} KV)" if m.num_key_value_heads != m.num_attention_heads else ""
     experts = f", {m.num_experts} experts (top {m.num_experts_per_tok})" if m.num_experts else ""
     unit, size = byte_unit(max(mem.total for mem in p.memory.values()))
@@ -339,7 +337,7 @@ def render_plan(p: Plan) -> str:
         f"non-embedding {count(p.non_embedding_params)})",
         "",
         f"Training compute (sequence {p.seq_len})",
-        f"  per token            {si(p.flops_per_token, 'FLOP')} = 6 x {count(matmul)} matmul parameters + "
+        f"  per token            {si(p.flops_per_token, 'FLOP')} = 6 x {count(m.matmul_parameters())} matmul parameters + "
         f"{si(p.attention_flops_per_token, 'FLOP')} attention (PaLM); 6N = {si(6 * p.params, 'FLOP')}",
         f"  tokens               {count(p.tokens)} ({p.tokens_from})",
         f"  total                {p.train_flops:.3g} FLOPs = {p.petaflop_days:,.4g} petaFLOP/s-days "
