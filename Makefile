@@ -2,30 +2,40 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
+TESTING := $(VENV)/.testing
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup setup-test test test-fast demo bench clean
 
-setup: $(STAMP)
+setup: $(RUNTIME)
+
+setup-test: $(TESTING)
 
 # torch first, pinned to the local CPU build, so nothing later pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
 
-test: setup
+# The test extra: the oracles (transformers, peft, lm-eval, llama.cpp through llama-cpp-python, which
+# compiles llama.cpp once) and a Chromium for the chat page tests.
+$(TESTING): $(RUNTIME)
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python tests/browser.py
+	touch $(TESTING)
+
+test: setup-test
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
 	$(BIN)/lmforge demo --out runs/demo
 
-bench: setup
+bench: setup-test
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/tokenization.py

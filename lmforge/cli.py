@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lmforge.console import hide_third_party_noise
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
 
@@ -16,6 +18,17 @@ def command(name: str) -> Callable:
         return fn
 
     return register
+
+
+VERBOSE_HELP = "also show other libraries' warnings and log messages (hidden by default)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: every command also takes -v/--verbose, as `lmforge` itself does."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 CHECKPOINT_HELP = "HF-format model directory (with tokenizer), or a PEFT adapter directory"
@@ -43,7 +56,8 @@ def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build large language models end to end.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
@@ -185,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer chat requests from this context store (`lmforge rag index`): the last user "
                           "message is searched for and the response lists its sources")
     srv.add_argument("--rag-k", type=int, default=3, help="chunks retrieved per chat request with --store (default 3)")
+    srv.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                     help="refuse request bodies larger than this, unread (default 4 MiB)")
 
     rag = sub.add_parser("rag", help="a context store: index documents, ask grounded questions",
                          description="Retrieval-augmented generation over a context store: chunk texts by tokens, "
@@ -302,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        hide_third_party_noise()
     action = getattr(args, f"{args.command}_command", None)  # commands with sub-actions: tokenizer, export, scaling
     key = f"{args.command} {action}" if action else args.command
     try:
@@ -442,7 +460,8 @@ def _serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import serve
 
     serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          dtype=args.dtype, max_batch_size=args.max_batch_size, store=args.store, rag_k=args.rag_k)
+          dtype=args.dtype, max_batch_size=args.max_batch_size, store=args.store, rag_k=args.rag_k,
+          max_request_bytes=args.max_request_bytes)
 
 
 @command("rag index")

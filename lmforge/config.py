@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -220,7 +222,7 @@ class ModelConfig(BaseModel):
         try:
             return cls(family=family, **fields)
         except ValidationError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise ValueError(f"{source}: {explain(e, cls)}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """Write transformers' `config.json` for this family (transformers-5 style, 4 keys kept for older readers)."""
@@ -414,3 +416,56 @@ def load_yaml(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
                 raise ValueError(f"override {item!r}: {key} is not a section")
         node[keys[-1]] = value
     return data
+
+
+Recipe = TypeVar("Recipe", bound=BaseModel)
+
+
+def load_recipe(cls: type[Recipe], path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """A YAML recipe with `key=value` overrides, validated as `cls`; a bad field is a one-line
+    `ValueError` naming the file and the dotted key (and, for an unknown key, the nearest valid one)."""
+    try:
+        return cls.model_validate(load_yaml(path, overrides))
+    except ValidationError as e:
+        raise ValueError(f"{path}: {explain(e, cls)}") from None
+
+
+def explain(error: ValidationError, cls: type[BaseModel]) -> str:
+    """The first problem of a pydantic error in one line (a misspelt key before what it left missing),
+    with a count of the others."""
+    first = min(error.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        section = _model_at(cls, first["loc"][:-1])
+        valid = list(section.model_fields) if section else []
+        near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        prefix = ".".join(loc[:-1] + [""])
+        hint = f"; did you mean '{prefix}{near[0]}'?" if near else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        message = f"unknown key '{key}'{hint}"
+    else:
+        got = f" (got {first['input']!r})" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
+        message = f"{key + ': ' if key else ''}{first['msg']}{got}"
+    others = error.error_count() - 1
+    return message + (f" (and {others} more problem{'s' * (others > 1)})" if others else "")
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at `loc` inside `cls` (list indices skipped)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        cls = _model_in(field.annotation) if field else None
+        if cls is None:
+            return None
+    return cls
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None

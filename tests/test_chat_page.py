@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import httpx
 import pytest
+from browser import HOW_TO_INSTALL, find_chromium
 from live_server import LiveServer, greedy_reference, make_chat_checkpoint, slow_down_decoding
 from playwright.sync_api import expect, sync_playwright
 
@@ -16,7 +16,6 @@ from lmforge.generate.session import Session
 from lmforge.serve.server import create_app
 
 MODEL = "tiny"
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 FINISHED = re.compile("^(done|stopped|error)$")
@@ -76,10 +75,11 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: the chat page tests need Debian's chromium (apt-get install chromium)")
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip(HOW_TO_INSTALL)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 

@@ -1,12 +1,16 @@
 """lmforge.config: YAML recipes with key=value overrides, ModelConfig validation, presets, and the
 transformers config.json round trip."""
 
+import re
+
 import pytest
 import transformers as tf
 from hf_models import tiny_hf_model
 from pydantic import ValidationError
 
-from lmforge.config import PRESETS, ModelConfig, load_yaml, parse_override, preset
+from lmforge.cli import main
+from lmforge.config import PRESETS, ModelConfig, load_recipe, load_yaml, parse_override, preset
+from lmforge.train.sft import SFTConfig
 
 RECIPE = """\
 model:
@@ -87,6 +91,33 @@ def test_bad_override_form(recipe, item):
 def test_override_into_a_value_is_an_error(recipe):
     with pytest.raises(ValueError, match="lr is not a section"):
         load_yaml(recipe, ["train.lr.max=3"])
+
+
+SFT_RECIPE = "out_dir: runs/x\nbase: base/\ndata:\n  datasets: [{path: a.jsonl}]\ntrain:\n  steps: 5\n"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stepz=3"], r"unknown key 'train.stepz'; did you mean 'train.steps'\?"),
+    (["data.datasets=[{pathh: a.jsonl}]"],
+     r"unknown key 'data.datasets.0.pathh'; did you mean 'data.datasets.0.path'\? \(and 1 more problem\)"),
+    (["bogus=1"], "unknown key 'bogus'; valid keys: out_dir, base, data, adapter, train"),
+    (["train.steps=many"], "train.steps: Input should be a valid integer.* \\(got 'many'\\)"),
+])
+def test_recipe_errors_are_one_line_naming_the_key(tmp_path, overrides, message):
+    path = tmp_path / "sft.yaml"
+    path.write_text(SFT_RECIPE)
+    load_recipe(SFTConfig, path)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message}$") as error:
+        load_recipe(SFTConfig, path, overrides)
+    assert "\n" not in str(error.value) and "pydantic" not in str(error.value)
+
+
+def test_cli_prints_the_recipe_error_alone(tmp_path, capsys):
+    path = tmp_path / "sft.yaml"
+    path.write_text(SFT_RECIPE)
+    assert main(["sft", "--config", str(path), "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lmforge sft: error: {path}: unknown key 'train.stepz'; did you mean 'train.steps'?\n"
 
 
 def test_load_yaml_bad_files(tmp_path):

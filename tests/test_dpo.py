@@ -9,12 +9,10 @@ import math
 import shutil
 from pathlib import Path
 
-import pydantic
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from chat_data import write_jsonl
+from safetensors.torch import load_file
 
 from lmforge.align.dpo import (
     all_logprobs, collate_pairs, dpo_loss_fn, load_dpo_config, make_reference, pair_logprobs, preference_accuracy,
@@ -113,17 +111,24 @@ def test_loss_equals_the_formula_on_transformers_logprobs(tmp_path, chat_base, c
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_precomputed_reference_trains_like_the_reference_on_the_fly(tmp_path, chat_base, data, method):
     """Full fine-tuning without precomputation holds a frozen copy as the reference."""
-    outputs = {}
+    outputs, lr, steps = {}, 1e-2, 3
     for precompute in (True, False):
-        path = recipe(tmp_path / str(precompute), chat_base, data, method, steps=3, eval_every=3, save_every=3)
+        path = recipe(tmp_path / str(precompute), chat_base, data, method, steps=steps, lr=lr, eval_every=steps,
+                      save_every=steps)
         out = train_dpo(load_dpo_config(path, [f"precompute_reference={str(precompute).lower()}"]))
         weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
         outputs[precompute] = load_file(out / weights)
         outputs[precompute, "loss"] = [m["loss"] for m in metrics(out.parent) if "loss" in m]
     a, b = outputs[True], outputs[False]
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # The two paths compute the reference log-probs in batches of different shapes, so they agree to
+    # float32 rounding (~1e-7 relative), and so do the gradients. Adam divides each gradient by its own
+    # size: where a gradient is itself as small as that rounding, the rounding decides its update, which
+    # is still at most about lr per step. So nearly every weight agrees to 1e-4, and none by less than
+    # Adam's bound of lr x steps; a wrong reference moves most weights by ~lr.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    close = torch.cat([((a[k] - b[k]).abs() <= 1e-6 + 1e-4 * b[k].abs()).flatten() for k in a])
+    assert close.float().mean() >= 0.999 and diff.max() <= lr * steps
     assert outputs[True, "loss"] == pytest.approx(outputs[False, "loss"], rel=1e-4)
     changed = [k for k in a if "layers.0.self_attn.q_proj" in k and ("lora_B" in k or method == "full")]
     assert changed and all(a[k].abs().sum() > 0 for k in changed)
@@ -207,7 +212,7 @@ def test_bad_pairs_name_file_and_line(tmp_path, chat_base, data, record, where):
 def test_bad_recipe_names_the_field(tmp_path, chat_base, data):
     load_dpo_config(Path(__file__).parents[1] / "configs" / "dpo-tiny.yaml", [])  # the shipped recipe
     path = recipe(tmp_path, chat_base, data)
-    with pytest.raises(pydantic.ValidationError, match="beta"):
+    with pytest.raises(ValueError, match="beta: Input should be greater than 0"):
         load_dpo_config(path, ["beta=0"])
     with pytest.raises(ValueError, match="no preference records of kind 'poetry'"):
         train_dpo(load_dpo_config(path, ["data.kind=poetry"]))

@@ -135,9 +135,7 @@ def greedy_answer(hf, prompt: str) -> str:
 
 @pytest.mark.slow
 def test_eval_qa_task_three_shot(tmp_path, capsys, checkpoint, hf):
-    (date_question, date), *_ = facts(TEST_TRAINED)
-    month, day, year = date.replace(",", "").split()
-    test = facts(TEST_TRAINED) + facts(TEST_UNSEEN) + [(date_question, f"{day} {month} {year}")]  # reordered
+    test = facts(TEST_TRAINED) + facts(TEST_UNSEEN)
     answers = [a for _, a in test]
     pool = facts(EXEMPLAR_PEOPLE)
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": q, "answer": a} for q, a in test])
@@ -163,11 +161,25 @@ def test_eval_qa_task_three_shot(tmp_path, capsys, checkpoint, hf):
     assert [s["f1"] for s in results["samples"]] == pytest.approx([squad_f1(p, a) for p, a in zip(predictions, answers)])
 
     recited = [p == a for p, a in zip(predictions, answers)]
-    known, unseen = len(facts(TEST_TRAINED)), slice(len(facts(TEST_TRAINED)), -1)
-    assert sum(recited[:known]) / known > sum(recited[unseen]) / len(recited[unseen])  # trained facts come back
-    assert recited[0] and predictions[-1] == predictions[0]  # the reordered date: its words, not their order
-    assert (results["samples"][-1]["exact_match"], results["samples"][-1]["f1"]) == (0, 1)
-    assert results["metrics"]["bleu"] > 0 and results["metrics"]["f1"] > results["metrics"]["exact_match"]
+    known = len(facts(TEST_TRAINED))
+    assert sum(recited[:known]) / known > sum(recited[known:]) / len(recited[known:])  # trained facts come back
+    assert results["metrics"]["bleu"] > 0
+
+
+def test_eval_credits_reordered_words_in_f1_not_em(tmp_path, checkpoint, hf):
+    """An answer holding the prediction's words in another order: exact match 0, F1 1. The answers are
+    made from the model's own zero-shot predictions (transformers'), so this holds whatever it learnt."""
+    questions = [q for q, _ in facts(TRAINED)]
+    said = {q: greedy_answer(hf, q) for q in questions}
+    reordered = {q: " ".join(reversed(said[q].split())) for q in questions}
+    worded = [q for q in questions if squad_normalize(reordered[q]) != squad_normalize(said[q])]
+    assert worded, said
+    task = write_jsonl(tmp_path / "reordered.jsonl", [{"prompt": q, "answer": reordered[q]} for q in worded])
+    out = tmp_path / "reordered.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--task", str(task), "--out", str(out)]) == 0
+    samples = json.loads(out.read_text())["samples"]
+    assert [s["prediction"] for s in samples] == [said[q] for q in worded]
+    assert [(s["exact_match"], s["f1"]) for s in samples] == [(0, 1)] * len(worded)
 
 
 # ---- perplexity ----------------------------------------------------------------------------------------

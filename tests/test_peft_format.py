@@ -85,15 +85,17 @@ def test_adapter_config_is_peft_config(base_dir, tmp_path):
     assert peft.PeftConfig.from_pretrained(tmp_path / "a").peft_type == "LORA"
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_peft_lora_loads_in_lmforge(base_dir, tmp_path, rslora):
+@pytest.mark.parametrize("rslora, task_type", [(False, "CAUSAL_LM"), (True, "CAUSAL_LM"), (False, None)])
+def test_peft_lora_loads_in_lmforge(base_dir, tmp_path, rslora, task_type):
+    """Also an adapter from a LoraConfig without a task type (peft's default: `task_type: null`)."""
     base = base_dir()
     hf = tf.AutoModelForCausalLM.from_pretrained(base)
-    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear", use_rslora=rslora, task_type="CAUSAL_LM",
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear", use_rslora=rslora, task_type=task_type,
                              base_model_name_or_path=str(base))
     theirs = peft.get_peft_model(hf, config)
     randomise_adapters(theirs)
     theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["task_type"] == task_type
     ours = load_with_adapter(tmp_path / "theirs")
     assert max_diff(ours, theirs.eval()) < 1e-4
     merged = load_with_adapter(tmp_path / "theirs", merge=True)
@@ -255,6 +257,10 @@ def test_unknown_peft_type_and_unsupported_options(adapter):
     edit_config(path, peft_type="IA3")
     with pytest.raises(ValueError, match="peft_type 'IA3' is not supported"):
         load_adapter(load_model(base), path)
+    edit_config(path, peft_type="LORA", task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match="task_type 'SEQ_CLS' is not supported"):
+        load_adapter(load_model(base), path)
+    edit_config(path, task_type="CAUSAL_LM")
     edit_config(path, peft_type="LORA", use_dora=True)
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         load_adapter(load_model(base), path)
@@ -338,3 +344,31 @@ def test_some_layers_only_and_resuming_into_an_adapted_model(base_dir, tmp_path)
     assert torch.equal(fresh.prompt_embeddings, prompted.prompt_embeddings)
     with pytest.raises(ValueError, match="4 virtual tokens, the model 5"):
         load_adapter(prompt_tuning(load_model(base), 5), prompt_dir)
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_peft_written_adapter_through_the_cli(chat_base, tmp_path, capsys, task_type):
+    """`lmforge generate` and `lmforge merge` take an adapter that peft wrote, with or without a task
+    type: greedy text equals transformers + peft's, the merged directory equals peft's merged logits."""
+    from lmforge.cli import main
+    from lmforge.tokenizer import Tokenizer
+
+    theirs = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(chat_base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type=task_type,
+        base_model_name_or_path=str(chat_base)))
+    randomise_adapters(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    theirs.eval()
+    assert main(["merge", "--checkpoint", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    tokenizer = Tokenizer.from_dir(chat_base)
+    prompt = tokenizer.encode("Nora Yilmaz was born in")
+    with torch.no_grad():
+        merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        x = torch.tensor([prompt])
+        torch.testing.assert_close(merged(x).logits, theirs(x).logits, rtol=1e-4, atol=1e-4)
+        expected = theirs.generate(input_ids=x, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(prompt):].tolist()
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "adapter"), "--prompt", "Nora Yilmaz was born in",
+                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(expected) + "\n"

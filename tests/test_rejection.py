@@ -8,9 +8,7 @@ import json
 from difflib import SequenceMatcher
 from pathlib import Path
 
-import pydantic
 import pytest
-
 from chat_data import write_jsonl
 
 from lmforge.align.rejection import (
@@ -152,7 +150,7 @@ def test_a_prompt_longer_than_the_context_is_named(tmp_path, chat_base, qa):
 def test_bad_recipe_names_the_field(tmp_path, chat_base, qa):
     load_rejection_config(Path(__file__).parents[1] / "configs" / "rejection-tiny.yaml", [])  # the shipped recipe
     path = recipe(tmp_path, chat_base, *qa[::2])
-    with pytest.raises(pydantic.ValidationError, match="sampling.k"):
+    with pytest.raises(ValueError, match="sampling.k"):
         load_rejection_config(path, ["sampling.k=0"])
-    with pytest.raises(pydantic.ValidationError, match="prompt cannot be merged"):
+    with pytest.raises(ValueError, match="prompt cannot be merged"):
         load_rejection_config(path, ["sft.adapter.method=prompt"])

@@ -204,6 +204,18 @@ BAD_REQUESTS = [
     ("text", {"max_tokens": 3}, 422, "prompt"),
     ("text", {"prompt": "the cat", "temperature": -1}, 400, "temperature"),
     ("text", {"prompt": "the cat", "model": "nope"}, 404, "model"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": 99999999999999999999999}, 400, "seed"),
+    ("text", {"prompt": "the cat", "seed": -2**63 - 1}, 400, "seed"),
+    ("chat", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    ("text", b'{"prompt": "the", "stream_options": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001, 400, None),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ("text", {"prompt": "the cat", "echo": True}, 400, "echo"),
+    ("text", {"prompt": "the cat", "logprobs": 0}, 400, "logprobs"),
+    ("text", {"prompt": "the cat", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
 ]
 
 
@@ -218,6 +230,33 @@ def test_bad_requests_get_openai_errors(server, kind, body, status, param):
     if param:
         assert error["param"] == param
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(server):
+    neutral = {"logit_bias": {}, "logprobs": False, "response_format": {"type": "text"}, "tools": [],
+               "tool_choice": "none", "presence_penalty": 0, "frequency_penalty": 0.0, "top_logprobs": None}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "the"}], "max_tokens": 2, **neutral})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
+    r = httpx.post(server.url + "/v1/completions", timeout=30,
+                   json={"prompt": "the", "max_tokens": 2, "echo": False, "best_of": 1, "suffix": None})
+    assert r.status_code == 200
+
+
+def test_oversized_body_is_refused_before_tokenizing(server, monkeypatch):
+    """A body over the limit is a 413 whether it declares its length or is sent chunked, and nothing of
+    it is tokenized; one under the limit still works."""
+    encoded = []
+    encode = server.session.encode
+    monkeypatch.setattr(server.session, "encode", lambda text: encoded.append(len(text)) or encode(text))
+    big = json.dumps({"prompt": "the " * 1_500_000, "max_tokens": 2}).encode()  # 6 MB
+    url, headers = server.url + "/v1/completions", {"Content-Type": "application/json"}
+    for content in (big, (big[i:i + 2**16] for i in range(0, len(big), 2**16))):
+        r = httpx.post(url, content=content, headers=headers, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert encoded == []
+    assert httpx.post(url, json={"prompt": "the", "max_tokens": 2}, timeout=30).status_code == 200
+    assert encoded == [3]
 
 
 def test_openai_client_raises_typed_errors(client):

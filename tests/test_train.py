@@ -222,3 +222,13 @@ def test_activation_checkpointing_gives_the_same_update(tmp_path):
                 causal_lm_loss, tmp_path / str(checkpointing)).run()
         results.append(flat_params(model))
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+
+
+def test_progress_in_a_log_file_is_one_line_per_logging_interval(tmp_path, capsys):
+    """Off a terminal (stderr captured here) the bar draws nothing; each logged step prints one line."""
+    trainer = Trainer(tiny_model(), config(steps=6, log_every=2), ListSource(lm_data(), 8), causal_lm_loss, tmp_path)
+    trainer.run()
+    err = capsys.readouterr().err
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "\r" not in err
+    assert err.splitlines() == [f"train {r['step']}/6 loss={r['loss']:.3f} lr={r['lr']:.2e}" for r in logged]

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from lmforge.align.losses import dpo_loss, sequence_logprobs
 from lmforge.checkpoint import load_model
-from lmforge.config import load_yaml
+from lmforge.config import load_recipe
+from lmforge.console import Progress
 from lmforge.data.chat import collate
 from lmforge.data.corpus import Batches
 from lmforge.data.preference import EncodedPair, PreferenceDataConfig, encode_pair, read_pairs
@@ -176,7 +177,7 @@ def all_logprobs(fn: Reference, pairs: list[EncodedPair], batch_size: int, pad_i
                  desc: str | None = None) -> Tensor:
     """(N, 2) log-probabilities of every pair's chosen and rejected response under `fn`."""
     out = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
+    for start in Progress(range(0, len(pairs), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
         out.append(torch.stack(fn(batch), dim=1).detach().float().cpu())
     return torch.cat(out)
@@ -269,4 +270,4 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
 
 
 def load_dpo_config(path: str | Path, overrides: list[str]) -> DPOConfig:
-    return DPOConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(DPOConfig, path, overrides)

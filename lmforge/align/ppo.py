@@ -40,7 +40,8 @@ from lmforge.align.losses import (
 )
 from lmforge.align.reward import RewardScorer, combined_reward, turn_end_id
 from lmforge.checkpoint import atomic_dir, load_model
-from lmforge.config import load_yaml
+from lmforge.config import load_recipe
+from lmforge.console import Progress
 from lmforge.data.chat import Message, check_messages
 from lmforge.data.records import RecordError, jsonl_records
 from lmforge.generate.engine import Engine, SamplingParams
@@ -342,7 +343,7 @@ class PPOTrainer:
         torch.manual_seed(s.seed)
         if resume:
             self.resume()
-        bar = tqdm(total=s.iterations, initial=self.iteration, desc="ppo", unit="it")
+        bar = Progress(total=s.iterations, initial=self.iteration, desc="ppo", unit="it")
         while self.iteration < s.iterations:
             start = time.perf_counter()
             rollout = self.rollout(self.batch_indices())
@@ -430,4 +431,4 @@ def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None
 
 
 def load_ppo_config(path: str | Path, overrides: list[str]) -> PPOConfig:
-    return PPOConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(PPOConfig, path, overrides)

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from lmforge.align.dpo import model_base
-from lmforge.config import load_yaml
+from lmforge.config import load_recipe
+from lmforge.console import Progress
 from lmforge.data.chat import Message, check_messages, to_messages
 from lmforge.data.records import RecordError, jsonl_records
 from lmforge.generate.engine import SamplingParams
@@ -151,7 +152,7 @@ def sample_candidates(session: Session, prompts: Sequence[Sequence[int]], k: int
     sequences at a time; batch b samples with seed `params.seed + 1_000_003 * b`."""
     rows = [p for p in prompts for _ in range(k)]
     texts: list[str] = []
-    for b, start in enumerate(tqdm(range(0, len(rows), batch_size), desc="sample", unit="batch", leave=False)):
+    for b, start in enumerate(Progress(range(0, len(rows), batch_size), desc="sample", unit="batch", leave=False)):
         seed = None if params.seed is None else params.seed + 1_000_003 * b
         done = complete(session.engine, session.tokenizer, rows[start : start + batch_size], replace(params, seed=seed))
         texts += [c.text.strip() for c in done]
@@ -250,4 +251,4 @@ def rejection_sample(config: RejectionConfig, *, scorer: ResponseScorer | None =
 
 
 def load_rejection_config(path: str | Path, overrides: list[str]) -> RejectionConfig:
-    return RejectionConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(RejectionConfig, path, overrides)

@@ -33,7 +33,7 @@ from lmforge.align.losses import bradley_terry_loss, whiten
 from lmforge.checkpoint import (
     _check_state, _dtype, atomic_dir, load_model, read_tensors, to_disk, to_ours, write_weights,
 )
-from lmforge.config import FAMILY_ARCHITECTURE, ModelConfig, load_yaml
+from lmforge.config import FAMILY_ARCHITECTURE, ModelConfig, load_recipe
 from lmforge.data.chat import Example, Message, RecordError
 from lmforge.data.corpus import Batches
 from lmforge.data.preference import (
@@ -428,4 +428,4 @@ def train_reward(config: RewardConfig, resume: bool = False) -> Path:
 
 
 def load_reward_config(path: str | Path, overrides: list[str]) -> RewardConfig:
-    return RewardConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(RewardConfig, path, overrides)

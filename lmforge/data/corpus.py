@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from lmforge.console import Progress
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is imported where it is used: reading and tokenizing corpora never need it
@@ -208,7 +208,7 @@ def tokenize_corpus(paths: PathLike | Sequence[PathLike], tokenizer_dir: PathLik
     temp = {split: out_dir / f"{split}.bin.{os.getpid()}.tmp" for split in SPLITS}
     writer = _SplitWriter(temp, dtype, seed, val_fraction)
     try:
-        with tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not show_progress) as bar:
+        with Progress(desc="tokenizing", unit="tok", unit_scale=True, disable=not show_progress) as bar:
             for tokens, lengths in _encode_in_workers(writer.documents(files), tokenizer_dir, dtype, workers):
                 writer.write(tokens, lengths)
                 bar.update(len(tokens))

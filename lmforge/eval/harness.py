@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 try:
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import TemplateLM
@@ -22,6 +20,7 @@ try:
 except ImportError as e:
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval") from e
 
+from lmforge.console import Progress
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -108,7 +107,7 @@ class LMForgeLM(TemplateLM):
         for i, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
         results = [""] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        bar = Progress(total=len(requests), desc="generate_until", disable=disable_tqdm)
         for indices in groups.values():
             params, until = self._sampling(requests[indices[0]].args[1])
             room = max(1, self.max_length - params.max_new_tokens)

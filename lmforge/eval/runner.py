@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
+from lmforge.console import Progress
 from lmforge.eval import metrics
 from lmforge.eval.builtin import BUILTIN_TASKS, world_task
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
@@ -147,7 +147,7 @@ def _generation(
         prompts = [([document_prefix(tokenizer)] + tokenizer.encode(text))[-room:] for text in inputs]
         stop = ["\n\n"] if cot else ["\n"]  # exemplars are separated by a blank line; answers are one line
     outputs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{task.name} generation", unit="batch",
+    for start in Progress(range(0, len(prompts), batch_size), desc=f"{task.name} generation", unit="batch",
                       disable=not progress):
         outputs += [c.text for c in complete(session.engine, tokenizer, prompts[start : start + batch_size],
                                              params, stop)]

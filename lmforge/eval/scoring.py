@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from lmforge.console import Progress
 from lmforge.generate.kv_cache import KVCache
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -49,7 +49,7 @@ def loglikelihoods(
         groups.setdefault(fit_context(context, continuation, limit), []).append(i)
     contexts = sorted(groups, key=len, reverse=True)  # similar lengths together: little padding
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    bar = tqdm(total=len(requests), desc="log-likelihoods", unit="seq", disable=not progress)
+    bar = Progress(total=len(requests), desc="log-likelihoods", unit="seq", disable=not progress)
     for batch in _pack(contexts, [[len(requests[i][1]) for i in groups[c]] for c in contexts], batch_size, max_tokens):
         indices = [groups[c] for c in batch]
         scores = _score_batch(model, batch, [[requests[i][1] for i in group] for group in indices])

@@ -141,8 +141,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     kind = config.get("peft_type")
     if kind not in ("LORA", "PROMPT_TUNING"):
         raise ValueError(f"{path / CONFIG}: peft_type {kind!r} is not supported (LORA, PROMPT_TUNING)")
-    if config.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
-        raise ValueError(f"{path / CONFIG}: task_type {config['task_type']!r} is not supported (CAUSAL_LM)")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):  # None: peft's default, applied to a causal LM here
+        raise ValueError(f"{path / CONFIG}: task_type {config['task_type']!r} is not supported (CAUSAL_LM or null)")
     if not (path / WEIGHTS).is_file():
         hint = " (only adapter_model.bin: lmforge reads safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{path}: no {WEIGHTS}{hint}")

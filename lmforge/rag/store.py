@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
+from lmforge.console import Progress
 from lmforge.rag.documents import Document, RAGError, check_chunking, split_into_chunks
 from lmforge.rag.embed import Embedder, load_embedder
 
@@ -413,7 +413,7 @@ class Store:
         """Embeddings of `texts`, longest first in steps (less padding), with a progress bar."""
         vectors = np.empty((len(texts), self.embedder.dim), np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        with tqdm(total=len(texts), unit="chunk", desc="embedding", disable=not progress or not texts) as bar:
+        with Progress(total=len(texts), unit="chunk", desc="embedding", disable=not progress or not texts) as bar:
             for start in range(0, len(texts), EMBED_STEP):
                 step = order[start:start + EMBED_STEP]
                 vectors[step] = self.embedder.encode([texts[i] for i in step])

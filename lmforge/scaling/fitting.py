@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from lmforge.console import Progress
 from lmforge.scaling.law import ScalingLaw
 
 HUBER_DELTA = 1e-3
@@ -57,7 +57,7 @@ def fit_law(params, tokens, losses, *, delta: float = HUBER_DELTA, starts: int =
     with torch.no_grad():
         ranked = grid[objective(grid, log_n, log_d, log_l, delta).argsort()[:starts]]
     best_x, best = None, float("inf")
-    for init in tqdm(ranked, desc="fit L(N, D)", unit="start", leave=False):
+    for init in Progress(ranked, desc="fit L(N, D)", unit="start", leave=False):
         x, value = _lbfgs(init, log_n, log_d, log_l, delta)
         if value < best:
             best_x, best = x, value

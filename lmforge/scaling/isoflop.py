@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from tqdm.auto import tqdm
 
-from lmforge.config import load_yaml, preset
+from lmforge.config import load_recipe, preset
+from lmforge.console import Progress
 from lmforge.scaling.fitting import fit_law
 from lmforge.scaling.law import CHINCHILLA, ScalingLaw, count
 from lmforge.train.pretrain import PretrainConfig, pretrain
@@ -79,7 +80,7 @@ def budget_name(flops: float) -> str:
 
 
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
-    return SweepConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(SweepConfig, path, overrides)
 
 
 def plan_runs(config: SweepConfig) -> tuple[list[tuple[RunSpec, PretrainConfig]], list[str]]:
@@ -123,7 +124,7 @@ def sweep(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
         {"runs": [asdict(spec) for spec, _ in runs], "skipped": skipped}, indent=1))
     for reason in skipped:
         tqdm.write(f"[sweep] skipped {reason}")
-    for spec, run in tqdm(runs, desc="sweep", unit="run"):
+    for spec, run in Progress(runs, desc="sweep", unit="run"):
         if final_loss(run.out_dir, spec.steps) is not None:
             continue
         shutil.rmtree(run.out_dir, ignore_errors=True)  # an interrupted run starts over

@@ -34,6 +34,15 @@ CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
                "img-src 'self' data:")
 Number = float  # pydantic accepts ints for floats; strings are rejected (strict below)
+MAX_REQUEST_BYTES = 4 * 2**20  # a context of 128k tokens is well under 1 MB of text
+SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes
+# OpenAI parameters this server does not implement: a request that sets one to anything but its
+# neutral value (or null/false) is a 400 naming it, never a reply that silently ignores it.
+UNSUPPORTED: dict[str, list[Any]] = {
+    "logit_bias": [{}], "echo": [], "logprobs": [], "top_logprobs": [0], "response_format": [{"type": "text"}],
+    "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]], "function_call": ["none", "auto"],
+    "presence_penalty": [0], "frequency_penalty": [0], "best_of": [1], "suffix": [""],
+}
 
 
 class APIError(Exception):
@@ -98,9 +107,11 @@ class CompletionBody(_Body):
 
 
 def create_app(session: Session, *, api_key: str | None = None, model_name: str = "lmforge",
-               max_batch_size: int = 16, store: Store | None = None, rag_k: int = 3) -> FastAPI:
+               max_batch_size: int = 16, store: Store | None = None, rag_k: int = 3,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving `session` under the model id `model_name`; chat answers are grounded
-    in the `rag_k` best chunks of `store` when one is given."""
+    in the `rag_k` best chunks of `store` when one is given. Bodies over `max_request_bytes` are
+    refused unread."""
     batcher = Batcher(session, max_batch_size=max_batch_size)
     created = int(time.time())
 
@@ -171,7 +182,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await parse(request, ChatBody)
+        body = await parse(request, ChatBody, max_request_bytes)
         check_model(body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         check_params(body, max_tokens)
@@ -195,7 +206,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        body = await parse(request, CompletionBody)
+        body = await parse(request, CompletionBody, max_request_bytes)
         check_model(body.model)
         check_params(body, body.max_tokens)
         prompt = body.prompt
@@ -219,6 +230,8 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
             raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", param="top_p")
         if body.top_k is not None and body.top_k < 0:
             raise APIError(400, f"top_k must be >= 0, got {body.top_k}", param="top_k")
+        if body.seed is not None and body.seed not in SEEDS:
+            raise APIError(400, f"seed must be in [{SEEDS.start}, {SEEDS.stop - 1}], got {body.seed}", param="seed")
         if not 1 <= body.n <= max_batch_size:
             raise APIError(400, f"n must be between 1 and {max_batch_size}, got {body.n}", param="n")
         if max_tokens is not None and max_tokens < 1:
@@ -305,15 +318,38 @@ async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) 
     job.cancelled = True
 
 
-async def parse(request: Request, model: type[BaseModel]) -> Any:
-    """The request body validated against `model`: 400 for bad JSON, 422 for a wrong shape."""
-    raw = await request.body()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = APIError(413, f"the request body is larger than {limit:,} bytes (see --max-request-bytes)",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def parse(request: Request, model: type[BaseModel], max_bytes: int = MAX_REQUEST_BYTES) -> Any:
+    """The request body validated against `model`: 413 when too large, 400 for bad JSON or an
+    unsupported parameter, 422 for a wrong shape."""
+    raw = await read_body(request, max_bytes)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(422, "the request body must be a JSON object", code="invalid_type")
+    for name, neutral in UNSUPPORTED.items():
+        value = data.get(name)
+        if not (value is None or value is False or (not isinstance(value, bool) and value in neutral)):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name,
+                           code="unsupported_parameter")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -361,13 +397,13 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
-          store: str | None = None, rag_k: int = 3) -> None:
+          store: str | None = None, rag_k: int = 3, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
     """Load a checkpoint (and a context store) and serve it with uvicorn until interrupted."""
     import uvicorn
 
     session = Session.load(checkpoint, dtype=dtype)
     name = model_name or Path(checkpoint).resolve().name
     app = create_app(session, api_key=api_key, model_name=name, max_batch_size=max_batch_size,
-                     store=Store.open(store) if store else None, rag_k=rag_k)
+                     store=Store.open(store) if store else None, rag_k=rag_k, max_request_bytes=max_request_bytes)
     print(f"serving '{name}' on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

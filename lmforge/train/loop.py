@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import atomic_dir, save_model
+from lmforge.console import Progress
 from lmforge.train.distributed import (
     Dist, all_reduce_sum, barrier, full_state, gradient_sync, load_full_state, unwrap,
 )
@@ -201,7 +202,7 @@ class Trainer:
         if resume:
             self.resume()
         peak = cfg.peak_flops or (measure_peak_flops() if self.flops_per_token else None)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not env.is_main)
+        bar = Progress(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not env.is_main)
         window_tokens, window_seconds = 0.0, 0.0  # training steps only: evaluation and saving excluded
         while self.step < cfg.steps:
             set_lr(self.optimizer, lr := lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from lmforge.checkpoint import load_model
-from lmforge.config import ModelConfig, load_yaml, preset
+from lmforge.config import ModelConfig, load_recipe, preset
 from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, find_files, get_batch, tokenize_corpus
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -159,4 +159,4 @@ def document_openings(tokens: np.ndarray, eos_id: int | None, n: int = 4, length
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str]) -> PretrainConfig:
-    return PretrainConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(PretrainConfig, path, overrides)

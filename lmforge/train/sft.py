@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import load_model
-from lmforge.config import load_yaml
+from lmforge.config import load_recipe
 from lmforge.data.chat import Example, SFTData, collate, pack
 from lmforge.data.corpus import Batches
 from lmforge.peft.adapters import load_adapter, save_adapter
@@ -181,4 +181,4 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
 
 
 def load_sft_config(path: str | Path, overrides: list[str]) -> SFTConfig:
-    return SFTConfig.model_validate(load_yaml(path, overrides))
+    return load_recipe(SFTConfig, path, overrides)
