@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 # Loggers of libraries that announce, at import or load time, things a user cannot act on
 # (torchao's missing CUDA kernels and triton, torch's pytree deprecations, transformers' notices).
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "transformers", "sentence_transformers", "huggingface_hub",
-                 "datasets", "lm_eval", "httpx")
+                 "datasets", "lm_eval", "httpx", "bm25s")
 
 
 def hide_third_party_noise() -> None:
