@@ -34,7 +34,7 @@ CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
                "img-src 'self' data:")
 Number = float  # pydantic accepts ints for floats; strings are rejected (strict below)
-MAX_REQUEST_BYTES = 4 * 2**20  # a context of 128k tokens is well under 1 MB of text
+MAX_REQUEST_BYTES = 4 * 2**20  # a prompt that fills a 128k-token context is about 0.5 MB of text
 SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value (or null/false) is a 400 naming it, never a reply that silently ignores it.
