@@ -1,6 +1,8 @@
 """Shared fixtures: tiny transformers checkpoints of every family, saved inside the test's tmp_path."""
 
+import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,10 @@ SHARPEN = 5.0
 
 
 def pytest_configure(config):
+    # Inductor's on-disk cache does not key its code by ATEN_CPU_CAPABILITY: a decode step compiled
+    # under avx512 and replayed under avx2 gave wrong tokens (all 0). One cache per capability.
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-{capability}"))
     # The models here are tiny: a second intra-op thread buys nothing, and on a busy two-core
     # machine its spin-waiting made these tests ten times slower.
     torch.set_num_threads(1)
