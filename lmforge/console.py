@@ -36,6 +36,7 @@ class Progress(tqdm):
 
     def __init__(self, iterable: Any = None, *args: Any, disable: bool = False, **kwargs: Any) -> None:
         self.plain = not disable and not on_terminal()
+        # A disabled tqdm keeps neither its description nor its count: the plain lines keep their own.
         self.label, self.count = kwargs.get("desc") or "", kwargs.get("initial", 0)
         super().__init__(iterable, *args, disable=disable or self.plain, **kwargs)
 
