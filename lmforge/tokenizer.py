@@ -31,6 +31,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)  # ids 0..4 after training
+Message = dict[str, str]  # one chat turn: {"role": ..., "content": ...}
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -113,6 +114,10 @@ class Tokenizer:
         variables = {"tools": None, "documents": None, **specials, **extra}
         return _compile(self.chat_template).render(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of a chat prompt ready for the assistant's reply (the generation prompt appended)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True))
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:

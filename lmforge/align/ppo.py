@@ -42,7 +42,7 @@ from lmforge.align.reward import RewardScorer, combined_reward, turn_end_id
 from lmforge.checkpoint import atomic_dir, load_model
 from lmforge.config import load_recipe
 from lmforge.console import Progress
-from lmforge.data.chat import Message, check_messages
+from lmforge.data.chat import check_messages
 from lmforge.data.records import RecordError, jsonl_records
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.generate.text import stop_token_ids
@@ -50,7 +50,7 @@ from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method
 from lmforge.report import write_run_report
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Message, Tokenizer
 from lmforge.train.loop import STATE_FILE, checkpoints, plot_metrics
 from lmforge.train.optim import build_optimizer
 
@@ -195,7 +195,7 @@ class PPOTrainer:
         self.engine = Engine(policy)
         self.stop_ids = stop_token_ids(policy.config, tokenizer)
         self.turn_end = turn_end_id(tokenizer)
-        self.prompt_ids = [tokenizer.encode(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True))
+        self.prompt_ids = [tokenizer.encode_chat(p.messages)
                            for p in prompts]
         self.iteration = 0
         self.out_dir = config.out_dir

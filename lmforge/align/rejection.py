@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lmforge.align.dpo import model_base
 from lmforge.config import load_recipe
 from lmforge.console import Progress
-from lmforge.data.chat import Message, check_messages, to_messages
+from lmforge.data.chat import check_messages, to_messages
 from lmforge.data.records import RecordError, jsonl_records
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -32,6 +32,7 @@ from lmforge.peft.adapters import is_adapter_dir, merge_and_save
 from lmforge.peft.method import AdapterConfig
 from lmforge.train.loop import TrainConfig
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
+from lmforge.tokenizer import Message
 
 
 class ResponseScorer(Protocol):
@@ -135,7 +136,7 @@ def encode_prompts(session: Session, prompts: Sequence[Prompt]) -> list[list[int
     naming its file and line."""
     out = []
     for p in prompts:
-        ids = session.tokenizer.encode(session.tokenizer.apply_chat_template(p.messages, add_generation_prompt=True))
+        ids = session.tokenizer.encode_chat(p.messages)
         if len(ids) >= session.context:
             raise ValueError(f"{p.path}:{p.line}: field 'prompt': {len(ids)} tokens leave no room for a response in "
                              f"the model's context of {session.context} tokens")

@@ -34,14 +34,14 @@ from lmforge.checkpoint import (
     _check_state, _dtype, atomic_dir, load_model, read_tensors, to_disk, to_ours, write_weights,
 )
 from lmforge.config import FAMILY_ARCHITECTURE, ModelConfig, load_recipe
-from lmforge.data.chat import Example, Message, RecordError
+from lmforge.data.chat import Example, RecordError
 from lmforge.data.corpus import Batches
 from lmforge.data.preference import (
     EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
 )
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Message, Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.losses import IGNORE
@@ -168,7 +168,7 @@ def turn_end_id(tokenizer: Tokenizer) -> int:
     """The token the chat template closes an assistant turn with (ChatML's `<|im_end|>`): the last
     token of every scored sequence, where the reward model reads its score."""
     prompt: list[Message] = [{"role": "user", "content": "?"}]
-    prompt_tokens = len(tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)))
+    prompt_tokens = len(tokenizer.encode_chat(prompt))
     reply = response_example(tokenizer, prompt, [{"role": "assistant", "content": "."}], prompt_tokens, 1 << 20)
     return scored_ids(reply, 1 << 20)[-1]
 
@@ -203,7 +203,7 @@ class RewardScorer:
 
     def encode(self, prompt: list[Message], response: str) -> list[int]:
         """The token ids scored for `prompt` + the assistant turn `response`."""
-        prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        prompt_ids = self.tokenizer.encode_chat(prompt)
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room for the response within "
                              f"max_len {self.max_len}")

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from lmforge.data.records import RecordError, jsonl_records
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Message, Tokenizer
 from lmforge.train.losses import IGNORE
 
-Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
 

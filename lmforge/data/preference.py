@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.data.chat import Example, Message, check_messages
+from lmforge.data.chat import Example, check_messages
 from lmforge.data.records import RecordError, jsonl_records
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Message, Tokenizer
 from lmforge.train.losses import IGNORE
 
 
@@ -88,7 +88,7 @@ class EncodedPair:
 
 def encode_pair(tokenizer: Tokenizer, pair: PreferencePair, max_len: int) -> EncodedPair:
     """Render and label one pair; responses are cut to fit `max_len` inputs."""
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True))
+    prompt_ids = tokenizer.encode_chat(pair.prompt)
     if len(prompt_ids) >= max_len:
         where = f"{pair.path}:{pair.line}: " if pair.path else ""
         raise ValueError(f"{where}field 'prompt': {len(prompt_ids)} tokens leave no room for a response within "

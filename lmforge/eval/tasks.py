@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.data.records import RecordError, jsonl_records
+from lmforge.tokenizer import Message
 
 Kind = Literal["generation", "choice", "perplexity"]
-Message = dict[str, str]
 COT_CUE = "Let's think step by step."
 FEWSHOT_SEPARATOR = "\n\n"
 _ANSWER_IS = re.compile(r"answer is:?\s*(.+)", re.IGNORECASE)

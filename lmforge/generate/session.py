@@ -14,9 +14,8 @@ from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
 from lmforge.model import Transformer
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Message, Tokenizer
 
-Message = dict[str, str]
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Session:
         system message) are dropped until the prompt plus `reserve` new tokens fit the context."""
         messages = list(messages)
         while True:
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            ids = self.tokenizer.encode_chat(messages)
             first = 1 if messages and messages[0]["role"] == "system" else 0
             if len(ids) + reserve <= self.context or len(messages) - first <= 1:
                 return ids

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from itertools import chain, zip_longest
 
 from lmforge.generate.engine import SamplingParams
-from lmforge.generate.session import Message, Session
+from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 from lmforge.rag.agent import calculator_tool
 from lmforge.rag.prompts import grounded_messages, parse_citations
 from lmforge.rag.store import Hit, Mode, Store
+from lmforge.tokenizer import Message
 
 
 @dataclass
