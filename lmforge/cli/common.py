@@ -1,0 +1,53 @@
+"""What the command groups share: the parser class, the handler registry and the flags several commands take."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], "int | None"]
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns; argparse names no public type for it
+
+VERBOSE_HELP = "also show other libraries' warnings and log messages (hidden by default)"
+CHECKPOINT_HELP = "HF-format model directory (with tokenizer), or a PEFT adapter directory"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: every command also takes -v/--verbose, as `lmforge` itself does."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+
+
+def runs(parser: argparse.ArgumentParser, handler: Handler) -> argparse.ArgumentParser:
+    """Make `handler` the function that runs when `parser`'s command is given."""
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_dtype_flag(p: argparse.ArgumentParser, help: str = "weight dtype (default: the checkpoint's)") -> None:
+    p.add_argument("--dtype", default=None, choices=DTYPES, help=help)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature; 0 is greedy (default {temperature:g})")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    add_dtype_flag(p)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
+
+
+def add_recipe_flags(p: argparse.ArgumentParser, example: str, overrides: str, resumable: bool = True) -> None:
+    """--config FILE, key=value overrides and (for resumable stages) --resume."""
+    p.add_argument("--config", type=Path, required=True, help=f"YAML recipe (see {example})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides)
+    if resumable:
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
