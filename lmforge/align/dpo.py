@@ -26,11 +26,11 @@ from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import IGNORE, collate, padding_id
 from lmforge.data.preference import EncodedPair, PreferenceDataConfig, encode_pair, read_pairs
+from lmforge.data.sampling import SampledSource, holdout_split
 from lmforge.peft.adapters import is_adapter_dir, merge_and_save
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
 from lmforge.tokenizer import Tokenizer
-from lmforge.data.sampling import SampledSource, holdout_split
 from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
 from lmforge.train.loop import Batch, LossFn, ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.sft import ADAPTER_METHODS, AdapterFiles, check_fsdp_method

@@ -35,7 +35,7 @@ from lmforge.data.preference import (
     EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
 )
 from lmforge.data.sampling import SampledSource, holdout_split
-from lmforge.io import RecordError, read_json
+from lmforge.io import RecordError, jsonl_records, read_json
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
 from lmforge.tokenizer import Message, Tokenizer
@@ -235,13 +235,12 @@ class PairIds:
 def record_margins(path: Path) -> dict[int, float]:
     """The `margin` field of each record that has one, by line (read_pairs has checked the JSON)."""
     margins = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip() or (value := json.loads(line).get("margin")) is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RecordError(path, line_no, "margin", f"must be a number, got {value!r}")
-            margins[line_no] = float(value)
+    for line_no, record in jsonl_records(path):
+        if (value := record.get("margin")) is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(path, line_no, "margin", f"must be a number, got {value!r}")
+        margins[line_no] = float(value)
     return margins
 
 

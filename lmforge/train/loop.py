@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
 from lmforge.checkpoint import read_tensors, save_model, to_ours
 from lmforge.console import Progress
 from lmforge.train.distributed import (
