@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 
-from lmforge.align.ppo import PPOConfig, PPOTrainer, Prompt
+from lmforge.align.ppo import PPOConfig, PPOTrainer
 from lmforge.align.reward import RewardModel, RewardScorer
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
+from lmforge.data.chat import Prompt
 from lmforge.data.world import make_world, questions, write_pretraining_corpus
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.model import Transformer

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.corpus import CorpusInfo, iter_documents, token_dtype, tokenize_corpus
+from lmforge.data.corpus import CorpusInfo, token_dtype, tokenize_corpus
+from lmforge.io import iter_texts
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -55,7 +56,7 @@ def reference(files: list[Path], tokenizer_dir: Path, out: Path, batch_docs: int
     which skips character offsets) over batches of documents, EOS after each document."""
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     encode, eos, dtype = getattr(tokenizer.backend, method), tokenizer.eos_id, token_dtype(tokenizer.vocab_size)
-    docs = list(iter_documents(files))
+    docs = list(iter_texts(files))
     parts = []
     for start in range(0, len(docs), batch_docs):
         for encoding in encode(docs[start : start + batch_docs], add_special_tokens=False):

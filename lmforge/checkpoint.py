@@ -11,22 +11,23 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+M = TypeVar("M", bound=nn.Module)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -187,15 +188,23 @@ def load_model(
     """Load an HF-format model directory of a supported family. `dtype` defaults to the config's."""
     path = Path(path)
     config = ModelConfig.from_dir(path)
-    dtype = _dtype(dtype or config.torch_dtype)
     state = to_ours(config.family, read_tensors(path), config)
+    return instantiate(path, Transformer, config, state, dtype=dtype, device=device)
+
+
+def instantiate(path: Path, make: Callable[[ModelConfig], M], config: ModelConfig, state: dict[str, Tensor], *,
+                dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> M:
+    """`make(config)` (a module with a decoder trunk `model`) holding `state` (our names, read from
+    `path`), in `dtype` (default: the config's) on `device`, in eval mode; a state that does not
+    match the module is an error naming `path`."""
+    dtype = resolve_dtype(dtype or config.torch_dtype)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = make(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
-    _check_state(path, state, expected)
+    check_state(path, state, expected)
     model.load_state_dict(
         {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True
     )
@@ -206,7 +215,8 @@ def load_model(
     return model.eval()
 
 
-def _check_state(path: Path, state: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+def check_state(path: Path, state: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Raise, naming `path`, unless `state` has exactly the tensors of `expected`, in its shapes, floating-point."""
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -224,7 +234,8 @@ def _check_state(path: Path, state: dict[str, Tensor], expected: dict[str, Tenso
         raise ValueError(f"{path}: weights do not match config.json:\n  " + "\n  ".join(problems))
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name (`"bfloat16"`, `"torch.float32"`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype.removeprefix("torch.")

@@ -28,6 +28,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from lmforge.io import chunks, find_files, read_lines, read_texts
+
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)  # ids 0..4 after training
@@ -155,8 +157,6 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
     `paths` are `.txt` files (all text), `.jsonl` (the `text` field of each record), `.parquet`
     (the `text` column; needs pyarrow) or directories searched recursively for those.
     """
-    from lmforge.data.corpus import find_files  # lmforge.data.corpus imports this module
-
     files = find_files(paths)
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
@@ -184,10 +184,8 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
 
 def _read_texts(path: Path) -> Iterator[str]:
     """The training texts of one file: `.txt` in runs of whole lines, records of `.jsonl`/`.parquet`."""
-    from lmforge.data.corpus import chunks, read_documents, read_lines  # lmforge.data.corpus imports this module
-
     if path.suffix != ".txt":
-        yield from read_documents(path)
+        yield from read_texts(path)
         return
     for lines in chunks(read_lines(path), 1 << 20):  # ~1 MB of lines at a time
         yield "".join(lines)

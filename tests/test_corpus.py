@@ -1,4 +1,5 @@
-"""Tests for lmforge.data.corpus: documents, token files, packed samples, batch order, bad input."""
+"""Tests for lmforge.data.corpus (token files, packed samples) and the corpus files it reads
+(lmforge.io: documents, bad input)."""
 
 import json
 import pickle
@@ -11,9 +12,8 @@ import pytest
 import torch
 
 from lmforge.data import corpus
-from lmforge.data.corpus import (
-    Batches, CorpusInfo, PackedSequences, get_batch, iter_documents, shard, token_dtype, tokenize_corpus,
-)
+from lmforge.data.corpus import CorpusInfo, PackedSequences, get_batch, token_dtype, tokenize_corpus
+from lmforge.io import iter_texts
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "river", "über", "café", "東京", "日本語", "🙂", "42", "3.14", "Привет"]
@@ -89,7 +89,7 @@ def test_txt_documents_split_on_blank_lines(tmp_path, tok_dir, tok):
     (root / "sub" / "c.txt").write_text(docs[5] + "\nno blank line here\n", encoding="utf-8")
     (root / "notes.md").write_text("not a corpus file", encoding="utf-8")
     expected_docs = docs[:5] + ["first line\nsecond line", "third", docs[5] + "\nno blank line here"]
-    assert list(iter_documents(root)) == expected_docs
+    assert list(iter_texts(root)) == expected_docs
 
     info = tokenize_corpus([root], tok_dir, tmp_path / "out", val_fraction=0, workers=2, show_progress=False)
     assert split_tokens(tmp_path / "out", "train") == expected_tokens(tok, expected_docs)
@@ -222,48 +222,6 @@ def test_split_too_short_for_one_sample(tmp_path):
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="0 tokens"):
         PackedSequences(tmp_path / "empty.bin", 4, "uint16")
-
-
-def take(batches: Batches, n: int) -> list[list[int]]:
-    return [batches.next() for _ in range(n)]
-
-
-def test_batches_seeded_permutation_per_epoch():
-    run = take(Batches(10, 3, seed=0), 12)  # 3 batches per epoch, one sample dropped each epoch
-    assert run == take(Batches(10, 3, seed=0), 12)
-    assert run != take(Batches(10, 3, seed=1), 12)
-    epochs = [sum(run[e * 3 : e * 3 + 3], []) for e in range(4)]
-    for epoch in epochs:
-        assert len(epoch) == len(set(epoch)) == 9 and set(epoch) <= set(range(10))
-    assert len({tuple(e) for e in epochs}) == 4
-    assert epochs[1] == np.random.default_rng(1).permutation(10)[:9].tolist()  # epoch e is seeded by seed + e
-    assert list(zip(range(3), Batches(10, 3))) == list(zip(range(3), run))  # also an iterator
-
-
-def test_batches_resume_reproduces_the_uninterrupted_run():
-    uninterrupted = take(Batches(10, 3, seed=5), 12)
-    for k in range(13):
-        first = Batches(10, 3, seed=5)
-        take(first, k)
-        state = json.loads(json.dumps(first.state_dict()))
-        assert state == {"epoch": k // 3, "position": k % 3}
-        resumed = Batches(10, 3, seed=5)
-        resumed.load_state_dict(state)
-        assert take(resumed, 12 - k) == uninterrupted[k:], f"resuming after {k} batches"
-    with pytest.raises(ValueError, match="3 batches"):
-        Batches(10, 3).load_state_dict({"epoch": 0, "position": 3})
-    with pytest.raises(ValueError, match="2 samples"):
-        Batches(2, 3)
-
-
-def test_shard_contiguous_parts():
-    batch = list(range(100, 112))
-    parts = [shard(batch, rank, 2, micro, 3) for rank in range(2) for micro in range(3)]
-    assert sum(parts, []) == batch and all(len(p) == 2 for p in parts)
-    assert shard(batch, 1, 2, 2, 3) == [110, 111]
-    assert shard(batch, 0, 1, 0, 1) == batch
-    with pytest.raises(ValueError, match="does not split"):
-        shard(batch, 0, 5, 0, 1)
 
 
 def test_empty_corpus(tmp_path, tok_dir):

@@ -19,13 +19,13 @@ from lmforge.align.dpo import (
     train_dpo,
 )
 from lmforge.checkpoint import load_model
+from lmforge.data.chat import IGNORE
 from lmforge.data.preference import encode_pair, read_pairs
 from lmforge.data.world import make_world, write_instruction_data, write_preference_data
 from lmforge.peft.adapters import adapter_base, load_with_adapter, save_adapter
 from lmforge.peft.lora import lora_layers
 from lmforge.peft.method import AdapterConfig, apply_method
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import IGNORE
 from lmforge.train.sft import SFTConfig, sft
 
 MAX_LEN = 128  # the micro model's context

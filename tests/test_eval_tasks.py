@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
-from lmforge.data.chat import RecordError
+from lmforge.io import RecordError
 from lmforge.data.world import biography, make_world, questions, write_pretraining_corpus
 from lmforge.eval.builtin import world_task
 from lmforge.eval.runner import document_prefix, encode_pair, evaluate, load_task, run_eval

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.data.world import make_world, pretraining_corpus
-from lmforge.train.loop import STATE_FILE, checkpoints
+from lmforge.train.run_dir import STATE_FILE, RunDir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.overrides.hidden_size=32", "model.overrides.intermediate_size=64", "model.overrides.num_hidden_layers=2",
@@ -96,17 +96,17 @@ def test_pretrain_journey(tmp_path, capsys):
     killed = tmp_path / "killed"
     run = pretrain(corpus, tok, killed, stderr=subprocess.DEVNULL)  # unread: a full pipe would stall it
     deadline = time.monotonic() + 300
-    while not checkpoints(killed) and time.monotonic() < deadline:
+    while not RunDir(killed).checkpoints() and time.monotonic() < deadline:
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert run.returncode == -signal.SIGKILL
-    assert checkpoints(killed) and checkpoints(killed)[-1].name != "step-000012"  # it died before the end
+    assert RunDir(killed).checkpoints() and RunDir(killed).checkpoints()[-1].name != "step-000012"  # it died before the end
     finish(pretrain(corpus, tok, killed, "--resume"))
 
     a, b = (load_file(run_dir / "model" / "model.safetensors") for run_dir in (straight, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (torch.load(checkpoints(d)[-1] / STATE_FILE, weights_only=True) for d in (straight, killed))
+    sa, sb = (torch.load(RunDir(d).checkpoints()[-1] / STATE_FILE, weights_only=True) for d in (straight, killed))
     assert sa["step"] == sb["step"] == 12 and sa["data"] == sb["data"]
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])

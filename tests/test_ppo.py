@@ -13,11 +13,12 @@ from chat_data import write_jsonl
 from safetensors.torch import load_file
 
 from lmforge.align.losses import group_advantages
-from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo, read_prompts
-from lmforge.data.chat import RecordError
+from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
+from lmforge.data.chat import read_prompts
 from lmforge.data.world import make_world, questions, red_team_prompts, write_preference_data
 from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.io import RecordError
 from lmforge.peft.adapters import load_with_adapter
 from lmforge.tokenizer import Tokenizer
 

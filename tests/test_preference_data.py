@@ -7,7 +7,7 @@ import json
 import pytest
 from chat_data import labelled_text, write_jsonl
 
-from lmforge.data.chat import RecordError
+from lmforge.io import RecordError
 from lmforge.data.preference import encode_pair, read_pairs
 
 TURNS = [{"role": "user", "content": "Where was Alice born?"}, {"role": "assistant", "content": "Port Alder"},

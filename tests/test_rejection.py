@@ -12,13 +12,14 @@ import pytest
 from chat_data import write_jsonl
 
 from lmforge.align.rejection import (
-    best_of, encode_prompts, load_rejection_config, read_prompts, rejection_sample, sample_candidates,
+    best_of, encode_prompts, load_rejection_config, rejection_sample, sample_candidates,
 )
-from lmforge.data.chat import RecordError, read_messages
+from lmforge.data.chat import read_messages, read_prompts
 from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
+from lmforge.io import RecordError
 
 USER = {"role": "user", "content": "Where was Alice born?"}
 ANSWER = {"role": "assistant", "content": "Port Alder"}
@@ -51,7 +52,7 @@ def test_prompts_from_prompt_preference_and_sft_files(tmp_path):
         {"instruction": "Where was Alice born?", "output": "Port Alder"},
         "",
     ])
-    prompts = read_prompts(path)
+    prompts = read_prompts(path, sft_records=True)
     assert [p.messages for p in prompts] == [[USER], [system, USER], [USER, ANSWER, {"role": "user", "content":
                                                                                      "And Bruno?"}], [USER]]
     assert [p.line for p in prompts] == [1, 2, 3, 4]
@@ -67,7 +68,7 @@ def test_prompts_from_prompt_preference_and_sft_files(tmp_path):
 def test_bad_prompts_name_file_and_line(tmp_path, record, where):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, record])
     with pytest.raises(RecordError) as e:
-        read_prompts(path)
+        read_prompts(path, sft_records=True)
     assert str(e.value).startswith(f"{path}:2: {where}")
 
 

@@ -24,7 +24,7 @@ from lmforge.align.reward import (
 from lmforge.checkpoint import load_model
 from lmforge.data.preference import read_pairs
 from lmforge.data.world import make_world, write_preference_data
-from lmforge.train.loop import checkpoints
+from lmforge.train.run_dir import RunDir
 
 PROMPT = [{"role": "user", "content": "Where was Alice Okafor born?"}]
 
@@ -191,7 +191,7 @@ def test_training_validates_and_resumes_exactly(tmp_path, chat_base):
     assert any(abs(scorer.score([p.prompt], [p.chosen[0]["content"]])[0] - scores[0]) < 0.006 for p in first)
 
     # As if killed after the step-4 checkpoint: resuming reproduces the uninterrupted run exactly.
-    shutil.rmtree(checkpoints(out)[-1])
+    shutil.rmtree(RunDir(out).checkpoints()[-1])
     shutil.move(model_dir, tmp_path / "uninterrupted")
     train_reward(load_reward_config(path, []), resume=True)
     a = load_file(tmp_path / "uninterrupted" / "model.safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,16 @@ from chat_data import labelled_text, write_jsonl
 
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
-from lmforge.data.chat import RecordError, SFTData, collate, encode, pack, read_messages
+from lmforge.data.chat import IGNORE, SFTData, collate, encode, pack, read_messages, response_prompts
+from lmforge.data.sampling import MixtureSource
 from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import IGNORE
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids
-from lmforge.report import table_cell, response_prompts
-from lmforge.train.sft import MixtureSource, SFTConfig, load_data
+from lmforge.io import RecordError
+from lmforge.train.run_dir import table_cell
+from lmforge.train.sft import SFTConfig, load_data
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Alice born?"},
         {"role": "assistant", "content": "Port Alder"}, {"role": "user", "content": "And Bruno?"},
@@ -107,18 +109,18 @@ def test_mixture_follows_weights_and_resumes(tokenizer):
     a = [encode(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}], 50)] * 5
     b = [encode(tokenizer, [{"role": "user", "content": "b"}, {"role": "assistant", "content": "BB"}], 50)] * 7
     first_a = a[0].input_ids[0:1]
-    source = MixtureSource([a, b], [3.0, 1.0], global_batch=8, seed=0, pad_id=0)
+    source = MixtureSource([a, b], [3.0, 1.0], partial(collate, pad_id=0), global_batch=8, seed=0)
     rows = [source.next_batch() for _ in range(100)]
     from_a = sum(int((r["labels"] != IGNORE).sum(dim=1).eq(len([t for t in a[0].labels if t != IGNORE])).sum())
                  for r in rows)
     assert first_a and abs(from_a / 800 - 0.75) < 0.05
 
-    source = MixtureSource([a, b], [3.0, 1.0], global_batch=8, seed=0, pad_id=0)
+    source = MixtureSource([a, b], [3.0, 1.0], partial(collate, pad_id=0), global_batch=8, seed=0)
     for _ in range(10):
         source.next_batch()
     state = source.state_dict()
     expected = [source.next_batch()["input_ids"] for _ in range(5)]
-    resumed = MixtureSource([a, b], [3.0, 1.0], global_batch=8, seed=0, pad_id=0)
+    resumed = MixtureSource([a, b], [3.0, 1.0], partial(collate, pad_id=0), global_batch=8, seed=0)
     resumed.load_state_dict(state)
     assert all(torch.equal(x, resumed.next_batch()["input_ids"]) for x in expected)
 

@@ -11,9 +11,11 @@ from pydantic import ValidationError
 
 from lmforge.config import preset
 from lmforge.model import Transformer
-from lmforge.train.loop import STATE_FILE, Trainer, TrainConfig, TrainingDiverged, checkpoints
-from lmforge.train.losses import IGNORE, causal_lm_loss
-from lmforge.train.optim import lr_at, param_groups
+from lmforge.data.chat import IGNORE
+from lmforge.train.loop import Trainer, TrainConfig, TrainingDiverged
+from lmforge.train.losses import causal_lm_loss
+from lmforge.train.optim import clip_gradients, lr_at, param_groups
+from lmforge.train.run_dir import STATE_FILE, RunDir
 
 
 class ListSource:
@@ -94,7 +96,7 @@ def test_clipping_by_global_norm(tmp_path):
     for i, p in enumerate(params):
         p.grad = torch.full_like(p, float(i + 1))
     norm = math.sqrt(sum(float(i + 1) ** 2 * p.numel() for i, p in enumerate(params)))
-    assert trainer._clip(params) == pytest.approx(norm, rel=1e-5)
+    assert clip_gradients(params, trainer.config.grad_clip) == pytest.approx(norm, rel=1e-5)
     clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
     assert clipped == pytest.approx(0.5, rel=1e-4)
     for i, p in enumerate(params):
@@ -162,7 +164,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert torch.equal(flat_params(resumed_model), flat_params(straight_model))
     for a, b in zip(straight.optimizer.state.values(), resumed.optimizer.state.values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step-000003", "step-000006"]
+    assert [p.name for p in RunDir(tmp_path / "resumed").checkpoints()] == ["step-000003", "step-000006"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
@@ -181,7 +183,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     good = None
     with pytest.raises(TrainingDiverged, match="step 3"):
         trainer.run()
-    [good] = checkpoints(tmp_path)
+    [good] = RunDir(tmp_path).checkpoints()
     assert good.name == "step-000002"
     reloaded = tiny_model(seed=5)
     Trainer(reloaded, config(steps=2, save_every=2), ListSource(lm_data(), 8), causal_lm_loss, tmp_path).resume()
@@ -192,7 +194,7 @@ def test_resume_from_corrupt_checkpoint_names_it_and_the_good_one(tmp_path):
     trainer = Trainer(tiny_model(), config(steps=4, save_every=2, keep_last=3), ListSource(lm_data(), 8),
                       causal_lm_loss, tmp_path)
     trainer.run()
-    newest = checkpoints(tmp_path)[-1]
+    newest = RunDir(tmp_path).checkpoints()[-1]
     state = newest / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     again = Trainer(tiny_model(), config(steps=6), ListSource(lm_data(), 8), causal_lm_loss, tmp_path)

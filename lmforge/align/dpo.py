@@ -10,14 +10,11 @@ preference accuracy (log pi(chosen) > log pi(rejected)) beside the reference's."
 
 from __future__ import annotations
 
-import time
-
 import copy
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
@@ -27,17 +24,16 @@ from lmforge.align.losses import dpo_loss, sequence_logprobs
 from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.console import Progress
-from lmforge.data.chat import collate
-from lmforge.data.corpus import Batches
+from lmforge.data.chat import IGNORE, collate, padding_id
 from lmforge.data.preference import EncodedPair, PreferenceDataConfig, encode_pair, read_pairs
+from lmforge.data.sampling import SampledSource, holdout_split
 from lmforge.peft.adapters import is_adapter_dir, merge_and_save
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
-from lmforge.train.losses import IGNORE
 from lmforge.train.loop import Batch, LossFn, ModelFiles, TrainConfig, Trainer, finish_run
-from lmforge.train.sft import ADAPTER_METHODS, AdapterFiles
+from lmforge.train.sft import ADAPTER_METHODS, AdapterFiles, check_fsdp_method
 
 Reference = Callable[[Batch], tuple[Tensor, Tensor]]  # batch -> reference log-probs (chosen, rejected)
 
@@ -57,8 +53,7 @@ class DPOConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
-        if self.adapter.method != "full" and self.train.strategy == "fsdp":
-            raise ValueError("train.strategy fsdp shards full fine-tuning only; use ddp with adapters")
+        check_fsdp_method(self.adapter, self.train)
         return self
 
 
@@ -82,9 +77,7 @@ def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, seed: int) -> 
     train = load_pairs(config.train_path, tokenizer, config.max_len, config.kind)
     if config.val_path is not None:
         return train, load_pairs(config.val_path, tokenizer, config.max_len, config.kind)
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = int(len(order) * config.val_fraction)
-    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in order[:n_val]]
+    return holdout_split(train, config.val_fraction, seed)
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, ref: Tensor | None = None) -> Batch:
@@ -98,23 +91,15 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, ref: Tensor | None 
     return batch
 
 
-class PairSource:
+def pair_source(pairs: list[EncodedPair], ref: Tensor | None, global_batch: int, seed: int,
+                pad_id: int) -> SampledSource:
     """Global batches of pairs in a seeded order, epoch after epoch, with their reference log-probs
     (N, 2) when precomputed. Resumable."""
 
-    def __init__(self, pairs: list[EncodedPair], ref: Tensor | None, global_batch: int, seed: int, pad_id: int) -> None:
-        self.pairs, self.ref, self.pad_id = pairs, ref, pad_id
-        self.order = Batches(len(pairs), global_batch, seed)
+    def make_batch(rows: list[int]) -> Batch:
+        return collate_pairs([pairs[i] for i in rows], pad_id, None if ref is None else ref[rows])
 
-    def next_batch(self) -> Batch:
-        rows = self.order.next()
-        return collate_pairs([self.pairs[i] for i in rows], self.pad_id, None if self.ref is None else self.ref[rows])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order.load_state_dict(state)
+    return SampledSource(len(pairs), make_batch, global_batch, seed)
 
 
 # ---- log-probabilities and the loss ----------------------------------------------------------------
@@ -232,9 +217,9 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     cfg = config.train
     base = model_base(config.base, config.out_dir, env)
     tokenizer = Tokenizer.from_dir(base)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+    pad_id = padding_id(tokenizer)
     train, val = load_data(config.data, tokenizer, cfg.seed)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * env.world_size
+    global_batch = cfg.global_batch_size(env.world_size)
     if len(train) < global_batch:
         raise ValueError(f"{config.data.train_path}: {len(train)} training pairs cannot fill one global batch of "
                          f"{global_batch}")
@@ -260,7 +245,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
     model = wrap(model, cfg.strategy, env)
     loss_fn = dpo_loss_fn(config.beta, config.label_smoothing, None if config.precompute_reference else reference)
     trainer = Trainer(
-        model, cfg, PairSource(train, ref_train, global_batch, cfg.seed, pad_id), loss_fn, config.out_dir, env=env,
+        model, cfg, pair_source(train, ref_train, global_batch, cfg.seed, pad_id), loss_fn, config.out_dir, env=env,
         tokenizer=tokenizer, files=files,
         evaluate=validation(val, ref_val, config, pad_id, env.device) if val else None,
     )

@@ -15,14 +15,14 @@ mean and spread, and the KL to the reference enters the loss (k3 estimate, weigh
 the reward. Everything else (rollouts, clipping, the KL controller, checkpoints) is shared.
 
 The policy is the SFT model with LoRA adapters; the frozen reference is the same model with its
-adapters disabled, so no second copy of the weights is held. Checkpoints at iteration boundaries
-(adapter, value head, optimizer, controller, random state) resume to the uninterrupted result."""
+adapters disabled, so no second copy of the weights is held. The run directory is the training
+loop's (`lmforge.train.run_dir`): metrics logged per iteration as `step`, and checkpoints at
+iteration boundaries (adapter, value head, optimizer, KL coefficient, random state) that resume
+to the uninterrupted result."""
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,27 +32,24 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lmforge.align.losses import (
     AdaptiveKLController, gae, group_advantages, kl_k3, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss,
     token_logprobs, whiten,
 )
 from lmforge.align.reward import RewardScorer, combined_reward, turn_end_id
-from lmforge.checkpoint import atomic_dir, load_model
+from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.console import Progress
-from lmforge.data.chat import check_messages
-from lmforge.data.records import RecordError, jsonl_records
+from lmforge.data.chat import Prompt, padding_id, read_prompts
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters
 from lmforge.peft.method import AdapterConfig, apply_method
-from lmforge.report import write_run_report
-from lmforge.tokenizer import Message, Tokenizer
-from lmforge.train.loop import STATE_FILE, checkpoints, plot_metrics
-from lmforge.train.optim import build_optimizer
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.optim import build_optimizer, clip_gradients
+from lmforge.train.run_dir import STATE_FILE, RunDir
 
 
 class Scorer(Protocol):
@@ -99,47 +96,13 @@ class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
-    policy: Path = Field(description="the SFT model: an HF directory or an adapter directory (merged in first)")
+    policy: Path = Field(description="the SFT model: an HF directory (merge an adapter into its base first)")
     reward: Path = Field(description="reward model directory (sequence-classification layout)")
     safety_reward: Path | None = Field(None, description="a safety reward model, combined as LLaMA-2 does")
     safety_threshold: float = 0.15
     prompts: Path = Field(description="JSONL of prompts: {'prompt': text | messages, 'risky': bool (optional)}")
     adapter: AdapterConfig = AdapterConfig(method="lora")
     ppo: PPOSettings = PPOSettings()
-
-
-@dataclass
-class Prompt:
-    messages: list[Message]
-    risky: bool = False
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from JSONL: `prompt` (text or messages) or `messages` (up to the last user turn)."""
-    path = Path(path)
-    out = []
-    for line_no, record in jsonl_records(path):
-
-        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-            return RecordError(path, line_no, field, problem)
-
-        if not ("prompt" in record or "messages" in record):
-            raise error("prompt", "records need 'prompt' (text or messages) or 'messages'")
-        value = record.get("prompt", record.get("messages"))
-        if isinstance(value, str):
-            if not value.strip():
-                raise error("prompt", "empty")
-            messages = [{"role": "user", "content": value}]
-        else:
-            messages = check_messages(value, "prompt" if "prompt" in record else "messages", error)
-            while messages and messages[-1]["role"] == "assistant":
-                messages.pop()
-            if not messages:
-                raise error("messages", "no turn before the assistant's")
-        out.append(Prompt(messages, bool(record.get("risky", False))))
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
 
 
 class ValueHead(nn.Module):
@@ -183,39 +146,41 @@ PPO_PANELS = {"reward-model score": ("reward",), "KL to the reference per respon
 
 
 class PPOTrainer:
+    """PPO (or GRPO) on `prompts`: rollouts scored by `scorer` (and `safety`), updates of the
+    policy's adapters and the value head, logged and checkpointed into `config.out_dir`."""
+
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Tokenizer, scorer: Scorer,
                  prompts: list[Prompt], *, safety: Scorer | None = None) -> None:
-        self.config, self.s = config, config.ppo
+        self.config, self.settings = config, config.ppo
         self.policy, self.tokenizer, self.scorer, self.safety, self.prompts = policy, tokenizer, scorer, safety, prompts
         self.head = ValueHead(policy.config.hidden_size)
         trainable = nn.ModuleList([policy, self.head])
-        self.optimizer = build_optimizer(trainable, lr=self.s.lr, weight_decay=self.s.weight_decay,
+        self.optimizer = build_optimizer(trainable, lr=self.settings.lr, weight_decay=self.settings.weight_decay,
                                          betas=(0.9, 0.95), eps=1e-8)
-        self.kl = AdaptiveKLController(self.s.init_kl_coef, self.s.target_kl, self.s.kl_horizon)
+        self.kl = AdaptiveKLController(self.settings.init_kl_coef, self.settings.target_kl, self.settings.kl_horizon)
         self.engine = Engine(policy)
         self.stop_ids = stop_token_ids(policy.config, tokenizer)
         self.turn_end = turn_end_id(tokenizer)
-        self.prompt_ids = [tokenizer.encode_chat(p.messages)
-                           for p in prompts]
+        self.prompt_ids = [tokenizer.encode_chat(p.messages) for p in prompts]
         self.iteration = 0
-        self.out_dir = config.out_dir
+        self.run_dir = RunDir(config.out_dir)
 
     # ---- rollout -------------------------------------------------------------------------------
 
     def batch_indices(self) -> list[int]:
         """The prompts of this iteration: a seeded permutation, epoch after epoch (with GRPO, each
         prompt `group_size` times in a row)."""
-        n, b = len(self.prompts), self.s.batch_size
+        n, b = len(self.prompts), self.settings.batch_size
         start = self.iteration * b
         epoch_order: dict[int, list[int]] = {}
         out = []
         for k in range(start, start + b):
             epoch = k // n
             if epoch not in epoch_order:
-                epoch_order[epoch] = random.Random(self.s.seed + epoch).sample(range(n), n)
+                epoch_order[epoch] = random.Random(self.settings.seed + epoch).sample(range(n), n)
             out.append(epoch_order[epoch][k % n])
-        if self.s.estimator == "grpo":
-            return [i for i in out for _ in range(self.s.group_size)]
+        if self.settings.estimator == "grpo":
+            return [i for i in out for _ in range(self.settings.group_size)]
         return out
 
     @torch.no_grad()
@@ -251,7 +216,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, indices: Sequence[int]) -> Rollout:
-        s = self.s
+        """Sample, score and reward responses to the prompts `indices`, with their advantages and returns."""
+        s = self.settings
         self.policy.eval()
         prompts = [self.prompt_ids[i] for i in indices]
         params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -260,7 +226,7 @@ class PPOTrainer:
         responses, sampled_logprobs, sampled_values = self.sample(prompts, params)
         sequences = [p + r for p, r in zip(prompts, responses)]
         longest = max(map(len, sequences))
-        ids = torch.full((len(sequences), longest), self.tokenizer.pad_id or 0, dtype=torch.long)
+        ids = torch.full((len(sequences), longest), padding_id(self.tokenizer), dtype=torch.long)
         mask = torch.zeros(len(sequences), longest - 1)
         logprobs, values = torch.zeros(len(sequences), longest - 1), torch.zeros(len(sequences), longest - 1)
         for row, (p, seq) in enumerate(zip(prompts, sequences)):
@@ -302,44 +268,54 @@ class PPOTrainer:
     # ---- update --------------------------------------------------------------------------------
 
     def update(self, rollout: Rollout) -> dict[str, float]:
-        s = self.s
+        """`ppo_epochs` passes of minibatch updates over `rollout`; returns the mean of each loss term,
+        the clipped fraction and the entropy over the updates."""
+        s = self.settings
         self.policy.train()
-        second = "kl_loss" if s.estimator == "grpo" else "value_loss"  # the loss beside the policy's
-        totals: dict[str, float] = {"policy_loss": 0.0, second: 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        totals: dict[str, float] = {}
         updates = 0
         generator = torch.Generator().manual_seed(s.seed + self.iteration)
-        params = [p for p in self.optimizer.param_groups[0]["params"] + self.optimizer.param_groups[1]["params"]]
+        params = self.optimizer.param_groups[0]["params"] + self.optimizer.param_groups[1]["params"]
         for _ in range(s.ppo_epochs):
             order = torch.randperm(len(rollout.ids), generator=generator)
             for start in range(0, len(order), s.mini_batch_size):
-                rows = order[start : start + s.mini_batch_size]
-                mask = rollout.mask[rows]
-                logprobs, values, logits = policy_outputs(self.policy, self.head, rollout.ids[rows])
-                policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.old_logprobs[rows],
-                                                             rollout.advantages[rows], mask, s.clip)
-                if s.estimator == "grpo":
-                    other = masked_mean(kl_k3(logprobs, rollout.ref_logprobs[rows]), mask)
-                    loss = policy_loss + self.kl.beta * other
-                else:
-                    other = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, s.value_clip)
-                    loss = policy_loss + s.value_coef * other
+                loss, terms = self.minibatch_loss(rollout, order[start : start + s.mini_batch_size])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                clip_gradients(params, s.grad_clip)
                 self.optimizer.step()
-                with torch.no_grad():
-                    probs = logits.float().softmax(-1)
-                    entropy = masked_mean(-(probs * probs.clamp_min(1e-12).log()).sum(-1), mask)
-                for key, value in (("policy_loss", policy_loss), (second, other),
-                                   ("clip_fraction", clip_fraction), ("entropy", entropy)):
-                    totals[key] += float(value.detach())
+                for key, value in terms.items():
+                    totals[key] = totals.get(key, 0.0) + value
                 updates += 1
         return {k: v / updates for k, v in totals.items()}
+
+    def minibatch_loss(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The loss on `rows` of `rollout`: the clipped policy surrogate plus, with GAE, the weighted
+        clipped value loss or, with GRPO, the KL to the reference weighted by beta; and its terms."""
+        s = self.settings
+        mask = rollout.mask[rows]
+        logprobs, values, logits = policy_outputs(self.policy, self.head, rollout.ids[rows])
+        policy_loss, clip_fraction = ppo_policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows],
+                                                     mask, s.clip)
+        if s.estimator == "grpo":
+            reference_term, name = masked_mean(kl_k3(logprobs, rollout.ref_logprobs[rows]), mask), "kl_loss"
+            loss = policy_loss + self.kl.beta * reference_term
+        else:
+            reference_term = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask,
+                                            s.value_clip)
+            name = "value_loss"
+            loss = policy_loss + s.value_coef * reference_term
+        with torch.no_grad():
+            probs = logits.float().softmax(-1)
+            entropy = masked_mean(-(probs * probs.clamp_min(1e-12).log()).sum(-1), mask)
+        terms = {"policy_loss": policy_loss, name: reference_term, "clip_fraction": clip_fraction, "entropy": entropy}
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
 
     # ---- the run -------------------------------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> None:
-        s = self.s
+        """Iterate to `iterations` (continuing from the latest checkpoint if `resume`)."""
+        s = self.settings
         torch.manual_seed(s.seed)
         if resume:
             self.resume()
@@ -355,46 +331,41 @@ class PPOTrainer:
             record = {"step": self.iteration, **rollout.stats, **losses, "rollout_s": rollout_seconds,
                       "update_s": time.perf_counter() - start - rollout_seconds,
                       "samples": [{"prompt": p, "response": r, "score": sc} for p, r, sc in rollout.samples]}
-            self.log(record)
+            self.run_dir.log(record)
             bar.update(1)
             bar.set_postfix(reward=f"{rollout.stats['reward']:.3f}", kl=f"{rollout.stats['kl']:.3f}")
             if self.iteration % s.save_every == 0 or self.iteration == s.iterations:
                 self.save_checkpoint()
         bar.close()
 
-    def log(self, record: dict[str, Any]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def save_checkpoint(self) -> None:
-        path = self.out_dir / "checkpoints" / f"step-{self.iteration:06d}"
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-N/` (N the iteration: the adapter + `trainer_state.pt`), keep the
+        newest `keep_last`, and refresh the reward plot."""
         state = {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "beta": self.kl.beta,
                  "value_head": self.head.state_dict(), "rng": torch.get_rng_state()}
-        with atomic_dir(path) as tmp:
+
+        def write(tmp: Path) -> None:
             save_adapter(self.policy, tmp / "adapter", base=self.config.policy)
             torch.save(state, tmp / STATE_FILE)
-        for old in checkpoints(self.out_dir)[: -self.s.keep_last]:
-            shutil.rmtree(old)
-        plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "reward.png", PPO_PANELS)
+
+        path = self.run_dir.save_checkpoint(self.iteration, write, self.settings.keep_last)
+        self.run_dir.plot("reward.png", PPO_PANELS)
+        return path
 
     def resume(self) -> None:
+        """Load the newest checkpoint: adapter, value head, optimizer, KL coefficient, iteration and RNG state."""
         from lmforge.train.sft import AdapterFiles
 
-        found = checkpoints(self.out_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoints under {self.out_dir / 'checkpoints'}")
-        AdapterFiles(self.config.policy).load(self.policy, found[-1])
-        state = torch.load(found[-1] / STATE_FILE, weights_only=True)
+        def read(path: Path) -> dict[str, Any]:
+            AdapterFiles(self.config.policy).load(self.policy, path)
+            return torch.load(path / STATE_FILE, weights_only=True)
+
+        path, state = self.run_dir.read_latest_checkpoint(read)
         self.optimizer.load_state_dict(state["optimizer"])
         self.head.load_state_dict(state["value_head"])
         self.kl.beta, self.iteration = state["beta"], state["iteration"]
         torch.set_rng_state(state["rng"])
-        metrics = self.out_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.iteration]
-            metrics.write_text("".join(line + "\n" for line in kept))
-        tqdm.write(f"resumed from {found[-1]} at iteration {self.iteration}")
+        self.run_dir.resumed(path, self.iteration, unit="iteration")
 
 
 def load_policy(path: Path, adapter: AdapterConfig) -> tuple[nn.Module, Tokenizer]:
@@ -423,10 +394,11 @@ def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None
     out = config.out_dir / "adapter"
     save_adapter(policy, out, base=config.policy)
     tokenizer.save(out)
-    last = json.loads((config.out_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    write_run_report(config.out_dir, title="PPO", config=config, model=policy, plot="reward.png",
-                     seconds=time.perf_counter() - started,
-                     samples=[(s["prompt"], f"{s['response']} (score {s['score']:.3f})") for s in last["samples"]])
+    last = trainer.run_dir.records()[-1]
+    trainer.run_dir.write_report(title="PPO", config=config, model=policy, plot="reward.png",
+                                 seconds=time.perf_counter() - started,
+                                 samples=[(sample["prompt"], f"{sample['response']} (score {sample['score']:.3f})")
+                                          for sample in last["samples"]])
     return out
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from lmforge.align.dpo import model_base
 from lmforge.config import load_recipe
 from lmforge.console import Progress
-from lmforge.data.chat import check_messages, to_messages
-from lmforge.data.records import RecordError, jsonl_records
+from lmforge.data.chat import Prompt, read_prompts
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -88,47 +87,6 @@ class RejectionConfig(BaseModel):
 
 
 # ---- prompts -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prompt:
-    messages: list[Message]
-    path: Path
-    line: int
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from JSONL: `{"prompt": text | messages}` (prompt files, preference pairs), or any
-    SFT record (its conversation before the last assistant turn). Blank lines are skipped."""
-    path = Path(path)
-    prompts = []
-    for line_no, record in jsonl_records(path):
-
-        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-            return RecordError(path, line_no, field, problem)
-
-        prompts.append(Prompt(_prompt_messages(record, error), path, line_no))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
-
-
-def _prompt_messages(record: dict[str, Any], error: Any) -> list[Message]:
-    if "prompt" in record and "completion" not in record:
-        value = record["prompt"]
-        if isinstance(value, str):
-            if not value.strip():
-                raise error("prompt", "empty")
-            return [{"role": "user", "content": value}]
-        messages = check_messages(value, "prompt", error)
-        if messages[-1]["role"] == "assistant":
-            raise error("prompt", "ends with an assistant turn: nothing is left to answer")
-        return messages
-    messages = to_messages(record, error)
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not answers or answers[-1] == 0:
-        raise error("messages", "no turn before an assistant turn to use as the prompt")
-    return messages[: answers[-1]]
 
 
 def encode_prompts(session: Session, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -225,7 +183,7 @@ def load_scorer(path: Path) -> ResponseScorer:
 def rejection_sample(config: RejectionConfig, *, scorer: ResponseScorer | None = None) -> Path:
     """Run the rounds; returns the last round's fine-tuned adapter or model directory. `scorer`
     stands in for the reward model at `config.reward`."""
-    prompts = read_prompts(config.prompts)
+    prompts = read_prompts(config.prompts, sft_records=True)
     scorer = scorer or load_scorer(config.reward)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = config.out_dir / "rounds.jsonl"

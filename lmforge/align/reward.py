@@ -15,36 +15,32 @@ record's numeric `margin` field, else the recipe's), and validation logs pairwis
 
 from __future__ import annotations
 
-import time
-
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lmforge.align.losses import bradley_terry_loss, whiten
-from lmforge.checkpoint import (
-    _check_state, _dtype, atomic_dir, load_model, read_tensors, to_disk, to_ours, write_weights,
-)
+from lmforge.checkpoint import atomic_dir, instantiate, load_model, read_tensors, to_disk, to_ours, write_weights
 from lmforge.config import FAMILY_ARCHITECTURE, ModelConfig, load_recipe
-from lmforge.data.chat import Example, RecordError
-from lmforge.data.corpus import Batches
+from lmforge.data.chat import IGNORE, Example, padding_id
 from lmforge.data.preference import (
     EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
 )
+from lmforge.data.sampling import SampledSource, holdout_split
+from lmforge.io import RecordError, jsonl_records, read_json
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
 from lmforge.tokenizer import Message, Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
-from lmforge.train.losses import IGNORE
 
 SEQ_CLS_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForSequenceClassification",
@@ -109,14 +105,7 @@ class RewardModel(nn.Module):
         """Load a sequence-classification directory written here or by transformers."""
         path = Path(path)
         config, state = read_reward_state(path)
-        dtype = _dtype(dtype or config.torch_dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        _check_state(path, state, model.state_dict())
-        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
-        model.model.reset_buffers(device)
-        model.config.torch_dtype = str(dtype).removeprefix("torch.")
-        return model.eval()
+        return instantiate(path, cls, config, state, dtype=dtype, device=device)
 
 
 def last_token_index(input_ids: Tensor, pad_id: int) -> Tensor:
@@ -136,10 +125,7 @@ def read_reward_state(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json; is {path} a reward model directory?")
-    try:
-        hf = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    hf = read_json(file)
     families = [f for f, arch in SEQ_CLS_ARCHITECTURES.items() if arch in (hf.get("architectures") or [])]
     if not families:
         raise ValueError(f"{file}: architectures {hf.get('architectures')} name no sequence classifier; a reward "
@@ -249,13 +235,12 @@ class PairIds:
 def record_margins(path: Path) -> dict[int, float]:
     """The `margin` field of each record that has one, by line (read_pairs has checked the JSON)."""
     margins = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip() or (value := json.loads(line).get("margin")) is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RecordError(path, line_no, "margin", f"must be a number, got {value!r}")
-            margins[line_no] = float(value)
+    for line_no, record in jsonl_records(path):
+        if (value := record.get("margin")) is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(path, line_no, "margin", f"must be a number, got {value!r}")
+        margins[line_no] = float(value)
     return margins
 
 
@@ -290,23 +275,6 @@ def collate_pairs(pairs: list[PairIds], pad_id: int) -> dict[str, Tensor]:
     ids = pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return {"chosen_input_ids": ids[: len(pairs)], "rejected_input_ids": ids[len(pairs) :],
             "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
-
-
-class PairSource:
-    """Global batches of pairs in a seeded order, epoch after epoch. Resumable."""
-
-    def __init__(self, pairs: list[PairIds], global_batch: int, seed: int, pad_id: int) -> None:
-        self.pairs, self.pad_id = pairs, pad_id
-        self.order = Batches(len(pairs), global_batch, seed)
-
-    def next_batch(self) -> dict[str, Tensor]:
-        return collate_pairs([self.pairs[i] for i in self.order.next()], self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order.load_state_dict(state)
 
 
 def pair_scores(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -393,9 +361,7 @@ def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, margin: float,
     train = load_pairs(config.train_path, tokenizer, config.max_len, kind=config.kind, margin=margin)
     if config.val_path is not None:
         return train, load_pairs(config.val_path, tokenizer, config.max_len, kind=config.kind, margin=margin)
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = int(len(order) * config.val_fraction)
-    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in order[:n_val]]
+    return holdout_split(train, config.val_fraction, seed)
 
 
 def train_reward(config: RewardConfig, resume: bool = False) -> Path:
@@ -408,18 +374,16 @@ def train_reward(config: RewardConfig, resume: bool = False) -> Path:
                          f"{config.base} --out DIR`) and use DIR as base")
     tokenizer = Tokenizer.from_dir(config.base)
     lm = load_model(config.base, dtype=torch.float32)
-    pad_id = lm.config.pad_token_id
-    if pad_id is None:  # without a pad token, pad with EOS (a trailing EOS is then not scored, as in transformers)
-        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    # without a pad token, pad with EOS (a trailing EOS is then not scored, as in transformers)
+    pad_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else padding_id(tokenizer)
     train, val = load_data(config.data, tokenizer, config.margin, cfg.seed)
     if env.is_main:
         tqdm.write(f"reward: {len(train)} training pairs, {len(val)} validation pairs")
     model = wrap(RewardModel.from_lm(lm, pad_id, seed=cfg.seed).to(env.device), cfg.strategy, env)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * env.world_size
-    files = RewardFiles()
+    source = SampledSource(len(train), lambda rows: collate_pairs([train[i] for i in rows], pad_id),
+                           cfg.global_batch_size(env.world_size), cfg.seed)
     trainer = Trainer(
-        model, cfg, PairSource(train, global_batch, cfg.seed, pad_id), pairwise_loss, config.out_dir, env=env,
-        tokenizer=tokenizer, files=files,
+        model, cfg, source, pairwise_loss, config.out_dir, env=env, tokenizer=tokenizer, files=RewardFiles(),
         evaluate=pairwise_metrics(val, cfg.micro_batch_size, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)

@@ -7,7 +7,8 @@ Record formats (TRL's and Alpaca's):
 - `{"prompt": ..., "completion": ...}`, each a string or a list of messages.
 
 A record that fits none of them, or has no assistant turn, is an error naming the file, the line
-and the field."""
+and the field. Prompt files (for sampling: PPO, rejection sampling) hold `{"prompt": text |
+messages}` or `{"messages": ...}` records, or any SFT record where asked."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.records import RecordError, jsonl_records
+from lmforge.io import RecordError, jsonl_records
 from lmforge.tokenizer import Message, Tokenizer
-from lmforge.train.losses import IGNORE
 
 ROLES = ("system", "user", "assistant")
+IGNORE = -100  # the label of a position that takes no loss (PyTorch's cross-entropy ignore_index)
 
 
 def read_messages(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
@@ -142,3 +143,77 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
     rows = len(ids) // seq_len
     return [Example(ids[r * seq_len : (r + 1) * seq_len].tolist(), labels[r * seq_len : (r + 1) * seq_len].tolist())
             for r in range(rows)]
+
+
+def padding_id(tokenizer: Tokenizer) -> int:
+    """The id batches are right-padded with: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_id, tokenizer.eos_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def response_prompts(examples: Sequence[Example], n: int = 4) -> list[list[int]]:
+    """The prompt part (every token before the first labelled one) of the first `n` examples."""
+    prompts = []
+    for example in examples[:n]:
+        first = next((t for t, label in enumerate(example.labels) if label != IGNORE), None)
+        if first is not None:
+            prompts.append(example.input_ids[: first + 1])
+    return prompts
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """A conversation to reply to, and where it was read (`path`, `line`); `risky` marks a prompt
+    whose answer the safety reward model scores."""
+
+    messages: list[Message]
+    risky: bool = False
+    path: Path | None = None
+    line: int | None = None
+
+
+def read_prompts(path: str | Path, *, sft_records: bool = False) -> list[Prompt]:
+    """Prompts from JSONL: `{"prompt": text | messages}` (prompt files, preference pairs) or
+    `{"messages": ...}` (up to its last user turn), with an optional `risky` flag; with
+    `sft_records`, any SFT record too (its conversation before the last assistant turn). Blank
+    lines are skipped."""
+    path = Path(path)
+    prompts = []
+    for line_no, record in jsonl_records(path):
+
+        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
+            return RecordError(path, line_no, field, problem)
+
+        messages = prompt_messages(record, error, sft_records)
+        prompts.append(Prompt(messages, bool(record.get("risky", False)), path, line_no))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def prompt_messages(record: Mapping[str, Any], error: Any, sft_records: bool) -> list[Message]:
+    """The conversation of one prompt record that the reply continues; `error(field, problem)`
+    builds the exception to raise."""
+    if "prompt" in record and "completion" not in record:
+        value = record["prompt"]
+        if isinstance(value, str):
+            if not value.strip():
+                raise error("prompt", "empty")
+            return [{"role": "user", "content": value}]
+        messages = check_messages(value, "prompt", error)
+        if messages[-1]["role"] == "assistant":
+            raise error("prompt", "ends with an assistant turn: nothing is left to answer")
+        return messages
+    if not sft_records and "messages" not in record:
+        raise error("prompt", "records need 'prompt' (text or messages) or 'messages'")
+    messages = to_messages(record, error)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages:
+        raise error("messages", "no turn before an assistant turn to use as the prompt")
+    return messages

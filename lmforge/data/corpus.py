@@ -1,11 +1,10 @@
-"""Pretraining corpora: documents, token files, packed samples and a resumable batch order.
+"""Pretraining corpora: token files and packed samples.
 
-Documents come from `.txt` files (split on blank lines), `.jsonl` (the `text` field of each
-record), `.parquet` (the `text` column), or folders searched recursively for those.
+Documents are the texts of corpus files (`lmforge.io.find_files`, `read_texts`).
 `tokenize_corpus` writes them, each followed by EOS, into two flat token files `train.bin` and
 `val.bin` (raw uint16 or uint32 arrays, as nanoGPT does) beside `meta.json`. `PackedSequences`
-reads such a file through a memory map as fixed-length (input, target) samples, `Batches`
-orders samples deterministically and resumably, and `get_batch` gathers them into tensors.
+reads such a file through a memory map as fixed-length (input, target) samples, and `get_batch`
+gathers them into tensors (`lmforge.data.sampling.OrderSampler` orders them).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -24,125 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.console import Progress
+from lmforge.io import PathLike, chunks, find_files, read_texts
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is imported where it is used: reading and tokenizing corpora never need it
     import torch
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val")
 UINT16_VOCAB_LIMIT = 65536  # larger vocabularies have ids that need uint32
 CHUNK_CHARS = 1 << 18  # characters of text handed to a worker at a time
-
-PathLike = str | Path
-
-
-# ---- documents ---------------------------------------------------------------------------------
-
-def find_files(paths: PathLike | Iterable[PathLike]) -> list[Path]:
-    """The corpus files in `paths`: files as given, folders searched recursively (sorted by path)."""
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        elif not path.exists():
-            raise FileNotFoundError(f"no such file or directory: {path}")
-        elif path.suffix not in TEXT_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
-        else:
-            files.append(path)
-    if not files:
-        raise ValueError(f"empty corpus: no {', '.join(TEXT_SUFFIXES)} files in {[str(p) for p in paths]}")
-    return files
-
-
-def read_documents(path: PathLike) -> Iterator[str]:
-    """The documents of one `.txt`, `.jsonl` or `.parquet` file, in file order."""
-    path = Path(path)
-    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
-    if path.suffix not in readers:
-        raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
-    return readers[path.suffix](path)
-
-
-def iter_documents(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
-    """The documents of every corpus file in `paths` (see `find_files`), file after file."""
-    for path in find_files(paths):
-        yield from read_documents(path)
-
-
-def read_lines(path: PathLike) -> Iterator[str]:
-    """The lines of a UTF-8 text file, newlines kept; bytes that are not UTF-8 are an error naming the file."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            yield from f
-        except UnicodeDecodeError as exc:
-            bad = exc.object[exc.start : exc.end]
-            raise ValueError(f"{path}: not valid UTF-8 text ({exc.reason}: {bad!r}); "
-                             "re-encode the file as UTF-8") from None
-
-
-def read_txt(path: PathLike) -> Iterator[str]:
-    """Documents of a text file: the runs of lines between blank (empty or whitespace-only) lines,
-    without their last newline. A file with no blank line is one document."""
-    lines: list[str] = []
-    for line in read_lines(path):
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            yield "".join(lines).removesuffix("\n")
-            lines = []
-    if lines:
-        yield "".join(lines).removesuffix("\n")
-
-
-def read_jsonl(path: PathLike) -> Iterator[str]:
-    """The string field `text` of each record of a JSON Lines file; blank lines are skipped."""
-    for lineno, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); "
-                             "expected an object with a string field 'text'") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}, line {lineno}: field 'text' is missing or not a string")
-        yield record["text"]
-
-
-def read_parquet(path: PathLike) -> Iterator[str]:
-    """The `text` column of a Parquet file (needs pyarrow)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from exc
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowIOError / ArrowInvalid
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
-    if "text" not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {parquet.schema_arrow.names})")
-    values = (v for batch in parquet.iter_batches(columns=["text"]) for v in batch.column(0).to_pylist())
-    for row, value in enumerate(values, start=1):
-        if not isinstance(value, str):
-            raise ValueError(f"{path}, row {row}: field 'text' is not a string")
-        yield value
-
-
-def chunks(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    """Consecutive groups of `texts` of about `max_chars` characters (at least one text each)."""
-    chunk: list[str] = []
-    size = 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 # ---- tokenizing into token files ----------------------------------------------------------------
@@ -251,7 +140,7 @@ class _SplitWriter:
     def documents(self, files: list[Path]) -> Iterator[str]:
         """The corpus's documents, less the empty ones (counted in `skipped`)."""
         for path in files:
-            for text in read_documents(path):
+            for text in read_texts(path):
                 if text.strip():
                     yield text
                 else:
@@ -391,71 +280,3 @@ def get_batch(dataset: PackedSequences, indices: Sequence[int]) -> tuple[torch.T
 
     windows = np.stack([dataset.window(i) for i in indices]).astype(np.int64)
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
-
-
-# ---- batch order --------------------------------------------------------------------------------
-
-class Batches:
-    """Endless, deterministic, resumable global batches of sample indices.
-
-    Epoch e visits a permutation of `range(num_samples)` seeded by `seed + e`, cut into consecutive
-    batches of `global_batch_size`; the tail that does not fill a batch is dropped. The state is
-    the epoch and the position (batches already taken) in it: after `load_state_dict`, `next()`
-    returns exactly what an uninterrupted run would have returned next.
-    """
-
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int = 0) -> None:
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}")
-        if num_samples < global_batch_size:
-            raise ValueError(f"{num_samples} samples cannot fill one global batch of {global_batch_size}")
-        self.num_samples, self.batch_size, self.seed = num_samples, global_batch_size, seed
-        self.batches_per_epoch = num_samples // global_batch_size
-        self.epoch, self.position = 0, 0
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order of the samples in `epoch`."""
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.num_samples))
-        return self._order[1]
-
-    def next(self) -> list[int]:
-        """The next global batch of sample indices."""
-        start = self.position * self.batch_size
-        batch = self.permutation(self.epoch)[start : start + self.batch_size].tolist()
-        self.position += 1
-        if self.position == self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        return batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self
-
-    def __next__(self) -> list[int]:
-        return self.next()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
-            raise ValueError(f"bad batch state {state}: epochs here have {self.batches_per_epoch} batches")
-        self.epoch, self.position = epoch, position
-
-
-def shard(indices: Sequence[int], rank: int, world_size: int, micro_step: int, micro_batches: int) -> list[int]:
-    """The samples of one micro-step on one rank: rank r takes the r-th of `world_size` equal,
-    contiguous parts of the global batch, and micro-step m the m-th of `micro_batches` equal,
-    contiguous parts of that (as `train.loop.Trainer` cuts batches)."""
-    if len(indices) % (world_size * micro_batches):
-        raise ValueError(f"a global batch of {len(indices)} does not split into {world_size} ranks "
-                         f"x {micro_batches} micro-batches")
-    if not (0 <= rank < world_size and 0 <= micro_step < micro_batches):
-        raise ValueError(f"rank {rank} / micro_step {micro_step} out of range "
-                         f"(world_size {world_size}, micro_batches {micro_batches})")
-    per_rank = len(indices) // world_size
-    per_micro = per_rank // micro_batches
-    start = rank * per_rank + micro_step * per_micro
-    return list(indices[start : start + per_micro])

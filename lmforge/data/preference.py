@@ -14,10 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.data.chat import Example, check_messages
-from lmforge.data.records import RecordError, jsonl_records
+from lmforge.data.chat import IGNORE, Example, check_messages
+from lmforge.io import RecordError, jsonl_records
 from lmforge.tokenizer import Message, Tokenizer
-from lmforge.train.losses import IGNORE
 
 
 class PreferenceDataConfig(BaseModel):

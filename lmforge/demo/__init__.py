@@ -32,7 +32,7 @@ from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
-from lmforge.report import table_cell
+from lmforge.train.run_dir import table_cell
 from lmforge.tokenizer import IM_END, IM_START, train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.demo.alignment import Alignment, alignment_stage, score

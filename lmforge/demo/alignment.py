@@ -23,8 +23,8 @@ from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
-from lmforge.report import table_cell
 from lmforge.train.loop import TrainConfig
+from lmforge.train.run_dir import table_cell
 
 DPO_BETA, DPO_LR = 0.1, 3e-4
 PPO_LR, PPO_KL, PPO_TARGET_KL = 5e-5, 0.1, 1.0  # at 1e-4 the policy drifted from SFT in some runs (KL 5 nats)

@@ -23,8 +23,8 @@ from lmforge.rag.evaluate import (
     GroundedResult, MultiHopResult, compare_grounding, compare_multihop, exact_match, recall_at_k,
 )
 from lmforge.rag.store import Store
-from lmforge.report import table_cell
 from lmforge.train.loop import TrainConfig
+from lmforge.train.run_dir import table_cell
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 
 K = 1  # sources per prompt: the best chunk (a bigger model can weigh more; this one copies)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.data.records import RecordError, jsonl_records
+from lmforge.io import RecordError, jsonl_records
 from lmforge.tokenizer import Message
 
 Kind = Literal["generation", "choice", "perplexity"]

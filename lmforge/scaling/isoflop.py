@@ -25,6 +25,7 @@ from lmforge.console import Progress
 from lmforge.scaling.fitting import fit_law
 from lmforge.scaling.law import CHINCHILLA, ScalingLaw, count
 from lmforge.train.pretrain import PretrainConfig, pretrain
+from lmforge.train.run_dir import RunDir
 
 RUN_FILE = "run.json"
 PLOT_FILE = "scaling.png"
@@ -138,11 +139,7 @@ def sweep(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
 
 def final_loss(run_dir: Path, steps: int) -> float | None:
     """The validation loss logged at the run's last step, or None while it has not got there."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    final = [r["val_loss"] for r in records if r.get("step") == steps and "val_loss" in r]
+    final = [r["val_loss"] for r in RunDir(run_dir).records() if r.get("step") == steps and "val_loss" in r]
     return final[-1] if final else None
 
 

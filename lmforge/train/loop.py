@@ -7,11 +7,8 @@ Then clipping, AdamW, the schedule, logging, evaluation and atomic checkpoints (
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,20 +17,19 @@ from typing import Any, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from lmforge.checkpoint import atomic_dir, save_model
+from lmforge.checkpoint import read_tensors, save_model, to_ours
 from lmforge.console import Progress
 from lmforge.train.distributed import (
     Dist, all_reduce_sum, barrier, full_state, gradient_sync, load_full_state, unwrap,
 )
-from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from lmforge.train.run_dir import STATE_FILE, RunDir, sample_generations
 
 Batch = dict[str, Tensor]
 # (sum of loss terms, number of terms) or (sum, number, {name: sum of a metric over the same terms}):
 # extra metrics are summed across micro-batches and processes, divided by the count and logged.
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]]
-STATE_FILE = "trainer_state.pt"
 
 
 class TrainConfig(BaseModel):
@@ -68,6 +64,10 @@ class TrainConfig(BaseModel):
             self.min_lr = self.lr / 10
         return self
 
+    def global_batch_size(self, world_size: int) -> int:
+        """Rows per optimizer step across all processes."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
 
 class BatchSource(Protocol):
     """Global batches (every tensor's first dimension is the global batch size), resumable."""
@@ -86,8 +86,6 @@ class ModelFiles:
 
     def load(self, model: nn.Module, checkpoint: Path) -> dict[str, Tensor] | None:
         """The full state dict to load into `model`, or None when loaded into it in place already."""
-        from lmforge.checkpoint import read_tensors, to_ours
-
         config = unwrap(model).config
         state = to_ours(config.family, read_tensors(checkpoint / "model"), config)
         if config.tie_word_embeddings:
@@ -119,7 +117,7 @@ class Trainer:
         self.config, self.source, self.loss_fn, self.env = config, source, loss_fn, env
         self.files = files or ModelFiles()
         torch.set_flush_denormal(True)  # denormal floats (e.g. in attention backward) slow x86 CPUs several-fold
-        self.out_dir = Path(out_dir)
+        self.run_dir = RunDir(out_dir)
         self.evaluate, self.tokenizer, self.flops_per_token = evaluate, tokenizer, flops_per_token
         self.model = model  # already wrapped for DDP/FSDP by the caller, when distributed
         unwrap(model).model.gradient_checkpointing = config.activation_checkpointing
@@ -138,7 +136,7 @@ class Trainer:
         cfg, env = self.config, self.env
         rows = next(iter(batch.values())).shape[0]
         per_rank = rows // env.world_size
-        if per_rank * env.world_size != rows or per_rank != cfg.micro_batch_size * cfg.grad_accum:
+        if rows != cfg.global_batch_size(env.world_size):
             raise ValueError(
                 f"global batch of {rows} rows does not split into {env.world_size} processes x "
                 f"{cfg.grad_accum} micro-batches of {cfg.micro_batch_size}"
@@ -165,13 +163,13 @@ class Trainer:
         scale = env.world_size / max(count, 1.0)  # data parallelism averaged the per-process sums
         for p in params:
             p.grad.mul_(scale)
-        grad_norm = self._clip(params)
+        grad_norm = clip_gradients(params, cfg.grad_clip)
         loss = loss_sum / max(count, 1.0)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; stopped before "
-                f"updating the weights. The last checkpoint under {self.out_dir / 'checkpoints'} is intact; "
+                f"updating the weights. The last checkpoint under {self.run_dir.checkpoint_root} is intact; "
                 "lower the learning rate or check the data, then resume."
             )
         self.optimizer.step()
@@ -179,13 +177,6 @@ class Trainer:
         self.step += 1
         means = {k: float(v) / max(count, 1.0) for k, v in zip(names, stats[2:])}
         return {"loss": loss, "grad_norm": grad_norm, "tokens": count, **means}
-
-    def _clip(self, params: list[nn.Parameter]) -> float:
-        limit = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -232,9 +223,7 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with (self.out_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run_dir.log(record)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -242,7 +231,7 @@ class Trainer:
         """Write `checkpoints/step-N/` (the model's files + `trainer_state.pt`) atomically, keep the
         newest `keep_last`, and refresh the loss curve."""
         model_state, optim_state = full_state(self.model, self.optimizer, self.env)
-        path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        path = self.run_dir.checkpoint_root / f"step-{self.step:06d}"
         if self.env.is_main:
             state = {
                 "step": self.step,
@@ -250,36 +239,27 @@ class Trainer:
                 "data": self.source.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             }
-            with atomic_dir(path) as tmp:
+
+            def write(tmp: Path) -> None:
                 self.files.save(self.model, tmp, model_state, self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
-            for old in checkpoints(self.out_dir)[: -self.config.keep_last]:
-                shutil.rmtree(old)
-            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+
+            path = self.run_dir.save_checkpoint(self.step, write, self.config.keep_last)
+            self.run_dir.plot("loss.png")
         barrier(self.env)
         return path
 
     def resume(self) -> None:
         """Load the newest checkpoint: weights, optimizer, step, data position and RNG states."""
-        found = checkpoints(self.out_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoints under {self.out_dir / 'checkpoints'}")
-        path = found[-1]
-        try:
-            model_state = self.files.load(self.model, path)
-            state = torch.load(path / STATE_FILE, weights_only=True)
-        except Exception as e:
-            earlier = f"; the previous checkpoint {found[-2].name} is intact: delete {path.name} to resume from it" \
-                if len(found) > 1 else ""
-            raise ValueError(f"cannot resume from {path}: {e}{earlier}") from None
+        path, (model_state, state) = self.run_dir.read_latest_checkpoint(
+            lambda p: (self.files.load(self.model, p), torch.load(p / STATE_FILE, weights_only=True)))
         load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.env)
         self.source.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]
         if self.env.is_main:
-            drop_metrics_after(self.out_dir / "metrics.jsonl", self.step)
-            tqdm.write(f"resumed from {path} at step {self.step}")
+            self.run_dir.resumed(path, self.step)
 
 
 def finish_run(trainer: Trainer, config: BaseModel, title: str, started: float, *,
@@ -289,61 +269,13 @@ def finish_run(trainer: Trainer, config: BaseModel, title: str, started: float, 
     every process."""
     state, _ = full_state(trainer.model, None, trainer.env)
     if trainer.env.is_main:
-        from lmforge.report import sample_generations, write_run_report
-
-        trainer.files.save(trainer.model, trainer.out_dir, state, trainer.tokenizer)
+        trainer.files.save(trainer.model, trainer.run_dir.path, state, trainer.tokenizer)
         model = unwrap(trainer.model)
         if sample_prompts and trainer.config.strategy != "fsdp":
             report["samples"] = sample_generations(model, trainer.tokenizer, sample_prompts)
-        write_run_report(trainer.out_dir, title=title, config=config, model=model,
-                         seconds=time.perf_counter() - started, **report)
+        trainer.run_dir.write_report(title=title, config=config, model=model,
+                                     seconds=time.perf_counter() - started, **report)
     barrier(trainer.env)
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    """Checkpoint directories under `out_dir/checkpoints`, oldest first."""
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
-
-
-def drop_metrics_after(metrics: Path, step: int) -> None:
-    """Forget records a killed run logged after its last checkpoint (the resumed run logs them again)."""
-    if metrics.is_file():
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
-
-
-LOSS_PANELS = {"loss": ("loss", "val_loss")}
-
-
-def plot_metrics(metrics: Path, out: Path, panels: dict[str, tuple[str, ...]] = LOSS_PANELS) -> None:
-    """Metrics against steps as a PNG: one panel per entry of `panels` (its y label), one line per
-    metric key logged in `metrics.jsonl` (losses on a log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (label, keys) in zip(axes[0], panels.items()):
-        for key in keys:
-            points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=key.replace("_", " "))
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        if label == "loss":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 _PEAK: dict[str, float] = {}

@@ -41,3 +41,12 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Scale the gradients of `params` so that their global L2 norm is at most `max_norm` (None: no
+    limit); returns the norm before clipping (whole across FSDP shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from lmforge.checkpoint import load_model
 from lmforge.config import ModelConfig, load_recipe, preset
-from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, find_files, get_batch, tokenize_corpus
+from lmforge.data.corpus import CorpusInfo, PackedSequences, get_batch, tokenize_corpus
+from lmforge.data.sampling import SampledSource
+from lmforge.io import find_files
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
 from lmforge.train.loop import Trainer, TrainConfig, finish_run
-from lmforge.train.losses import causal_lm_loss
+from lmforge.train.losses import causal_lm_loss, validation_loss
 
 
 class ModelSpec(BaseModel):
@@ -52,40 +53,17 @@ class PretrainConfig(BaseModel):
     train: TrainConfig = TrainConfig()
 
 
-class CorpusSource:
-    """Global batches of packed sequences in a seeded, resumable order."""
-
-    def __init__(self, sequences: PackedSequences, global_batch: int, seed: int) -> None:
-        self.sequences = sequences
-        self.order = Batches(len(sequences), global_batch, seed)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        x, y = get_batch(self.sequences, self.order.next())
-        return {"input_ids": x, "labels": y}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order.load_state_dict(state)
+def sequence_batch(sequences: PackedSequences, indices: list[int]) -> dict[str, torch.Tensor]:
+    """The samples `indices` as a language-modelling batch: `input_ids` and their next tokens, `labels`."""
+    x, y = get_batch(sequences, indices)
+    return {"input_ids": x, "labels": y}
 
 
-def validation_loss(sequences: PackedSequences, batch_size: int, batches: int, device: torch.device):
-    """Evaluator: mean next-token loss and perplexity over the first validation batches."""
+def validation_batches(sequences: PackedSequences, batch_size: int, batches: int) -> list[dict[str, torch.Tensor]]:
+    """The first `batches` batches of validation samples, in file order."""
     n = min(len(sequences), batch_size * batches)
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        model.eval()
-        total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            x, y = get_batch(sequences, list(range(start, min(start + batch_size, n))))
-            loss, tokens = causal_lm_loss(model, {"input_ids": x.to(device), "labels": y.to(device)})
-            total, count = total + float(loss), count + int(tokens)
-        model.train()
-        return {"val_loss": total / count, "val_ppl": math.exp(min(total / count, 50.0))}
-
-    return evaluate
+    return [sequence_batch(sequences, list(range(start, min(start + batch_size, n))))
+            for start in range(0, n, batch_size)]
 
 
 def corpus_is_current(corpus_dir: Path, data: DataConfig, seed: int) -> bool:
@@ -137,10 +115,11 @@ def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
     flops = model.config.flops_per_token(data.seq_len)
     model = wrap(model, config.train.strategy, env)
     cfg = config.train
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * env.world_size
+    global_batch = cfg.global_batch_size(env.world_size)
+    source = SampledSource(len(train_seqs), partial(sequence_batch, train_seqs), global_batch, cfg.seed)
     trainer = Trainer(
-        model, cfg, CorpusSource(train_seqs, global_batch, cfg.seed), causal_lm_loss, out, env=env,
-        evaluate=validation_loss(val_seqs, cfg.micro_batch_size, data.eval_batches, env.device),
+        model, cfg, source, causal_lm_loss, out, env=env,
+        evaluate=validation_loss(validation_batches(val_seqs, cfg.micro_batch_size, data.eval_batches), env.device),
         tokenizer=tokenizer, flops_per_token=flops,
     )
     trainer.run(resume=resume)

@@ -9,12 +9,10 @@ model to `out_dir/model`; adapter methods write a PEFT adapter to `out_dir/adapt
 from __future__ import annotations
 
 import time
-
-import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
@@ -22,17 +20,22 @@ from tqdm.auto import tqdm
 
 from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
-from lmforge.data.chat import Example, SFTData, collate, pack
-from lmforge.data.corpus import Batches
+from lmforge.data.chat import Example, SFTData, collate, pack, padding_id, response_prompts
+from lmforge.data.sampling import MixtureSource, holdout_split
 from lmforge.peft.adapters import load_adapter, save_adapter
 from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
-from lmforge.report import response_prompts
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
-from lmforge.train.losses import causal_lm_loss
+from lmforge.train.losses import causal_lm_loss, validation_loss
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt")
+
+
+def check_fsdp_method(adapter: AdapterConfig, train: TrainConfig) -> None:
+    """FSDP shards full fine-tuning only: adapters train under DDP."""
+    if adapter.method != "full" and train.strategy == "fsdp":
+        raise ValueError("train.strategy fsdp shards full fine-tuning only; use ddp with adapters")
 
 
 class DatasetSpec(BaseModel):
@@ -65,33 +68,8 @@ class SFTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
-        if self.adapter.method != "full" and self.train.strategy == "fsdp":
-            raise ValueError("train.strategy fsdp shards full fine-tuning only; use ddp with adapters")
+        check_fsdp_method(self.adapter, self.train)
         return self
-
-
-class MixtureSource:
-    """Global batches of examples drawn from several datasets in proportion to their weights;
-    each dataset is read in a seeded order, epoch after epoch. Resumable."""
-
-    def __init__(self, datasets: list[list[Example]], weights: list[float], global_batch: int, seed: int,
-                 pad_id: int) -> None:
-        self.datasets, self.global_batch, self.pad_id = datasets, global_batch, pad_id
-        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.orders = [Batches(len(d), 1, seed + i) for i, d in enumerate(datasets)]
-        self.rng = np.random.default_rng(seed)
-
-    def next_batch(self) -> dict[str, Tensor]:
-        picks = self.rng.choice(len(self.datasets), size=self.global_batch, p=self.weights)
-        return collate([self.datasets[k][self.orders[k].next()[0]] for k in picks], self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "orders": [o.state_dict() for o in self.orders]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        for order, s in zip(self.orders, state["orders"], strict=True):
-            order.load_state_dict(s)
 
 
 class AdapterFiles(ModelFiles):
@@ -109,22 +87,10 @@ class AdapterFiles(ModelFiles):
         load_adapter(unwrap(model), checkpoint / "adapter")  # fills in the existing adapter's values
 
 
-def validation_loss(examples: list[Example], batch_size: int, batches: int, pad_id: int, device: torch.device):
-    """Evaluator: mean loss over the assistant tokens of the first validation examples."""
+def validation_batches(examples: list[Example], batch_size: int, batches: int, pad_id: int) -> list[dict[str, Tensor]]:
+    """The first `batches` batches of validation examples."""
     chosen = examples[: batch_size * batches]
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        model.eval()
-        total, count = 0.0, 0
-        for start in range(0, len(chosen), batch_size):
-            batch = {k: v.to(device) for k, v in collate(chosen[start : start + batch_size], pad_id).items()}
-            loss, tokens = causal_lm_loss(model, batch)
-            total, count = total + float(loss), count + int(tokens)
-        model.train()
-        return {"val_loss": total / count, "val_ppl": math.exp(min(total / count, 50.0))}
-
-    return evaluate
+    return [collate(chosen[start : start + batch_size], pad_id) for start in range(0, len(chosen), batch_size)]
 
 
 def load_data(config: SFTDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[list[list[Example]], list[Example]]:
@@ -138,10 +104,7 @@ def load_data(config: SFTDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[l
     if config.val_path is not None:
         val = SFTData.load(config.val_path, tokenizer, config.max_len).examples
     else:
-        order = np.random.default_rng(seed).permutation(len(train[0]))
-        n_val = int(len(order) * config.val_fraction)
-        val = [train[0][i] for i in order[:n_val]]
-        train[0] = [train[0][i] for i in sorted(order[n_val:])]
+        train[0], val = holdout_split(train[0], config.val_fraction, seed)
     if config.packing:
         train = [pack(examples, config.max_len) for examples in train]
     return train, val
@@ -153,9 +116,8 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
     env: Dist = init_distributed()
     cfg = config.train
     tokenizer = Tokenizer.from_dir(config.base)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+    pad_id = padding_id(tokenizer)
     train, val = load_data(config.data, tokenizer, cfg.seed)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * env.world_size
     for spec, examples in zip(config.data.datasets, train):
         if not examples:
             raise ValueError(f"{spec.path}: no training examples left (packing needs at least {config.data.max_len} "
@@ -170,11 +132,12 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
     files = AdapterFiles(config.base) if adapter else ModelFiles()
     flops = unwrap(model).config.flops_per_token(config.data.max_len)
     model = wrap(model, cfg.strategy, env)
-    trainer = Trainer(
-        model, cfg, MixtureSource(train, [d.weight for d in config.data.datasets], global_batch, cfg.seed, pad_id),
-        causal_lm_loss, config.out_dir, env=env, tokenizer=tokenizer, flops_per_token=flops, files=files,
-        evaluate=validation_loss(val, cfg.micro_batch_size, config.data.eval_batches, pad_id, env.device) if val else None,
-    )
+    source = MixtureSource(train, [d.weight for d in config.data.datasets], partial(collate, pad_id=pad_id),
+                           cfg.global_batch_size(env.world_size), cfg.seed)
+    evaluate = validation_loss(validation_batches(val, cfg.micro_batch_size, config.data.eval_batches, pad_id),
+                               env.device) if val else None
+    trainer = Trainer(model, cfg, source, causal_lm_loss, config.out_dir, env=env, tokenizer=tokenizer,
+                      flops_per_token=flops, files=files, evaluate=evaluate)
     trainer.run(resume=resume)
     finish_run(trainer, config, "Supervised fine-tuning", started, sample_prompts=response_prompts(val or train[0]))
     return config.out_dir / ("adapter" if adapter else "model")
