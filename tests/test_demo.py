@@ -7,12 +7,14 @@ import json
 import re
 
 from lmforge.cli import main
-from lmforge.data.world import FLAWS, make_world, questions
-from lmforge.data.world_store import context_documents
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.rag.store import Store
+from lmforge.world.documents import questions
+from lmforge.world.people import make_world
+from lmforge.world.preferences import FLAWS
+from lmforge.world.store import context_documents
 
 
 def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):

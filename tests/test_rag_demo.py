@@ -9,13 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.data.world import make_world, write_instruction_data, write_pretraining_corpus, write_safety_data
 from lmforge.demo import DEMO_MODEL, VARIANTS
 from lmforge.demo.retrieval import Retrieval, retrieval_stage
 from lmforge.rag.evaluate import exact_match
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
+from lmforge.world.documents import write_instruction_data, write_pretraining_corpus
+from lmforge.world.people import make_world
+from lmforge.world.safety import write_safety_data
 
 PRETRAIN_STEPS, TUNING_STEPS = 400, 800
 

@@ -17,7 +17,6 @@ from chat_data import labelled_text, write_jsonl
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
 from lmforge.data.chat import RecordError, SFTData, collate, encode, pack, read_messages
-from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
@@ -25,6 +24,8 @@ from lmforge.generate.engine import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.report import table_cell, response_prompts
 from lmforge.train.sft import MixtureSource, SFTConfig, load_data
+from lmforge.world.documents import questions, write_instruction_data
+from lmforge.world.people import make_world
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Alice born?"},
         {"role": "assistant", "content": "Port Alder"}, {"role": "user", "content": "And Bruno?"},

@@ -22,11 +22,6 @@ from safetensors.torch import load_file
 
 from lmforge.config import PRESETS
 from lmforge.data.corpus import CorpusInfo
-from lmforge.data.world import (
-    fact_probes, make_world, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
-    write_safety_data,
-)
-from lmforge.eval.builtin import world_task
 from lmforge.eval.runner import evaluate
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -43,6 +38,12 @@ from lmforge.rag.evaluate import compare_grounding
 from lmforge.rag.store import Store
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
+from lmforge.world.documents import (
+    fact_probes, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
+)
+from lmforge.world.people import make_world
+from lmforge.world.safety import write_safety_data
+from lmforge.world.tasks import world_task
 
 VARIANTS = 8  # biographies per person, each worded and ordered differently, so facts become extractable
 REAL_PRESETS = ("llama2-7b", "llama3-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b", "gpt2")

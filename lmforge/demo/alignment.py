@@ -15,9 +15,6 @@ from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
-from lmforge.data.world import (
-    FLAWS, World, preference_pairs, questions, red_team_prompts, write_preference_data,
-)
 from lmforge.demo.common import exact_match, mean
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
@@ -25,6 +22,10 @@ from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
 from lmforge.report import table_cell
 from lmforge.train.loop import TrainConfig
+from lmforge.world.documents import questions
+from lmforge.world.people import World
+from lmforge.world.preferences import FLAWS, preference_pairs, write_preference_data
+from lmforge.world.safety import red_team_prompts
 
 DPO_BETA, DPO_LR = 0.1, 3e-4
 PPO_LR, PPO_KL, PPO_TARGET_KL = 5e-5, 0.1, 1.0  # at 1e-4 the policy drifted from SFT in some runs (KL 5 nats)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lmforge.data.world import Question
 from lmforge.generate.session import Session
+from lmforge.world.documents import Question
 
 
 def exact_match(session: Session, qs: list[Question]) -> list[tuple[str, bool]]:

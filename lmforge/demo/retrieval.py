@@ -11,11 +11,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.world import World, make_world
-from lmforge.data.world_store import (
-    MultiHopQuestion, RetrievalQuestion, multihop_questions, retrieval_questions, write_context_documents,
-    write_grounded_demonstrations, write_react_demonstrations,
-)
 from lmforge.generate.session import Session
 from lmforge.peft.method import AdapterConfig
 from lmforge.rag.documents import read_documents
@@ -26,6 +21,11 @@ from lmforge.rag.store import Store
 from lmforge.report import table_cell
 from lmforge.train.loop import TrainConfig
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
+from lmforge.world.people import World, make_world
+from lmforge.world.store import (
+    MultiHopQuestion, RetrievalQuestion, multihop_questions, retrieval_questions, write_context_documents,
+    write_grounded_demonstrations, write_react_demonstrations,
+)
 
 K = 1  # sources per prompt: the best chunk (a bigger model can weigh more; this one copies)
 
