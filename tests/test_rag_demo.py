@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.demo import DEMO_MODEL, VARIANTS
+from lmforge.demo.pretraining import DEMO_MODEL, VARIANTS
 from lmforge.demo.retrieval import Retrieval, retrieval_stage
 from lmforge.rag.evaluate import exact_match_rate
 from lmforge.tokenizer import train_tokenizer
