@@ -2,7 +2,7 @@
 `lmforge eval --task NAME`) looks a name up here before reading it as a task file or directory.
 
 Generic code registers nothing; a package with tasks of its own registers them, e.g. the built-in
-world's (`lmforge.world.tasks.register_tasks`), which the command line and the demo call."""
+world's (`lmforge.world.tasks.register_tasks`, which the command line calls)."""
 
 from __future__ import annotations
 
