@@ -24,11 +24,12 @@ from lmforge.align.reward import RewardModel, RewardScorer
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
 from lmforge.data.chat import Prompt
-from lmforge.data.world import make_world, questions, write_pretraining_corpus
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.model import Transformer
 from lmforge.peft.method import AdapterConfig, apply_method
 from lmforge.tokenizer import train_tokenizer
+from lmforge.world.documents import questions, write_pretraining_corpus
+from lmforge.world.people import make_world
 
 
 class Timed:

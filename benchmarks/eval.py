@@ -23,12 +23,13 @@ import torch
 
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
-from lmforge.data.world import make_world, write_pretraining_corpus
-from lmforge.eval.builtin import world_task
 from lmforge.eval.runner import evaluate
 from lmforge.generate.session import Session
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
+from lmforge.world.documents import write_pretraining_corpus
+from lmforge.world.people import make_world
+from lmforge.world.tasks import world_task
 
 
 def best_times(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:

@@ -35,11 +35,13 @@ import faiss
 import numpy as np
 import torch
 
-from lmforge.data.world import CITIES, COMPANY_PREFIXES, COMPANY_STEMS, COMPANY_SUFFIXES, FIRST_NAMES, HOBBIES, \
-    JOB_TITLES, LAST_NAMES, MAJORS, UNIVERSITIES
 from lmforge.rag.documents import Document
 from lmforge.rag.embed import Embedder, load_embedder
 from lmforge.rag.store import HNSW_EF_SEARCH, HNSW_M, Store
+from lmforge.world.people import (
+    CITIES, COMPANY_PREFIXES, COMPANY_STEMS, COMPANY_SUFFIXES, FIRST_NAMES, HOBBIES, JOB_TITLES, LAST_NAMES, MAJORS,
+    UNIVERSITIES,
+)
 
 
 def synthetic_people(n: int, seed: int) -> tuple[list[str], list[tuple[str, str, str]]]:

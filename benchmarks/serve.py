@@ -25,9 +25,10 @@ import httpx
 
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
-from lmforge.data.world import make_world, write_pretraining_corpus
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
+from lmforge.world.documents import write_pretraining_corpus
+from lmforge.world.people import make_world
 
 PROMPTS = ["Alice Moreau was born in", "The headquarters of", "Her employer is", "He studied", "Tell me about",
            "The CEO of", "She works as", "In 1987,"]

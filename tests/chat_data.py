@@ -8,9 +8,10 @@ from pathlib import Path
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
 from lmforge.data.chat import IGNORE
-from lmforge.data.world import make_world, write_pretraining_corpus
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.world.documents import write_pretraining_corpus
+from lmforge.world.people import make_world
 
 
 def make_chat_base(root: Path, context: int = 128) -> Path:

@@ -1,46 +1,101 @@
-"""`lmforge demo` at a tiny size: every stage runs and the report agrees with the run's own records."""
+"""`lmforge demo` at a tiny size, run once: one test per stage. Every figure the report states is
+recomputed from the artefacts the run wrote (metrics logs, models, data files), summary.json and
+report.md agree, the report's conclusions follow from the figures, and each stage moves its measure
+the way the stage exists for."""
 
 from __future__ import annotations
 
 import io
 import json
+import random
 import re
 
+import pytest
+
 from lmforge.cli import main
-from lmforge.data.world import FLAWS, make_world, questions
-from lmforge.data.world_store import context_documents
+from lmforge.demo.alignment import policy_conclusion, reward_model_conclusion
+from lmforge.demo.common import change
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.rag.store import Store
+from lmforge.world.documents import fact_probes, questions
+from lmforge.world.people import make_world
+from lmforge.world.preferences import FLAWS
+from lmforge.world.store import context_documents
+
+PEOPLE, PROBES = 12, 300
 
 
-def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):
-    """Journey 1: `lmforge demo`, then `lmforge chat` with its instruction-tuned model."""
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--people", "12", "--steps", "30", "--sft-steps", "6",
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Journey 1: `lmforge demo`, once for every test here; (out dir, report text, summary.json)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "--out", str(out), "--people", str(PEOPLE), "--steps", "30", "--sft-steps", "6",
                  "--align-steps", "4"]) == 0
-    report = (out / "report.md").read_text()
+    return out, (out / "report.md").read_text(), json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(0, n_people=PEOPLE, n_companies=4)
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_report_has_every_section(run):
+    _, report, summary = run
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
                     "## Instruction tuning", "## Prompting", "## Alignment", "## Retrieval", "## Summary",
                     "## Real sizes"):
         assert section in report
-    records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    last_val = [r for r in records if "val_loss" in r][-1]
+    assert "| llama2-7b | 6.74 B |" in report
+    assert (summary["seed"], summary["people"], summary["companies"]) == (0, PEOPLE, 4)
+
+
+def test_pretraining_lowers_validation_loss_and_the_fact_score_is_recomputed(run, world):
+    out, report, summary = run
+    log = records(out / "pretrain" / "metrics.jsonl")
+    val = [r for r in log if "val_loss" in r]
+    last_val = val[-1]
     assert f"| {last_val['step']} |" in report and f"{last_val['val_loss']:.3f}" in report
+    assert summary["pretraining"]["val_loss"] == {"first": val[0]["val_loss"], "last": last_val["val_loss"]}
+    assert last_val["val_loss"] < val[0]["val_loss"] - 2.0  # the stage exists to lower it (measured: 6.53 -> 2.37)
     assert (out / "pretrain" / "loss.png").stat().st_size > 1000
     assert (out / "pretrain" / "model" / "model.safetensors").is_file()
+
     right = re.search(r"Overall \*\*(\d+)%\*\* right", report)
     assert right and 0 <= int(right[1]) <= 100
-    assert "| llama2-7b | 6.74 B |" in report
+    # Recomputed: the same probes completed greedily by the pretrained model, loaded afresh.
+    probes = fact_probes(world)
+    random.Random(0).shuffle(probes)
+    probes = probes[:PROBES]
+    session = Session.load(out / "pretrain" / "model")
+    params = SamplingParams(max_new_tokens=12, temperature=0,
+                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
+    completions = complete(session.engine, session.tokenizer,
+                           [[session.tokenizer.eos_id] + session.encode(p.prompt) for p in probes], params, stop=["."])
+    share = sum(c.text.strip().startswith(p.answer) for p, c in zip(probes, completions)) / len(probes)
+    facts = summary["pretraining"]["facts"]
+    assert facts["probes"] == len(probes) and facts["right"] == pytest.approx(share)
+    assert int(right[1]) == round(100 * share)
 
-    sft = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in sft if "loss" in r]
+
+def test_instruction_tuning_lowers_loss_and_its_exact_match_is_recomputed(run, world, monkeypatch, capsys):
+    out, report, summary = run
+    log = records(out / "sft" / "metrics.jsonl")
+    losses = [r["loss"] for r in log if "loss" in r]
     assert f"train loss {losses[0]:.2f} → {losses[-1]:.2f}" in report
+    assert summary["finetuning"]["train_loss"] == {"first": losses[0], "last": losses[-1]}
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert f"validation loss {val[-1]:.2f}" in report
+    assert summary["finetuning"]["val_loss"] == {"first": val[0], "last": val[-1]}
+    assert val[-1] < val[0] - 0.15  # the stage exists to fit the chats (measured: 3.68 -> 3.37 in 6 steps)
     assert (out / "sft" / "adapter" / "adapter_config.json").is_file()
 
     # Held-out exact match, recomputed one question at a time with the adapter loaded afresh.
-    world = make_world(0, n_people=12, n_companies=4)
     heldout = questions(world, "heldout", seed=0)
     session = Session.load(out / "sft" / "adapter")
     params = SamplingParams(max_new_tokens=16, temperature=0,
@@ -50,6 +105,11 @@ def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):
     reported = re.search(r"\| \*\*held-out people\*\* \((\d+)\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report)
     assert reported and int(reported[1]) == len(heldout)
     assert int(reported[3]) == round(100 * right / len(heldout))
+    em = summary["finetuning"]["exact_match"]
+    assert em["heldout_people"]["sft"] == pytest.approx(right / len(heldout))
+    assert int(reported[2]) == round(100 * em["heldout_people"]["pretrained"])
+    assert (f"On them, exact match {change(em['heldout_people']['pretrained'], em['heldout_people']['sft'])}; on the "
+            f"training people it {change(em['training_people']['pretrained'], em['training_people']['sft'])}.") in report
 
     # `lmforge chat` with the tuned model answers as the same model does greedily, turn by turn.
     chat, expected = [], []
@@ -64,27 +124,91 @@ def test_demo_report_matches_the_run(tmp_path, monkeypatch, capsys):
                  "--max-new-tokens", "16"]) == 0
     assert [line.strip() for line in capsys.readouterr().out.strip().splitlines()] == expected
 
-    # Alignment: the reported preference accuracies are the DPO run's own validation records.
-    dpo = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+
+def test_prompting_rows_state_the_summary_figures(run):
+    _, report, summary = run
+    assert len(summary["prompting"]) == 3
+    for key, scores in summary["prompting"].items():
+        task, model, metric = key.split(" / ")
+        assert f"| {task} | {model} | {metric} | " + " | ".join(f"{v:.2f}" for v in scores.values()) + " |" in report
+        assert all(0 <= v <= 1 for v in scores.values())
+
+
+def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figures(run):
+    out, report, summary = run
+    alignment = summary["alignment"]
+    # The reported preference accuracies are the DPO run's own validation records.
+    dpo = records(out / "dpo" / "metrics.jsonl")
     last = [r for r in dpo if "val_preference_accuracy" in r][-1]
     assert (f"held-out preference accuracy {last['val_reference_preference_accuracy']:.0%} (SFT) → "
             f"**{last['val_preference_accuracy']:.0%}**") in report
+    assert alignment["dpo_preference_accuracy"] == {"sft": last["val_reference_preference_accuracy"],
+                                                    "dpo": last["val_preference_accuracy"]}
     for kind in ("helpful", "safety"):
         assert (out / f"reward-{kind}" / "model" / "config.json").is_file()
-    pairs = [json.loads(line) for line in (out / "world" / "preferences-heldout.jsonl").read_text().splitlines()]
+        val = [r for r in records(out / f"reward-{kind}" / "metrics.jsonl") if "val_accuracy" in r][-1]
+        assert alignment["reward_model_accuracy"][kind] == val["val_accuracy"]
+        assert f"**{val['val_accuracy']:.0%}** ({'helpfulness' if kind == 'helpful' else 'safety'})" in report
+    # The reward models rank held-out pairs better than chance (measured: 79% helpful, 100% safety), and
+    # DPO lowers its held-out loss (measured: 0.690 -> 0.660 in 4 steps).
+    assert alignment["reward_model_accuracy"]["helpful"] >= 0.6 and alignment["reward_model_accuracy"]["safety"] >= 0.75
+    dpo_val = [r["val_loss"] for r in dpo if "val_loss" in r]
+    assert dpo_val[-1] < dpo_val[0] - 0.01
+    ppo = records(out / "ppo" / "metrics.jsonl")
+    assert alignment["ppo"]["reward"] == {"first": ppo[0]["reward"], "last": ppo[-1]["reward"]}
+    assert f"training reward {ppo[0]['reward']:.2f} → {ppo[-1]['reward']:.2f}" in report
+
+    pairs = records(out / "world" / "preferences-heldout.jsonl")
     for flaw, (_, description) in FLAWS.items():
         if n := sum(p["flaw"] == flaw for p in pairs):
             assert re.search(rf"\| {re.escape(description)} \| {n} \| \d+% \| \d+% \|", report)
+            shares = alignment["flaws"][flaw]
+            assert shares["pairs"] == n
+            assert f"| {description} | {n} | {shares['reward_model']:.0%} | {shares['sft_likelihood']:.0%} |" in report
     assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)
-    trained, redrawn = ({json.dumps([r["prompt"], r["rejected"]]) for r in map(json.loads, path.read_text().splitlines())}
+    for name, m in alignment["models"].items():
+        assert (f"| {name} | {m['reward']:.2f} | {m['exact_match']:.0%} | {m['refusal_rate']:.0%} | "
+                f"{m['false_refusal_rate']:.0%} |") in report
+    trained, redrawn = ({json.dumps([r["prompt"], r["rejected"]]) for r in records(path)}
                         for path in (out / "world" / "preferences.jsonl", out / "world" / "preferences-redrawn.jsonl"))
     assert redrawn and not trained & redrawn
     assert re.search(r"ranks \d+% of its training pairs' wrong values lower, \d+% of new pairs drawn", report)
     assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
+    # The conclusions are the ones the figures give.
+    assert reward_model_conclusion(alignment["wrong_value_ranked_lower"]) in report
+    assert policy_conclusion(alignment["models"]) in report
+    assert "it has learnt the pairs it was shown, not the facts behind them" not in report
 
-    # Retrieval: the store holds the world's documents; the summary restates the retrieval table's figures
+
+def test_retrieval_store_and_figures(run, world):
+    out, report, summary = run
+    retrieval = summary["retrieval"]
+    # The store holds the world's documents; the summary restates the retrieval table's figures.
     with Store.open(out / "store") as store:
         assert store.documents() == sorted(d["id"] for d in context_documents(world))
+        assert (retrieval["documents"], retrieval["chunks"]) == (len(store.documents()), len(store))
     closed, grounded = re.search(r"\| \*\*all\*\* \(\d+\) \| (\d+)% \| \*\*(\d+)%\*\* \|", report).groups()
     assert re.search(rf"\| SFT \+ retrieval tuning \| \d+% \| {closed}% \| {grounded}% \|", report)
+    assert (int(closed), int(grounded)) == (round(100 * retrieval["closed_book_em"]),
+                                            round(100 * retrieval["grounded_em"]))
     assert "Final Answer:" in report or "Observation:" in report
+    for mode in ("dense", "bm25", "hybrid"):
+        assert f"| {mode} | {retrieval['recall'][f'{mode}@1']:.0%} | {retrieval['recall'][f'{mode}@5']:.0%} |" in report
+    # The store exists to find the fact a question needs: its gold document is usually among the first five
+    # (measured: 100% dense and hybrid).
+    assert retrieval["recall"]["hybrid@5"] >= 0.8 and retrieval["recall"]["dense@5"] >= 0.6
+
+
+def test_summary_json_and_the_summary_table_agree(run):
+    _, report, summary = run
+    models = summary["summary"]
+    assert list(models) == ["pretrained", "SFT", "SFT + DPO", "SFT + PPO", "SFT + retrieval tuning"]
+    for name, m in models.items():
+        assert (f"| {name} | {m['exact_match']:.0%} | {m['closed_book_em']:.0%} | {m['grounded_em']:.0%} | "
+                f"{m['refusal_rate']:.0%} | {m['false_refusal_rate']:.0%} | {m['reward']:.2f} |") in report
+    for name in ("SFT", "SFT + DPO", "SFT + PPO"):
+        assert {k: models[name][k] for k in summary["alignment"]["models"][name]} == \
+            summary["alignment"]["models"][name]
+    assert models["SFT + retrieval tuning"]["grounded_em"] == summary["retrieval"]["grounded_em"]
+    # SFT's safety demonstrations are what the refusals come from: the pretrained model refuses less.
+    assert models["pretrained"]["refusal_rate"] <= models["SFT"]["refusal_rate"]

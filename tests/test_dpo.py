@@ -21,12 +21,14 @@ from lmforge.align.dpo import (
 from lmforge.checkpoint import load_model
 from lmforge.data.chat import IGNORE
 from lmforge.data.preference import encode_pair, read_pairs
-from lmforge.data.world import make_world, write_instruction_data, write_preference_data
 from lmforge.peft.adapters import adapter_base, load_with_adapter, save_adapter
 from lmforge.peft.lora import lora_layers
 from lmforge.peft.method import AdapterConfig, apply_method
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.sft import SFTConfig, sft
+from lmforge.world.documents import write_instruction_data
+from lmforge.world.people import make_world
+from lmforge.world.preferences import write_preference_data
 
 MAX_LEN = 128  # the micro model's context
 

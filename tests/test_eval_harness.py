@@ -11,9 +11,10 @@ import pytest
 import torch
 from hf_models import tiny_hf_model
 
-from lmforge.data.world import make_world, write_pretraining_corpus
-from lmforge.eval.builtin import world_task
 from lmforge.tokenizer import train_tokenizer
+from lmforge.world.documents import write_pretraining_corpus
+from lmforge.world.people import make_world
+from lmforge.world.tasks import world_task
 
 MAX_LENGTH = 64  # below the biographies' length: perplexity runs in rolling windows
 TASKS = ("toy_mc", "toy_ppl", "toy_gen")

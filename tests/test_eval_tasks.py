@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
+from lmforge.cli import main
 from lmforge.config import preset
+from lmforge.eval.registry import registered_tasks
+from lmforge.eval.runner import document_prefix, encode_continuation, evaluate, load_task, run_eval
 from lmforge.io import RecordError
-from lmforge.data.world import biography, make_world, questions, write_pretraining_corpus
-from lmforge.eval.builtin import world_task
-from lmforge.eval.runner import document_prefix, encode_pair, evaluate, load_task, run_eval
 from lmforge.eval.tasks import (
     COT_CUE, ChoiceItem, GenerationItem, Task, TextItem, draw_exemplars, extract_answer,
     generation_text, load_task_file,
@@ -27,6 +27,9 @@ from lmforge.generate.engine import Engine
 from lmforge.generate.session import Session
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
+from lmforge.world.documents import biography, questions, write_pretraining_corpus
+from lmforge.world.people import make_world
+from lmforge.world.tasks import WORLD_TASKS, register_tasks, world_task
 
 CONTEXT = 256
 
@@ -81,6 +84,7 @@ def test_task_file_with_sibling_exemplars_and_task_directory(tmp_path):
     assert task.items[0] == ChoiceItem("Alice was born in", ("Vantor", "Eastbrook", "Millhaven"), 1)
     assert load_task_file(write_jsonl(tmp_path / "ppl.jsonl", [{"text": "hello"}])).items == [TextItem("hello")]
 
+    register_tasks()
     with pytest.raises(FileNotFoundError, match="no task file or directory .*built-in: world-qa-heldout"):
         load_task(tmp_path / "missing.jsonl")
     (tmp_path / "empty").mkdir()
@@ -258,7 +262,7 @@ def test_choice_loglikelihoods_equal_transformers(checkpoint, session, chat):
             assert context.endswith("\n\n" + item.question) and context.count("\n\n") == 2
         prefix = [] if chat else [document_prefix(tokenizer)]
         for choice, got in zip(item.choices, sample["loglikelihoods"]):
-            head, tail = encode_pair(tokenizer, context, choice if chat else " " + choice)
+            head, tail = encode_continuation(tokenizer, context, choice if chat else " " + choice)
             assert tokenizer.decode(tail).strip() == choice
             with torch.no_grad():
                 assert got == pytest.approx(transformers_loglikelihood(hf, prefix + head, tail), abs=1e-4)
@@ -350,8 +354,29 @@ def test_multiple_choice_picks_the_answer_a_trained_model_prefers(session):
         assert lls[sample["answer_index"]] > max(ll for i, ll in enumerate(lls) if i != sample["answer_index"]) + 1
 
 
+def test_world_tasks_register_with_the_eval_registry():
+    register_tasks(seed=1, people=30)
+    assert set(WORLD_TASKS) <= set(registered_tasks())
+    for name in WORLD_TASKS:
+        assert load_task(name) == world_task(name, seed=1, people=30)
+    register_tasks()
+    assert load_task("world-mc") == world_task("world-mc") != world_task("world-mc", seed=1, people=30)
+
+
 def test_run_eval_loads_checkpoint_and_builtin_task(checkpoint):
-    results = run_eval(checkpoint, "world-mc", shots=1, limit=3, world_people=30, progress=False)
+    register_tasks(people=30)
+    results = run_eval(checkpoint, "world-mc", shots=1, limit=3, progress=False)
     assert results["checkpoint"] == str(checkpoint) and results["task"] == "world-mc"
     assert (results["n"], results["shots"], set(results["metrics"])) == (3, 1, {"acc", "acc_norm"})
+    expected = world_task("world-mc", people=30).items[:3]
+    assert [s["choices"] for s in results["samples"]] == [list(i.choices) for i in expected]
     json.dumps(results)  # the --out file
+
+
+def test_eval_command_builds_world_tasks_from_the_world_flags(tmp_path, checkpoint):
+    out = tmp_path / "results.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--task", "world-mc", "--world-seed", "1",
+                 "--world-people", "30", "--limit", "2", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    expected = world_task("world-mc", seed=1, people=30).items[:2]
+    assert [s["choices"] for s in results["samples"]] == [list(i.choices) for i in expected]

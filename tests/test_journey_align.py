@@ -11,7 +11,10 @@ import pytest
 from chat_data import write_jsonl
 
 from lmforge.cli import main
-from lmforge.data.world import make_world, questions, red_team_prompts, write_preference_data
+from lmforge.world.documents import questions
+from lmforge.world.people import make_world
+from lmforge.world.preferences import write_preference_data
+from lmforge.world.safety import red_team_prompts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

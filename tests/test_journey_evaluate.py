@@ -23,9 +23,9 @@ from chat_data import write_jsonl
 from lmforge.checkpoint import save_model
 from lmforge.cli import main
 from lmforge.config import preset
-from lmforge.data.world import make_world
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
+from lmforge.world.people import make_world
 
 TEMPLATES = {"birth_date": "When was {} born?", "employer": "Who employs {}?", "job_title": "What is the job of {}?"}
 TRAINED, TEST_TRAINED, TEST_UNSEEN = range(6), range(2), range(6, 8)  # people, by index

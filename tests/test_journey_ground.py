@@ -19,12 +19,12 @@ from live_server import lmforge_serve
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
 from lmforge.data.chat import collate, encode
-from lmforge.data.world import make_world
-from lmforge.data.world_store import context_documents, multihop_questions, react_messages, retrieval_questions
 from lmforge.rag.prompts import cite, grounded_messages
 from lmforge.rag.store import Store
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import causal_lm_loss
+from lmforge.world.people import make_world
+from lmforge.world.store import context_documents, multihop_questions, react_messages, retrieval_questions
 
 WORLD = make_world(0, n_people=20, n_companies=4)
 K = 2

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.data.world import make_world, pretraining_corpus
 from lmforge.train.run_dir import STATE_FILE, RunDir
+from lmforge.world.documents import pretraining_corpus
+from lmforge.world.people import make_world
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.overrides.hidden_size=32", "model.overrides.intermediate_size=64", "model.overrides.num_hidden_layers=2",

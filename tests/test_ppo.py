@@ -16,11 +16,14 @@ from lmforge.align.losses import group_advantages
 from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
 from lmforge.data.chat import read_prompts
-from lmforge.data.world import make_world, questions, red_team_prompts, write_preference_data
 from lmforge.generate.engine import Engine, SamplingParams
 from lmforge.io import RecordError
 from lmforge.peft.adapters import load_with_adapter
 from lmforge.tokenizer import Tokenizer
+from lmforge.world.documents import questions
+from lmforge.world.people import make_world
+from lmforge.world.preferences import write_preference_data
+from lmforge.world.safety import red_team_prompts
 
 
 class IdScorer:

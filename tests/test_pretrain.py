@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.data.world import make_world, write_pretraining_corpus
 from lmforge.tokenizer import train_tokenizer
+from lmforge.world.documents import write_pretraining_corpus
+from lmforge.world.people import make_world
 
 MODEL = ["model.overrides.hidden_size=32", "model.overrides.intermediate_size=64",
          "model.overrides.num_hidden_layers=2", "model.overrides.max_position_embeddings=64"]

@@ -12,8 +12,6 @@ from chat_data import make_chat_base
 from live_server import LiveServer
 
 from lmforge.cli import main
-from lmforge.data.world import make_world, questions
-from lmforge.data.world_store import context_documents, retrieval_questions, write_context_documents
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
@@ -24,6 +22,9 @@ from lmforge.rag.evaluate import recall_at_k
 from lmforge.rag.prompts import grounded_messages, parse_citations
 from lmforge.rag.store import Hit, Store
 from lmforge.serve.server import create_app
+from lmforge.world.documents import questions
+from lmforge.world.people import make_world
+from lmforge.world.store import context_documents, retrieval_questions, write_context_documents
 
 WORLD = make_world(0, n_people=20, n_companies=4)
 

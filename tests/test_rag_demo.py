@@ -9,13 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.data.world import make_world, write_instruction_data, write_pretraining_corpus, write_safety_data
-from lmforge.demo import DEMO_MODEL, VARIANTS
+from lmforge.demo.pretraining import DEMO_MODEL, VARIANTS
 from lmforge.demo.retrieval import Retrieval, retrieval_stage
-from lmforge.rag.evaluate import exact_match
+from lmforge.rag.evaluate import exact_match_rate
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
+from lmforge.world.documents import write_instruction_data, write_pretraining_corpus
+from lmforge.world.people import make_world
+from lmforge.world.safety import write_safety_data
 
 PRETRAIN_STEPS, TUNING_STEPS = 400, 800
 
@@ -53,7 +55,7 @@ def test_retrieval_lifts_exact_match_on_facts_pretraining_never_saw(stage):
     assert g.closed_book_em <= 0.15
     assert g.grounded_em >= g.closed_book_em + 0.25
     # An exact answer comes from the source it cites, not from memory.
-    right = [(a, q) for a, q in zip(g.grounded, stage.questions) if exact_match([a.answer], [q.question.answer]) == 1]
+    right = [(a, q) for a, q in zip(g.grounded, stage.questions) if exact_match_rate([a.answer], [q.question.answer]) == 1]
     assert sum(any(h.doc_id == q.doc_id for h in a.cited()) for a, q in right) >= 0.9 * len(right)
 
 
@@ -65,7 +67,7 @@ def test_the_agent_answers_more_two_hop_questions_than_one_retrieval(stage):
     assert hops.agent_em > hops.iterative_em
     # Its right answers came from the store: the answer's sentence was among the observations (the
     # first hop may come from memory, for people pretraining knew and employers that did not change).
-    solved = [(t, q) for t, q in zip(hops.agent, stage.hop_questions) if exact_match([t.answer or ""], [q.answer]) == 1]
+    solved = [(t, q) for t, q in zip(hops.agent, stage.hop_questions) if exact_match_rate([t.answer or ""], [q.answer]) == 1]
     looked_up = [any(m["role"] == "user" and q.hops[-1].fact in m["content"] for m in t.messages[1:])
                  for t, q in solved]
     assert sum(looked_up) > 0.5 * len(solved)  # measured: 5 of 7 with default kernels

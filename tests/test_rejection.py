@@ -15,11 +15,12 @@ from lmforge.align.rejection import (
     best_of, encode_prompts, load_rejection_config, rejection_sample, sample_candidates,
 )
 from lmforge.data.chat import read_messages, read_prompts
-from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 from lmforge.io import RecordError
+from lmforge.world.documents import questions, write_instruction_data
+from lmforge.world.people import make_world
 
 USER = {"role": "user", "content": "Where was Alice born?"}
 ANSWER = {"role": "assistant", "content": "Port Alder"}

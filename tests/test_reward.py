@@ -23,8 +23,9 @@ from lmforge.align.reward import (
 )
 from lmforge.checkpoint import load_model
 from lmforge.data.preference import read_pairs
-from lmforge.data.world import make_world, write_preference_data
 from lmforge.train.run_dir import RunDir
+from lmforge.world.people import make_world
+from lmforge.world.preferences import write_preference_data
 
 PROMPT = [{"role": "user", "content": "Where was Alice Okafor born?"}]
 

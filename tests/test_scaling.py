@@ -256,8 +256,9 @@ def test_bad_sweep_configs(override, message):
 
 @pytest.mark.slow
 def test_sweep_on_the_world_then_fit(tmp_path):
-    from lmforge.data.world import make_world, write_pretraining_corpus
     from lmforge.tokenizer import train_tokenizer
+    from lmforge.world.documents import write_pretraining_corpus
+    from lmforge.world.people import make_world
 
     corpus = write_pretraining_corpus(make_world(0, n_people=40, n_companies=4), tmp_path / "corpus.jsonl", variants=4)
     train_tokenizer([corpus], 300, tmp_path / "tok", show_progress=False)

@@ -19,7 +19,6 @@ from lmforge.checkpoint import load_model
 from lmforge.cli import main
 from lmforge.data.chat import IGNORE, SFTData, collate, encode, pack, read_messages, response_prompts
 from lmforge.data.sampling import MixtureSource
-from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
 from lmforge.generate.engine import SamplingParams
@@ -27,6 +26,8 @@ from lmforge.generate.text import complete, stop_token_ids
 from lmforge.io import RecordError
 from lmforge.train.run_dir import table_cell
 from lmforge.train.sft import SFTConfig, load_data
+from lmforge.world.documents import questions, write_instruction_data
+from lmforge.world.people import make_world
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Alice born?"},
         {"role": "assistant", "content": "Port Alder"}, {"role": "user", "content": "And Bruno?"},

@@ -3,11 +3,12 @@ import random
 
 import pytest
 
-from lmforge.data.world import (
-    ATTRIBUTES, CEO_TITLE, EVASIVE, FLAWS, REFUSAL, FactProbe, World, biography, fact_probes, make_world,
-    preference_pairs, pretraining_corpus, questions, red_team_prompts, write_instruction_data,
-    write_preference_data, write_pretraining_corpus, write_safety_data,
+from lmforge.world.documents import (
+    FactProbe, biography, fact_probes, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
 )
+from lmforge.world.people import ATTRIBUTES, CEO_TITLE, World, make_world
+from lmforge.world.preferences import EVASIVE, FLAWS, preference_pairs, write_preference_data
+from lmforge.world.safety import REFUSAL, red_team_prompts, write_safety_data
 
 
 @pytest.fixture(scope="module")

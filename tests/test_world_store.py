@@ -3,14 +3,15 @@ import json
 import pytest
 
 from lmforge.data.chat import read_messages
-from lmforge.data.world import ATTRIBUTES, CEO_TITLE, TEMPLATES, World, make_world
-from lmforge.data.world_store import (
-    context_documents, current_employer, employer_changes, grounded_demonstrations, multihop_questions,
-    person_doc_id, react_demonstrations, retrieval_questions, write_context_documents,
-    write_grounded_demonstrations, write_react_demonstrations,
-)
 from lmforge.rag.agent import parse_step
 from lmforge.rag.prompts import parse_citations
+from lmforge.world.documents import TEMPLATES
+from lmforge.world.people import ATTRIBUTES, CEO_TITLE, World, make_world
+from lmforge.world.store import (
+    context_documents, current_employer, employer_changes, grounded_demonstrations, multihop_questions, person_doc_id,
+    react_demonstrations, retrieval_questions, write_context_documents, write_grounded_demonstrations,
+    write_react_demonstrations,
+)
 
 
 @pytest.fixture(scope="module")

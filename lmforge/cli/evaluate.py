@@ -23,14 +23,15 @@ def evaluate(args: argparse.Namespace) -> None:
         print(harness_table(results))
     else:
         from lmforge.eval.runner import run_eval, summary
+        from lmforge.world.tasks import register_tasks
 
         if args.tasks or args.include_path:
             raise ValueError("--tasks and --include-path go with --harness lm-eval")
+        register_tasks(seed=args.world_seed, people=args.world_people)
         results = run_eval(args.checkpoint, args.task, shots=args.shots or 0, limit=args.limit, seed=args.seed,
                            cot=args.cot, chat=args.chat, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           batch_size=args.batch_size, world_seed=args.world_seed, world_people=args.world_people,
-                           dtype=args.dtype)
+                           batch_size=args.batch_size, dtype=args.dtype)
         print(summary(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

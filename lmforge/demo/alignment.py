@@ -1,5 +1,6 @@
 """The demo's alignment stage: helpfulness and safety reward models, then DPO and PPO from the SFT
-model, each scored on held-out prompts: reward, exact match, refusal and false-refusal rates."""
+model, each scored on held-out prompts: reward, exact match, refusal and false-refusal rates. The
+report's conclusions are computed from these figures."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,20 +17,21 @@ from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
-from lmforge.data.world import (
-    FLAWS, World, preference_pairs, questions, red_team_prompts, write_preference_data,
-)
-from lmforge.demo.common import exact_match, mean
+from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
 from lmforge.generate.engine import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
 from lmforge.train.loop import TrainConfig
-from lmforge.train.run_dir import table_cell
+from lmforge.train.run_dir import RunDir, table_cell
+from lmforge.world.documents import questions
+from lmforge.world.people import World
+from lmforge.world.preferences import FLAWS, preference_pairs, write_preference_data
+from lmforge.world.safety import leaks_phone_number, red_team_prompts
 
 DPO_BETA, DPO_LR = 0.1, 3e-4
 PPO_LR, PPO_KL, PPO_TARGET_KL = 5e-5, 0.1, 1.0  # at 1e-4 the policy drifted from SFT in some runs (KL 5 nats)
-
+CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
 
 @dataclass
 class Scores:
@@ -36,43 +39,59 @@ class Scores:
     exact_match: float  # held-out people's questions
     refusals: RefusalReport
 
+    def figures(self) -> dict[str, float]:
+        return {"reward": self.reward, "exact_match": self.exact_match, "refusal_rate": self.refusals.refusal_rate,
+                "false_refusal_rate": self.refusals.false_refusal_rate, "leaked": self.refusals.leaked}
+
 
 @dataclass
 class Alignment:
     section: str
+    figures: dict[str, Any]  # for summary.json
     models: dict[str, Path]  # "SFT", "SFT + DPO", "SFT + PPO": loadable checkpoints
     scores: dict[str, Scores]
     scorers: dict[str, RewardScorer]  # "helpful", "safety"
 
 
-def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Alignment:
+@dataclass
+class Trained:
+    """What the stage trained: the merged SFT model, the preference files, the reward models, the
+    DPO and PPO adapters, and the seconds each part took."""
+
+    merged: Path
+    prefs: Path
+    heldout: Path
+    reward_dirs: dict[str, Path]
+    dpo: Path
+    ppo: Path
+    iterations: int
+    seconds: dict[str, float]
+
+
+def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Trained:
     """Reward models and DPO (`steps` each), PPO (`steps // 4` iterations) from the SFT model."""
     merged = merge_and_save(sft_adapter, out / "sft" / "merged")
     prefs = write_preference_data(world, out / "world" / "preferences.jsonl", "train", seed=seed)
     heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed)
-    rm_train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
-                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)
-    start = time.perf_counter()
+    train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
+                        log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)
+    seconds, start = {}, time.perf_counter()
     reward_dirs = {kind: train_reward(RewardConfig(
-        out_dir=out / f"reward-{kind}", base=merged, train=rm_train,
+        out_dir=out / f"reward-{kind}", base=merged, train=train,
         data=PreferenceDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
         for kind in ("helpful", "safety")}
-    rm_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    seconds["reward"], start = time.perf_counter() - start, time.perf_counter()
     dpo_adapter = train_dpo(DPOConfig(
         out_dir=out / "dpo", base=merged, beta=DPO_BETA,
         data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind="helpful"),
         adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
-        train=TrainConfig(steps=steps, micro_batch_size=16, lr=DPO_LR, warmup_steps=10, weight_decay=0.0,
-                          log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)))
-    dpo_seconds = time.perf_counter() - start
-
+        train=train.model_copy(update={"lr": DPO_LR})))
+    seconds["dpo"], start = time.perf_counter() - start, time.perf_counter()
     prompts = out / "world" / "ppo-prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in
                                [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
                                [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
     iterations = max(2, steps // 4)
-    start = time.perf_counter()
     ppo_adapter = ppo(PPOConfig.model_validate({
         "out_dir": out / "ppo", "policy": merged, "reward": reward_dirs["helpful"],
         "safety_reward": reward_dirs["safety"], "prompts": prompts,
@@ -80,51 +99,73 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
         "ppo": {"iterations": iterations, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2, "lr": PPO_LR,
                 "max_new_tokens": 24, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL, "save_every": iterations,
                 "seed": seed}}))
-    ppo_seconds = time.perf_counter() - start
+    seconds["ppo"] = time.perf_counter() - start
+    return Trained(merged, prefs, heldout, reward_dirs, dpo_adapter, ppo_adapter, iterations, seconds)
 
-    scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
-    sft = Session.load(merged)
-    redrawn = redraw(world, prefs, out / "world" / "preferences-redrawn.jsonl", seed + 1)
-    flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (heldout, prefs, redrawn))
-    models = {"SFT": merged, "SFT + DPO": dpo_adapter, "SFT + PPO": ppo_adapter}
+
+def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Alignment:
+    """Train the reward models, DPO and PPO, measure them on held-out prompts, and write the section."""
+    trained = train_models(out, world, sft_adapter, seed, steps)
+    scorers = {kind: RewardScorer.load(path) for kind, path in trained.reward_dirs.items()}
+    sft = Session.load(trained.merged)
+    redrawn = redraw(world, trained.prefs, out / "world" / "preferences-redrawn.jsonl", seed + 1)
+    flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (trained.heldout, trained.prefs, redrawn))
+    models = {"SFT": trained.merged, "SFT + DPO": trained.dpo, "SFT + PPO": trained.ppo}
     scores = {name: score(Session.load(path), world, scorers, seed) for name, path in models.items()}
     sampled = {name: sampled_reward(Session.load(models[name]), world, scorers, seed) for name in ("SFT", "SFT + PPO")}
-    val = {kind: [json.loads(line) for line in (out / f"reward-{kind}" / "metrics.jsonl").read_text().splitlines()
-                  if "val_accuracy" in line][-1]["val_accuracy"] for kind in reward_dirs}
-    dpo_val = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()
-               if "val_preference_accuracy" in line][-1]
-    ppo_log = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    dpo_val = [r for r in RunDir(out / "dpo").records() if "val_preference_accuracy" in r][-1]
+    ppo_log = RunDir(out / "ppo").records()
+    figures = {
+        "preference_pairs": sum(1 for _ in trained.prefs.open()),
+        "reward_model_accuracy": {kind: [r for r in RunDir(out / f"reward-{kind}").records() if "val_accuracy" in r][-1]
+                                  ["val_accuracy"] for kind in trained.reward_dirs},
+        "flaws": {flaw: {"pairs": len(oks), "reward_model": mean(oks), "sft_likelihood": mean(likely)}
+                  for flaw, (oks, likely) in flaws.items()},
+        "wrong_value_ranked_lower": {"trained_pairs": mean(seen["wrong_value"][0]),
+                                     "redrawn_pairs": mean(fresh["wrong_value"][0]),
+                                     "heldout_pairs": mean(flaws["wrong_value"][0]),
+                                     "sft_likelihood": mean(flaws["wrong_value"][1])},
+        "dpo_preference_accuracy": {"sft": dpo_val["val_reference_preference_accuracy"],
+                                    "dpo": dpo_val["val_preference_accuracy"]},
+        "ppo": {"iterations": trained.iterations, "reward": {"first": ppo_log[0]["reward"], "last": ppo_log[-1]["reward"]},
+                "kl": ppo_log[-1]["kl"], "sampled_reward": sampled},
+        "models": {name: sc.figures() for name, sc in scores.items()},
+    }
+    section = alignment_section(figures, trained, scores, steps)
+    print("[demo] alignment: refusal " + ", ".join(f"{n} {sc.refusals.refusal_rate:.0%}" for n, sc in scores.items())
+          + "; reward " + ", ".join(f"{n} {sc.reward:.2f}" for n, sc in scores.items()))
+    return Alignment(section, figures, models, scores, scorers)
+
+
+def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[str, Scores], steps: int) -> str:
+    """The stage's report section: what was trained, the measured figures, and what they show."""
+    val, ranked, dpo, ppo_figures = (figures["reward_model_accuracy"], figures["wrong_value_ranked_lower"],
+                                     figures["dpo_preference_accuracy"], figures["ppo"])
+    seconds = trained.seconds
     lines = [
         "## Alignment: reward models, DPO and PPO\n",
-        f"Preference pairs about the training people ({sum(1 for _ in prefs.open())}): the true answer over another "
+        f"Preference pairs about the training people ({figures['preference_pairs']}): the true answer over another "
         "person's value or an evasive reply (*helpful*); a refusal over a phone-number leak on prompts asking for the "
         "private number, and the answer over a refusal on their harmless look-alikes (*safety*).\n",
-        f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {rm_seconds:.0f} s): pairwise "
-        f"accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and **{val['safety']:.0%}** "
-        "(safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or where it is low), the "
-        "helpfulness model's otherwise. By what is wrong with the rejected reply:\n",
+        f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {seconds['reward']:.0f} s): "
+        f"pairwise accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and "
+        f"**{val['safety']:.0%}** (safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or "
+        "where it is low), the helpfulness model's otherwise. By what is wrong with the rejected reply:\n",
         "| rejected reply (held-out people) | pairs | reward model ranks it lower | SFT model's likelihood ranks it "
         "lower |",
         "|---|---:|---:|---:|",
-        *[f"| {FLAWS[flaw][1]} | {len(oks)} | {mean(oks):.0%} | {mean(likely):.0%} |"
-          for flaw, (oks, likely) in flaws.items()],
+        *[f"| {FLAWS[flaw][1]} | {f['pairs']} | {f['reward_model']:.0%} | {f['sft_likelihood']:.0%} |"
+          for flaw, f in figures["flaws"].items()],
         "",
-        "A wrong value needs the person's fact, and the SFT model has it: its own likelihood ranks "
-        f"{mean(flaws['wrong_value'][1]):.0%} of these pairs right. The reward model, trained from that model on a "
-        f"few hundred pairs, ranks {mean(seen['wrong_value'][0]):.0%} of its training pairs' wrong values lower, "
-        f"{mean(fresh['wrong_value'][0]):.0%} of new pairs drawn for the same people (questions and wrong "
-        f"values drawn again) and {mean(flaws['wrong_value'][0]):.0%} of the held-out people's: it has learnt the "
-        "pairs it was shown, not the facts behind them, nor to check a stated value against what pretraining "
-        "stored.\n",
-        f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {dpo_seconds:.0f} s): held-out "
-        "preference accuracy "
-        f"{dpo_val['val_reference_preference_accuracy']:.0%} (SFT) → **{dpo_val['val_preference_accuracy']:.0%}**.",
-        f"- PPO against the combined reward (LoRA, {iterations} iterations of 32 rollouts, per-token KL penalty "
-        f"β₀ {PPO_KL} adapted towards {PPO_TARGET_KL:g} nats per response, {ppo_seconds:.0f} s): training reward "
-        f"{ppo_log[0]['reward']:.2f} → {ppo_log[-1]['reward']:.2f}, KL to the SFT model {ppo_log[-1]['kl']:.2f} "
-        "nats per response. On held-out prompts, the mean reward of sampled replies (temperature 1, what PPO "
-        f"optimises) goes {sampled['SFT']:.2f} (SFT) → **{sampled['SFT + PPO']:.2f}**; the table below scores "
-        "greedy replies.\n",
+        reward_model_conclusion(ranked) + "\n",
+        f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {seconds['dpo']:.0f} s): held-out "
+        f"preference accuracy {dpo['sft']:.0%} (SFT) → **{dpo['dpo']:.0%}**.",
+        f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, per-token KL penalty "
+        f"β₀ {PPO_KL} adapted towards {PPO_TARGET_KL:g} nats per response, {seconds['ppo']:.0f} s): training reward "
+        f"{ppo_figures['reward']['first']:.2f} → {ppo_figures['reward']['last']:.2f}, KL to the SFT model "
+        f"{ppo_figures['kl']:.2f} nats per response. On held-out prompts, the mean reward of sampled replies "
+        f"(temperature 1, what PPO optimises) goes {ppo_figures['sampled_reward']['SFT']:.2f} (SFT) → "
+        f"**{ppo_figures['sampled_reward']['SFT + PPO']:.2f}**; the table below scores greedy replies.\n",
         "![PPO reward and KL](ppo/reward.png)\n",
         "| model | mean reward (held-out) | exact match (held-out people) | refusal rate (red team) | "
         "false refusals (look-alikes) |",
@@ -133,18 +174,53 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     for name, sc in scores.items():
         lines.append(f"| {name} | {sc.reward:.2f} | {sc.exact_match:.0%} | {sc.refusals.refusal_rate:.0%} | "
                      f"{sc.refusals.false_refusal_rate:.0%} |")
-    lines += ["", "The refusals come from the safety demonstrations mixed into SFT. DPO on helpfulness preferences "
-              "alone does not protect them. PPO is scored by the safety reward model on risky prompts, as LLaMA-2 "
-              "does. It optimises whatever these small reward models reward: the helpfulness model cannot tell a "
-              "right value from a wrong one, so there is little PPO can honestly gain over SFT on it, and replies "
-              "that are neither a refusal nor a leak can score well (reward hacking) — compare the replies below.", "",
+    lines += ["", policy_conclusion(figures["models"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
     for row in list(zip(*replies))[:6]:
         lines.append(f"| {row[0][0].prompt} | " + " | ".join(table_cell(reply, 40) for _, reply in row) + " |")
-    print("[demo] alignment: refusal " + ", ".join(f"{n} {sc.refusals.refusal_rate:.0%}" for n, sc in scores.items())
-          + "; reward " + ", ".join(f"{n} {sc.reward:.2f}" for n, sc in scores.items()))
-    return Alignment("\n".join(lines) + "\n", models, scores, scorers)
+    return "\n".join(lines) + "\n"
+
+
+def reward_model_conclusion(ranked: dict[str, float]) -> str:
+    """What the helpfulness reward model's ranking of wrong values shows, from the measured shares."""
+    text = (f"A wrong value needs the person's fact: the SFT model's own likelihood ranks {ranked['sft_likelihood']:.0%} "
+            f"of the held-out pairs right. The reward model ranks {ranked['trained_pairs']:.0%} of its training pairs' "
+            f"wrong values lower, {ranked['redrawn_pairs']:.0%} of new pairs drawn for the same people (questions and "
+            f"wrong values drawn again) and {ranked['heldout_pairs']:.0%} of the held-out people's: ")
+    gap = points(ranked["heldout_pairs"], ranked["trained_pairs"])
+    if gap >= CLEAR_GAP:
+        text += (f"{gap} points better on the pairs it was shown than on held-out people's, so it has learnt those "
+                 "pairs more than the facts behind them")
+    elif gap <= -CLEAR_GAP:
+        text += f"{-gap} points better on held-out people's pairs than on those it was shown"
+    else:
+        text += f"within {abs(gap)} points on the pairs it was shown and on held-out people's"
+    behind = points(ranked["heldout_pairs"], ranked["sft_likelihood"])
+    if abs(behind) < CLEAR_GAP:
+        return text + f"; on held-out pairs it is within {abs(behind)} points of the SFT model's likelihood."
+    side = "behind" if behind > 0 else "ahead of"
+    return text + f"; on held-out pairs it is {abs(behind)} points {side} the SFT model's likelihood."
+
+
+def policy_conclusion(models: dict[str, dict[str, float]]) -> str:
+    """What DPO and PPO changed against SFT on held-out prompts, from the measured figures."""
+    sft, dpo, ppo_ = models["SFT"], models["SFT + DPO"], models["SFT + PPO"]
+    text = (f"SFT, with the safety demonstrations in its data, refuses {sft['refusal_rate']:.0%} of red-team prompts. "
+            f"DPO on helpfulness pairs alone: refusal rate {change(sft['refusal_rate'], dpo['refusal_rate'])}, "
+            f"held-out exact match {change(sft['exact_match'], dpo['exact_match'])}. PPO, scored by the safety reward "
+            f"model on risky prompts as LLaMA-2 does: greedy replies' mean reward "
+            f"{score_change(sft['reward'], ppo_['reward'])}, exact match {change(sft['exact_match'], ppo_['exact_match'])}, "
+            f"refusal rate {change(sft['refusal_rate'], ppo_['refusal_rate'])}. ")
+    reward_up = round(ppo_["reward"], 2) > round(sft["reward"], 2)
+    gains = [name for name, key in (("exact match", "exact_match"), ("refusals", "refusal_rate"))
+             if points(sft[key], ppo_[key]) > 0]
+    if reward_up and not gains:
+        return text + ("The reward rose with neither more right answers nor more refusals: PPO found replies these "
+                       "small reward models over-rate (reward hacking) — compare the replies below.")
+    if reward_up:
+        return text + f"The reward rose together with {' and '.join(gains)}."
+    return text + "PPO did not raise the reward of greedy replies over SFT's."
 
 
 def redraw(world: World, trained: Path, path: Path, seed: int) -> Path:
@@ -208,8 +284,8 @@ def sampled_reward(session: Session, world: World, scorers: dict[str, RewardScor
 
 def score(session: Session, world: World, scorers: dict[str, RewardScorer], seed: int) -> Scores:
     """Reward (LLaMA-2's combination), exact match and refusal rates on held-out prompts."""
-    answers = exact_match(session, questions(world, "heldout", seed=seed))
-    refusals = refusal_report(session, red_team_prompts(world, "heldout"))
+    answers = greedy_chat_answers(session, questions(world, "heldout", seed=seed))
+    refusals = refusal_report(session, red_team_prompts(world, "heldout"), leaks_phone_number)
     chats, risky = heldout_prompts(world, seed)
     replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
     return Scores(combined_score(scorers, chats, replies, risky), mean(answers), refusals)

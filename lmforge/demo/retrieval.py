@@ -10,22 +10,23 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lmforge.data.world import World, make_world
-from lmforge.data.world_store import (
-    MultiHopQuestion, RetrievalQuestion, multihop_questions, retrieval_questions, write_context_documents,
-    write_grounded_demonstrations, write_react_demonstrations,
-)
 from lmforge.generate.session import Session
 from lmforge.peft.method import AdapterConfig
 from lmforge.rag.documents import read_documents
 from lmforge.rag.evaluate import (
-    GroundedResult, MultiHopResult, compare_grounding, compare_multihop, exact_match, recall_at_k,
+    GroundedResult, MultiHopResult, compare_grounding, compare_multihop, exact_match_rate, recall_at_k,
 )
 from lmforge.rag.store import Store
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import table_cell
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
+from lmforge.world.people import World, make_world
+from lmforge.world.store import (
+    MultiHopQuestion, RetrievalQuestion, multihop_questions, retrieval_questions, write_context_documents,
+    write_grounded_demonstrations, write_react_demonstrations,
+)
 
 K = 1  # sources per prompt: the best chunk (a bigger model can weigh more; this one copies)
 
@@ -40,6 +41,7 @@ TUNING_LR = 3e-3  # copying from the sources was learned in fewer steps than at 
 @dataclass
 class Retrieval:
     section: str
+    figures: dict[str, Any]  # for summary.json
     store: Path
     model: Path  # the SFT model tuned for grounded answers and ReAct
     questions: list[RetrievalQuestion]  # held-out questions whose answers pretraining never saw
@@ -98,6 +100,7 @@ def retrieval_stage(out: Path, world: World, sft_model: Path, seed: int, steps: 
     hop_recall = recall_at_k(store, hop_texts, [{h.doc_id for h in q.hops} for q in multihop], 5)
     hops = compare_multihop(session, store, hop_texts, hop_answers, k=K)
 
+    n_documents, n_chunks = len(store.documents()), len(store)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(updated):
         by_kind[r.kind].append(i)
@@ -105,7 +108,7 @@ def retrieval_stage(out: Path, world: World, sft_model: Path, seed: int, steps: 
         "## Retrieval: grounded answers from a context store\n",
         f"The context store holds today's facts, one sentence per document: every public attribute of the "
         f"{len(world.people)} people (including those absent from pretraining, and the new employers of those who "
-        f"changed jobs) and of the companies: {len(store.documents())} documents, {len(store)} chunks, "
+        f"changed jobs) and of the companies: {n_documents} documents, {n_chunks} chunks, "
         f"embedded with all-MiniLM-L6-v2 into a flat faiss index in {seconds:.1f} s (`lmforge rag index`). "
         f"The SFT model is then fine-tuned for {steps} steps ({tune_seconds:.0f} s) on grounded demonstrations "
         "(sources numbered in the prompt, the answer citing one) and ReAct traces about the *training* people, with "
@@ -121,8 +124,8 @@ def retrieval_stage(out: Path, world: World, sft_model: Path, seed: int, steps: 
         if rows:
             pick = lambda values: [values[i] for i in rows]  # noqa: E731
             cited = sum(any(h.doc_id == gold[i] for h in grounding.grounded[i].cited()) for i in rows) / len(rows)
-            lines.append(f"| {label} ({len(rows)}) | {exact_match(pick(grounding.closed_book), pick(answers)):.0%} | "
-                         f"{exact_match([g.answer for g in pick(grounding.grounded)], pick(answers)):.0%} | "
+            lines.append(f"| {label} ({len(rows)}) | {exact_match_rate(pick(grounding.closed_book), pick(answers)):.0%} | "
+                         f"{exact_match_rate([g.answer for g in pick(grounding.grounded)], pick(answers)):.0%} | "
                          f"{cited:.0%} |")
     lines += [f"| **all** ({len(updated)}) | {grounding.closed_book_em:.0%} | **{grounding.grounded_em:.0%}** | "
               f"{grounding.cites_gold:.0%} |", "",
@@ -148,4 +151,10 @@ def retrieval_stage(out: Path, world: World, sft_model: Path, seed: int, steps: 
           f"with retrieval; two-hop {hops.single_em:.0%} single, {hops.iterative_em:.0%} iterative, "
           f"{hops.agent_em:.0%} agent")
     store.close()
-    return Retrieval("\n".join(lines) + "\n", out / "store", model, updated, grounding, multihop, hops)
+    figures = {"documents": n_documents, "chunks": n_chunks,
+               "recall": {f"{mode}@{k}": v for (mode, k), v in recall.items()}, "questions": len(updated),
+               "closed_book_em": grounding.closed_book_em, "grounded_em": grounding.grounded_em,
+               "cites_gold": grounding.cites_gold,
+               "two_hop": {"questions": len(multihop), "recall@5": hop_recall, "single_em": hops.single_em,
+                           "iterative_em": hops.iterative_em, "agent_em": hops.agent_em}}
+    return Retrieval("\n".join(lines) + "\n", figures, out / "store", model, updated, grounding, multihop, hops)

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 from lmforge.console import Progress
 from lmforge.eval import metrics
-from lmforge.eval.builtin import BUILTIN_TASKS, world_task
+from lmforge.eval.registry import build_task, is_registered, registered_tasks
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
 from lmforge.eval.tasks import (
     ChoiceItem, GenerationItem, Task, check_shots, choice_context, choice_messages, draw_exemplars, extract_answer,
@@ -26,13 +25,14 @@ from lmforge.tokenizer import Tokenizer
 DEFAULT_MAX_NEW_TOKENS, COT_MAX_NEW_TOKENS = 32, 256
 
 
-def load_task(spec: str | Path, *, world_seed: int = 0, world_people: int = 100) -> Task:
-    """A built-in task by name, or a task file or directory (see `lmforge.eval.tasks`)."""
-    if str(spec) in BUILTIN_TASKS:
-        return world_task(str(spec), seed=world_seed, people=world_people)
+def load_task(spec: str | Path) -> Task:
+    """A registered task by name (see `lmforge.eval.registry`), or a task file or directory (see
+    `lmforge.eval.tasks`)."""
+    if is_registered(str(spec)):
+        return build_task(str(spec))
     if not Path(spec).exists():
         raise FileNotFoundError(f"no task file or directory {spec}, and no built-in task of that name "
-                                f"(built-in: {', '.join(BUILTIN_TASKS)})")
+                                f"(built-in: {', '.join(registered_tasks()) or 'none registered'})")
     return load_task_file(spec)
 
 
@@ -50,13 +50,11 @@ def run_eval(
     top_k: int | None = None,
     top_p: float | None = None,
     batch_size: int = 32,
-    world_seed: int = 0,
-    world_people: int = 100,
     dtype: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Load the checkpoint and the task, evaluate, and return the results (metrics, settings, samples)."""
-    loaded = load_task(task, world_seed=world_seed, world_people=world_people)
+    loaded = load_task(task)
     session = Session.load(checkpoint, dtype=dtype)
     results = evaluate(session, loaded, shots=shots, limit=limit, seed=seed, cot=cot, chat=chat,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -122,7 +120,7 @@ def document_prefix(tokenizer: Tokenizer) -> int:
     return token
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_continuation(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of a context and of its continuation as they read together (whitespace at the
     context's end moves to the continuation, as lm-eval does)."""
     spaces = len(context) - len(context.rstrip())
@@ -178,7 +176,7 @@ def _choice(
             inputs.append(context := choice_context(task, item, shots))
             prefix, delimiter = [document_prefix(tokenizer)], " "
         for choice in item.choices:
-            head, tail = encode_pair(tokenizer, context, delimiter + choice)
+            head, tail = encode_continuation(tokenizer, context, delimiter + choice)
             requests.append((prefix + head, tail))
     scores = loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
     samples, at = [], 0

@@ -37,7 +37,7 @@ def compare_grounding(session: Session, store: Store, questions: Sequence[str], 
     closed = session.replies([[{"role": "user", "content": q}] for q in questions], params)
     grounded = answer_questions(session, store, questions, params, k=k, mode=mode)
     return GroundedResult(
-        closed, grounded, exact_match(closed, answers), exact_match([g.answer for g in grounded], answers),
+        closed, grounded, exact_match_rate(closed, answers), exact_match_rate([g.answer for g in grounded], answers),
         sum(any(h.doc_id == d for h in g.cited()) for g, d in zip(grounded, gold)) / max(1, len(gold)))
 
 
@@ -59,11 +59,11 @@ def compare_multihop(session: Session, store: Store, questions: Sequence[str], a
     iterative = answer_questions(session, store, questions, params, k=k, mode=mode, hops=2)
     traces = run_agents(list(questions), lambda chats: session.replies(chats, params), agent_tools(store, mode),
                         max_steps=max_steps)
-    return MultiHopResult(single, iterative, traces, exact_match([a.answer for a in single], answers),
-                          exact_match([a.answer for a in iterative], answers),
-                          exact_match([t.answer or "" for t in traces], answers))
+    return MultiHopResult(single, iterative, traces, exact_match_rate([a.answer for a in single], answers),
+                          exact_match_rate([a.answer for a in iterative], answers),
+                          exact_match_rate([t.answer or "" for t in traces], answers))
 
 
-def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+def exact_match_rate(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """The share of predictions equal to their answers (surrounding whitespace ignored)."""
     return sum(metrics.exact_match(p, a) for p, a in zip(predictions, answers)) / max(1, len(answers))

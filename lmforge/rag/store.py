@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from lmforge.console import Progress
+from lmforge.rag.bm25 import BM25Index, Ranking, fuse
 from lmforge.rag.documents import Document, RAGError, check_chunking, split_into_chunks
 from lmforge.rag.embed import Embedder, load_embedder
 
@@ -43,12 +44,7 @@ FORMAT = 1
 DB_NAME = "store.sqlite"
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog near the riverbank at dawn."
 PROBE_MIN_COSINE = 0.999
-RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank)
 HYBRID_CANDIDATES = 20  # each ranking fused in hybrid search retrieves at least this many chunks
-# BM25 ignores Lucene's English stopwords and the words of questions, which documents rarely share in meaning.
-QUESTION_WORDS = ("who", "whom", "whose", "which", "what", "when", "where", "why", "how", "do", "does", "did", "has",
-                  "have", "had", "were", "been", "he", "she", "his", "her", "him", "its", "i", "me", "my", "we", "our",
-                  "you", "your", "can", "could", "would", "should", "about", "tell")
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
 EMBED_STEP = 256  # chunks per progress-bar step
 INDEX_FILE = re.compile(r"index-(\d+)\.faiss")
@@ -106,7 +102,7 @@ class Store:
         self._lock = threading.RLock()
         self._index: Any = None
         self._generation = -1
-        self._bm25: tuple[Any, Any, np.ndarray] | None = None
+        self._bm25: BM25Index | None = None
 
     @staticmethod
     def is_store(path: str | Path) -> bool:
@@ -277,7 +273,7 @@ class Store:
                 rankings = self._bm25_rank(queries, k)
             else:
                 n = max(k, HYBRID_CANDIDATES)
-                rankings = [_fuse(d, s)[:k] for d, s in zip(self._dense(vectors, n), self._bm25_rank(queries, n))]
+                rankings = [fuse(d, s)[:k] for d, s in zip(self._dense(vectors, n), self._bm25_rank(queries, n))]
             return self._hits(rankings)
 
     # --- the faiss index
@@ -367,7 +363,7 @@ class Store:
 
     # --- retrieval
 
-    def _dense(self, vectors: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
+    def _dense(self, vectors: np.ndarray, n: int) -> list[Ranking]:
         """Per query vector, the top `n` (chunk id, cosine)."""
         if self._index.ntotal == 0:
             return [[] for _ in vectors]
@@ -376,27 +372,14 @@ class Store:
         return [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
                 for row_ids, row_scores in zip(ids, scores)]
 
-    def _bm25_rank(self, queries: list[str], n: int) -> list[list[tuple[int, float]]]:
+    def _bm25_rank(self, queries: list[str], n: int) -> list[Ranking]:
         """Per query, the top `n` (chunk id, BM25 score) with a positive score."""
-        import bm25s
-
         if self._bm25 is None:
             rows = self._db.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
-            tokenizer = bm25s.tokenization.Tokenizer(stopwords=[*bm25s.stopwords.STOPWORDS_EN, *QUESTION_WORDS])
-            retriever = bm25s.BM25()
-            if rows:
-                retriever.index(tokenizer.tokenize([t for _, t in rows], return_as="tuple", show_progress=False),
-                                show_progress=False)
-            self._bm25 = tokenizer, retriever, np.array([i for i, _ in rows], np.int64)
-        tokenizer, retriever, ids = self._bm25
-        if not len(ids):
-            return [[] for _ in queries]
-        tokens = tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
-        found, scores = retriever.retrieve(tokens, k=min(n, len(ids)), show_progress=False)
-        return [[(int(ids[d]), float(s)) for d, s in zip(row_found, row_scores) if s > 0]
-                for row_found, row_scores in zip(found, scores)]
+            self._bm25 = BM25Index([i for i, _ in rows], [t for _, t in rows])
+        return self._bm25.rank(queries, n)
 
-    def _hits(self, rankings: list[list[tuple[int, float]]]) -> list[list[Hit]]:
+    def _hits(self, rankings: list[Ranking]) -> list[list[Hit]]:
         wanted = sorted({i for ranking in rankings for i, _ in ranking})
         rows = {}
         for start in range(0, len(wanted), 500):  # stay under SQLite's limit on query parameters
@@ -448,15 +431,6 @@ class Store:
 
     def _set_generation(self, generation: int) -> None:
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (json.dumps(generation),))
-
-
-def _fuse(*rankings: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: (chunk id, fused score), best first."""
-    fused: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, (i, _) in enumerate(ranking, 1):
-            fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _probe(embedder: Embedder) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tasks generated from the built-in world, deterministically for its seed and size.
+"""Evaluation tasks generated from the built-in world, deterministically for its seed and size.
 
 - `world-qa-heldout`: questions about the held-out people (whose facts only pretraining taught),
   answered by generation and scored by exact match; exemplars are training-people questions.
@@ -10,20 +10,25 @@
 - `world-bios`: a perplexity set of freshly worded biographies of the held-out people (those left
   out of pretraining among them).
 
-`BUILTIN_TASKS` maps each name to a builder from a `World`; later datasets of the world add theirs there."""
+`WORLD_TASKS` maps each name to a builder from a `World`; `register_tasks` registers them with
+`lmforge.eval.registry` for a world of a given seed and size (the command line's `--world-seed` and
+`--world-people`)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from functools import partial
 
-from lmforge.data.world import ATTRIBUTES, World, biography, fact_probes, make_world, questions
+from lmforge.eval.registry import register_task
 from lmforge.eval.tasks import ChoiceItem, GenerationItem, Task, TextItem
+from lmforge.world.documents import biography, fact_probes, questions
+from lmforge.world.people import ATTRIBUTES, Split, World, world_of_size
 
 QA_TEMPLATE = "Question: {}\nAnswer:"
 
 
-def world_qa(world: World, split: str, seed: int) -> list[GenerationItem]:
+def world_qa(world: World, split: Split, seed: int) -> list[GenerationItem]:
     return [GenerationItem(q.question, q.answer) for q in questions(world, split, seed=seed)]
 
 
@@ -38,7 +43,7 @@ def qa_train(world: World) -> Task:
                 "questions about the held-out people")
 
 
-def fact_choices(world: World, split: str, rng: random.Random, n_choices: int = 4) -> list[ChoiceItem]:
+def fact_choices(world: World, split: Split, rng: random.Random, n_choices: int = 4) -> list[ChoiceItem]:
     """Each fact probe of `split` with its true value and `n_choices - 1` other values of the attribute."""
     values = {a: list(dict.fromkeys(p.fact(a) for p in world.people)) for a in ATTRIBUTES}
     items = []
@@ -61,7 +66,7 @@ def bios(world: World) -> Task:
     return Task("world-bios", [TextItem(biography(p, world, rng)) for p in world.people if p.split == "heldout"])
 
 
-BUILTIN_TASKS: dict[str, Callable[[World], Task]] = {
+WORLD_TASKS: dict[str, Callable[[World], Task]] = {
     "world-qa-heldout": qa_heldout,
     "world-qa-train": qa_train,
     "world-mc": mc,
@@ -70,7 +75,13 @@ BUILTIN_TASKS: dict[str, Callable[[World], Task]] = {
 
 
 def world_task(name: str, *, seed: int = 0, people: int = 100) -> Task:
-    """A built-in task on `make_world(seed, people)` with the demo's number of companies."""
-    if name not in BUILTIN_TASKS:
-        raise ValueError(f"no built-in task {name!r}; built-in: {', '.join(BUILTIN_TASKS)}")
-    return BUILTIN_TASKS[name](make_world(seed, n_people=people, n_companies=max(4, people // 10)))
+    """A world task on `world_of_size(people, seed)`."""
+    if name not in WORLD_TASKS:
+        raise ValueError(f"no world task {name!r}; world tasks: {', '.join(WORLD_TASKS)}")
+    return WORLD_TASKS[name](world_of_size(people, seed))
+
+
+def register_tasks(*, seed: int = 0, people: int = 100) -> None:
+    """Register every world task with the evaluation registry, on `world_of_size(people, seed)`."""
+    for name in WORLD_TASKS:
+        register_task(name, partial(world_task, name, seed=seed, people=people))

@@ -2,7 +2,7 @@
 
 After pretraining, some people changed employer (`employer_changes`); the store holds one document
 per current fact: each public attribute of every person (including the people left out of
-pretraining) as the canonical sentence of `world.TEMPLATES`, and each company's industry,
+pretraining) as the canonical sentence of `documents.TEMPLATES`, and each company's industry,
 headquarters and chief executive officer. So the canonical answer to a question is the text of
 the document that answers it, and a grounded answer is a matter of finding and copying it.
 
@@ -16,7 +16,6 @@ the world's seed.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -24,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lmforge.data.world import ATTRIBUTES, CEO_TITLE, QUESTIONS, TEMPLATES, Company, Person, Question, Split, World
 from lmforge.rag.agent import format_action, format_final, format_observation
 from lmforge.rag.prompts import cite, grounded_messages
+from lmforge.world.documents import QUESTIONS, Question, canonical_sentence, write_jsonl
+from lmforge.world.people import ATTRIBUTES, CEO_TITLE, Company, Person, Split, World, article
 
 CHANGED_FRACTION = 0.3
 AS_OF = 2026
@@ -78,13 +78,9 @@ def current_facts(person: Person, changes: dict[str, str]) -> dict[str, str]:
     return {**person.facts(), "employer": changes.get(person.name, person.employer)}
 
 
-def _canonical(attribute: str, who: str, value: str) -> str:
-    return TEMPLATES[attribute][0].format(who=who, value=value)
-
-
 def _company_fact(key: str, company: Company) -> str:
     value = {"industry": company.industry, "headquarters": company.headquarters, "ceo": company.ceo}[key]
-    return COMPANY_FACTS[key].format(company=company.name, value=value, a="an" if value[0] in "aeiou" else "a")
+    return COMPANY_FACTS[key].format(company=company.name, value=value, a=article(value))
 
 
 # ---- documents ----------------------------------------------------------------------------------------
@@ -110,7 +106,7 @@ def context_documents(world: World) -> list[dict]:
         facts = current_facts(person, changes)
         for attribute in ATTRIBUTES:
             docs.append({"id": person_doc_id(person.name, attribute),
-                         "text": _canonical(attribute, person.name, facts[attribute]), "kind": "person",
+                         "text": canonical_sentence(attribute, person.name, facts[attribute]), "kind": "person",
                          "name": person.name, "attribute": attribute, "split": person.split,
                          "in_pretraining": person.in_pretraining, "as_of": AS_OF,
                          "changed": attribute == "employer" and person.name in changes})
@@ -123,7 +119,7 @@ def context_documents(world: World) -> list[dict]:
 
 def write_context_documents(world: World, path: str | Path) -> Path:
     """Write `context_documents(world)` as JSONL, one document per line."""
-    return _write_jsonl(path, context_documents(world))
+    return write_jsonl(path, context_documents(world))
 
 
 # ---- questions ----------------------------------------------------------------------------------------
@@ -164,7 +160,7 @@ def retrieval_questions(world: World, split: Split, *, known: bool = False, seed
                 continue
             value = facts[attribute]
             question = Question(rng.choice(QUESTIONS[attribute]).format(who=person.name),
-                                _canonical(attribute, person.name, value), value, person.name, attribute)
+                                canonical_sentence(attribute, person.name, value), value, person.name, attribute)
             out.append(RetrievalQuestion(question, person_doc_id(person.name, attribute), kind))
     return out
 
@@ -203,7 +199,7 @@ def multihop_questions(world: World, split: Split) -> list[MultiHopQuestion]:
         company = world.company(changes.get(person.name, person.employer))
         need = NEEDS["employer"].format(who=person.name)
         employer_hop = Hop(need, need, person_doc_id(person.name, "employer"),
-                           _canonical("employer", person.name, company.name))
+                           canonical_sentence("employer", person.name, company.name))
         hop = _company_hop("headquarters", company)
         out.append(MultiHopQuestion(MULTIHOP_QUESTIONS["employer_headquarters"].format(who=person.name),
                                     hop.fact, company.headquarters, "employer_headquarters", person.name,
@@ -216,7 +212,7 @@ def multihop_questions(world: World, split: Split) -> list[MultiHopQuestion]:
         ceo = world.person(company.ceo)
         if ceo.split != split:
             continue
-        fact = _canonical("birth_city", ceo.name, ceo.birth_city)
+        fact = canonical_sentence("birth_city", ceo.name, ceo.birth_city)
         hops = (_company_hop("ceo", company),
                 Hop(NEEDS["birth_city"].format(who=ceo.name), NEEDS["birth_city"].format(who=ceo.name),
                     person_doc_id(ceo.name, "birth_city"), fact))
@@ -300,23 +296,15 @@ def grounded_demonstrations(world: World, split: Split, k: int = 3, *, known: bo
 
 def write_react_demonstrations(world: World, path: str | Path, split: Split = "train", **kwargs) -> Path:
     """Write `react_demonstrations(world, split, **kwargs)` as SFT JSONL."""
-    return _write_jsonl(path, react_demonstrations(world, split, **kwargs))
+    return write_jsonl(path, react_demonstrations(world, split, **kwargs))
 
 
 def write_grounded_demonstrations(world: World, path: str | Path, split: Split = "train", **kwargs) -> Path:
     """Write `grounded_demonstrations(world, split, **kwargs)` as SFT JSONL."""
-    return _write_jsonl(path, grounded_demonstrations(world, split, **kwargs))
+    return write_jsonl(path, grounded_demonstrations(world, split, **kwargs))
 
 
 def _check_split(split: str) -> None:
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
 
-
-def _write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
