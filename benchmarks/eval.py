@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
 from lmforge.data.world import make_world, write_pretraining_corpus
 from lmforge.eval.builtin import world_task
 from lmforge.eval.runner import evaluate
 from lmforge.generate.session import Session
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import train_tokenizer
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
 from lmforge.data.world import make_world, write_pretraining_corpus
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import train_tokenizer
 
 PROMPTS = ["Alice Moreau was born in", "The headquarters of", "Her employer is", "He studied", "Tell me about",

@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.console import hide_third_party_noise
+
+if TYPE_CHECKING:
+    from lmforge.generate.sampling import SamplingParams
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
@@ -46,6 +50,14 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags of `add_sampling_flags` as `SamplingParams`."""
+    from lmforge.generate.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
 
 
 def add_retrieval_flags(p: argparse.ArgumentParser) -> None:
@@ -437,7 +449,7 @@ def _generate(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    params = session.sampling(args)
+    params = session.sampling(sampling_params(args))
     if args.chat:
         prompt = session.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -452,7 +464,7 @@ def _chat(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    session.chat_loop(session.sampling(args), system=args.system, stop=args.stop)
+    session.chat_loop(session.sampling(sampling_params(args)), system=args.system, stop=args.stop)
 
 
 @command("serve")
@@ -517,9 +529,10 @@ def _rag_ask(args: argparse.Namespace) -> None:
     from lmforge.rag.store import Store
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    params = session.sampling(sampling_params(args))
     with Store.open(args.store) as store:
-        [answer] = answer_questions(session, store, [args.question], session.sampling(args), k=args.k,
-                                    mode=args.mode, hops=args.hops)
+        [answer] = answer_questions(session, store, [args.question], params, k=args.k, mode=args.mode,
+                                    hops=args.hops)
     print(answer.answer or "(no answer)")
     print("\nSources:")
     cited = {hit.chunk_id for hit in answer.cited()}
@@ -538,7 +551,7 @@ def _agent(args: argparse.Namespace) -> None:
     from lmforge.rag.store import Store
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    params = session.sampling(args)
+    params = session.sampling(sampling_params(args))
     with Store.open(args.store) as store:
         [trace] = run_agents([args.question], lambda chats: session.replies(chats, params),
                              agent_tools(store, args.mode), max_steps=args.max_steps)

@@ -26,7 +26,8 @@ def hardware() -> str:
 def sample_generations(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
                        max_new_tokens: int = 48) -> list[tuple[str, str]]:
     """Greedy completions of tokenized `prompts` by `model`, decoded: a report's sample generations."""
-    from lmforge.generate.engine import Engine, SamplingParams
+    from lmforge.generate.engine import Engine
+    from lmforge.generate.sampling import SamplingParams
     from lmforge.generate.text import complete, stop_token_ids
 
     if not prompts:

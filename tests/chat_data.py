@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
 from lmforge.data.world import make_world, write_pretraining_corpus
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.losses import IGNORE
 

@@ -9,7 +9,7 @@ import re
 from lmforge.cli import main
 from lmforge.data.world import FLAWS, make_world, questions
 from lmforge.data.world_store import context_documents
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.rag.store import Store

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
 from lmforge.data.chat import RecordError
 from lmforge.data.world import biography, make_world, questions, write_pretraining_corpus
 from lmforge.eval.builtin import world_task
@@ -26,6 +25,7 @@ from lmforge.eval.tasks import (
 from lmforge.generate.engine import Engine
 from lmforge.generate.session import Session
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import train_tokenizer
 
 CONTEXT = 256

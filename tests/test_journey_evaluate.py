@@ -22,9 +22,9 @@ from chat_data import write_jsonl
 
 from lmforge.checkpoint import save_model
 from lmforge.cli import main
-from lmforge.config import preset
 from lmforge.data.world import make_world
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import Tokenizer
 
 TEMPLATES = {"birth_date": "When was {} born?", "employer": "Who employs {}?", "job_title": "What is the job of {}?"}

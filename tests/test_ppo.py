@@ -17,7 +17,8 @@ from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs
 from lmforge.data.chat import RecordError
 from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
 from lmforge.data.world import make_world, questions, red_team_prompts, write_preference_data
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.adapters import load_with_adapter
 from lmforge.tokenizer import Tokenizer
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.peft import AdapterConfig, PromptTuned, apply_method, disable_adapters, prompt_tuning
 from lmforge.peft.prompt_tuning import init_prompt

@@ -14,7 +14,7 @@ from live_server import LiveServer
 from lmforge.cli import main
 from lmforge.data.world import make_world, questions
 from lmforge.data.world_store import context_documents, retrieval_questions, write_context_documents
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 from lmforge.rag.agent import run_agents

@@ -16,7 +16,7 @@ from lmforge.align.rejection import (
 )
 from lmforge.data.chat import RecordError, read_messages
 from lmforge.data.world import make_world, questions, write_instruction_data
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 

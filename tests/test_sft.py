@@ -21,7 +21,7 @@ from lmforge.data.world import make_world, questions, write_instruction_data
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.losses import IGNORE
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.report import table_cell, response_prompts
 from lmforge.train.sft import MixtureSource, SFTConfig, load_data

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lmforge.config import preset
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.train.loop import STATE_FILE, Trainer, TrainConfig, TrainingDiverged, checkpoints
 from lmforge.train.losses import IGNORE, causal_lm_loss
 from lmforge.train.optim import lr_at, param_groups

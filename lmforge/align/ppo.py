@@ -44,7 +44,8 @@ from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import check_messages
 from lmforge.data.records import RecordError, jsonl_records
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters

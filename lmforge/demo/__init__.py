@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import PRESETS
 from lmforge.data.corpus import CorpusInfo
 from lmforge.data.world import (
     fact_probes, make_world, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
@@ -28,10 +27,11 @@ from lmforge.data.world import (
 )
 from lmforge.eval.builtin import world_task
 from lmforge.eval.runner import evaluate
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.model import Transformer
+from lmforge.presets import PRESETS
 from lmforge.report import table_cell
 from lmforge.tokenizer import IM_END, IM_START, train_tokenizer
 from lmforge.train.loop import TrainConfig

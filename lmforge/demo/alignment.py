@@ -19,7 +19,7 @@ from lmforge.data.world import (
     FLAWS, World, preference_pairs, questions, red_team_prompts, write_preference_data,
 )
 from lmforge.demo.common import exact_match, mean
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig

@@ -1,9 +1,35 @@
-"""Sampling filters on logits: pure functions, one row per sequence."""
+"""Sampling: the one `SamplingParams` type, and the filters on logits (pure functions, one row per sequence)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
+
+from lmforge.config import explain
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens and when to stop, validated once: a pydantic model, so recipes and request
+    bodies embed it as a field. Constructed directly, a bad value is a one-line `ValueError` naming
+    the field; `model_validate` raises pydantic's `ValidationError` (a `ValueError` too)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0)  # 0 is greedy
+    top_k: int | None = Field(None, ge=0)  # None or 0: no top-k filter
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
+
+    def __init__(self, **settings: Any) -> None:
+        try:
+            super().__init__(**settings)
+        except ValidationError as e:
+            raise ValueError(explain(e, SamplingParams)) from None
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:

@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from lmforge.checkpoint import load_model
-from lmforge.config import ModelConfig, load_recipe, preset
+from lmforge.config import ModelConfig, load_recipe
 from lmforge.data.corpus import Batches, CorpusInfo, PackedSequences, find_files, get_batch, tokenize_corpus
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
 from lmforge.train.loop import Trainer, TrainConfig, finish_run
