@@ -53,11 +53,17 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """The flags of `add_sampling_flags` as `SamplingParams`."""
+    """The flags of `add_sampling_flags` as `SamplingParams` (a bad value: a one-line `ValueError`)."""
+    from pydantic import ValidationError
+
+    from lmforge.config import explain
     from lmforge.generate.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed)
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    except ValidationError as e:
+        raise ValueError(explain(e, SamplingParams)) from None
 
 
 def add_retrieval_flags(p: argparse.ArgumentParser) -> None:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
-
-from lmforge.config import explain
 
 
 class SamplingParams(BaseModel):
-    """How to pick tokens and when to stop, validated once: a pydantic model, so recipes and request
-    bodies embed it as a field. Constructed directly, a bad value is a one-line `ValueError` naming
-    the field; `model_validate` raises pydantic's `ValidationError` (a `ValueError` too)."""
+    """How to pick tokens and when to stop, validated once: a pydantic model, so recipes embed it as
+    a field. A bad value raises pydantic's `ValidationError` (a `ValueError`) naming the field;
+    `config.explain` words it in one line."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,12 +20,6 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
-
-    def __init__(self, **settings: Any) -> None:
-        try:
-            super().__init__(**settings)
-        except ValidationError as e:
-            raise ValueError(explain(e, SamplingParams)) from None
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:

@@ -161,11 +161,10 @@ class Endpoints:
         if max_tokens is not None and max_tokens >= self.session.context:
             raise APIError(400, f"max_tokens={max_tokens} is beyond the model's context of {self.session.context} "
                                 "tokens", param="max_tokens", code="context_length_exceeded")
-        settings = {"max_new_tokens": self.session.context if max_tokens is None else max_tokens,
-                    "temperature": 1.0 if body.temperature is None else body.temperature,
-                    "top_k": body.top_k or None, "top_p": body.top_p, "seed": body.seed}
         try:
-            return SamplingParams.model_validate(settings)
+            return SamplingParams(max_new_tokens=self.session.context if max_tokens is None else max_tokens,
+                                  temperature=1.0 if body.temperature is None else body.temperature,
+                                  top_k=body.top_k or None, top_p=body.top_p, seed=body.seed)
         except ValidationError as e:
             error = e.errors()[0]
             param = REQUEST_PARAMS.get(str(error["loc"][0]), str(error["loc"][0]))
