@@ -94,7 +94,7 @@ class KVCache:
             merged.k[:, part, :, at:length] = source.k[:, :, :, : source.length]
             merged.v[:, part, :, at:length] = source.v[:, :, :, : source.length]
         merged.max_len, merged.length = shape[3], length
-        merged.virtual_tokens = first.virtual_tokens  # both rows' models prefilled the same soft prompt
+        merged.virtual_tokens = first.virtual_tokens  # both were prefilled by the same model
         return merged, length - first.length, length - second.length
 
     def _resized(self, t: Tensor, slots: int) -> Tensor:

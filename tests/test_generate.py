@@ -219,6 +219,14 @@ def test_chat_loop_keeps_history_within_context(tokenizer, tmp_path):
 def test_sampling_params_validate():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)  # beyond what torch.Generator.manual_seed takes
+    with pytest.raises(ValueError, match="temprature"):
+        SamplingParams(temprature=0.5)
     assert math.isclose(SamplingParams(temperature=0.5).temperature, 0.5)
 
 

@@ -30,7 +30,9 @@ class PromptTuned(Transformer):
     is prepended at prefill only (`KVCache.add_virtual_tokens`), so later decode steps pass
     straight through."""
 
-    def __init__(self, base: Transformer, prompt: Tensor, *, init: PromptInit = "random", init_text: str | None = None):
+    def __init__(
+        self, base: Transformer, prompt: Tensor, *, init: PromptInit = "random", init_text: str | None = None
+    ) -> None:
         nn.Module.__init__(self)  # shares the base's modules rather than building its own
         if prompt.dim() != 2 or prompt.shape[1] != base.config.hidden_size:
             raise ValueError(f"soft prompt of shape {tuple(prompt.shape)}; expected (n, {base.config.hidden_size})")
