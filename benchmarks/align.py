@@ -22,9 +22,10 @@ from pathlib import Path
 from lmforge.align.ppo import PPOConfig, PPOTrainer
 from lmforge.align.reward import RewardModel, RewardScorer
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.data.chat import Prompt
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.peft.method import AdapterConfig, apply_method
 from lmforge.tokenizer import train_tokenizer

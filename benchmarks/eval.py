@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.eval.runner import evaluate
 from lmforge.generate.session import Session
 from lmforge.model import Transformer

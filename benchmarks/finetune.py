@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from train import RandomTokens, default_precisions, timed_pair  # benchmarks/train.py
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
 from lmforge.model import Transformer
 from lmforge.peft import AdapterConfig, apply_method, parameter_counts
 from lmforge.peft.lora import is_nf4, nf4_nbytes
+from lmforge.presets import preset
 from lmforge.train.loop import Trainer, TrainConfig
 from lmforge.train.losses import causal_lm_loss
 

@@ -13,9 +13,10 @@ import time
 import torch
 
 from lmforge.checkpoint import load_model, save_model
-from lmforge.config import preset
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.model import Transformer
+from lmforge.presets import preset
 
 
 def time_call(fn, repeats: int) -> float:

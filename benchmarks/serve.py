@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 from lmforge.world.documents import write_pretraining_corpus

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.train.loop import Trainer, TrainConfig, measure_peak_flops
 from lmforge.train.losses import causal_lm_loss
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ModelConfig
 
 if TYPE_CHECKING:
-    from lmforge.generate.kv_cache import KVCache
+    from lmforge.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -246,6 +246,8 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     """Causal language model: `model` (the decoder) and `lm_head`, named as in transformers."""
 
+    num_virtual_tokens = 0  # positions a soft prompt puts before every sequence (`peft.PromptTuned`)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -263,9 +265,18 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> Tensor:
-        """Logits (B, T, V), or (B, 1, V) for the last position only."""
-        hidden = self.model(input_ids, positions=positions, pad=pad, cache=cache)
-        return self.lm_head(hidden[:, -1:] if last_only else hidden)
+        """Logits (B, T, V) of the input tokens, or (B, 1, V) for the last position only."""
+        embeds = self.input_embeddings(input_ids, positions=positions, pad=pad, cache=cache)
+        hidden = self.model(input_ids, positions=positions, pad=pad, cache=cache, inputs_embeds=embeds)
+        prefix = hidden.shape[1] - input_ids.shape[1]  # soft-prompt positions are never scored
+        return self.lm_head(hidden[:, -1:] if last_only else hidden[:, prefix:])
+
+    def input_embeddings(
+        self, input_ids: Tensor, *, positions: Tensor | None, pad: Tensor | None, cache: KVCache | None
+    ) -> Tensor | None:
+        """What the decoder reads instead of the embeddings of `input_ids` (None: those embeddings);
+        a soft-prompted model puts its virtual tokens first here."""
+        return None
 
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms; residual output

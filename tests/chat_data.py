@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lmforge.checkpoint import save_model
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.data.chat import IGNORE
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer

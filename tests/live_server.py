@@ -20,7 +20,8 @@ import uvicorn
 from conftest import SHARPEN
 from hf_models import tiny_hf_model
 
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import stop_token_ids
 from lmforge.tokenizer import train_tokenizer

@@ -9,7 +9,8 @@ from hf_models import tiny_hf_model
 from pydantic import ValidationError
 
 from lmforge.cli import main
-from lmforge.config import PRESETS, ModelConfig, load_recipe, load_yaml, parse_override, preset
+from lmforge.config import ModelConfig, load_recipe, load_yaml, parse_override
+from lmforge.presets import PRESETS, preset
 from lmforge.train.sft import SFTConfig
 
 RECIPE = """\

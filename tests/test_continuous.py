@@ -10,7 +10,8 @@ from conftest import sharp_hf_model
 
 from lmforge.checkpoint import load_model
 from lmforge.generate.continuous import DecodeBatch
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=20, temperature=0)
 # (step at which the prompt joins, prompt): the third is longer than the batch so far, so the
@@ -99,8 +100,8 @@ def test_seeded_group_samples_as_if_alone(tmp_path):
 
 
 def test_kv_cache_stack_right_aligns_rows():
-    from lmforge.config import PRESETS
-    from lmforge.generate.kv_cache import KVCache
+    from lmforge.kv_cache import KVCache
+    from lmforge.presets import PRESETS
 
     config = PRESETS["micro"]
     a = KVCache(config, 1, 8, dtype=torch.float32, device="cpu")

@@ -15,7 +15,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.demo.alignment import policy_conclusion, reward_model_conclusion
 from lmforge.demo.common import change
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.rag.store import Store

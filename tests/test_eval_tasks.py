@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
 from lmforge.cli import main
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.eval.registry import registered_tasks
 from lmforge.eval.runner import document_prefix, encode_continuation, evaluate, load_task, run_eval
 from lmforge.io import RecordError

@@ -20,9 +20,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
-from lmforge.config import preset
 from lmforge.export.gguf import export_gguf
 from lmforge.model import Transformer, rope_inv_freq
+from lmforge.presets import preset
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 VOCAB = 300

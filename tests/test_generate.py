@@ -12,8 +12,8 @@ from hf_models import tiny_hf_model
 
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
-from lmforge.generate.engine import Engine, SamplingParams
-from lmforge.generate.sampling import sample, top_k_filter, top_p_filter
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams, sample, top_k_filter, top_p_filter
 from lmforge.generate.session import Session
 from lmforge.generate.text import Detokenizer, complete
 from lmforge.tokenizer import train_tokenizer
@@ -219,6 +219,14 @@ def test_chat_loop_keeps_history_within_context(tokenizer, tmp_path):
 def test_sampling_params_validate():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)  # beyond what torch.Generator.manual_seed takes
+    with pytest.raises(ValueError, match="temprature"):
+        SamplingParams(temprature=0.5)
     assert math.isclose(SamplingParams(temperature=0.5).temperature, 0.5)
 
 
@@ -227,7 +235,7 @@ def test_sampling_params_validate():
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_static_cache_equals_growing_cache(family, tmp_path):
-    from lmforge.generate.kv_cache import KVCache, StaticKVCache
+    from lmforge.kv_cache import KVCache, StaticKVCache
 
     sharp_hf_model(family).save_pretrained(tmp_path)
     model = load_model(tmp_path)

@@ -22,7 +22,7 @@ from chat_data import write_jsonl
 
 from lmforge.checkpoint import save_model
 from lmforge.cli import main
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.world.people import make_world

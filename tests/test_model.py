@@ -9,9 +9,10 @@ import transformers as tf
 from hf_models import VOCAB
 
 from lmforge.checkpoint import load_model, save_model
-from lmforge.config import PRESETS, ModelConfig
-from lmforge.generate.kv_cache import KVCache
+from lmforge.config import ModelConfig
+from lmforge.kv_cache import KVCache
 from lmforge.model import Transformer
+from lmforge.presets import PRESETS
 
 FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2"]
 VARIANTS = ["llama-bias", "llama3-smooth", "qwen2-sliding"]  # see conftest.VARIANTS

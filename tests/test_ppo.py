@@ -16,7 +16,8 @@ from lmforge.align.losses import group_advantages
 from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
 from lmforge.data.chat import read_prompts
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.io import RecordError
 from lmforge.peft.adapters import load_with_adapter
 from lmforge.tokenizer import Tokenizer

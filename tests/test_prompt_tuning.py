@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.continuous import DecodeBatch
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
+from lmforge.kv_cache import KVCache
 from lmforge.model import Transformer
 from lmforge.peft import AdapterConfig, PromptTuned, apply_method, disable_adapters, prompt_tuning
 from lmforge.peft.prompt_tuning import init_prompt
@@ -133,6 +136,30 @@ def test_engine_generation_equals_full_forward_greedy():
     with disable_adapters(model):
         base = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     assert base != want  # the soft prompt changes what is generated
+
+
+def test_continuous_batch_joiners_match_running_alone():
+    engine = Engine(tuned())
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    prompts = [[5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26], [30, 31]]
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    batch, outputs = DecodeBatch(engine), {i: [] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):  # each joins the running rows, whose cache holds the soft prompt
+        for row, token in batch.join([prompt], params, tags=[i]) + batch.step():
+            outputs[row.tag].append(token)
+    while len(batch):
+        for row, token in batch.step():
+            outputs[row.tag].append(token)
+    assert [outputs[i] for i in range(len(prompts))] == alone
+
+
+def test_cache_takes_a_soft_prompt_once():
+    cache = KVCache(CONFIG, 2, 10, dtype=torch.float32, device="cpu")
+    assert cache.virtual_tokens is None
+    cache.add_virtual_tokens(N)
+    assert cache.virtual_tokens == N and cache.max_len == 10 + N and cache.k.shape[3] == cache.v.shape[3] == 10 + N
+    with pytest.raises(ValueError, match="already holds"):
+        cache.add_virtual_tokens(N)
 
 
 def test_positions_at_prefill_are_refused():

@@ -12,7 +12,7 @@ from chat_data import make_chat_base
 from live_server import LiveServer
 
 from lmforge.cli import main
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 from lmforge.rag.agent import run_agents

@@ -15,7 +15,7 @@ from lmforge.align.rejection import (
     best_of, encode_prompts, load_rejection_config, rejection_sample, sample_candidates,
 )
 from lmforge.data.chat import read_messages, read_prompts
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
 from lmforge.io import RecordError

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import PRESETS, ModelConfig
+from lmforge.config import ModelConfig
+from lmforge.presets import PRESETS
 from lmforge.scaling import (
     CHINCHILLA, ScalingLaw, compute_optimal, plan, plan_model, render_compute_optimal, render_plan,
 )

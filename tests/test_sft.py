@@ -21,7 +21,7 @@ from lmforge.data.chat import IGNORE, SFTData, collate, encode, pack, read_messa
 from lmforge.data.sampling import MixtureSource
 from lmforge.generate.session import Session
 from lmforge.tokenizer import Tokenizer
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.io import RecordError
 from lmforge.train.run_dir import table_cell

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lmforge.config import preset
+from lmforge.presets import preset
 from lmforge.model import Transformer
 from lmforge.data.chat import IGNORE
 from lmforge.train.loop import Trainer, TrainConfig, TrainingDiverged

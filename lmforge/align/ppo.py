@@ -42,7 +42,8 @@ from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import Prompt, padding_id, read_prompts
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +23,7 @@ from lmforge.align.dpo import model_base
 from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import Prompt, read_prompts
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, merge_and_save
@@ -113,7 +112,8 @@ def sample_candidates(session: Session, prompts: Sequence[Sequence[int]], k: int
     texts: list[str] = []
     for b, start in enumerate(Progress(range(0, len(rows), batch_size), desc="sample", unit="batch", leave=False)):
         seed = None if params.seed is None else params.seed + 1_000_003 * b
-        done = complete(session.engine, session.tokenizer, rows[start : start + batch_size], replace(params, seed=seed))
+        done = complete(session.engine, session.tokenizer, rows[start : start + batch_size],
+                        params.model_copy(update={"seed": seed}))
         texts += [c.text.strip() for c in done]
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmforge.generate.sampling import SamplingParams
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns; argparse names no public type for it
@@ -43,6 +47,20 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
     add_dtype_flag(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags of `add_sampling_flags` as `SamplingParams` (a bad value: a one-line `ValueError`)."""
+    from pydantic import ValidationError
+
+    from lmforge.config import explain
+    from lmforge.generate.sampling import SamplingParams
+
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    except ValidationError as e:
+        raise ValueError(explain(e, SamplingParams)) from None
 
 
 def add_recipe_flags(p: argparse.ArgumentParser, example: str, overrides: str, resumable: bool = True) -> None:

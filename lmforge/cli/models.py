@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmforge.cli.common import (CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_sampling_flags, runs)
+from lmforge.cli.common import (CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_sampling_flags, runs, sampling_params)
 
 
 def generate(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    params = session.sampling(args)
+    params = session.sampling(sampling_params(args))
     if args.chat:
         prompt = session.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -26,7 +26,7 @@ def chat(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    session.chat_loop(session.sampling(args), system=args.system, stop=args.stop)
+    session.chat_loop(session.sampling(sampling_params(args)), system=args.system, stop=args.stop)
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_sampling_flags, runs
+from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_sampling_flags, runs, sampling_params
 
 MODES = ("dense", "bm25", "hybrid")
 
@@ -64,9 +64,9 @@ def ask(args: argparse.Namespace) -> None:
     from lmforge.rag.store import Store
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    params = session.sampling(sampling_params(args))
     with Store.open(args.store) as store:
-        [answer] = answer_questions(session, store, [args.question], session.sampling(args), k=args.k,
-                                    mode=args.mode, hops=args.hops)
+        [answer] = answer_questions(session, store, [args.question], params, k=args.k, mode=args.mode, hops=args.hops)
     print(answer.answer or "(no answer)")
     print("\nSources:")
     cited = {hit.chunk_id for hit in answer.cited()}
@@ -84,7 +84,7 @@ def agent(args: argparse.Namespace) -> None:
     from lmforge.rag.store import Store
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    params = session.sampling(args)
+    params = session.sampling(sampling_params(args))
     with Store.open(args.store) as store:
         [trace] = run_agents([args.question], lambda chats: session.replies(chats, params),
                              agent_tools(store, args.mode), max_steps=args.max_steps)

@@ -18,7 +18,7 @@ from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, tr
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig

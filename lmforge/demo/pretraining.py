@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.corpus import CorpusInfo
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.tokenizer import Tokenizer, train_tokenizer

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import PRESETS
+from lmforge.presets import PRESETS
 from lmforge.demo.alignment import Alignment, score
 from lmforge.demo.retrieval import K, Retrieval
 from lmforge.generate.session import Session

@@ -22,7 +22,7 @@ except ImportError as e:
 
 from lmforge.console import Progress
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 

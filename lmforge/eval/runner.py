@@ -17,7 +17,7 @@ from lmforge.eval.tasks import (
     ChoiceItem, GenerationItem, Task, check_shots, choice_context, choice_messages, draw_exemplars, extract_answer,
     generation_messages, generation_text, load_task_file,
 )
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.console import Progress
-from lmforge.generate.kv_cache import KVCache
+from lmforge.kv_cache import KVCache
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 

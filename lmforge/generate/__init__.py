@@ -1,1 +1,2 @@
-"""Generation: a preallocated KV cache, sampling filters and an engine working on token ids."""
+"""Generation: sampling parameters and filters, an engine over the KV cache working on token ids,
+continuous batching, text streaming and sessions."""

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmforge.generate.engine import Engine, SamplingParams
-from lmforge.generate.kv_cache import KVCache
-from lmforge.generate.sampling import sample
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams, sample
+from lmforge.kv_cache import KVCache
 
 
 @dataclass(eq=False)

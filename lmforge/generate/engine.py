@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmforge.generate.kv_cache import KVCache, StaticKVCache
-from lmforge.generate.sampling import sample
+from lmforge.generate.sampling import SamplingParams, sample
+from lmforge.kv_cache import KVCache, StaticKVCache
 from lmforge.model import Transformer
 
 
@@ -23,26 +23,6 @@ def use_column_major_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.stride(0) != 1:
             module.weight.data = module.weight.data.t().contiguous().t()
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens and when to stop (per request)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop_token_ids: Sequence[int] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -82,7 +62,7 @@ class Engine:
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         """Raise a clear error for an empty prompt or one that leaves no room in the context."""
-        limit = self.config.max_position_embeddings - getattr(self.model, "num_virtual_tokens", 0)  # soft prompt
+        limit = self.config.max_position_embeddings - self.model.num_virtual_tokens  # a soft prompt's positions
         if not prompt:
             raise ValueError("empty prompt: give at least one token")
         if len(prompt) >= limit:

@@ -1,9 +1,25 @@
-"""Sampling filters on logits: pure functions, one row per sequence."""
+"""Sampling: the one `SamplingParams` type, and the filters on logits (pure functions, one row per sequence)."""
 
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens and when to stop, validated once: a pydantic model, so recipes embed it as
+    a field. A bad value raises pydantic's `ValidationError` (a `ValueError`) naming the field;
+    `config.explain` words it in one line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0)  # 0 is greedy
+    top_k: int | None = Field(None, ge=0)  # None or 0: no top-k filter
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:

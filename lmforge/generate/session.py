@@ -6,21 +6,23 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 
 from lmforge.checkpoint import load_model
-from lmforge.generate.engine import Engine, SamplingParams
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
 from lmforge.model import Transformer
 from lmforge.tokenizer import Message, Tokenizer
 
 
-
 @dataclass
 class Session:
-    model: Transformer  # or a prompt-tuned wrapper that behaves as one
+    """A model, its tokenizer and an engine over the model; `Session.load` reads them from a directory."""
+
+    model: Transformer
     tokenizer: Tokenizer
     engine: Engine
 
@@ -45,17 +47,19 @@ class Session:
     def context(self) -> int:
         return self.model.config.max_position_embeddings
 
-    def sampling(self, args: Any) -> SamplingParams:
-        """Sampling parameters from command-line flags, stopping at the model's end tokens."""
-        return SamplingParams(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed, stop_token_ids=stop_token_ids(self.model.config, self.tokenizer),
-        )
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The token ids that end a reply: the model's end-of-sequence and end-of-turn tokens."""
+        return stop_token_ids(self.model.config, self.tokenizer)
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """`params` that also stop at the model's end tokens."""
+        stops = dict.fromkeys([*params.stop_token_ids, *self.stop_token_ids])
+        return params.model_copy(update={"stop_token_ids": tuple(stops)})
 
     def greedy(self, max_new_tokens: int) -> SamplingParams:
         """Greedy decoding that stops at the model's end tokens."""
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                              stop_token_ids=stop_token_ids(self.model.config, self.tokenizer))
+        return self.sampling(SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt, with BOS where the tokenizer's config asks for one."""

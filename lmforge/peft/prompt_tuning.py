@@ -1,6 +1,6 @@
 """Prompt tuning (Lester et al. 2021): trainable soft-prompt vectors before every input.
 
-`PromptTuned` wraps a `Transformer` and exposes its `model`, `lm_head` and `config`, so the
+`PromptTuned` is a `Transformer` over the base's own `model`, `lm_head` and `config`, so the
 training loop, the generation engine and `disable_adapters` use it as they use the base model.
 Its logits cover the real tokens only (the virtual positions are never scored), so labels and
 loss masks need no change: that is PEFT's prepending of ignored labels, done by omission.
@@ -15,23 +15,25 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lmforge.generate.kv_cache import KVCache
+from lmforge.kv_cache import KVCache
 from lmforge.model import Transformer
 
 PromptInit = Literal["random", "vocab", "text"]
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
-class PromptTuned(nn.Module):
+class PromptTuned(Transformer):
     """A causal LM whose every sequence starts with `num_virtual_tokens` trainable embeddings.
 
     With left padding (`pad`) a row reads [padding][soft prompt][tokens], so the soft prompt
     sits at positions 0..n-1 in every row, as it does unpadded. With a KV cache the soft prompt
-    is prepended at prefill only: the wrapper adds its n slots to the cache and marks it
-    (`cache.virtual_tokens`), so later decode steps pass straight through."""
+    is prepended at prefill only (`KVCache.add_virtual_tokens`), so later decode steps pass
+    straight through."""
 
-    def __init__(self, base: Transformer, prompt: Tensor, *, init: PromptInit = "random", init_text: str | None = None):
-        super().__init__()
+    def __init__(
+        self, base: Transformer, prompt: Tensor, *, init: PromptInit = "random", init_text: str | None = None
+    ) -> None:
+        nn.Module.__init__(self)  # shares the base's modules rather than building its own
         if prompt.dim() != 2 or prompt.shape[1] != base.config.hidden_size:
             raise ValueError(f"soft prompt of shape {tuple(prompt.shape)}; expected (n, {base.config.hidden_size})")
         self.config = base.config
@@ -48,28 +50,20 @@ class PromptTuned(nn.Module):
         return self.prompt.weight
 
     @property
-    def num_virtual_tokens(self) -> int:
+    def num_virtual_tokens(self) -> int:  # type: ignore[override]
         return self.prompt.weight.shape[0]
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        *,
-        positions: Tensor | None = None,
-        pad: Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
-        """Logits (B, T, V) of the real tokens, or (B, 1, V) for the last one (as `Transformer`)."""
-        prefill = cache is None or getattr(cache, "virtual_tokens", None) is None
+    def input_embeddings(
+        self, input_ids: Tensor, *, positions: Tensor | None, pad: Tensor | None, cache: KVCache | None
+    ) -> Tensor | None:
+        """The soft prompt then the tokens' embeddings, at prefill (or without a cache) unless disabled."""
+        prefill = cache is None or cache.virtual_tokens is None
         n = 0 if self.disabled or not prefill else self.num_virtual_tokens
         if n and positions is not None:
             raise ValueError("a prompt-tuned model numbers its positions itself at prefill; pass no positions")
         if cache is not None and prefill:
-            reserve(cache, n)
-        embeds = self._prepend(self.model.embed_tokens(input_ids), pad) if n else None
-        hidden = self.model(input_ids, positions=positions, pad=pad, cache=cache, inputs_embeds=embeds)
-        return self.lm_head(hidden[:, -1:] if last_only else hidden[:, n:])
+            cache.add_virtual_tokens(n)
+        return self._prepend(self.model.embed_tokens(input_ids), pad) if n else None
 
     def _prepend(self, embeds: Tensor, pad: Tensor | None) -> Tensor:
         B, T, D = embeds.shape
@@ -82,17 +76,6 @@ class PromptTuned(nn.Module):
         p = pad[:, None]
         index = torch.where(j < p, j, torch.where(j < p + n, T + j - p, j - n))
         return torch.cat((embeds, soft), dim=1).gather(1, index[..., None].expand(B, T + n, D))
-
-
-def reserve(cache: KVCache, n: int) -> None:
-    """Give `cache` n more slots for the soft prompt (callers size caches for their own tokens)
-    and mark it as holding the prompt."""
-    if n:
-        extra = (*cache.k.shape[:3], n, cache.k.shape[4])
-        cache.k = torch.cat((cache.k, cache.k.new_zeros(extra)), dim=3)
-        cache.v = torch.cat((cache.v, cache.v.new_zeros(extra)), dim=3)
-        cache.max_len += n
-    cache.virtual_tokens = n
 
 
 def init_prompt(

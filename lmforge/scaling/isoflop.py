@@ -20,8 +20,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from tqdm.auto import tqdm
 
-from lmforge.config import load_recipe, preset
+from lmforge.config import load_recipe
 from lmforge.console import Progress
+from lmforge.presets import preset
 from lmforge.scaling.fitting import fit_law
 from lmforge.scaling.law import CHINCHILLA, ScalingLaw, count
 from lmforge.train.pretrain import PretrainConfig, pretrain

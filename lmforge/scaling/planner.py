@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from lmforge.config import ModelConfig, parse_override, preset as make_preset
+from lmforge.config import ModelConfig, parse_override
+from lmforge.presets import preset as make_preset
 from lmforge.scaling.law import PETAFLOP_DAY, TOKENS_PER_PARAMETER, count, si
 
 Strategy = Literal["ddp", "fsdp", "qlora"]

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.generate.continuous import DecodeBatch, Row
-from lmforge.generate.engine import SamplingParams
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
-from lmforge.generate.text import Detokenizer, stop_token_ids
+from lmforge.generate.text import Detokenizer
 
 Event = tuple[Any, ...]
 _ids = itertools.count()
@@ -29,25 +29,18 @@ _ids = itertools.count()
 
 @dataclass
 class Job:
-    """One API request: one row per prompt (and per choice when `n > 1`).
+    """One API request: one row per prompt (and per choice when `n > 1`), all sampled with `params`
+    (the batcher adds the model's end tokens to its stop tokens) and cut at the `stop` strings.
 
     Events passed to `emit`: ("delta", row, text), ("done", row, finish_reason, completion_tokens),
     ("error", message)."""
 
     prompts: Sequence[Sequence[int]]
-    max_tokens: int
+    params: SamplingParams
     emit: Callable[[Event], None]
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
     stop: Sequence[str] = ()
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
-
-    def params(self, stop_ids: Sequence[int]) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed, stop_token_ids=stop_ids)
 
 
 @dataclass(eq=False)
@@ -64,7 +57,6 @@ class Batcher:
         self.session = session
         self.max_batch_size = max_batch_size
         self.window = window  # how long an idle worker waits for company after the first request
-        self.stop_ids = stop_token_ids(session.model.config, session.tokenizer)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -133,7 +125,7 @@ class Batcher:
             return
         prompts, params, slots = [], [], []
         for job in joining:
-            job_params = job.params(self.stop_ids)
+            job_params = self.session.sampling(job.params)  # one object per job: its seeded rows share a generator
             for i, prompt in enumerate(job.prompts):
                 prompts.append(prompt)
                 params.append(job_params)

@@ -11,96 +11,31 @@ list (in the first chunk when streamed) beside OpenAI's fields."""
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
+from pydantic import ValidationError
 
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.rag.answer import grounded_chat_prompt
 from lmforge.rag.store import Store
 from lmforge.serve.batcher import Batcher, Job
+from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, RequestBody, parse, sse
+from lmforge.tokenizer import Message
 
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 # The page is self-contained: the browser may fetch nothing but this server.
 PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
                "img-src 'self' data:")
-Number = float  # pydantic accepts ints for floats; strings are rejected (strict below)
-MAX_REQUEST_BYTES = 4 * 2**20  # a prompt that fills a 128k-token context is about 0.5 MB of text
-SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes
-# OpenAI parameters this server does not implement: a request that sets one to anything but its
-# neutral value (or null/false) is a 400 naming it, never a reply that silently ignores it.
-UNSUPPORTED: dict[str, list[Any]] = {
-    "logit_bias": [{}], "echo": [], "logprobs": [], "top_logprobs": [0], "response_format": [{"type": "text"}],
-    "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]], "function_call": ["none", "auto"],
-    "presence_penalty": [0], "frequency_penalty": [0], "best_of": [1], "suffix": [""],
-}
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's `{"error": {message, type, param, code}}`."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-# ---- request bodies --------------------------------------------------------------------------------
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str | None = None
-    max_tokens: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    top_k: StrictInt | None = None  # extension (vLLM, llama.cpp): pass with the client's extra_body
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = None
-    n: StrictInt = 1
-    stream: StrictBool = False
-    stream_options: dict[str, Any] | None = None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ChatBody(_Body):
-    messages: list[Message]
-    max_completion_tokens: StrictInt | None = None
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+REQUEST_PARAMS = {"max_new_tokens": "max_tokens"}  # SamplingParams' fields named otherwise in a request
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -112,193 +47,190 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
     """The FastAPI app serving `session` under the model id `model_name`; chat answers are grounded
     in the `rag_k` best chunks of `store` when one is given. Bodies over `max_request_bytes` are
     refused unread."""
-    batcher = Batcher(session, max_batch_size=max_batch_size)
-    created = int(time.time())
+    api = Endpoints(session, Batcher(session, max_batch_size=max_batch_size), api_key=api_key,
+                    model_name=model_name, store=store, rag_k=rag_k, max_request_bytes=max_request_bytes)
+    app = FastAPI(title="lmforge", lifespan=api.lifespan)
+    app.state.session, app.state.batcher = session, api.batcher
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, not_allowed)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"], response_model=None)
+    return app
+
+
+async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+async def not_found(request: Request, exc: Exception) -> JSONResponse:
+    return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+
+
+async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    return APIError(405, f"method {request.method} not allowed on {request.url.path}").response()
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return APIError(500, f"{type(exc).__name__}: {exc}", type="server_error").response()
+
+
+async def chat_page() -> FileResponse:
+    return FileResponse(CHAT_PAGE, media_type="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+class Endpoints:
+    """The model endpoints over one session: authorization, request checks, and replies from the
+    batcher (streamed or whole)."""
+
+    def __init__(self, session: Session, batcher: Batcher, *, api_key: str | None, model_name: str,
+                 store: Store | None, rag_k: int, max_request_bytes: int) -> None:
+        self.session, self.batcher = session, batcher
+        self.api_key, self.model_name = api_key, model_name
+        self.store, self.rag_k = store, rag_k
+        self.max_request_bytes = max_request_bytes
+        self.created = int(time.time())
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.batcher.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(batcher.close)
+            await asyncio.to_thread(self.batcher.close)
 
-    app = FastAPI(title="lmforge", lifespan=lifespan)
-    app.state.session, app.state.batcher = session, batcher
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(404)
-    async def _not_found(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
-
-    @app.exception_handler(405)
-    async def _not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(405, f"method {request.method} not allowed on {request.url.path}").response()
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"{type(exc).__name__}: {exc}", type="server_error").response()
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
 
-    @app.get("/", include_in_schema=False)
-    async def chat_page() -> FileResponse:
-        return FileResponse(CHAT_PAGE, media_type="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "context_length": self.session.context}
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge",
-                "context_length": session.context}
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
-        check_model(model_id)
-        return model_card()
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        authorize(request)
-        body = await parse(request, ChatBody, max_request_bytes)
-        check_model(body.model)
+    async def models(self, request: Request) -> dict[str, Any]:
+        self.authorize(request)
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        self.authorize(request)
+        self.check_model(model_id)
+        return self.model_card()
+
+    async def chat_completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        self.authorize(request)
+        body = await parse(request, ChatBody, self.max_request_bytes)
+        self.check_model(body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        check_params(body, max_tokens)
+        params = self.sampling(body, max_tokens)
         if not body.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        extra: dict[str, Any] = {}
+        prompt, extra = await self.chat_prompt([m.turn() for m in body.messages], max_tokens or 1)
+        return await self.respond(request, body, [prompt], params, max_tokens, chat=True, extra=extra)
+
+    async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
+        self.authorize(request)
+        body = await parse(request, CompletionBody, self.max_request_bytes)
+        self.check_model(body.model)
+        params = self.sampling(body, body.max_tokens)
+        return await self.respond(request, body, self.completion_prompts(body.prompt), params, body.max_tokens,
+                                  chat=False)
+
+    def sampling(self, body: RequestBody, max_tokens: int | None) -> SamplingParams:
+        """The request's sampling parameters (up to the whole context when it sets no `max_tokens`);
+        a bad value is a 400 naming the request's parameter."""
+        if not 1 <= body.n <= self.batcher.max_batch_size:
+            raise APIError(400, f"n must be between 1 and {self.batcher.max_batch_size}, got {body.n}", param="n")
+        if max_tokens is not None and max_tokens >= self.session.context:
+            raise APIError(400, f"max_tokens={max_tokens} is beyond the model's context of {self.session.context} "
+                                "tokens", param="max_tokens", code="context_length_exceeded")
         try:
-            if store is not None and messages[-1]["role"] == "user":
-                hits = await asyncio.to_thread(store.search, messages[-1]["content"], rag_k)
-                prompt, hits = grounded_chat_prompt(session, messages, hits, max_tokens or 1)
-                extra["sources"] = [{"index": i, "doc_id": h.doc_id, "text": h.text, "score": h.score,
-                                     "metadata": h.metadata} for i, h in enumerate(hits, 1)]
-            else:
-                prompt = session.chat_prompt(messages, reserve=max_tokens or 1)
+            return SamplingParams(max_new_tokens=self.session.context if max_tokens is None else max_tokens,
+                                  temperature=1.0 if body.temperature is None else body.temperature,
+                                  top_k=body.top_k or None, top_p=body.top_p, seed=body.seed)
+        except ValidationError as e:
+            error = e.errors()[0]
+            param = REQUEST_PARAMS.get(str(error["loc"][0]), str(error["loc"][0]))
+            raise APIError(400, f"{param}: {error['msg']} (got {error['input']!r})", param=param) from None
+
+    async def chat_prompt(self, messages: list[Message], reserve: int) -> tuple[list[int], dict[str, Any]]:
+        """The prompt of a conversation, grounded in the store's best chunks for its last user message
+        when there is a store; and the response's extra fields (`sources`)."""
+        try:
+            if self.store is None or messages[-1]["role"] != "user":
+                return self.session.chat_prompt(messages, reserve=reserve), {}
+            hits = await asyncio.to_thread(self.store.search, messages[-1]["content"], self.rag_k)
+            prompt, hits = grounded_chat_prompt(self.session, messages, hits, reserve)
         except ValueError as e:
             raise APIError(400, f"cannot render the messages with the chat template: {e}", param="messages") from e
-        return await respond(request, body, [prompt], max_tokens, chat=True, extra=extra)
+        sources = [{"index": i, "doc_id": h.doc_id, "text": h.text, "score": h.score, "metadata": h.metadata}
+                   for i, h in enumerate(hits, 1)]
+        return prompt, {"sources": sources}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        authorize(request)
-        body = await parse(request, CompletionBody, max_request_bytes)
-        check_model(body.model)
-        check_params(body, body.max_tokens)
-        prompt = body.prompt
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Token ids of each prompt of a completion request (text or token ids, one or many)."""
         if isinstance(prompt, str):
-            prompts = [session.encode(prompt)]
+            prompts = [self.session.encode(prompt)]
         elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [session.encode(p) for p in prompt]
+            prompts = [self.session.encode(p) for p in prompt]
         elif prompt and all(isinstance(p, list) for p in prompt):
             prompts = [list(p) for p in prompt]
         else:
             prompts = [list(prompt)]
-        vocab = session.model.config.vocab_size
+        vocab = self.session.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return await respond(request, body, prompts, body.max_tokens, chat=False)
+        return prompts
 
-    def check_params(body: _Body, max_tokens: int | None) -> None:
-        if body.temperature is not None and body.temperature < 0:
-            raise APIError(400, f"temperature must be >= 0, got {body.temperature}", param="temperature")
-        if body.top_p is not None and not 0 < body.top_p <= 1:
-            raise APIError(400, f"top_p must be in (0, 1], got {body.top_p}", param="top_p")
-        if body.top_k is not None and body.top_k < 0:
-            raise APIError(400, f"top_k must be >= 0, got {body.top_k}", param="top_k")
-        if body.seed is not None and body.seed not in SEEDS:
-            raise APIError(400, f"seed must be in [{SEEDS.start}, {SEEDS.stop - 1}], got {body.seed}", param="seed")
-        if not 1 <= body.n <= max_batch_size:
-            raise APIError(400, f"n must be between 1 and {max_batch_size}, got {body.n}", param="n")
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-        if max_tokens is not None and max_tokens >= session.context:
-            raise APIError(400, f"max_tokens={max_tokens} is beyond the model's context of {session.context} "
-                                "tokens", param="max_tokens", code="context_length_exceeded")
-
-    async def respond(request: Request, body: _Body, prompts: list[list[int]], max_tokens: int | None, *, chat: bool,
-                      extra: dict[str, Any] | None = None):
+    def check_fit(self, prompts: list[list[int]], max_tokens: int | None, chat: bool) -> None:
+        """A 400 for an empty prompt, or one that leaves no room (or not `max_tokens`) in the context."""
+        context = self.session.context
         for p in prompts:
             if not p:
                 raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
-            room = session.context - len(p)
+            room = context - len(p)
             if room < 1 or (max_tokens is not None and max_tokens > room):
                 asked = f" plus max_tokens={max_tokens}" if max_tokens is not None else ""
                 raise APIError(400, f"the prompt's {len(p)} tokens{asked} do not fit the model's context of "
-                                    f"{session.context} tokens", param="max_tokens" if max_tokens else "messages",
+                                    f"{context} tokens", param="max_tokens" if max_tokens else "messages",
                                code="context_length_exceeded")
-        limit = max_tokens or min(session.context - len(p) for p in prompts)
+
+    async def respond(self, request: Request, body: RequestBody, prompts: list[list[int]], params: SamplingParams,
+                      max_tokens: int | None, *, chat: bool,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any] | StreamingResponse:
+        """Decode `body.n` choices per prompt in the batcher; stream them or answer when all are done.
+        Without `max_tokens`, every row may fill what the longest prompt leaves of the context."""
+        self.check_fit(prompts, max_tokens, chat)
+        if max_tokens is None:
+            params = params.model_copy(update={"max_new_tokens": min(self.session.context - len(p) for p in prompts)})
         stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        rows = [p for p in prompts for _ in range(body.n)]
-
-        def emit(event: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                job.cancelled = True
-
-        job = Job(rows, limit, emit, temperature=1.0 if body.temperature is None else body.temperature,
-                  top_k=body.top_k or None, top_p=body.top_p, seed=body.seed, stop=stop)
-        batcher.submit(job)
+        job, events = self.submit([p for p in prompts for _ in range(body.n)], params, stop)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model_name}
+                "model": self.model_name}
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0, "total_tokens": 0}
-
-        async def results() -> AsyncIterator[tuple]:
-            remaining = len(rows)
-            try:
-                while remaining:
-                    event = await events.get()
-                    if event[0] == "error":
-                        raise APIError(500, event[1], type="server_error")
-                    if event[0] == "done":
-                        remaining -= 1
-                        usage["completion_tokens"] += event[3]
-                    yield event
-            finally:
-                job.cancelled = True  # finished, failed or the client went away: free the rows
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-
+        results = job_events(job, events, usage)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse(results(), meta, len(rows), chat, usage, include_usage, extra or {}),
+            return StreamingResponse(sse(results, meta, len(job.prompts), chat, usage, include_usage, extra or {}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, reasons = [""] * len(rows), ["length"] * len(rows)
-        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        try:
-            async for event in results():
-                if event[0] == "delta":
-                    texts[event[1]] += event[2]
-                else:
-                    reasons[event[1]] = event[2]
-        finally:
-            watcher.cancel()
+        texts, reasons = await gather(request, job, results)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -308,7 +240,53 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
         kind = "chat.completion" if chat else "text_completion"
         return {**meta, "object": kind, "choices": choices, "usage": usage, **(extra or {})}
 
-    return app
+    def submit(self, rows: list[list[int]], params: SamplingParams, stop: list[str]) -> tuple[Job, asyncio.Queue]:
+        """Hand the rows to the batcher; its events arrive on the returned queue, on this event loop."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                job.cancelled = True
+
+        job = Job(rows, params, emit, stop=stop)
+        self.batcher.submit(job)
+        return job, events
+
+
+async def job_events(job: Job, events: asyncio.Queue, usage: dict[str, int]) -> AsyncIterator[tuple]:
+    """The job's events until every row is done (an error event raises a 500), counting completion
+    tokens into `usage`; the job is cancelled when this ends, however it ends."""
+    remaining = len(job.prompts)
+    try:
+        while remaining:
+            event = await events.get()
+            if event[0] == "error":
+                raise APIError(500, event[1], type="server_error")
+            if event[0] == "done":
+                remaining -= 1
+                usage["completion_tokens"] += event[3]
+            yield event
+    finally:
+        job.cancelled = True  # finished, failed or the client went away: free the rows
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def gather(request: Request, job: Job, results: AsyncIterator[tuple]) -> tuple[list[str], list[str]]:
+    """Each row's whole text and finish reason, for a non-streamed reply."""
+    texts, reasons = [""] * len(job.prompts), ["length"] * len(job.prompts)
+    watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+    try:
+        async for event in results:
+            if event[0] == "delta":
+                texts[event[1]] += event[2]
+            else:
+                reasons[event[1]] = event[2]
+    finally:
+        watcher.cancel()
+    return texts, reasons
 
 
 async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) -> None:
@@ -316,83 +294,6 @@ async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) 
     while not await request.is_disconnected():
         await asyncio.sleep(every)
     job.cancelled = True
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
-    too_large = APIError(413, f"the request body is larger than {limit:,} bytes (see --max-request-bytes)",
-                         code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
-async def parse(request: Request, model: type[BaseModel], max_bytes: int = MAX_REQUEST_BYTES) -> Any:
-    """The request body validated against `model`: 413 when too large, 400 for bad JSON or an
-    unsupported parameter, 422 for a wrong shape."""
-    raw = await read_body(request, max_bytes)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(422, "the request body must be a JSON object", code="invalid_type")
-    for name, neutral in UNSUPPORTED.items():
-        value = data.get(name)
-        if not (value is None or value is False or (not isinstance(value, bool) and value in neutral)):
-            raise APIError(400, f"'{name}' is not supported by this server", param=name,
-                           code="unsupported_parameter")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(x) for x in first["loc"]) or None
-        details = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
-        raise APIError(422, f"invalid request: {details}", param=param, code=first["type"]) from e
-
-
-async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usage: dict,
-              include_usage: bool, first_extra: dict[str, Any]) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; `first_extra`'s
-    fields go into the first chunk."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(choices: list[dict], **extra: Any) -> str:
-        return f"data: {json.dumps({**meta, 'object': kind, 'choices': choices, **extra})}\n\n"
-
-    def choice(index: int, text: str | None, reason: str | None) -> dict:
-        if chat:
-            delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"text": text or "", "index": index, "logprobs": None, "finish_reason": reason}
-
-    try:
-        if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(n)], **first_extra)
-        async for event in events:
-            if event[0] == "delta":
-                yield chunk([choice(event[1], event[2], None)])
-            else:
-                yield chunk([choice(event[1], None, event[2])])
-        if include_usage:
-            yield chunk([], usage=usage)
-    except APIError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': None}})}\n\n"
-    except Exception as e:  # the stream has begun: report in band rather than cutting the connection
-        error = {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}
-        yield f"data: {json.dumps({'error': error})}\n\n"
-    finally:
-        await events.aclose()
-    yield "data: [DONE]\n\n"
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

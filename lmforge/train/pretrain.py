@@ -12,7 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.checkpoint import load_model
-from lmforge.config import ModelConfig, load_recipe, preset
+from lmforge.config import ModelConfig, load_recipe
+from lmforge.presets import preset
 from lmforge.data.corpus import CorpusInfo, PackedSequences, get_batch, tokenize_corpus
 from lmforge.data.sampling import SampledSource
 from lmforge.io import find_files

@@ -12,7 +12,8 @@ class KVCache:
     """Keys and values of every layer, (layers, batch, kv_heads, max_len, head_dim), filled left to right.
 
     All rows share one write position (prompts are left-padded to a common length), so a step
-    writes one slice and attention reads the filled prefix."""
+    writes one slice and attention reads the filled prefix. A soft-prompted model puts its virtual
+    tokens first in every row (after the padding) at prefill: `virtual_tokens` is None until then."""
 
     static = False
 
@@ -24,6 +25,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length: int | Tensor = 0
+        self.virtual_tokens: int | None = None
 
     def attended(self, n: int) -> int:
         """How many key slots a forward of `n` new tokens attends over."""
@@ -41,6 +43,18 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark `n` more positions as filled (called once per forward, after all layers)."""
         self.length += n
+
+    def add_virtual_tokens(self, n: int) -> None:
+        """Grow every row by `n` slots for a soft prompt's virtual tokens (callers size caches for
+        their own tokens) and record that the prompt is in; once per cache, before its first forward."""
+        if self.virtual_tokens is not None:
+            raise ValueError(f"the cache already holds a soft prompt of {self.virtual_tokens} virtual tokens")
+        if n:
+            extra = (*self.k.shape[:3], n, self.k.shape[4])
+            self.k = torch.cat((self.k, self.k.new_zeros(extra)), dim=3)
+            self.v = torch.cat((self.v, self.v.new_zeros(extra)), dim=3)
+            self.max_len += n
+        self.virtual_tokens = n
 
     # ---- reshaping between steps (continuous batching) --------------------------------------------
 
@@ -80,6 +94,7 @@ class KVCache:
             merged.k[:, part, :, at:length] = source.k[:, :, :, : source.length]
             merged.v[:, part, :, at:length] = source.v[:, :, :, : source.length]
         merged.max_len, merged.length = shape[3], length
+        merged.virtual_tokens = first.virtual_tokens  # both were prefilled by the same model
         return merged, length - first.length, length - second.length
 
     def _resized(self, t: Tensor, slots: int) -> Tensor:
