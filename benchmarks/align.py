@@ -70,7 +70,8 @@ def main() -> None:
     ppo_config = PPOConfig.model_validate({
         "out_dir": str(root / "out"), "policy": str(root / "policy"), "reward": str(root / "unused"),
         "prompts": str(root / "unused"),
-        "ppo": {"batch_size": args.batch, "mini_batch_size": 16, "ppo_epochs": 1, "max_new_tokens": args.new_tokens}})
+        "ppo": {"batch_size": args.batch, "mini_batch_size": 16, "ppo_epochs": 1,
+                "sampling": {"max_new_tokens": args.new_tokens}}})
     policy = apply_method(lm, AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear"))
     trainer = PPOTrainer(ppo_config, policy, tokenizer, scorer, prompts)
     trainer.sample = sampling = Timed(trainer.sample)

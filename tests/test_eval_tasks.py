@@ -15,23 +15,28 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
 from lmforge.cli import main
-from lmforge.presets import preset
 from lmforge.eval.registry import registered_tasks
 from lmforge.eval.runner import document_prefix, encode_continuation, evaluate, load_task, run_eval
-from lmforge.io import RecordError
 from lmforge.eval.tasks import (
     COT_CUE, ChoiceItem, GenerationItem, Task, TextItem, draw_exemplars, extract_answer,
     generation_text, load_task_file,
 )
 from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
+from lmforge.io import RecordError
 from lmforge.model import Transformer
+from lmforge.presets import preset
 from lmforge.tokenizer import train_tokenizer
 from lmforge.world.documents import biography, questions, write_pretraining_corpus
 from lmforge.world.people import make_world
 from lmforge.world.tasks import WORLD_TASKS, register_tasks, world_task
 
 CONTEXT = 256
+
+
+def greedy(max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +174,7 @@ def test_few_shot_prompts_hold_exactly_k_exemplars_from_the_pool(session):
     pool = {item.prompt: item.answer for item in task.exemplars}
 
     def inputs(seed: int, chat: bool = False) -> list:
-        results = evaluate(session, task, shots=3, limit=4, seed=seed, chat=chat, max_new_tokens=4, progress=False)
+        results = evaluate(session, task, shots=3, limit=4, seed=seed, chat=chat, sampling=greedy(4), progress=False)
         return [s["input"] for s in results["samples"]]
 
     for chat in (False, True):
@@ -304,19 +309,20 @@ def test_generation_batched_equals_one_at_a_time_and_exact_match_counts(tmp_path
     records = [{"prompt": p, "answer": "?"} for p in
                ["Alice was born in", "The headquarters of", "Isaac studied at", "Hello", "In short, Nora"]]
     task = load_task(write_jsonl(tmp_path / "g.jsonl", records))
-    alone = evaluate(session, task, batch_size=1, max_new_tokens=8, progress=False)
+    alone = evaluate(session, task, batch_size=1, sampling=greedy(8), progress=False)
     outputs = [s["output"] for s in alone["samples"]]
     assert all("\n" not in o for o in outputs)  # raw-text answers end at the line's end
     answers = [o.strip() if i % 2 else "not this" for i, o in enumerate(outputs)]
     task = load_task(write_jsonl(tmp_path / "g.jsonl", [{**r, "answer": a} for r, a in zip(records, answers)]))
-    batched = evaluate(session, task, batch_size=3, max_new_tokens=8, progress=False)
+    batched = evaluate(session, task, batch_size=3, sampling=greedy(8), progress=False)
     assert [s["output"] for s in batched["samples"]] == outputs  # left-padded batches change nothing
     assert batched["metrics"]["exact_match"] == pytest.approx(2 / 5)
     assert [s["exact_match"] for s in batched["samples"]] == [0.0, 1.0, 0.0, 1.0, 0.0]
     assert batched["temperature"] == 0.0 and batched["max_new_tokens"] == 8
 
     def sampled(seed: int) -> list[str]:
-        results = evaluate(session, task, temperature=1.0, top_k=50, seed=seed, max_new_tokens=8, progress=False)
+        results = evaluate(session, task, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, top_k=50), seed=seed,
+                           progress=False)
         return [s["output"] for s in results["samples"]]
 
     assert sampled(1) == sampled(1) != sampled(2)

@@ -43,7 +43,7 @@ def test_align_journey(tmp_path, sharp_base):
     ppo = tmp_path / "ppo"
     assert main(["ppo", "--config", str(CONFIGS / "ppo-tiny.yaml"), f"policy={sharp_base}", f"reward={rm / 'model'}",
                  f"safety_reward={rm / 'model'}", f"prompts={prompts}", f"out_dir={ppo}", "ppo.iterations=32",
-                 "ppo.max_new_tokens=4", "ppo.save_every=32", "ppo.lr=1e-3", "ppo.init_kl_coef=0.02"]) == 0
+                 "ppo.sampling.max_new_tokens=4", "ppo.save_every=32", "ppo.lr=1e-3", "ppo.init_kl_coef=0.02"]) == 0
     log = records(ppo / "metrics.jsonl")
     first, last = (sum(r["reward"] for r in part) / len(part) for part in (log[:8], log[-8:]))
     print(f"PPO reward {first:.3f} (first 8 iterations) -> {last:.3f} (last 8); KL {[round(r['kl'], 2) for r in log]}")

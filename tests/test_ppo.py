@@ -64,7 +64,8 @@ def recipe(root: Path, base: Path, prompts: Path, iterations: int) -> PPOConfig:
         "out_dir": str(root / "out"), "policy": str(base), "reward": str(root / "unused"), "prompts": str(prompts),
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "targets": "all-linear"},
         "ppo": {"iterations": iterations, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4, "lr": 1e-3,
-                "max_new_tokens": 2, "init_kl_coef": 0.02, "target_kl": 1.0, "save_every": 4, "keep_last": 10},
+                "sampling": {"max_new_tokens": 2}, "init_kl_coef": 0.02, "target_kl": 1.0, "save_every": 4,
+                "keep_last": 10},
     })
 
 
@@ -154,7 +155,7 @@ def test_ppo_raises_a_world_reward_models_score_on_held_out_prompts(tmp_path, sh
                           [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")])
     config = recipe(tmp_path, sharp_base, prompts, 32)
     config.reward = config.safety_reward = reward
-    config.ppo.max_new_tokens = 4
+    config.ppo.sampling = config.ppo.sampling.model_copy(update={"max_new_tokens": 4})
     heldout = [q.question for q in questions(world, "heldout")] + [r.prompt for r in red_team_prompts(world, "heldout")]
     scorer, tokenizer = RewardScorer.load(reward), Tokenizer.from_dir(sharp_base)
     before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout, new_tokens=4)
@@ -184,7 +185,7 @@ def test_rollout_keeps_the_log_probs_and_values_of_a_full_forward_pass(setup, sh
     left-padded batch); they must equal a full forward over each finished sequence."""
     root, train, _, scorer, tokenizer = setup
     config = recipe(root / "sampled", sharp_base, train, 1)
-    config.ppo.max_new_tokens = 6
+    config.ppo.sampling = config.ppo.sampling.model_copy(update={"max_new_tokens": 6})
     policy, _ = load_policy(sharp_base, config.adapter)
     trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(train))
     with torch.no_grad():  # a non-zero adapter and value head, so that both paths matter
@@ -215,7 +216,8 @@ def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, shar
             return torch.zeros(len(sequences))
 
     config = recipe(root / "closed", sharp_base, train, 1)
-    config.ppo.max_new_tokens, config.ppo.missing_eos_penalty = 3, 2.0
+    config.ppo.sampling = config.ppo.sampling.model_copy(update={"max_new_tokens": 3})
+    config.ppo.missing_eos_penalty = 2.0
     policy, _ = load_policy(sharp_base, config.adapter)
     trainer = PPOTrainer(config, policy, tokenizer, scorer := Recorder(), read_prompts(train))
     sample = trainer.sample

@@ -43,7 +43,7 @@ from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import Prompt, padding_id, read_prompts
 from lmforge.generate.engine import Engine
-from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.sampling import SamplingParams, StochasticSampling
 from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters
@@ -78,12 +78,10 @@ class PPOSettings(BaseModel):
     adaptive_kl: bool = True
     target_kl: float = Field(1.0, gt=0, description="per-response KL the adaptive controller aims at")
     kl_horizon: int = Field(1000, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
+    sampling: StochasticSampling = Field(StochasticSampling(max_new_tokens=32),
+                                         description="how rollouts are sampled (their seed follows from `seed`)")
     missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of a response cut at "
                                                              "max_new_tokens (TRL's option of the same name)")
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = None
-    top_p: float | None = None
     whiten_advantages: bool = True
     estimator: Literal["gae", "grpo"] = Field("gae", description="advantages from a value head (PPO) or "
                                                                  "relative to a group of samples (GRPO)")
@@ -221,9 +219,7 @@ class PPOTrainer:
         s = self.settings
         self.policy.eval()
         prompts = [self.prompt_ids[i] for i in indices]
-        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                top_p=s.top_p, stop_token_ids=self.stop_ids,
-                                seed=s.seed * 1_000_003 + self.iteration)
+        params = s.sampling.stopping_at(self.stop_ids, seed=s.seed * 1_000_003 + self.iteration)
         responses, sampled_logprobs, sampled_values = self.sample(prompts, params)
         sequences = [p + r for p, r in zip(prompts, responses)]
         longest = max(map(len, sequences))

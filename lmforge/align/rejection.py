@@ -23,7 +23,7 @@ from lmforge.align.dpo import model_base
 from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import Prompt, read_prompts
-from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.sampling import SamplingParams, StochasticSampling
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, merge_and_save
@@ -39,14 +39,10 @@ class ResponseScorer(Protocol):
     def score(self, prompts: list[list[Message]], responses: list[str], batch_size: int = 32) -> list[float]: ...
 
 
-class SamplingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SamplingConfig(StochasticSampling):
+    """How the candidates are drawn: `SamplingParams` plus how many, in what batches, from what seed."""
 
     k: int = Field(4, gt=0, description="responses sampled per prompt")
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1)
     batch_size: int = Field(32, gt=0, description="sequences generated (and scored) together")
     seed: int = 0
 
@@ -167,9 +163,7 @@ def sample_round(config: RejectionConfig, round_no: int, policy: Path, prompts: 
     """Sample K candidates per prompt from `policy` and score them."""
     s = config.sampling
     session = Session.load(policy)
-    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer),
-                            seed=s.seed + round_no)
+    params = s.stopping_at(stop_token_ids(session.model.config, session.tokenizer), seed=s.seed + round_no)
     candidates = sample_candidates(session, encode_prompts(session, prompts), s.k, params, batch_size=s.batch_size)
     return candidates, score_candidates(scorer, prompts, candidates, s.batch_size)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lmforge.generate.sampling import SamplingParams
@@ -49,16 +49,16 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
                    help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """The flags of `add_sampling_flags` as `SamplingParams` (a bad value: a one-line `ValueError`)."""
+def sampling_params(args: argparse.Namespace, **fields: Any) -> SamplingParams:
+    """The sampling flags as `SamplingParams`, `fields` replacing some (a bad value: a one-line `ValueError`)."""
     from pydantic import ValidationError
 
     from lmforge.config import explain
     from lmforge.generate.sampling import SamplingParams
 
     try:
-        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed)
+        return SamplingParams(**{"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed} | fields)
     except ValidationError as e:
         raise ValueError(explain(e, SamplingParams)) from None
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_dtype_flag, runs
+from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_dtype_flag, runs, sampling_params
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -22,16 +22,16 @@ def evaluate(args: argparse.Namespace) -> None:
                               seed=args.seed, dtype=args.dtype)
         print(harness_table(results))
     else:
-        from lmforge.eval.runner import run_eval, summary
+        from lmforge.eval.runner import answer_tokens, run_eval, summary
         from lmforge.world.tasks import register_tasks
 
         if args.tasks or args.include_path:
             raise ValueError("--tasks and --include-path go with --harness lm-eval")
         register_tasks(seed=args.world_seed, people=args.world_people)
+        sampling = sampling_params(args, max_new_tokens=args.max_new_tokens or answer_tokens(args.cot))
         results = run_eval(args.checkpoint, args.task, shots=args.shots or 0, limit=args.limit, seed=args.seed,
-                           cot=args.cot, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           batch_size=args.batch_size, dtype=args.dtype)
+                           cot=args.cot, chat=args.chat, sampling=sampling, batch_size=args.batch_size,
+                           dtype=args.dtype)
         print(summary(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def add_commands(sub: Subcommands) -> None:
                              "world-qa-train, world-mc, world-bios")
     source.add_argument("--harness", choices=["lm-eval"], help="run lm-evaluation-harness tasks (see --tasks)")
     p.add_argument("--tasks", metavar="NAME[,NAME]", help="lm-eval task names (with --harness)")
-    p.add_argument("--include-path", type=Path, metavar="DIR", help="folder of extra lm-eval task YAML files (with --harness)")
+    p.add_argument("--include-path", type=Path, metavar="DIR",
+                   help="folder of extra lm-eval task YAML files (with --harness)")
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot exemplars per item (default 0; with --harness: the task's own)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (of each task)")
@@ -63,7 +64,8 @@ def add_commands(sub: Subcommands) -> None:
                    help="chain of thought: add \"Let's think step by step.\"; the answer follows \"the answer is\"")
     p.add_argument("--chat", action="store_true",
                    help="prompts as user turns of the chat template, few-shot exemplars as earlier turns")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per answer (default 32, 256 with --cot)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens per answer (default 32, 256 with --cot)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")

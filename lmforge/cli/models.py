@@ -93,7 +93,8 @@ def add_serve_command(sub: Subcommands) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; use 0.0.0.0 to accept other machines)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
     p.add_argument("--model-name", default=None, help="model id in the API (default: the checkpoint's folder name)")
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="most sequences decoded together; later requests wait for a free row (default 16)")

@@ -97,8 +97,8 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         "safety_reward": reward_dirs["safety"], "prompts": prompts,
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "seed": seed},
         "ppo": {"iterations": iterations, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2, "lr": PPO_LR,
-                "max_new_tokens": 24, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL, "save_every": iterations,
-                "seed": seed}}))
+                "sampling": {"max_new_tokens": 24}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
+                "save_every": iterations, "seed": seed}}))
     seconds["ppo"] = time.perf_counter() - start
     return Trained(merged, prefs, heldout, reward_dirs, dpo_adapter, ppo_adapter, iterations, seconds)
 

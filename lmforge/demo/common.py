@@ -6,6 +6,7 @@ from __future__ import annotations
 from lmforge.generate.session import Session
 from lmforge.world.documents import Question
 
+
 def greedy_chat_answers(session: Session, qs: list[Question]) -> list[tuple[str, bool]]:
     """Greedy answers to chat questions, and whether each equals the true answer."""
     answers = session.replies([[{"role": "user", "content": q.question}] for q in qs], session.greedy(16))

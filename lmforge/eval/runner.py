@@ -25,6 +25,11 @@ from lmforge.tokenizer import Tokenizer
 DEFAULT_MAX_NEW_TOKENS, COT_MAX_NEW_TOKENS = 32, 256
 
 
+def answer_tokens(cot: bool) -> int:
+    """The default length of a generated answer: longer when it reasons step by step first."""
+    return COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
+
+
 def load_task(spec: str | Path) -> Task:
     """A registered task by name (see `lmforge.eval.registry`), or a task file or directory (see
     `lmforge.eval.tasks`)."""
@@ -36,30 +41,12 @@ def load_task(spec: str | Path) -> Task:
     return load_task_file(spec)
 
 
-def run_eval(
-    checkpoint: str | Path,
-    task: str | Path,
-    *,
-    shots: int = 0,
-    limit: int | None = None,
-    seed: int = 0,
-    cot: bool = False,
-    chat: bool = False,
-    max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    batch_size: int = 32,
-    dtype: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Load the checkpoint and the task, evaluate, and return the results (metrics, settings, samples)."""
+def run_eval(checkpoint: str | Path, task: str | Path, *, dtype: str | None = None, **options: Any) -> dict[str, Any]:
+    """Load the checkpoint (weights in `dtype`) and the task, evaluate with `options` (those of
+    `evaluate`), and return the results (metrics, settings, samples)."""
     loaded = load_task(task)
     session = Session.load(checkpoint, dtype=dtype)
-    results = evaluate(session, loaded, shots=shots, limit=limit, seed=seed, cot=cot, chat=chat,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       batch_size=batch_size, progress=progress)
-    return {"checkpoint": str(checkpoint), **results}
+    return {"checkpoint": str(checkpoint), **evaluate(session, loaded, **options)}
 
 
 def evaluate(
@@ -71,17 +58,15 @@ def evaluate(
     seed: int = 0,
     cot: bool = False,
     chat: bool = False,
-    max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingParams | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on a task. `shots` exemplars per item are drawn with `seed` from the
     task's exemplar pool; `cot` asks for chain-of-thought generation; `chat` renders prompts with
-    the chat template. Sampling is greedy unless `temperature` > 0. A batch holds `batch_size`
-    prompts (generation) or contexts (log-likelihood: a question with all its choices, a text window)."""
+    the chat template. Generation follows `sampling` (default: greedy, `answer_tokens(cot)` new tokens;
+    without a seed of its own it samples with `seed`). A batch holds `batch_size` prompts
+    (generation) or contexts (log-likelihood: a question with all its choices, a text window)."""
     check_shots(task, shots)
     if cot and task.kind != "generation":
         raise ValueError(f"chain of thought applies to generation tasks; {task.name} is a {task.kind} task")
@@ -97,13 +82,10 @@ def evaluate(
     settings = {"task": task.name, "kind": task.kind, "n": len(items), "shots": shots, "seed": seed,
                 "chat": chat}
     if task.kind == "generation":
-        if max_new_tokens is None:
-            max_new_tokens = COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_token_ids=stop_token_ids(session.model.config, session.tokenizer))
-        settings |= {"cot": cot, "max_new_tokens": params.max_new_tokens, "temperature": temperature,
-                     "top_k": top_k, "top_p": top_p}
+        sampling = sampling or SamplingParams(max_new_tokens=answer_tokens(cot), temperature=0)
+        params = sampling.stopping_at(stop_token_ids(session.model.config, session.tokenizer),
+                                      seed=seed if sampling.seed is None else None)
+        settings |= {"cot": cot, **params.model_dump(include={"max_new_tokens", "temperature", "top_k", "top_p"})}
         return settings | _generation(session, task, items, exemplars, params, cot, chat, batch_size, progress)
     if task.kind == "choice":
         return settings | _choice(session, task, items, exemplars, chat, batch_size, progress)

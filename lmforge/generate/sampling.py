@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -20,6 +22,19 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
+
+    def stopping_at(self, stop_token_ids: Sequence[int], seed: int | None = None) -> SamplingParams:
+        """These settings as plain `SamplingParams`, stopping at `stop_token_ids`, with `seed` if given."""
+        fields = self.model_dump(include=set(SamplingParams.model_fields))
+        return SamplingParams(**(fields | {"stop_token_ids": tuple(stop_token_ids)}
+                                 | ({} if seed is None else {"seed": seed})))
+
+
+class StochasticSampling(SamplingParams):
+    """The sampling section of a recipe that learns from sampled responses (PPO rollouts, rejection
+    sampling): the temperature must be positive, or every sample would be the same greedy reply."""
+
+    temperature: float = Field(1.0, gt=0)
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
