@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import re
 import typing
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from lmforge.io import read_json
 
 Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2"]
 
@@ -291,11 +292,7 @@ class ModelConfig(BaseModel):
         file = Path(path) / "config.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
-        try:
-            hf = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_hf(hf, source=str(file))
+        return cls.from_hf(read_json(file), source=str(file))
 
 
 def _family_of(hf: dict[str, Any], source: str) -> Family:

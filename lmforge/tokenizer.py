@@ -168,7 +168,7 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((text for f in files for text in _read_texts(f)), trainer=trainer)
+    backend.train_from_iterator((text for f in files for text in _training_texts(f)), trainer=trainer)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": None,
@@ -182,7 +182,7 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
     return tokenizer
 
 
-def _read_texts(path: Path) -> Iterator[str]:
+def _training_texts(path: Path) -> Iterator[str]:
     """The training texts of one file: `.txt` in runs of whole lines, records of `.jsonl`/`.parquet`."""
     if path.suffix != ".txt":
         yield from read_texts(path)

@@ -36,12 +36,19 @@ def add_dtype_flag(p: argparse.ArgumentParser, help: str = "weight dtype (defaul
     p.add_argument("--dtype", default=None, choices=DTYPES, help=help)
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+def add_sampling_flags(p: argparse.ArgumentParser, temperature: float,
+                       max_new_tokens: int | None = 128, length_help: str = "(default 128)") -> None:
+    """The flags of `SamplingParams`: --max-new-tokens, --temperature, --top-k, --top-p."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate {length_help}")
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"sampling temperature; 0 is greedy (default {temperature:g})")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")
+
+
+def add_generation_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
+    """The sampling flags and what generating from a checkpoint also takes: seed, stop texts, dtype, compile."""
+    add_sampling_flags(p, temperature)
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     add_dtype_flag(p)

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_dtype_flag, runs, sampling_params
+from lmforge.cli.common import (
+    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_sampling_flags, runs, sampling_params,
+)
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -64,11 +66,7 @@ def add_commands(sub: Subcommands) -> None:
                    help="chain of thought: add \"Let's think step by step.\"; the answer follows \"the answer is\"")
     p.add_argument("--chat", action="store_true",
                    help="prompts as user turns of the chat template, few-shot exemplars as earlier turns")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="most tokens per answer (default 32, 256 with --cot)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= P")
+    add_sampling_flags(p, temperature=0.0, max_new_tokens=None, length_help="per answer (default 32, 256 with --cot)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="prompts, or questions with all their choices, per batch (default 32)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the built-in world (default 0, as the demo's)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmforge.cli.common import (CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_sampling_flags, runs, sampling_params)
+from lmforge.cli.common import (
+    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_generation_flags, runs, sampling_params,
+)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -63,14 +65,14 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
-    add_sampling_flags(p)
+    add_generation_flags(p)
 
     p = runs(sub.add_parser("chat", help="chat in the terminal, streamed",
                             description="Interactive chat; the conversation is kept within the context window. "
                                         "Commands: /reset clears the history, /exit (or Ctrl-D) quits."), chat)
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--system", default=None, help="system prompt")
-    add_sampling_flags(p)
+    add_generation_flags(p)
 
     add_serve_command(sub)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_sampling_flags, runs, sampling_params
+from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_generation_flags, runs, sampling_params
 
 MODES = ("dense", "bm25", "hybrid")
 
@@ -131,7 +131,7 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--hops", type=int, default=1, help="retrieval rounds; each later one searches for the "
                                                        "previous answer (default 1)")
     add_retrieval_flags(p)
-    add_sampling_flags(p, temperature=0.0)
+    add_generation_flags(p, temperature=0.0)
 
     p = runs(sub.add_parser("agent", help="answer with a ReAct agent: search the store and calculate, step by step",
                             description="A Thought / Action / Observation loop: the model chooses search[query] "
@@ -142,4 +142,4 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("question", help="the question")
     p.add_argument("--max-steps", type=int, default=4, help="most assistant turns (default 4)")
     p.add_argument("--mode", choices=MODES, default="dense", help="retrieval for the search tool (default dense)")
-    add_sampling_flags(p, temperature=0.0)
+    add_generation_flags(p, temperature=0.0)

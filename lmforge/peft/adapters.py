@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import atomic_dir, load_model, save_model, to_disk, to_ours
 from lmforge.config import ModelConfig
+from lmforge.io import read_json
 from lmforge.peft.lora import add_lora, linear_names, lora_layers, matches, merge_and_unload, target_names
 from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
 from lmforge.peft.tokens import (
@@ -134,10 +135,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG}; is it an adapter directory?")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / CONFIG}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json(path / CONFIG)
     kind = config.get("peft_type")
     if kind not in ("LORA", "PROMPT_TUNING"):
         raise ValueError(f"{path / CONFIG}: peft_type {kind!r} is not supported (LORA, PROMPT_TUNING)")

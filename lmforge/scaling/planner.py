@@ -16,7 +16,6 @@ Memory is per device, in bytes, for bf16 mixed-precision AdamW:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from lmforge.config import ModelConfig, parse_override
+from lmforge.io import read_json
 from lmforge.presets import preset as make_preset
 from lmforge.scaling.law import PETAFLOP_DAY, TOKENS_PER_PARAMETER, count, si
 
@@ -269,10 +269,7 @@ def _from_hf(path: Path, overrides: Sequence[str]) -> ModelConfig:
     if path.is_dir():
         model = ModelConfig.from_dir(path)
     else:
-        try:
-            model = ModelConfig.from_hf(json.loads(path.read_text()), str(path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        model = ModelConfig.from_hf(read_json(path), str(path))
     return ModelConfig(**{**model.model_dump(include=model.model_fields_set), **_fields(overrides)})
 
 
