@@ -23,7 +23,7 @@ from typing import Any
 
 import jinja2
 import tokenizers
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -116,6 +116,11 @@ class Tokenizer:
         variables = {"tools": None, "documents": None, **specials, **extra}
         return _compile(self.chat_template).render(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables)
+
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` variable (a tools section, as Qwen2.5's and Llama-3.1's)."""
+        return self.chat_template is not None and "tools" in _template_variables(self.chat_template)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Token ids of a chat prompt ready for the assistant's reply (the generation prompt appended)."""
@@ -232,11 +237,22 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    """Compile a chat template in the sandbox transformers uses, with the same helpers."""
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox transformers renders chat templates in, with the same helpers."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(template)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    return _environment().from_string(template)
+
+
+@lru_cache(maxsize=16)
+def _template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its caller."""
+    return frozenset(meta.find_undeclared_variables(_environment().parse(template)))
