@@ -22,6 +22,11 @@ from torch import Tensor
 
 from lmforge.tokenizer import Tokenizer
 
+# Below this many rows, computing the masks one after another beat llguidance's thread pool on two
+# cores (8 rows, 8k vocabulary: 15-20 us against 90 us).
+PARALLEL_ROWS = 16
+# Byte value -> its 8 bits (least significant first, as llguidance packs them) as 0 (set) or -inf (clear).
+_BYTE_BIAS = torch.tensor([[0.0 if (b >> i) & 1 else float("-inf") for i in range(8)] for b in range(256)])
 # Compact JSON laid out as `json.dumps` writes it: no free whitespace, which a model could repeat forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -130,20 +135,22 @@ class GrammarCompiler:
             self._cache.popitem(last=False)
         return compiled
 
-    def allowed(self, matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> Tensor:
-        """(len(matchers), vocab_size) booleans: the tokens each matcher allows next, computed for the
-        whole batch in one call (in parallel across matchers) and unpacked without a Python loop."""
+    def mask(self, matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> Tensor:
+        """(len(matchers), vocab_size) float32: 0 where each matcher allows the token next, -inf elsewhere
+        (to add to the logits). Computed for the whole batch in one call and unpacked by a table lookup
+        per byte of the bitmask, with no Python loop over the vocabulary."""
         words = (self.vocab_size + 31) // 32
         bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)
-        if len(matchers) == 1:
-            matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+        if len(matchers) < PARALLEL_ROWS:
+            for i, matcher in enumerate(matchers):
+                matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
         else:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
             self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                    words * 4, len(matchers))
-        bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-        allowed = bits.view(len(matchers), words * 32)[:, :vocab_size].bool()
-        if allowed.shape[1] < vocab_size:  # logits wider than the tokenizer: the extra ids are never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
-        return allowed
+        bias = _BYTE_BIAS.index_select(0, bitmask.view(torch.uint8).view(-1).long()).view(len(matchers), -1)
+        bias = bias[:, :vocab_size]
+        if bias.shape[1] < vocab_size:  # logits wider than the tokenizer: the extra ids are never allowed
+            bias = torch.nn.functional.pad(bias, (0, vocab_size - bias.shape[1]), value=float("-inf"))
+        return bias
