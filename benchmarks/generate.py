@@ -2,13 +2,17 @@
 
 The config is tiny but real (vocab 8192, hidden 384, 6 layers, 6 heads, 2 KV heads, MLP 1024);
 greedy decoding of 256 new tokens after a 16-token prompt, batch 1 and 8, fp32 and bf16.
-Prints a table, one `RESULT` line per case, and a profile of one lmforge decode step."""
+Prints a table, one `RESULT` line per case, and a profile of one lmforge decode step. `--structured`
+adds the cost of a JSON-schema token mask: greedy decoding with every row inside a schema's open
+string (so that both runs generate the same tokens' count) against the same rows unconstrained."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also measure lmforge with a torch.compile'd decode step (compiles once per case)")
     parser.add_argument("--profile", action="store_true", help="print a profile of one decode step")
+    parser.add_argument("--structured", action="store_true",
+                        help="only measure structured output: tok/s with a JSON-schema mask vs without (fp32)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,7 +59,11 @@ def main() -> None:
     workdir = tempfile.mkdtemp()
     save_model(model, workdir + "/model")
 
-    rows = []
+    if args.structured:
+        rows = structured_rows(model, workdir, args)
+        args.dtypes = []
+    else:
+        rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         engines = {"lmforge": Engine(load_model(workdir + "/model", dtype=dtype))}
@@ -87,6 +97,37 @@ def main() -> None:
 
     if args.profile:
         profile_decode_step(Engine(load_model(workdir + "/model", dtype=torch.float32)), config.vocab_size)
+
+
+def structured_rows(model: Transformer, workdir: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """(case, tok/s with a JSON-schema mask, tok/s without) per batch size, on a BPE tokenizer of the
+    model's vocabulary size trained on JSON-like text."""
+    from lmforge.generate.grammar import Grammar, GrammarCompiler
+    from lmforge.tokenizer import train_tokenizer
+
+    corpus = Path(workdir) / "corpus.txt"
+    words = ["name", "city", "score", "alpha", "beta", "the", "cat", "sat", "on", "mat", "true", "false"]
+    generator = torch.Generator().manual_seed(0)
+    lines = [json.dumps({words[int(i)]: " ".join(words[int(j)] for j in torch.randint(0, 12, (8,), generator=generator))
+                         for i in torch.randint(0, 12, (4,), generator=generator)}) for _ in range(20000)]
+    corpus.write_text("\n".join(lines))
+    tokenizer = train_tokenizer([corpus], model.config.vocab_size, Path(workdir) / "tok", show_progress=False)
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, [tokenizer.eos_id])
+    plain_engine = Engine(load_model(workdir + "/model", dtype=torch.float32))
+    masked_engine = Engine(load_model(workdir + "/model", dtype=torch.float32), grammars=compiler)
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len),
+                                generator=torch.Generator().manual_seed(batch)).tolist()
+        plain = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
+        masked = plain.model_copy(update={"grammar": Grammar.json_schema(schema)})
+        assert all(len(r) == args.new_tokens for r in masked_engine.generate(prompts, masked))  # never ends early
+        with_mask = batch * args.new_tokens / time_call(lambda: masked_engine.generate(prompts, masked), args.repeats)
+        without = batch * args.new_tokens / time_call(lambda: plain_engine.generate(prompts, plain), args.repeats)
+        rows.append((f"json_schema_mask_b{batch}_fp32", with_mask, without))
+    print("(structured: 'lmforge' is with the JSON-schema mask, 'reference' the same engine without it)")
+    return rows
 
 
 def profile_decode_step(engine: Engine, vocab: int) -> None:

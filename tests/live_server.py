@@ -29,13 +29,13 @@ from lmforge.tokenizer import train_tokenizer
 VOCAB = 300
 
 
-def make_chat_checkpoint(path: Path, corpus_dir: Path) -> Path:
-    """A tiny llama with a trained BPE tokenizer (ChatML template), sharpened so that greedy picks
-    are far from ties, saved as an HF-format directory at `path`."""
+def make_chat_checkpoint(path: Path, corpus_dir: Path, context: int = 128) -> Path:
+    """A tiny llama with a trained BPE tokenizer (ChatML template) and a context of `context` tokens,
+    sharpened so that greedy picks are far from ties, saved as an HF-format directory at `path`."""
     corpus = corpus_dir / "corpus.txt"
     corpus.write_text("the cat sat on the mat. the dog ate the bone. héllo wörld 👋 日本語\n" * 30)
     tokenizer = train_tokenizer([corpus], VOCAB, path, show_progress=False)
-    hf = tiny_hf_model("llama", vocab_size=VOCAB)
+    hf = tiny_hf_model("llama", vocab_size=VOCAB, max_position_embeddings=context)
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() >= 2:

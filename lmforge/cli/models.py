@@ -13,8 +13,19 @@ from lmforge.cli.common import (
 def generate(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
+    grammar = None
+    if args.json_schema is not None:
+        from lmforge.generate.grammar import Grammar, GrammarError
+        from lmforge.io import read_json
+
+        grammar = Grammar.json_schema(read_json(args.json_schema))
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    params = session.sampling(sampling_params(args))
+    if grammar is not None:
+        try:
+            session.grammars.compile(grammar)
+        except GrammarError as e:
+            raise ValueError(f"{args.json_schema}: the schema cannot be compiled: {e}") from None
+    params = session.sampling(sampling_params(args, grammar=grammar))
     if args.chat:
         prompt = session.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -65,6 +76,8 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                   help="structured output: the reply is JSON valid against the JSON schema in FILE")
     add_generation_flags(p)
 
     p = runs(sub.add_parser("chat", help="chat in the terminal, streamed",

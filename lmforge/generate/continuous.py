@@ -18,13 +18,15 @@ import torch
 from torch import Tensor
 
 from lmforge.generate.engine import Engine
+from lmforge.generate.processing import RowState, process, record, row_states
 from lmforge.generate.sampling import SamplingParams, sample
 from lmforge.kv_cache import KVCache
 
 
 @dataclass(eq=False)
 class Row:
-    """One sequence in the batch. `finish` becomes "stop" or "length" when it ends."""
+    """One sequence in the batch. `finish` becomes "stop" or "length" when it ends; `state` holds
+    what logits processing remembers (and the latest token's log-prob, when asked for)."""
 
     prompt_tokens: int
     limit: int  # most new tokens: the request's, or what is left of the context
@@ -34,6 +36,7 @@ class Row:
     generated: int = 0
     finish: str | None = None
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    state: RowState | None = None
 
     @property
     def sampling_key(self) -> Hashable:
@@ -76,15 +79,17 @@ class DecodeBatch:
         tags = list(tags) or [None] * len(prompts)
         if not len(per_row) == len(tags) == len(prompts):
             raise ValueError("join needs one params and one tag per prompt")
+        states = row_states(prompts, per_row, self.engine.grammars)  # a bad grammar fails before any work
         logits, cache, pads = self.engine.prefill(prompts, room=0)
         generators: dict[int, torch.Generator] = {}
         rows = []
-        for prompt, p, tag in zip(prompts, per_row, tags):
+        for prompt, p, tag, state in zip(prompts, per_row, tags, states):
             generator = None
             if p.seed is not None:
                 generator = generators.setdefault(id(p), torch.Generator(self.engine.device).manual_seed(p.seed))
             limit = min(p.max_new_tokens, context - len(prompt))
-            rows.append(Row(len(prompt), limit, p, generator, tag, stop_ids=frozenset(p.stop_token_ids)))
+            rows.append(Row(len(prompt), limit, p, generator, tag, stop_ids=frozenset(p.stop_token_ids),
+                            state=state))
         tokens = self._sample(logits, rows)
         if self.cache is None:
             self.cache = cache
@@ -126,7 +131,14 @@ class DecodeBatch:
         self.cache.drop_left(trim)
         self.pads = self.pads - trim
 
-    def _sample(self, logits: Tensor, rows: Sequence[Row]) -> Tensor:
+    def _sample(self, raw_logits: Tensor, rows: Sequence[Row]) -> Tensor:
+        states = [row.state or RowState(row.params) for row in rows]
+        logits = process(raw_logits, states, self.engine.grammars)
+        tokens = self._draw(logits, rows)
+        record(raw_logits, tokens, states)
+        return tokens
+
+    def _draw(self, logits: Tensor, rows: Sequence[Row]) -> Tensor:
         groups: dict[Hashable, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.sampling_key, []).append(i)
@@ -145,7 +157,7 @@ class DecodeBatch:
         out = list(zip(rows, tokens.tolist()))
         for row, token in out:
             row.generated += 1
-            if token in row.stop_ids:
+            if token in row.stop_ids or (row.state is not None and row.state.grammar_done):
                 row.finish = "stop"
             elif row.generated >= row.limit:
                 row.finish = "length"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmforge.generate.grammar import GrammarCompiler
+from lmforge.generate.processing import TokenLogprob, logprobs_of, process, record, row_states
 from lmforge.generate.sampling import SamplingParams, sample
 from lmforge.kv_cache import KVCache, StaticKVCache
 from lmforge.model import Transformer
@@ -40,10 +42,12 @@ class Engine:
     """Batched prefill + decode with a KV cache over a `Transformer`.
 
     `compile=True` runs each decode step as one `torch.compile`d graph over a static cache sized
-    to the whole context (gpt-fast's recipe): the first step per batch size pays the compilation."""
+    to the whole context (gpt-fast's recipe): the first step per batch size pays the compilation.
+    `grammars` compiles the grammars of structured output (it needs the tokenizer: a `Session` sets it)."""
 
-    def __init__(self, model: Transformer, *, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, *, compile: bool = False, grammars: GrammarCompiler | None = None) -> None:
         self.model = model.eval()
+        self.grammars = grammars
         self.config = model.config
         self.stats = EngineStats()
         param = next(model.parameters())
@@ -100,6 +104,7 @@ class Engine:
         """Yield, per decoding step, each sequence's new token (None once it has stopped)."""
         longest = max((len(p) for p in prompts), default=0)
         max_new = min(params.max_new_tokens, self.config.max_position_embeddings - longest)
+        states = row_states(prompts, [params] * len(prompts), self.grammars)
         logits, cache, pads = self.prefill(prompts, max_new)
         generator = None
         if params.seed is not None:
@@ -107,11 +112,14 @@ class Engine:
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=self.device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for step in range(max_new):
-            tokens = sample(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                            generator=generator)
+            tokens = sample(process(logits, states, self.grammars), temperature=params.temperature,
+                            top_k=params.top_k, top_p=params.top_p, generator=generator)
+            record(logits, tokens, states)
             out: list[int | None] = [None if d else t for t, d in zip(tokens.tolist(), done.tolist())]
             self.stats.tokens_generated += sum(t is not None for t in out)
             done |= torch.isin(tokens, stop)
+            if params.grammar is not None:
+                done |= torch.tensor([s.grammar_done for s in states], device=self.device)
             yield out
             if bool(done.all()) or step == max_new - 1:
                 return
@@ -125,6 +133,18 @@ class Engine:
                 if token is not None:
                     outputs[row].append(token)
         return outputs
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-prob given the tokens before it (teacher-forced, one forward pass),
+        with the `top` most likely tokens at each position; None for the first token."""
+        self.check_prompt(prompt)
+        self.stats.forward_passes += 1
+        ids = torch.tensor([list(prompt)], device=self.device)
+        logits = self.model(ids)[0, -len(prompt) :]
+        chosen, best, index = logprobs_of(logits[:-1], ids[0, 1:], top)
+        rows = zip(ids[0, 1:].tolist(), chosen.tolist(), index.tolist(), best.tolist())
+        return [None, *(TokenLogprob(t, c, list(zip(i, b))) for t, c, i, b in rows)]
 
     def _count_batch(self, size: int) -> None:
         self.stats.batches += 1

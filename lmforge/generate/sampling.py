@@ -8,6 +8,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from lmforge.generate.grammar import Grammar
+
+MAX_LOGPROBS = 20  # the most alternatives a row reports per token (OpenAI's top_logprobs limit)
+
 
 class SamplingParams(BaseModel):
     """How to pick tokens and when to stop, validated once: a pydantic model, so recipes embed it as
@@ -22,6 +26,20 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
+    # Logits processing, in vLLM's order: grammar mask, min_tokens, logit_bias, then the penalties.
+    grammar: Grammar | None = None  # structured output: the text must match it
+    min_tokens: int = Field(0, ge=0)  # stop tokens are masked until this many tokens are generated
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit
+    presence_penalty: float = Field(0.0, ge=-2, le=2)  # OpenAI's: over the tokens generated so far
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)  # HF's / vLLM's: over prompt and generated tokens
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # report each token's log-prob and N alternatives
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything beyond temperature, top-k and top-p changes this row's logits."""
+        return bool(self.grammar is not None or self.min_tokens or self.logit_bias or self.presence_penalty
+                    or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def stopping_at(self, stop_token_ids: Sequence[int], seed: int | None = None) -> SamplingParams:
         """These settings as plain `SamplingParams`, stopping at `stop_token_ids`, with `seed` if given."""

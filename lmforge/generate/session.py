@@ -12,6 +12,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine
+from lmforge.generate.grammar import GrammarCompiler
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
 from lmforge.model import Transformer
@@ -25,6 +26,16 @@ class Session:
     model: Transformer
     tokenizer: Tokenizer
     engine: Engine
+
+    def __post_init__(self) -> None:
+        if self.engine.grammars is None:  # structured output compiles against this tokenizer
+            self.engine.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.stop_token_ids)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The compiler of this session's grammars (`grammars.compile(spec)` checks a spec early)."""
+        assert self.engine.grammars is not None
+        return self.engine.grammars
 
     @classmethod
     def load(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from lmforge.config import ModelConfig
 from lmforge.generate.engine import Engine
@@ -126,3 +127,28 @@ def _run(
         if delta := detok.flush():
             yield row, delta
         results.append(Completion(detok.text, detok.ids, "stop" if ended[row] else "length", len(prompts[row])))
+
+
+@lru_cache(maxsize=1)
+def _byte_of_symbol() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable symbol standing for each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[chr(b)] = b
+        else:
+            symbols[chr(256 + extra)] = b
+            extra += 1
+    return symbols
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for (a byte-level token may hold part of a UTF-8 character)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text.encode()
+    piece, table = tokenizer.backend.id_to_token(token_id) or "", _byte_of_symbol()
+    if piece and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return text.encode()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.generate.continuous import DecodeBatch, Row
+from lmforge.generate.processing import TokenLogprob
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import Detokenizer
@@ -31,14 +32,18 @@ _ids = itertools.count()
 class Job:
     """One API request: one row per prompt (and per choice when `n > 1`), all sampled with `params`
     (the batcher adds the model's end tokens to its stop tokens) and cut at the `stop` strings.
+    `prompt_logprobs` (N alternatives) scores each prompt first; `score_only` generates nothing.
 
-    Events passed to `emit`: ("delta", row, text), ("done", row, finish_reason, completion_tokens),
-    ("error", message)."""
+    Events passed to `emit`: ("prompt", row, [TokenLogprob | None per prompt token]),
+    ("delta", row, text, [TokenLogprob of the tokens behind the text, when `params.logprobs` is set]),
+    ("done", row, finish_reason, completion_tokens), ("error", message)."""
 
     prompts: Sequence[Sequence[int]]
     params: SamplingParams
     emit: Callable[[Event], None]
     stop: Sequence[str] = ()
+    prompt_logprobs: int | None = None
+    score_only: bool = False
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
 
@@ -50,6 +55,7 @@ class _Slot:
     job: Job
     index: int
     detokenizer: Detokenizer
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not yet sent
 
 
 class Batcher:
@@ -123,6 +129,7 @@ class Batcher:
                 rows += len(job.prompts)
         if not joining:
             return
+        joining = [job for job in joining if self._score(job)]
         prompts, params, slots = [], [], []
         for job in joining:
             job_params = self.session.sampling(job.params)  # one object per job: its seeded rows share a generator
@@ -136,25 +143,49 @@ class Batcher:
             for job in joining:
                 job.emit(("error", f"{type(e).__name__}: {e}"))
 
+    def _score(self, job: Job) -> bool:
+        """Send the prompt log-probs a job asks for; False when that was all it asked for (or it failed)."""
+        if job.prompt_logprobs is not None:
+            try:
+                scored: dict[tuple[int, ...], list[TokenLogprob | None]] = {}
+                for i, prompt in enumerate(job.prompts):
+                    key = tuple(prompt)
+                    if key not in scored:
+                        scored[key] = self.session.engine.prompt_logprobs(prompt, job.prompt_logprobs)
+                    job.emit(("prompt", i, scored[key]))
+            except Exception as e:
+                job.emit(("error", f"{type(e).__name__}: {e}"))
+                return False
+        if job.score_only:
+            for i in range(len(job.prompts)):
+                job.emit(("done", i, "length", 0))
+        return not job.score_only
+
     def _dispatch(self, batch: DecodeBatch, tokens: list[tuple[Row, int]]) -> None:
         """Hand each row's new token to its request as text; end rows that stopped."""
         for row, token in tokens:
             slot: _Slot = row.tag
             if slot.job.cancelled:
                 continue
-            if row.finish == "stop":  # a stop token: not part of the text
+            if row.finish == "stop" and token in row.stop_ids:  # a stop token: not part of the text
                 self._finish(slot, "stop", row.generated)
                 continue
+            if row.state is not None and row.state.logprob is not None:
+                slot.logprobs.append(row.state.logprob)
             if delta := slot.detokenizer.push(token):
-                slot.job.emit(("delta", slot.index, delta))
+                self._send(slot, delta)
             if slot.detokenizer.stopped:
                 batch.leave([row])
                 self._finish(slot, "stop", row.generated)
-            elif row.finish == "length":
-                self._finish(slot, "length", row.generated)
+            elif row.finish:
+                self._finish(slot, row.finish, row.generated)
 
     @staticmethod
-    def _finish(slot: _Slot, reason: str, completion_tokens: int) -> None:
-        if tail := slot.detokenizer.flush():
-            slot.job.emit(("delta", slot.index, tail))
+    def _send(slot: _Slot, text: str) -> None:
+        slot.job.emit(("delta", slot.index, text, slot.logprobs))
+        slot.logprobs = []
+
+    def _finish(self, slot: _Slot, reason: str, completion_tokens: int) -> None:
+        if (tail := slot.detokenizer.flush()) or slot.logprobs:
+            self._send(slot, tail)
         slot.job.emit(("done", slot.index, reason, completion_tokens))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from lmforge.tokenizer import Message
 
@@ -17,9 +17,9 @@ MAX_REQUEST_BYTES = 4 * 2**20  # a prompt that fills a 128k-token context is abo
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value (or null/false) is a 400 naming it, never a reply that silently ignores it.
 UNSUPPORTED: dict[str, list[Any]] = {
-    "logit_bias": [{}], "echo": [], "logprobs": [], "top_logprobs": [0], "response_format": [{"type": "text"}],
     "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]], "function_call": ["none", "auto"],
-    "presence_penalty": [0], "frequency_penalty": [0], "best_of": [1], "suffix": [""],
+    "best_of": [1], "suffix": [""], "prompt_logprobs": [], "guided_json": [], "guided_regex": [],
+    "guided_choice": [], "guided_grammar": [], "structured_outputs": [],
 }
 
 
@@ -55,6 +55,28 @@ class RequestBody(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
+    logit_bias: dict[str, Number] | None = None  # token id (as a string) -> bias in [-100, 100]
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None  # extension (vLLM)
+    min_tokens: StrictInt | None = None  # extension (vLLM)
+    response_format: ResponseFormat | None = None  # completions: an extension (vLLM)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class TextPart(BaseModel):
@@ -83,10 +105,14 @@ class MessageBody(BaseModel):
 class ChatBody(RequestBody):
     messages: list[MessageBody]
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
 
 
 class CompletionBody(RequestBody):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool | None = None
 
 
 # ---- reading requests, writing events ------------------------------------------------------------
@@ -142,11 +168,11 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
     def chunk(choices: list[dict], **extra: Any) -> str:
         return f"data: {json.dumps({**meta, 'object': kind, 'choices': choices, **extra})}\n\n"
 
-    def choice(index: int, text: str | None, reason: str | None) -> dict:
+    def choice(index: int, text: str | None, reason: str | None, logprobs: dict | None = None) -> dict:
         if chat:
             delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"text": text or "", "index": index, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"text": text or "", "index": index, "logprobs": logprobs, "finish_reason": reason}
 
     try:
         if chat:
@@ -154,7 +180,7 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
                           "finish_reason": None} for i in range(n)], **first_extra)
         async for event in events:
             if event[0] == "delta":
-                yield chunk([choice(event[1], event[2], None)])
+                yield chunk([choice(event[1], event[2], None, event[3])])
             else:
                 yield chunk([choice(event[1], None, event[2])])
         if include_usage:

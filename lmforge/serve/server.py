@@ -28,8 +28,10 @@ from lmforge.generate.session import Session
 from lmforge.rag.answer import grounded_chat_prompt
 from lmforge.rag.store import Store
 from lmforge.serve.batcher import Batcher, Job
-from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, RequestBody, parse, sse
-from lmforge.tokenizer import Message
+from lmforge.serve.logprobs import LogprobWriter
+from lmforge.serve.options import logprob_counts, processing_fields, stop_strings
+from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, parse, sse
+from lmforge.tokenizer import Message, Tokenizer
 
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 # The page is self-contained: the browser may fetch nothing but this server.
@@ -149,11 +151,13 @@ class Endpoints:
         self.authorize(request)
         body = await parse(request, CompletionBody, self.max_request_bytes)
         self.check_model(body.model)
-        params = self.sampling(body, body.max_tokens)
-        return await self.respond(request, body, self.completion_prompts(body.prompt), params, body.max_tokens,
-                                  chat=False)
+        score_only = bool(body.echo) and body.max_tokens == 0  # lm-eval's loglikelihood: prompt log-probs only
+        max_tokens = 1 if score_only else body.max_tokens
+        params = self.sampling(body, max_tokens)
+        return await self.respond(request, body, self.completion_prompts(body.prompt), params, max_tokens,
+                                  chat=False, score_only=score_only)
 
-    def sampling(self, body: RequestBody, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, body: ChatBody | CompletionBody, max_tokens: int | None) -> SamplingParams:
         """The request's sampling parameters (up to the whole context when it sets no `max_tokens`);
         a bad value is a 400 naming the request's parameter."""
         if not 1 <= body.n <= self.batcher.max_batch_size:
@@ -164,7 +168,8 @@ class Endpoints:
         try:
             return SamplingParams(max_new_tokens=self.session.context if max_tokens is None else max_tokens,
                                   temperature=1.0 if body.temperature is None else body.temperature,
-                                  top_k=body.top_k or None, top_p=body.top_p, seed=body.seed)
+                                  top_k=body.top_k or None, top_p=body.top_p, seed=body.seed,
+                                  **processing_fields(body, self.session))
         except ValidationError as e:
             error = e.errors()[0]
             param = REQUEST_PARAMS.get(str(error["loc"][0]), str(error["loc"][0]))
@@ -212,36 +217,39 @@ class Endpoints:
                                     f"{context} tokens", param="max_tokens" if max_tokens else "messages",
                                code="context_length_exceeded")
 
-    async def respond(self, request: Request, body: RequestBody, prompts: list[list[int]], params: SamplingParams,
-                      max_tokens: int | None, *, chat: bool,
+    async def respond(self, request: Request, body: ChatBody | CompletionBody, prompts: list[list[int]],
+                      params: SamplingParams, max_tokens: int | None, *, chat: bool, score_only: bool = False,
                       extra: dict[str, Any] | None = None) -> dict[str, Any] | StreamingResponse:
         """Decode `body.n` choices per prompt in the batcher; stream them or answer when all are done.
         Without `max_tokens`, every row may fill what the longest prompt leaves of the context."""
         self.check_fit(prompts, max_tokens, chat)
         if max_tokens is None:
             params = params.model_copy(update={"max_new_tokens": min(self.session.context - len(p) for p in prompts)})
-        stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
-        job, events = self.submit([p for p in prompts for _ in range(body.n)], params, stop)
+        job, events = self.submit(Job([p for p in prompts for _ in range(body.n)], params, lambda e: None,
+                                      stop=stop_strings(body), prompt_logprobs=logprob_counts(body)[1],
+                                      score_only=score_only))
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0, "total_tokens": 0}
-        results = job_events(job, events, usage)
+        writer = LogprobWriter(self.session.tokenizer, len(job.prompts))
+        echo = self.session.tokenizer if isinstance(body, CompletionBody) and body.echo else None
+        results = shaped(job, job_events(job, events, usage), writer, chat, echo)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(sse(results, meta, len(job.prompts), chat, usage, include_usage, extra or {}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, reasons = await gather(request, job, results)
+        texts, reasons, logprobs = await gather(request, job, results)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                        "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         else:
-            choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [{"text": t, "index": i, "logprobs": lp, "finish_reason": r}
+                       for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         kind = "chat.completion" if chat else "text_completion"
         return {**meta, "object": kind, "choices": choices, "usage": usage, **(extra or {})}
 
-    def submit(self, rows: list[list[int]], params: SamplingParams, stop: list[str]) -> tuple[Job, asyncio.Queue]:
-        """Hand the rows to the batcher; its events arrive on the returned queue, on this event loop."""
+    def submit(self, job: Job) -> tuple[Job, asyncio.Queue]:
+        """Hand the job to the batcher; its events arrive on the returned queue, on this event loop."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -251,7 +259,7 @@ class Endpoints:
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 job.cancelled = True
 
-        job = Job(rows, params, emit, stop=stop)
+        job.emit = emit
         self.batcher.submit(job)
         return job, events
 
@@ -274,19 +282,45 @@ async def job_events(job: Job, events: asyncio.Queue, usage: dict[str, int]) -> 
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-async def gather(request: Request, job: Job, results: AsyncIterator[tuple]) -> tuple[list[str], list[str]]:
-    """Each row's whole text and finish reason, for a non-streamed reply."""
+async def shaped(job: Job, results: AsyncIterator[tuple], writer: LogprobWriter, chat: bool,
+                 echo: Tokenizer | None) -> AsyncIterator[tuple]:
+    """The job's events as replies write them: ("delta", row, text, logprobs field or None) and
+    ("done", row, reason, tokens); with `echo` (the tokenizer), each row's prompt text comes first."""
+    if echo is not None and job.prompt_logprobs is None:
+        for i, prompt in enumerate(job.prompts):
+            yield ("delta", i, echo.decode(prompt, skip_special_tokens=True), None)
+    async for event in results:
+        if event[0] == "prompt":
+            i, prompt = event[1], job.prompts[event[1]]
+            text = echo.decode(prompt, skip_special_tokens=True) if echo is not None else ""
+            yield ("delta", i, text, writer.completion(i, event[2], prompt))
+        elif event[0] == "delta" and job.params.logprobs is not None:
+            yield (*event[:3], writer.chat(event[3]) if chat else writer.completion(event[1], event[3]))
+        elif event[0] == "delta":
+            yield (*event[:3], None)
+        else:
+            yield event
+
+
+async def gather(request: Request, job: Job, results: AsyncIterator[tuple]
+                 ) -> tuple[list[str], list[str], list[dict[str, Any] | None]]:
+    """Each row's whole text, finish reason and log-probs, for a non-streamed reply."""
     texts, reasons = [""] * len(job.prompts), ["length"] * len(job.prompts)
+    logprobs: list[dict[str, Any] | None] = [None] * len(job.prompts)
     watcher = asyncio.create_task(cancel_on_disconnect(request, job))
     try:
         async for event in results:
             if event[0] == "delta":
                 texts[event[1]] += event[2]
+                if (new := event[3]) is not None:
+                    old = logprobs[event[1]]
+                    logprobs[event[1]] = new if old is None else {k: old[k] + v if isinstance(v, list) else v
+                                                                  for k, v in new.items()}
             else:
                 reasons[event[1]] = event[2]
     finally:
         watcher.cancel()
-    return texts, reasons
+    return texts, reasons, logprobs
 
 
 async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) -> None:

@@ -1,0 +1,79 @@
+"""The request parameters that shape a row's logits and what it reports (`response_format`, `logit_bias`,
+penalties, `min_tokens`, log-probs, `stop`), checked and turned into `SamplingParams` fields; a bad
+value is a 400 naming the request's parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.generate.grammar import Grammar, GrammarError
+from lmforge.generate.sampling import MAX_LOGPROBS
+from lmforge.generate.session import Session
+from lmforge.serve.protocol import APIError, ChatBody, CompletionBody, RequestBody
+
+MAX_STOP = 16  # OpenAI allows 4 stop strings; more are an extension, up to this many
+BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
+
+
+def stop_strings(body: RequestBody) -> list[str]:
+    """The request's stop strings (a 400 beyond `MAX_STOP`)."""
+    stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
+    return stop
+
+
+def grammar_of(body: RequestBody, session: Session) -> Grammar | None:
+    """The grammar `response_format` asks for, compiled once here so that a bad schema is a 400."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        grammar = Grammar.json_object()
+    else:
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise APIError(400, "response_format: a json_schema format needs 'json_schema': {'name', 'schema'}",
+                           param="response_format")
+        grammar = Grammar.json_schema(fmt.json_schema.json_schema)
+    try:
+        session.grammars.compile(grammar)
+    except GrammarError as e:
+        raise APIError(400, f"response_format: the schema cannot be compiled: {e}", param="response_format") from None
+    return grammar
+
+
+def logprob_counts(body: ChatBody | CompletionBody) -> tuple[int | None, int | None]:
+    """(alternatives per generated token, alternatives per prompt token) the request asks for; None: none."""
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            if body.top_logprobs:
+                raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+        top = body.top_logprobs or 0
+        _check_count(top, "top_logprobs")
+        return (top if body.logprobs else None), None
+    if body.logprobs is not None:
+        _check_count(body.logprobs, "logprobs")
+    return body.logprobs, (body.logprobs or 0) if body.echo and body.logprobs is not None else None
+
+
+def _check_count(n: int, name: str) -> None:
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise APIError(400, f"{name}: must be between 0 and {MAX_LOGPROBS}, got {n}", param=name)
+
+
+def processing_fields(body: ChatBody | CompletionBody, session: Session) -> dict[str, Any]:
+    """The `SamplingParams` fields of the request's logits processing and log-probs."""
+    fields: dict[str, Any] = {"grammar": grammar_of(body, session), "logprobs": logprob_counts(body)[0]}
+    vocab = session.model.config.vocab_size
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias: keys must be token ids in [0, {vocab}), got {key!r}", param="logit_bias")
+        if not -BIAS_LIMIT <= value <= BIAS_LIMIT:
+            raise APIError(400, f"logit_bias: values must be in [-100, 100], got {value}", param="logit_bias")
+        bias[int(key)] = float(value)
+    fields["logit_bias"] = bias
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens"):
+        if (value := getattr(body, name)) is not None:
+            fields[name] = value
+    return fields
