@@ -89,8 +89,9 @@ def add_commands(sub: Subcommands) -> None:
 
 def add_serve_command(sub: Subcommands) -> None:
     p = runs(sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
-                            description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models and /health "
-                                        "(FastAPI on uvicorn); concurrent requests are decoded in batches."), serve)
+                            description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models "
+                                        "and /health (FastAPI on uvicorn); concurrent requests are decoded in "
+                                        "batches."), serve)
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; use 0.0.0.0 to accept other machines)")
