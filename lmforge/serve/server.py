@@ -78,7 +78,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
     app.add_api_route("/v1/models", api.models, methods=["GET"], response_model=None,
                       responses=responses(ModelList, MODEL_ERRORS))
     app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"], response_model=None,
-                      responses=responses(Model, (404, *MODEL_ERRORS)))
+                      responses=responses(Model, (404, 422, *MODEL_ERRORS)))
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], response_model=None,
                       responses=responses(ChatCompletion, BODY_ERRORS, stream=ChatCompletionChunk))
     app.add_api_route("/v1/completions", api.completions, methods=["POST"], response_model=None,
