@@ -26,8 +26,12 @@ BODY_ERRORS = {"400", "401", "404", "405", "413", "422", "500"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = make_chat_checkpoint(tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("corpus"))
+def checkpoint(tmp_path_factory):
+    return make_chat_checkpoint(tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
     with LiveServer(create_app(Session.load(checkpoint), model_name=MODEL)) as live:
         yield live
 
@@ -62,6 +66,15 @@ def test_every_route_declares_its_bodies_and_error_statuses(server, spec):
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's 422 body is not what we send
     docs = httpx.get(server.url + "/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+
+
+def test_api_key_is_declared_as_bearer_security(checkpoint, spec):
+    secured = create_app(Session.load(checkpoint), model_name=MODEL, api_key="sk-test").openapi()
+    assert secured["components"]["securitySchemes"] == {"APIKey": {"type": "http", "scheme": "bearer"}}
+    for path, operations in secured["paths"].items():
+        for operation in operations.values():
+            assert operation.get("security") == ([{"APIKey": []}] if path.startswith("/v1/") else None)
+    assert "securitySchemes" not in spec["components"]
 
 
 def stream_events(r: httpx.Response) -> list[str]:

@@ -231,12 +231,12 @@ REQUEST_EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def describe_api(app: FastAPI, bodies: dict[str, type[BaseModel]],
-                 components: tuple[type[BaseModel], ...] = ()) -> Callable[[], dict[str, Any]]:
+def describe_api(app: FastAPI, bodies: dict[str, type[BaseModel]], components: tuple[type[BaseModel], ...] = (),
+                 bearer: bool = False) -> Callable[[], dict[str, Any]]:
     """`app.openapi` with each POST route of `bodies` declaring its JSON request body (with the
-    `REQUEST_EXAMPLES`), and the stream chunk models among the components. The routes read their
-    bodies themselves (to refuse an oversized one unread, and to name a bad parameter OpenAI's way),
-    so FastAPI cannot see them."""
+    `REQUEST_EXAMPLES`), the stream chunk models among the components, and with `bearer` the API key
+    that `/v1` routes require. The routes read their bodies themselves (to refuse an oversized one
+    unread, and to name a bad parameter OpenAI's way), so FastAPI cannot see them."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -249,6 +249,11 @@ def describe_api(app: FastAPI, bodies: dict[str, type[BaseModel]],
                 examples = {name: {"value": value} for name, value in REQUEST_EXAMPLES.get(path, {}).items()}
                 content = {"application/json": {"schema": refs[(model, "validation")], "examples": examples}}
                 schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": content}
+            if bearer:
+                schema["components"]["securitySchemes"] = {"APIKey": {"type": "http", "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    for operation in operations.values() if path.startswith("/v1/") else ():
+                        operation["security"] = [{"APIKey": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

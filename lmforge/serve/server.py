@@ -86,7 +86,8 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
     app.add_api_route("/v1/embeddings", embeddings.__call__, methods=["POST"], response_model=None,
                       responses=responses(EmbeddingList, BODY_ERRORS))
     app.openapi = describe_api(app, {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody,
-                                     "/v1/embeddings": EmbeddingBody}, (ChatCompletionChunk, CompletionChunk))
+                                     "/v1/embeddings": EmbeddingBody}, (ChatCompletionChunk, CompletionChunk),
+                               bearer=api_key is not None)
     return app
 
 
