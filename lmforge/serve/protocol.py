@@ -133,12 +133,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def json_number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: an int when it is integral (JSON Schema's `integer`
+    holds 2.0), else a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 async def parse(request: Request, model: type[BaseModel], max_bytes: int = MAX_REQUEST_BYTES) -> Any:
     """The request body validated against `model`: 413 when too large, 400 for bad JSON or an
     unsupported parameter, 422 for a wrong shape."""
     raw = await read_body(request, max_bytes)
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=json_number)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
     except RecursionError:

@@ -2,7 +2,9 @@
 
 Endpoints: `GET /` (the chat page), `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 (both with `stream: true` as server-sent events ending in `data: [DONE]`). Concurrent requests
-are decoded together by one `Batcher` worker thread that owns the engine.
+are decoded together by one `Batcher` worker thread that owns the engine. `POST /v1/embeddings`
+embeds with the retrieval encoder (`embeddings.py`). Every route's bodies and error statuses are
+declared (`schema.py`) in `/openapi.json`, which `/docs` shows.
 
 With a context store, chat requests are answered with retrieval: the last user message is searched
 for, replaced by the grounded prompt over the best chunks, and the response carries a `sources`
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -27,10 +30,16 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.rag.answer import grounded_chat_prompt
 from lmforge.rag.store import Store
+from lmforge.rag.embed import Embedder, load_embedder
 from lmforge.serve.batcher import Batcher, Job
+from lmforge.serve.embeddings import EmbeddingBody, Embeddings, EncoderSource
 from lmforge.serve.logprobs import LogprobWriter
 from lmforge.serve.options import logprob_counts, processing_fields, stop_strings
 from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, parse, sse
+from lmforge.serve.schema import (
+    BODY_ERRORS, MODEL_ERRORS, READ_ERRORS, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
+    EmbeddingList, Health, Model, ModelList, describe_api, responses,
+)
 from lmforge.tokenizer import Message, Tokenizer
 
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
@@ -38,6 +47,9 @@ CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
                "img-src 'self' data:")
 REQUEST_PARAMS = {"max_new_tokens": "max_tokens"}  # SamplingParams' fields named otherwise in a request
+API_DESCRIPTION = ("OpenAI's API over one model (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and the "
+                   "retrieval encoder (`/v1/embeddings`). Errors are OpenAI's `{\"error\": {message, type, param, "
+                   "code}}`.")
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -45,24 +57,39 @@ REQUEST_PARAMS = {"max_new_tokens": "max_tokens"}  # SamplingParams' fields name
 
 def create_app(session: Session, *, api_key: str | None = None, model_name: str = "lmforge",
                max_batch_size: int = 16, store: Store | None = None, rag_k: int = 3,
-               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = MAX_REQUEST_BYTES, embedder: Embedder | None = None) -> FastAPI:
     """The FastAPI app serving `session` under the model id `model_name`; chat answers are grounded
     in the `rag_k` best chunks of `store` when one is given. Bodies over `max_request_bytes` are
-    refused unread."""
+    refused unread. `/v1/embeddings` uses `embedder`, else the store's, else the default encoder
+    (loaded on its first request)."""
     api = Endpoints(session, Batcher(session, max_batch_size=max_batch_size), api_key=api_key,
                     model_name=model_name, store=store, rag_k=rag_k, max_request_bytes=max_request_bytes)
-    app = FastAPI(title="lmforge", lifespan=api.lifespan)
+    encoder = EncoderSource(embedder or (store.embedder if store is not None else None))
+    embeddings = Embeddings(encoder, authorize=api.authorize, served_model=model_name,
+                            max_request_bytes=max_request_bytes)
+    app = FastAPI(title="lmforge", lifespan=api.lifespan, description=API_DESCRIPTION)
     app.state.session, app.state.batcher = session, api.batcher
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(404, not_found)
     app.add_exception_handler(405, not_allowed)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/v1/models", api.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/completions", api.completions, methods=["POST"], response_model=None)
+    app.add_api_route("/health", health, methods=["GET"], response_model=None,
+                      responses=responses(Health, READ_ERRORS))
+    app.add_api_route("/v1/models", api.models, methods=["GET"], response_model=None,
+                      responses=responses(ModelList, MODEL_ERRORS))
+    app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"], response_model=None,
+                      responses=responses(Model, (404, 422, *MODEL_ERRORS)))
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], response_model=None,
+                      responses=responses(ChatCompletion, BODY_ERRORS, stream=ChatCompletionChunk))
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"], response_model=None,
+                      responses=responses(Completion, BODY_ERRORS, stream=CompletionChunk))
+    app.add_api_route("/v1/embeddings", embeddings.__call__, methods=["POST"], response_model=None,
+                      responses=responses(EmbeddingList, BODY_ERRORS))
+    app.openapi = describe_api(app, {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody,
+                                     "/v1/embeddings": EmbeddingBody}, (ChatCompletionChunk, CompletionChunk),
+                               bearer=api_key is not None)
     return app
 
 
@@ -75,7 +102,15 @@ async def not_found(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
-    return APIError(405, f"method {request.method} not allowed on {request.url.path}").response()
+    response = APIError(405, f"method {request.method} not allowed on {request.url.path}").response()
+    response.headers.update(getattr(exc, "headers", None) or {})  # Allow: the methods the route takes
+    return response
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+    return APIError(422, f"invalid request: {first.get('msg', exc)}", param=param).response()
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -332,13 +367,17 @@ async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
-          store: str | None = None, rag_k: int = 3, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
-    """Load a checkpoint (and a context store) and serve it with uvicorn until interrupted."""
+          store: str | None = None, rag_k: int = 3, max_request_bytes: int = MAX_REQUEST_BYTES,
+          embedding_model: str | None = None) -> None:
+    """Load a checkpoint (and a context store, and an embedding model) and serve it with uvicorn until
+    interrupted. The default encoder is loaded by the first embeddings request, not here."""
     import uvicorn
 
     session = Session.load(checkpoint, dtype=dtype)
     name = model_name or Path(checkpoint).resolve().name
+    embedder = load_embedder(embedding_model) if embedding_model else None
     app = create_app(session, api_key=api_key, model_name=name, max_batch_size=max_batch_size,
-                     store=Store.open(store) if store else None, rag_k=rag_k, max_request_bytes=max_request_bytes)
+                     store=Store.open(store, embedder) if store else None, rag_k=rag_k,
+                     max_request_bytes=max_request_bytes, embedder=embedder)
     print(f"serving '{name}' on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
