@@ -122,9 +122,10 @@ class Tokenizer:
         """Whether the chat template renders a `tools` variable (a tools section, as Qwen2.5's and Llama-3.1's)."""
         return self.chat_template is not None and "tools" in _template_variables(self.chat_template)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Token ids of a chat prompt ready for the assistant's reply (the generation prompt appended)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True))
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], **extra: Any) -> list[int]:
+        """Token ids of a chat prompt ready for the assistant's reply (the generation prompt appended);
+        `extra` are further template variables, such as `tools`."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True, **extra))
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:

@@ -16,14 +16,14 @@ from lmforge.serve.tools import (
 )
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
 
+NUMBER = {"type": "integer", "minimum": -999, "maximum": 999}  # bounded, so that a random model's call ends
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
                    "required": ["city"], "additionalProperties": False}}}
 ADD = {"type": "function", "function": {
-    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                                  "required": ["a", "b"]}}}
+    "name": "add", "parameters": {"type": "object", "properties": {"a": NUMBER, "b": NUMBER}, "required": ["a", "b"]}}}
 
 # A Qwen2.5-style template with a tools section (Hermes format), written for this test.
 TOOLS_TEMPLATE = (
@@ -146,3 +146,135 @@ def test_bad_choices_and_arguments_are_errors():
         chosen_function(read_tools([ADD]), {"type": "function", "function": {"name": "mul"}})
     with pytest.raises(ValueError, match=r"messages\[2\].tool_calls\[0\]"):
         call_turns([{"function": {"name": "add", "arguments": "[1, 2]"}}], "messages[2]")
+
+
+# ---- through the server, with the official client ------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from live_server import LiveServer, make_chat_checkpoint
+
+    from lmforge.generate.session import Session
+    from lmforge.serve.server import create_app
+
+    session = Session.load(make_chat_checkpoint(tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("corpus"),
+                                                context=2048))  # the tools prompt: ~800 tokens
+    with LiveServer(create_app(session, model_name="tiny")) as live:
+        live.session = session
+        yield live
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, seed: int, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather in oslo"}],
+                                          max_tokens=200, temperature=1.0, seed=seed, **kwargs)
+
+
+def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(client):
+    for seed in range(4):
+        reply = ask(client, seed, tools=[WEATHER, ADD],
+                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_required_calls_validate_one_at_a_time_or_in_parallel(client):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+    for seed, parallel in ((0, False), (1, True), (2, True)):
+        reply = ask(client, seed, tools=[WEATHER, ADD], tool_choice="required", parallel_tool_calls=parallel)
+        calls = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and calls and (parallel or len(calls) == 1)
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_a_streamed_call_arrives_as_tool_call_deltas_equal_to_the_whole_reply(client):
+    kwargs = dict(tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}})
+    whole = ask(client, 7, **kwargs).choices[0].message.tool_calls[0]
+    calls, reasons = {}, []
+    for chunk in ask(client, 7, stream=True, **kwargs):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                calls[delta.index]["name"] += delta.function.name or ""
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+            reasons.append(choice.finish_reason)
+    assert reasons[-1] == "tool_calls"
+    assert calls == {0: {"name": "add", "arguments": whole.function.arguments}}
+
+
+def test_tool_results_are_accepted_back_and_rendered_as_the_template_has_them(client, served):
+    messages = CONVERSATION[1:]
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, ADD], max_tokens=4,
+                                           temperature=0)
+    tokenizer = served.session.tokenizer
+    expected = tokenizer.encode_chat(template_messages(conversation_turns()[1:], read_tools([WEATHER, ADD])))
+    assert reply.usage.prompt_tokens == len(expected)
+    none = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=4, temperature=0)
+    assert none.usage.prompt_tokens == len(tokenizer.encode_chat(template_messages(conversation_turns()[1:], [])))
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+    ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools"),
+])
+def test_bad_tool_requests_are_400s_naming_the_parameter(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, 0, **kwargs)
+    assert caught.value.body["param"] == param
+
+
+def test_a_tool_choice_outside_the_schema_is_a_422(client):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        ask(client, 0, tools=[ADD], tool_choice="sometimes")
+    assert caught.value.body["param"].startswith("tool_choice")
+
+
+def test_a_bad_call_in_the_history_is_a_400(client):
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                      "function": {"name": "add", "arguments": "not json"}}]}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert caught.value.body["param"] == "messages[1].tool_calls"
+
+
+def test_auto_replies_are_parsed_for_calls_and_streamed_as_tool_call_events():
+    import asyncio
+
+    from lmforge.serve.server import chat_choice
+    from lmforge.serve.tools import ToolUse, with_tool_calls
+
+    use = ToolUse.of_request([WEATHER, ADD], "auto", None)
+    reply = 'Sure.<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    choice = chat_choice(0, reply, "stop", None, use)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure."
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert chat_choice(0, reply, "length", None, use)["message"] == {"role": "assistant", "content": reply}
+    assert chat_choice(0, "It is cold.", "stop", None, use)["finish_reason"] == "stop"
+
+    async def events():
+        for piece in ("Sure.<tool_", "call>", '{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'):
+            yield ("delta", 0, piece, None)
+        yield ("done", 0, "stop", 9)
+
+    async def collect():
+        return [event async for event in with_tool_calls(events(), use)]
+
+    out = asyncio.run(collect())
+    assert [e[0] for e in out] == ["delta", "tool_calls", "done"]
+    assert out[0][2] == "Sure." and out[1][2][0]["function"]["name"] == "add" and out[2] == ("done", 0, "tool_calls", 9)

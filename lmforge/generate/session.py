@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -76,12 +76,13 @@ class Session:
         """Token ids of a raw prompt, with BOS where the tokenizer's config asks for one."""
         return self.tokenizer.encode(text, add_bos=bool(self.tokenizer.config.get("add_bos_token", False)))
 
-    def chat_prompt(self, messages: Sequence[Message], reserve: int = 0) -> list[int]:
-        """Token ids of a conversation ready for the assistant's reply. Oldest turns (after any
-        system message) are dropped until the prompt plus `reserve` new tokens fit the context."""
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], reserve: int = 0, **template: Any) -> list[int]:
+        """Token ids of a conversation ready for the assistant's reply (`template`: further template
+        variables, such as `tools`). Oldest turns (after any system message) are dropped until the
+        prompt plus `reserve` new tokens fit the context."""
         messages = list(messages)
         while True:
-            ids = self.tokenizer.encode_chat(messages)
+            ids = self.tokenizer.encode_chat(messages, **template)
             first = 1 if messages and messages[0]["role"] == "system" else 0
             if len(ids) + reserve <= self.context or len(messages) - first <= 1:
                 return ids

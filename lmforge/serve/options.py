@@ -35,10 +35,15 @@ def grammar_of(body: RequestBody, session: Session) -> Grammar | None:
             raise APIError(400, "response_format: a json_schema format needs 'json_schema': {'name', 'schema'}",
                            param="response_format")
         grammar = Grammar.json_schema(fmt.json_schema.json_schema)
+    return checked(grammar, session, "response_format")
+
+
+def checked(grammar: Grammar, session: Session, param: str) -> Grammar:
+    """`grammar`, compiled once here (and cached) so that a bad one is a 400 naming `param`."""
     try:
         session.grammars.compile(grammar)
     except GrammarError as e:
-        raise APIError(400, f"response_format: the schema cannot be compiled: {e}", param="response_format") from None
+        raise APIError(400, f"{param}: the schema cannot be compiled: {e}", param=param) from None
     return grammar
 
 

@@ -17,7 +17,7 @@ MAX_REQUEST_BYTES = 4 * 2**20  # a prompt that fills a 128k-token context is abo
 # OpenAI parameters this server does not implement: a request that sets one to anything but its
 # neutral value (or null/false) is a 400 naming it, never a reply that silently ignores it.
 UNSUPPORTED: dict[str, list[Any]] = {
-    "tools": [[]], "tool_choice": ["none", "auto"], "functions": [[]], "function_call": ["none", "auto"],
+    "functions": [[]], "function_call": ["none", "auto"],
     "best_of": [1], "suffix": [""], "prompt_logprobs": [], "guided_json": [], "guided_regex": [],
     "guided_choice": [], "guided_grammar": [], "structured_outputs": [],
 }
@@ -86,11 +86,14 @@ class TextPart(BaseModel):
 
 
 class MessageBody(BaseModel):
-    """One message of a chat request (its content may be a list of text parts)."""
+    """One message of a chat request (its content may be a list of text parts); an assistant's may
+    carry `tool_calls`, and a `tool` message answers one of them."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -107,6 +110,9 @@ class ChatBody(RequestBody):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 class CompletionBody(RequestBody):
@@ -188,6 +194,10 @@ async def sse(events: AsyncIterator[tuple], meta: dict, n: int, chat: bool, usag
         async for event in events:
             if event[0] == "delta":
                 yield chunk([choice(event[1], event[2], None, event[3])])
+            elif event[0] == "tool_calls":
+                calls = [{"index": k, **call} for k, call in enumerate(event[2])]
+                yield chunk([{"index": event[1], "delta": {"tool_calls": calls}, "logprobs": None,
+                              "finish_reason": None}])
             else:
                 yield chunk([choice(event[1], None, event[2])])
         if include_usage:

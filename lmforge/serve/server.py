@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from lmforge.generate.grammar import Grammar
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.rag.answer import grounded_chat_prompt
@@ -34,13 +35,14 @@ from lmforge.rag.embed import Embedder, load_embedder
 from lmforge.serve.batcher import Batcher, Job
 from lmforge.serve.embeddings import EmbeddingBody, Embeddings, EncoderSource
 from lmforge.serve.logprobs import LogprobWriter
-from lmforge.serve.options import logprob_counts, processing_fields, stop_strings
+from lmforge.serve.options import checked, logprob_counts, processing_fields, stop_strings
 from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, parse, sse
 from lmforge.serve.schema import (
     BODY_ERRORS, MODEL_ERRORS, READ_ERRORS, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
     EmbeddingList, Health, Model, ModelList, describe_api, responses,
 )
-from lmforge.tokenizer import Message, Tokenizer
+from lmforge.serve.tools import ToolUse, call_turns, conversation, with_tool_calls
+from lmforge.tokenizer import Tokenizer
 
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"
 # The page is self-contained: the browser may fetch nothing but this server.
@@ -179,8 +181,36 @@ class Endpoints:
         params = self.sampling(body, max_tokens)
         if not body.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages")
-        prompt, extra = await self.chat_prompt([m.turn() for m in body.messages], max_tokens or 1)
-        return await self.respond(request, body, [prompt], params, max_tokens, chat=True, extra=extra)
+        tools = self.tool_use(body)
+        if tools is not None and tools.required:  # the reply is decoded as a call: always well formed
+            params = params.model_copy(update={"grammar": self.call_grammar(tools)})
+        prompt, extra = await self.chat_prompt(self.turns(body), max_tokens or 1, tools)
+        return await self.respond(request, body, [prompt], params, max_tokens, chat=True, extra=extra, tools=tools)
+
+    def tool_use(self, body: ChatBody) -> ToolUse | None:
+        try:
+            return ToolUse.of_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
+
+    def call_grammar(self, tools: ToolUse) -> Grammar:
+        return checked(Grammar.json_schema(tools.schema()), self.session, "tools")
+
+    @staticmethod
+    def turns(body: ChatBody) -> list[dict[str, Any]]:
+        """The request's messages as chat turns, with assistants' tool calls and tool results."""
+        turns: list[dict[str, Any]] = []
+        for i, message in enumerate(body.messages):
+            turn: dict[str, Any] = dict(message.turn())
+            try:
+                if message.tool_calls:
+                    turn["tool_calls"] = call_turns(message.tool_calls, f"messages[{i}]")
+            except ValueError as e:
+                raise APIError(400, str(e), param=f"messages[{i}].tool_calls") from None
+            if message.role == "tool":
+                turn["tool_call_id"] = message.tool_call_id
+            turns.append(turn)
+        return turns
 
     async def completions(self, request: Request) -> dict[str, Any] | StreamingResponse:
         self.authorize(request)
@@ -210,12 +240,15 @@ class Endpoints:
             param = REQUEST_PARAMS.get(str(error["loc"][0]), str(error["loc"][0]))
             raise APIError(400, f"{param}: {error['msg']} (got {error['input']!r})", param=param) from None
 
-    async def chat_prompt(self, messages: list[Message], reserve: int) -> tuple[list[int], dict[str, Any]]:
-        """The prompt of a conversation, grounded in the store's best chunks for its last user message
-        when there is a store; and the response's extra fields (`sources`)."""
+    async def chat_prompt(self, turns: list[dict[str, Any]], reserve: int,
+                          tools: ToolUse | None = None) -> tuple[list[int], dict[str, Any]]:
+        """The prompt of a conversation (with the tools it may call), grounded in the store's best
+        chunks for its last user message when there is a store; and the response's extra fields
+        (`sources`)."""
         try:
+            messages, template = conversation(turns, tools, self.session.tokenizer.chat_template_takes_tools)
             if self.store is None or messages[-1]["role"] != "user":
-                return self.session.chat_prompt(messages, reserve=reserve), {}
+                return self.session.chat_prompt(messages, reserve=reserve, **template), {}
             hits = await asyncio.to_thread(self.store.search, messages[-1]["content"], self.rag_k)
             prompt, hits = grounded_chat_prompt(self.session, messages, hits, reserve)
         except ValueError as e:
@@ -254,7 +287,8 @@ class Endpoints:
 
     async def respond(self, request: Request, body: ChatBody | CompletionBody, prompts: list[list[int]],
                       params: SamplingParams, max_tokens: int | None, *, chat: bool, score_only: bool = False,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any] | StreamingResponse:
+                      extra: dict[str, Any] | None = None,
+                      tools: ToolUse | None = None) -> dict[str, Any] | StreamingResponse:
         """Decode `body.n` choices per prompt in the batcher; stream them or answer when all are done.
         Without `max_tokens`, every row may fill what the longest prompt leaves of the context."""
         self.check_fit(prompts, max_tokens, chat)
@@ -270,13 +304,14 @@ class Endpoints:
         echo = self.session.tokenizer if isinstance(body, CompletionBody) and body.echo else None
         results = shaped(job, job_events(job, events, usage), writer, chat, echo)
         if body.stream:
+            if tools is not None:
+                results = with_tool_calls(results, tools)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(sse(results, meta, len(job.prompts), chat, usage, include_usage, extra or {}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, reasons, logprobs = await gather(request, job, results)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
-                        "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
+            choices = [chat_choice(i, t, r, lp, tools) for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         else:
             choices = [{"text": t, "index": i, "logprobs": lp, "finish_reason": r}
                        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
@@ -297,6 +332,18 @@ class Endpoints:
         job.emit = emit
         self.batcher.submit(job)
         return job, events
+
+
+def chat_choice(index: int, text: str, reason: str, logprobs: dict[str, Any] | None,
+                tools: ToolUse | None) -> dict[str, Any]:
+    """One choice of a chat completion: the reply, or the tool calls it makes (finish reason "tool_calls")."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tools is not None and reason == "stop":
+        content, calls = tools.reply(text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": [c.api() for c in calls]}
+            reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
 async def job_events(job: Job, events: asyncio.Queue, usage: dict[str, int]) -> AsyncIterator[tuple]:

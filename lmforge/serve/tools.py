@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,57 @@ class ToolCall:
     def api(self) -> dict[str, Any]:
         return {"id": self.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a chat request asks of tools: the functions, whether the reply is constrained to a call
+    ("required", or a named function), which function, and whether several calls may come at once."""
+
+    functions: tuple[Function, ...]
+    chosen: Function | None = None
+    required: bool = False
+    parallel: bool = True
+
+    @classmethod
+    def of_request(cls, tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any,
+                   parallel: bool | None) -> ToolUse | None:
+        """The request's tool use; None when it offers no tools or `tool_choice` is "none"."""
+        if not tools or tool_choice == "none":
+            if isinstance(tool_choice, Mapping) or tool_choice == "required":
+                raise ValueError("tool_choice asks for a call but the request offers no tools")
+            return None
+        functions = tuple(read_tools(tools))
+        chosen = chosen_function(functions, tool_choice)
+        return cls(functions, chosen, required=chosen is not None or tool_choice == "required",
+                   parallel=parallel is not False)
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema a constrained reply follows."""
+        return call_schema(self.functions, self.chosen, self.parallel)
+
+    def reply(self, reply: str) -> tuple[str | None, list[ToolCall]]:
+        """A finished reply's text (None if only calls) and its calls, at most one unless `parallel`."""
+        if self.required:
+            try:
+                text, calls = None, constrained_calls(reply, self.chosen)
+            except (json.JSONDecodeError, KeyError, TypeError):  # unfinished: cut by a stop string
+                text, calls = reply, []
+        else:
+            text, calls = parse_calls(reply, self.functions)
+        return text, calls if self.parallel else calls[:1]
+
+
+def conversation(turns: Sequence[Mapping[str, Any]], use: ToolUse | None,
+                 takes_tools: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages to render and the template variables: the tools through the template's own
+    tools section when it has one (`takes_tools`), else written into the messages."""
+    functions = use.functions if use else ()
+    if takes_tools:
+        return native_messages(turns), ({"tools": [f.definition() for f in functions]} if functions else {})
+    if functions or any(t["role"] == "tool" or t.get("tool_calls") for t in turns):
+        return template_messages(turns, functions), {}
+    return [dict(t) for t in turns], {}
 
 
 def read_tools(tools: Sequence[Mapping[str, Any]]) -> list[Function]:
@@ -176,3 +228,28 @@ def call_turns(calls: Sequence[Mapping[str, Any]], where: str) -> list[dict[str,
             raise ValueError(f"{where}.tool_calls[{i}]: expected a function name and JSON-object arguments")
         turns.append({"id": call.get("id"), "name": function["name"], "arguments": arguments})
     return turns
+
+
+async def with_tool_calls(events: AsyncIterator[tuple], use: ToolUse) -> AsyncIterator[tuple]:
+    """A chat job's events with each row's reply held back until it ends, then given as text
+    and ("tool_calls", row, [call, ...]) events, finishing with "tool_calls" when it made any."""
+    texts: dict[int, list[str]] = defaultdict(list)
+    logprobs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    async for event in events:
+        if event[0] == "delta":
+            texts[event[1]].append(event[2])
+            if event[3]:
+                logprobs[event[1]] += event[3]["content"]
+            continue
+        if event[0] != "done":
+            yield event
+            continue
+        row, reason = event[1], event[2]
+        reply = "".join(texts.pop(row, []))
+        content, calls = use.reply(reply) if reason == "stop" else (reply, [])
+        lp = {"content": logprobs.pop(row), "refusal": None} if row in logprobs else None
+        if content or lp:
+            yield ("delta", row, content or "", lp)
+        if calls:
+            yield ("tool_calls", row, [call.api() for call in calls])
+        yield ("done", row, "tool_calls" if calls else reason, *event[3:])
