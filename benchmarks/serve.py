@@ -5,7 +5,9 @@ world, hidden 384, 6 layers): lmforge with continuous batching (up to 16 rows), 
 limited to one row at a time (`--max-batch-size 1`, what a server without batching does). Each
 server runs in its own process; the clients are threads here, each sending its requests one after
 another. Prints requests/s, generated tokens/s, p50/p99 time to first token and to the last token,
-and the aggregate tokens/s over the single-client figure (the issue's goal: at least 4x at 16)."""
+and the aggregate tokens/s over the single-client figure (the issue's goal: at least 4x at 16). A last
+case sends the highest concurrency's requests with `response_format` (a JSON schema) to the batching
+server: tokens/s with the grammar's token mask against the same load without it."""
 
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.world.documents import write_pretraining_corpus
 from lmforge.world.people import make_world
 
+REPLY_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags"], "properties": {
+    "name": {"type": "string", "maxLength": 40},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 8}}}
+STRUCTURED = {"response_format": {"type": "json_schema", "json_schema": {"name": "reply", "schema": REPLY_SCHEMA}}}
 PROMPTS = ["Alice Moreau was born in", "The headquarters of", "Her employer is", "He studied", "Tell me about",
            "The CEO of", "She works as", "In 1987,"]
 
@@ -69,10 +75,10 @@ def start_server(checkpoint: Path, max_batch_size: int) -> tuple[subprocess.Pope
     raise RuntimeError("the server did not start")
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+def one_request(url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> tuple[float, float, int]:
     """(time to first token, time to last token, completion tokens) of one streamed completion."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -90,9 +96,9 @@ def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, float, i
     return first if first is not None else end, end, tokens
 
 
-def load(url: str, clients: int, requests_each: int, max_tokens: int) -> dict[str, float]:
+def load(url: str, clients: int, requests_each: int, max_tokens: int, extra: dict | None = None) -> dict[str, float]:
     def client(c: int) -> list[tuple[float, float, int]]:
-        return [one_request(url, PROMPTS[(c + i) % len(PROMPTS)], max_tokens) for i in range(requests_each)]
+        return [one_request(url, PROMPTS[(c + i) % len(PROMPTS)], max_tokens, extra) for i in range(requests_each)]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -124,6 +130,8 @@ def main() -> None:
         try:
             one_request(url, PROMPTS[0], 8)  # warm-up
             table[name] = {c: load(url, c, args.requests, args.max_tokens) for c in args.clients}
+            if batch > 1:
+                structured = load(url, args.clients[-1], args.requests, args.max_tokens, STRUCTURED)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -142,6 +150,10 @@ def main() -> None:
     print(f"RESULT serve_{top}_clients lmforge={lm['tok/s']:.1f} reference={seq['tok/s']:.1f} unit=tok/s "
           f"ratio={lm['tok/s'] / seq['tok/s']:.2f}")
     print(f"RESULT serve_scaling_{top}_over_1 ratio={lm['tok/s'] / table['lmforge (continuous)'][args.clients[0]]['tok/s']:.2f}")
+    print(f"\nJSON-schema replies, {top} clients: {structured['tok/s']:.1f} tok/s, {structured['req/s']:.2f} req/s, "
+          f"ttft p50 {structured['ttft p50']:.3f} s (plain: {lm['tok/s']:.1f} tok/s)")
+    print(f"RESULT serve_structured_{top}_clients lmforge={structured['tok/s']:.1f} reference={lm['tok/s']:.1f} "
+          f"unit=tok/s ratio={structured['tok/s'] / lm['tok/s']:.2f}")
 
 
 if __name__ == "__main__":
