@@ -155,6 +155,17 @@ def test_detokenizer_holds_back_partial_characters_and_stop_prefixes(tokenizer):
     assert text == "héllo 日本語"
 
 
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    """vLLM's `min_tokens`: a stop string inside the first `min_tokens` tokens does not end the text; one after does."""
+    ids = tokenizer.encode("the cat. the dog. the bone.")
+    first_stop = next(n for n in range(1, len(ids) + 1) if "." in tokenizer.decode(ids[:n]))
+    held = Detokenizer(tokenizer, stop=["."], min_tokens=first_stop + 1)
+    text = "".join(held.push(i) for i in ids) + held.flush()
+    assert held.stopped and text == "the cat. the dog"
+    eager = Detokenizer(tokenizer, stop=["."])
+    assert "".join(eager.push(i) for i in ids) + eager.flush() == "the cat"
+
+
 def checkpoint_with_tokenizer(tokenizer, path):
     hf = tiny_hf_model("llama", vocab_size=TOKENIZER_VOCAB)
     hf.config.eos_token_id = tokenizer.eos_id

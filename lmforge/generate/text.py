@@ -29,10 +29,12 @@ def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> list[int]:
 @dataclass
 class Detokenizer:
     """Turns one sequence's token ids into text deltas: holds back an incomplete UTF-8 character
-    and any tail that could still become a stop string, and cuts the text at a stop string."""
+    and any tail that could still become a stop string, and cuts the text at a stop string (from the
+    `min_tokens`-th token on, as vLLM does)."""
 
     tokenizer: Tokenizer
     stop: Sequence[str] = ()
+    min_tokens: int = 0
     ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
@@ -42,7 +44,7 @@ class Detokenizer:
         """Add a token; return the text that is now safe to show."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
+        for s in self.stop if len(self.ids) >= self.min_tokens else ():
             at = text.find(s, max(0, self.emitted - len(s) + 1))
             if at != -1:
                 text, self.stopped = text[:at], True
@@ -107,7 +109,7 @@ def _run(
     stop: Sequence[str],
     results: list[Completion],
 ) -> Iterator[tuple[int, str]]:
-    rows = [Detokenizer(tokenizer, stop) for _ in prompts]
+    rows = [Detokenizer(tokenizer, stop, min_tokens=params.min_tokens) for _ in prompts]
     stop_ids = set(params.stop_token_ids)
     ended = [False] * len(prompts)
     for step in engine.stream(prompts, params):

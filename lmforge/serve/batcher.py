@@ -136,7 +136,7 @@ class Batcher:
             for i, prompt in enumerate(job.prompts):
                 prompts.append(prompt)
                 params.append(job_params)
-                slots.append(_Slot(job, i, Detokenizer(self.session.tokenizer, job.stop)))
+                slots.append(_Slot(job, i, Detokenizer(self.session.tokenizer, job.stop, min_tokens=job.params.min_tokens)))
         try:
             self._dispatch(batch, batch.join(prompts, params, slots))
         except Exception as e:
