@@ -278,3 +278,40 @@ def test_auto_replies_are_parsed_for_calls_and_streamed_as_tool_call_events():
     out = asyncio.run(collect())
     assert [e[0] for e in out] == ["delta", "tool_calls", "done"]
     assert out[0][2] == "Sure." and out[1][2][0]["function"]["name"] == "add" and out[2] == ("done", 0, "tool_calls", 9)
+
+
+def test_the_react_agent_runs_through_tool_calls_with_its_traces_as_before(client):
+    """`lmforge.rag.agent` over the API's tool calling: every step a call of one of its tools (tool_choice
+    "required"), written into the trace as the text agent writes it, with that tool's output observed."""
+    from lmforge.rag.agent import (
+        TOOL_ARGUMENT, calculator_tool, format_observation, function_definitions, parse_step, run_agents, step_text,
+        tool_calling_completer,
+    )
+
+    asked: list[str] = []
+
+    def search(query: str) -> str:
+        """Search the documents."""
+        asked.append(query)
+        return f"results for {query}"
+
+    tools = {"search": search, "calculator": calculator_tool}
+    assert [f.name for f in read_tools(function_definitions(tools))] == ["search", "calculator"]
+    complete = tool_calling_completer(client.chat.completions.create, tools, model="tiny", tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=3)
+    [trace] = run_agents(["Where was Ann Lee born?"], complete, tools, max_steps=2)
+    assert [m["role"] for m in trace.messages] == ["user", "assistant", "user", "assistant"]
+    step = parse_step(trace.messages[1]["content"])
+    assert step.tool in tools and trace.steps[0] == step
+    if step.tool == "search":
+        assert trace.messages[2]["content"] == format_observation(f"results for {step.argument}")
+        assert asked == [step.argument]
+    assert trace.stopped == "max_steps" and trace.render().startswith("Question: Where was Ann Lee born?\nThought:")
+
+    class Call:  # the client's objects, as the adapter reads them
+        def __init__(self, name: str, arguments: str) -> None:
+            self.function = type("F", (), {"name": name, "arguments": arguments})
+
+    assert step_text("Thought: look it up", [Call("search", json.dumps({TOOL_ARGUMENT: "Ann Lee"}))]) == \
+        "Thought: look it up\nAction: search[Ann Lee]"
+    assert step_text("Thought: done\nFinal Answer: Vantor", None) == "Thought: done\nFinal Answer: Vantor"

@@ -5,18 +5,25 @@ The conversation starts with the question as the user's message. Each assistant 
 tool's output, or `Thought: ...\\nFinal Answer: ...`, which ends it. Because observations are user
 turns, supervised fine-tuning's assistant-only loss trains the thoughts and actions but not the
 observations, and generation stops at the end-of-turn token instead of inventing an observation.
+
+The same loop runs through an OpenAI-compatible tool-calling API (`tool_calling_completer`): the
+tools are offered as functions, a reply's first tool call becomes the step's action, and the trace
+is written exactly as above.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lmforge.rag.calculator import calculate
 
 MAX_OBSERVATION_CHARS = 800
+TOOL_ARGUMENT = "input"  # the one string parameter each tool takes as a function
+MAX_INPUT_CHARS = 100  # a search query or an arithmetic expression
 
 _ACTION = re.compile(r"^[ \t]*Action:[ \t]*([A-Za-z_]\w*)[ \t]*\[(.*)\][ \t]*$", re.M)
 _FINAL = re.compile(r"Final Answer:[ \t]*")
@@ -143,3 +150,40 @@ def _observe(step: Step, tools: Mapping[str, Callable[[str], str]], usage: str) 
         return str(tools[step.tool](step.argument)) or "(no output)"
     except Exception as e:  # any tool failure is shown to the model, not raised
         return f"{step.tool} failed: {e}"
+
+
+def function_definitions(tools: Mapping[str, Callable[[str], str]]) -> list[dict[str, Any]]:
+    """The tools as OpenAI `tools` entries: each a function of one string, its docstring's first line
+    as the description."""
+    return [{"type": "function", "function": {
+        "name": name, "description": (tool.__doc__ or name).strip().splitlines()[0],
+        "parameters": {"type": "object",
+                       "properties": {TOOL_ARGUMENT: {"type": "string", "maxLength": MAX_INPUT_CHARS}},
+                       "required": [TOOL_ARGUMENT], "additionalProperties": False}}} for name, tool in tools.items()]
+
+
+def step_text(content: str | None, tool_calls: list[Any] | None) -> str:
+    """An API reply as the assistant turn the loop reads: its first tool call as `Action: tool[input]`
+    (the reply's text as the thought), or its text."""
+    if not tool_calls:
+        return content or ""
+    call = tool_calls[0].function
+    try:
+        argument = json.loads(call.arguments).get(TOOL_ARGUMENT, "")
+    except (json.JSONDecodeError, AttributeError):
+        argument = call.arguments
+    return format_action(_THOUGHT.sub("", content or "").strip(), call.name, str(argument))
+
+
+def tool_calling_completer(create: Callable[..., Any], tools: Mapping[str, Callable[[str], str]],
+                           **request: Any) -> Callable[[list[list[dict[str, str]]]], list[str]]:
+    """A `complete` for `run_agents` over an OpenAI-compatible chat API: `create` is a client's
+    `chat.completions.create`, called once per conversation with the tools as functions and
+    `request`'s fields (model, tool_choice, max_tokens, ...)."""
+    definitions = function_definitions(tools)
+
+    def complete(conversations: list[list[dict[str, str]]]) -> list[str]:
+        replies = [create(messages=c, tools=definitions, **request).choices[0].message for c in conversations]
+        return [step_text(m.content, m.tool_calls) for m in replies]
+
+    return complete
