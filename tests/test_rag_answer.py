@@ -173,6 +173,36 @@ def test_command_line_agent_prints_the_trace_of_run_agents(tmp_path, base, sessi
         assert "(no final answer within 2 steps)" in printed
 
 
+def test_command_line_agent_runs_through_an_openai_compatible_server(base, session, store, capsys):
+    """`lmforge agent --api-base`: each step a tool call from the served model, printed as the trace the
+    official client's replies give through `tool_calling_completer`; a bad request is the server's error."""
+    openai = pytest.importorskip("openai")
+    from lmforge.rag.agent import tool_calling_completer
+
+    question = f"Where does {WORLD.people[1].name} work?"
+    with LiveServer(create_app(session, model_name="base")) as live:
+        flags = ["--store", str(store.path), "--api-base", live.url + "/v1", "--max-steps", "1",
+                 "--max-new-tokens", "250", "--tool-choice", "required"]
+        assert main(["agent", *flags, "--model", "base", question]) == 0
+        printed = capsys.readouterr().out
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+        def chat(**request):
+            return client.chat.completions.create(**request).choices[0].message.model_dump()
+
+        tools = agent_tools(store)
+        complete = tool_calling_completer(chat, tools, model="base", tool_choice="required", parallel_tool_calls=False,
+                                          max_tokens=250, temperature=0.0)
+        [trace] = run_agents([question], complete, tools, max_steps=1)
+        assert printed == trace.render() + "\n(no final answer within 1 steps)\n"
+        assert trace.steps[0].tool in tools
+
+        assert main(["agent", *flags, question]) == 2
+        assert "--api-base needs --model" in capsys.readouterr().err
+        assert main(["agent", *flags, "--model", "base", "--max-new-tokens", "1000", question]) == 2
+        assert f"{live.url}/v1/chat/completions answered 400: the prompt's" in capsys.readouterr().err
+
+
 def test_recall_at_k_on_the_world(store):
     """Dense retrieval finds the fact a held-out question needs among the first five chunks."""
     asked = retrieval_questions(WORLD, "heldout")

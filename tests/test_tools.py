@@ -297,7 +297,10 @@ def test_the_react_agent_runs_through_tool_calls_with_its_traces_as_before(clien
 
     tools = {"search": search, "calculator": calculator_tool}
     assert [f.name for f in read_tools(function_definitions(tools))] == ["search", "calculator"]
-    complete = tool_calling_completer(client.chat.completions.create, tools, model="tiny", tool_choice="required",
+    def chat(**request):  # the official client, its reply's message as a dict
+        return client.chat.completions.create(**request).choices[0].message.model_dump()
+
+    complete = tool_calling_completer(chat, tools, model="tiny", tool_choice="required",
                                       parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=3)
     [trace] = run_agents(["Where was Ann Lee born?"], complete, tools, max_steps=2)
     assert [m["role"] for m in trace.messages] == ["user", "assistant", "user", "assistant"]
@@ -308,10 +311,7 @@ def test_the_react_agent_runs_through_tool_calls_with_its_traces_as_before(clien
         assert asked == [step.argument]
     assert trace.stopped == "max_steps" and trace.render().startswith("Question: Where was Ann Lee born?\nThought:")
 
-    class Call:  # the client's objects, as the adapter reads them
-        def __init__(self, name: str, arguments: str) -> None:
-            self.function = type("F", (), {"name": name, "arguments": arguments})
-
-    assert step_text("Thought: look it up", [Call("search", json.dumps({TOOL_ARGUMENT: "Ann Lee"}))]) == \
+    call = {"function": {"name": "search", "arguments": json.dumps({TOOL_ARGUMENT: "Ann Lee"})}}
+    assert step_text({"content": "Thought: look it up", "tool_calls": [call]}) == \
         "Thought: look it up\nAction: search[Ann Lee]"
-    assert step_text("Thought: done\nFinal Answer: Vantor", None) == "Thought: done\nFinal Answer: Vantor"
+    assert step_text({"content": "Thought: done\nFinal Answer: Vantor", "tool_calls": None}) == "Thought: done\nFinal Answer: Vantor"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_generation_flags, runs, sampling_params
@@ -78,19 +80,39 @@ def ask(args: argparse.Namespace) -> None:
 
 
 def agent(args: argparse.Namespace) -> None:
-    from lmforge.generate.session import Session
     from lmforge.rag.agent import run_agents
     from lmforge.rag.answer import agent_tools
     from lmforge.rag.store import Store
 
-    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    params = session.sampling(sampling_params(args))
     with Store.open(args.store) as store:
-        [trace] = run_agents([args.question], lambda chats: session.replies(chats, params),
-                             agent_tools(store, args.mode), max_steps=args.max_steps)
+        tools = agent_tools(store, args.mode)
+        complete = api_completer(args, tools) if args.api_base else checkpoint_completer(args)
+        [trace] = run_agents([args.question], complete, tools, max_steps=args.max_steps)
     print(trace.render())
     if trace.answer is None:
         print(f"(no final answer within {args.max_steps} steps)")
+
+
+def checkpoint_completer(args: argparse.Namespace) -> Callable[[list[list[dict[str, str]]]], list[str]]:
+    from lmforge.generate.session import Session
+
+    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    params = session.sampling(sampling_params(args))
+    return lambda chats: session.replies(chats, params, stop=args.stop)
+
+
+def api_completer(args: argparse.Namespace, tools: Mapping[str, Callable[[str], str]]) -> Callable[[list[list[dict[str, str]]]], list[str]]:
+    """The agent's turns from an OpenAI-compatible server, its tools offered as functions."""
+    from lmforge.rag.agent import api_chat, tool_calling_completer
+
+    if not args.model:
+        raise ValueError("--api-base needs --model (the served model's name, as GET /v1/models lists it)")
+    params = sampling_params(args)
+    request = {"model": args.model, "tool_choice": args.tool_choice, "parallel_tool_calls": False,
+               "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+               "top_k": params.top_k, "seed": params.seed, "stop": args.stop or None}
+    chat = api_chat(args.api_base, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    return tool_calling_completer(chat, tools, **{k: v for k, v in request.items() if v is not None})
 
 
 def add_commands(sub: Subcommands) -> None:
@@ -138,7 +160,16 @@ def add_commands(sub: Subcommands) -> None:
                                         "(the store's best chunk) or calculator[expression] (arithmetic only) until "
                                         "it gives a Final Answer or runs out of steps. Prints the trace."), agent)
     p.add_argument("--store", type=Path, required=True, help="store directory")
-    p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help=CHECKPOINT_HELP)
+    model.add_argument("--api-base", metavar="URL",
+                       help="an OpenAI-compatible server instead (e.g. http://127.0.0.1:8000/v1 for `lmforge serve`): "
+                            "the tools are offered as functions and each step's tool call is the action")
+    p.add_argument("--model", help="with --api-base: the served model's name")
+    p.add_argument("--api-key", default=None, help="with --api-base: the bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--tool-choice", choices=["auto", "required"], default="auto",
+                   help="with --api-base: whether the model may answer in text (auto: its Final Answer) or must "
+                        "call a tool every step (default auto)")
     p.add_argument("question", help="the question")
     p.add_argument("--max-steps", type=int, default=4, help="most assistant turns (default 4)")
     p.add_argument("--mode", choices=MODES, default="dense", help="retrieval for the search tool (default dense)")

@@ -89,11 +89,12 @@ class Session:
             del messages[first]
 
     def replies(self, conversations: Sequence[Sequence[Message]], params: SamplingParams, *,
-                batch_size: int = 32) -> list[str]:
-        """The assistant's next reply to each conversation, generated in batches."""
+                stop: Sequence[str] = (), batch_size: int = 32) -> list[str]:
+        """The assistant's next reply to each conversation (ending at a stop token or `stop` text), generated
+        in batches."""
         prompts = [self.chat_prompt(c, reserve=params.max_new_tokens) for c in conversations]
         return [c.text.strip() for start in range(0, len(prompts), batch_size)
-                for c in complete(self.engine, self.tokenizer, prompts[start : start + batch_size], params)]
+                for c in complete(self.engine, self.tokenizer, prompts[start : start + batch_size], params, stop)]
 
     def stream(self, prompt: list[int], params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[str]:
         """Text deltas of one completion as they are generated."""

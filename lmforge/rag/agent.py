@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -162,28 +164,53 @@ def function_definitions(tools: Mapping[str, Callable[[str], str]]) -> list[dict
                        "required": [TOOL_ARGUMENT], "additionalProperties": False}}} for name, tool in tools.items()]
 
 
-def step_text(content: str | None, tool_calls: list[Any] | None) -> str:
-    """An API reply as the assistant turn the loop reads: its first tool call as `Action: tool[input]`
-    (the reply's text as the thought), or its text."""
+def step_text(message: Mapping[str, Any]) -> str:
+    """An API reply's message (OpenAI's fields, as a dict) as the assistant turn the loop reads: its
+    first tool call as `Action: tool[input]` (the reply's text as the thought), or its text."""
+    content, tool_calls = message.get("content") or "", message.get("tool_calls")
     if not tool_calls:
-        return content or ""
-    call = tool_calls[0].function
+        return content
+    call = tool_calls[0]["function"]
     try:
-        argument = json.loads(call.arguments).get(TOOL_ARGUMENT, "")
+        argument = json.loads(call["arguments"]).get(TOOL_ARGUMENT, "")
     except (json.JSONDecodeError, AttributeError):
-        argument = call.arguments
-    return format_action(_THOUGHT.sub("", content or "").strip(), call.name, str(argument))
+        argument = call["arguments"]
+    return format_action(_THOUGHT.sub("", content).strip(), call["name"], str(argument))
 
 
-def tool_calling_completer(create: Callable[..., Any], tools: Mapping[str, Callable[[str], str]],
+ChatAPI = Callable[..., Mapping[str, Any]]  # a chat completions request's fields in, the first choice's message out
+
+
+def api_chat(base_url: str, api_key: str | None = None, timeout: float = 600.0) -> ChatAPI:
+    """`POST {base_url}/chat/completions` (any OpenAI-compatible server, `lmforge serve` among them)
+    with the standard library; an error answer or an unreachable server is a `ValueError` naming it."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+
+    def chat(**fields: Any) -> Mapping[str, Any]:
+        request = urllib.request.Request(url, json.dumps(fields).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.load(response)["choices"][0]["message"]
+        except urllib.error.HTTPError as e:
+            raise ValueError(f"{url} answered {e.code}: {_error_message(e.read())}") from None
+        except (urllib.error.URLError, TimeoutError) as e:
+            raise ValueError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+    return chat
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:300]
+
+
+def tool_calling_completer(chat: ChatAPI, tools: Mapping[str, Callable[[str], str]],
                            **request: Any) -> Callable[[list[list[dict[str, str]]]], list[str]]:
-    """A `complete` for `run_agents` over an OpenAI-compatible chat API: `create` is a client's
-    `chat.completions.create`, called once per conversation with the tools as functions and
-    `request`'s fields (model, tool_choice, max_tokens, ...)."""
+    """A `complete` for `run_agents` over an OpenAI-compatible chat API: `chat` (`api_chat`, or a
+    client's create returning the message as a dict) is called once per conversation with the tools as
+    functions and `request`'s fields (model, tool_choice, max_tokens, ...)."""
     definitions = function_definitions(tools)
-
-    def complete(conversations: list[list[dict[str, str]]]) -> list[str]:
-        replies = [create(messages=c, tools=definitions, **request).choices[0].message for c in conversations]
-        return [step_text(m.content, m.tool_calls) for m in replies]
-
-    return complete
+    return lambda conversations: [step_text(chat(messages=c, tools=definitions, **request)) for c in conversations]
