@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.hub import resolve_checkpoint
 from lmforge.model import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -185,8 +186,9 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
 def load_model(
     path: str | Path, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
 ) -> Transformer:
-    """Load an HF-format model directory of a supported family. `dtype` defaults to the config's."""
-    path = Path(path)
+    """Load an HF-format model directory (or Hub id, `lmforge.hub`) of a supported family. `dtype`
+    defaults to the config's."""
+    path = resolve_checkpoint(path)
     config = ModelConfig.from_dir(path)
     state = to_ours(config.family, read_tensors(path), config)
     return instantiate(path, Transformer, config, state, dtype=dtype, device=device)

@@ -28,6 +28,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from lmforge.hub import resolve_checkpoint
 from lmforge.io import chunks, find_files, read_lines, read_texts
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
@@ -57,8 +58,9 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load a Hugging Face tokenizer directory (`tokenizer.json` + optional config and template)."""
-        path = Path(path)
+        """Load a Hugging Face tokenizer directory (`tokenizer.json` + optional config and template), or the
+        tokenizer of a Hub id (`lmforge.hub`)."""
+        path = resolve_checkpoint(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
         config_file, template_file = path / "tokenizer_config.json", path / "chat_template.jinja"

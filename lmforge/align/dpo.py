@@ -42,7 +42,8 @@ class DPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
-    base: Path = Field(description="the SFT model: an HF directory, or a LoRA adapter directory (merged in first)")
+    base: Path = Field(description="the SFT model: an HF directory, a LoRA adapter directory (merged in first) "
+                                   "or a Hub id")
     data: PreferenceDataConfig
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-flip rate")

@@ -95,8 +95,8 @@ class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
-    policy: Path = Field(description="the SFT model: an HF directory (merge an adapter into its base first)")
-    reward: Path = Field(description="reward model directory (sequence-classification layout)")
+    policy: Path = Field(description="the SFT model: an HF directory or Hub id (merge an adapter into its base first)")
+    reward: Path = Field(description="reward model directory or Hub id (sequence-classification layout)")
     safety_reward: Path | None = Field(None, description="a safety reward model, combined as LLaMA-2 does")
     safety_threshold: float = 0.15
     prompts: Path = Field(description="JSONL of prompts: {'prompt': text | messages, 'risky': bool (optional)}")

@@ -67,9 +67,9 @@ class RejectionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
-    base: Path = Field(description="the model to start from: an HF directory, or a LoRA adapter directory")
+    base: Path = Field(description="the model to start from: an HF directory, a LoRA adapter directory, or a Hub id")
     prompts: Path = Field(description="JSONL: {'prompt': text | messages}, preference pairs, or SFT records")
-    reward: Path = Field(description="reward model directory (RewardScorer.load)")
+    reward: Path = Field(description="reward model directory or Hub id (RewardScorer.load)")
     rounds: int = Field(1, gt=0, description="sample, select and fine-tune this many times")
     sampling: SamplingConfig = SamplingConfig()
     sft: RoundSFTConfig = RoundSFTConfig()

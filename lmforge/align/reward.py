@@ -35,6 +35,7 @@ from lmforge.data.preference import (
     EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
 )
 from lmforge.data.sampling import SampledSource, holdout_split
+from lmforge.hub import resolve_checkpoint
 from lmforge.io import RecordError, jsonl_records, read_json
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
@@ -102,8 +103,8 @@ class RewardModel(nn.Module):
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
              device: torch.device | str = "cpu") -> RewardModel:
-        """Load a sequence-classification directory written here or by transformers."""
-        path = Path(path)
+        """Load a sequence-classification directory (or Hub id) written here or by transformers."""
+        path = resolve_checkpoint(path)
         config, state = read_reward_state(path)
         return instantiate(path, cls, config, state, dtype=dtype, device=device)
 
@@ -338,7 +339,7 @@ class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
-    base: Path = Field(description="HF-format model directory (with its tokenizer): the trunk to start from")
+    base: Path = Field(description="HF-format model directory (with its tokenizer) or Hub id: the trunk to start from")
     data: PreferenceDataConfig
     margin: float = Field(0.0, ge=0, description="LLaMA-2's margin for records without a 'margin'; 0 disables")
     train: TrainConfig = TrainConfig(steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=50,

@@ -14,7 +14,8 @@ Handler = Callable[[argparse.Namespace], "int | None"]
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns; argparse names no public type for it
 
 VERBOSE_HELP = "also show other libraries' warnings and log messages (hidden by default)"
-CHECKPOINT_HELP = "HF-format model directory (with tokenizer), or a PEFT adapter directory"
+CHECKPOINT_HELP = ("HF-format model directory (with tokenizer) or PEFT adapter directory, or a Hugging Face Hub id "
+                   "(org/name or org/name@revision; downloaded into the Hub cache)")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

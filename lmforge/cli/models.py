@@ -58,8 +58,9 @@ def merge(args: argparse.Namespace) -> None:
 
 def export_gguf(args: argparse.Namespace) -> None:
     from lmforge.export.gguf import export_gguf
+    from lmforge.hub import resolve_checkpoint
 
-    export_gguf(args.checkpoint, args.out, dtype=args.dtype)
+    export_gguf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype)
     print(f"GGUF ({args.dtype}) written to {args.out}")
 
 
@@ -67,7 +68,7 @@ def add_commands(sub: Subcommands) -> None:
     p = runs(sub.add_parser("merge", help="merge a LoRA adapter into its base model",
                             description="Write the adapter's base model with the LoRA weights folded in, as an "
                                         "HF-format directory (with the base's tokenizer)."), merge)
-    p.add_argument("--checkpoint", type=Path, required=True, help="adapter directory (PEFT format)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="adapter directory (PEFT format) or its Hub id")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     add_dtype_flag(p, "weight dtype of the merged model (default: the base's)")
 
@@ -94,7 +95,8 @@ def add_commands(sub: Subcommands) -> None:
     p = runs(formats.add_parser("gguf", help="write one GGUF file for llama.cpp",
                                 description="Write the model and tokenizer of a Llama, Mistral, Mixtral or Qwen2 "
                                             "checkpoint as one GGUF file that llama.cpp loads."), export_gguf)
-    p.add_argument("--checkpoint", type=Path, required=True, help="HF-format model directory (with tokenizer)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="HF-format model directory (with tokenizer), or a Hub id (org/name[@revision])")
     p.add_argument("--out", type=Path, required=True, help="GGUF file to write (e.g. model.gguf)")
     p.add_argument("--dtype", default="f16", choices=["f32", "f16"],
                    help="weight type; norms, biases and MoE routers stay f32 (default f16)")
@@ -111,7 +113,8 @@ def add_serve_command(sub: Subcommands) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
-    p.add_argument("--model-name", default=None, help="model id in the API (default: the checkpoint's folder name)")
+    p.add_argument("--model-name", default=None,
+                   help="model id in the API (default: the checkpoint's folder name, or its Hub id)")
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="most sequences decoded together; later requests wait for a free row (default 16)")
     add_dtype_flag(p)

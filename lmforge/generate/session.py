@@ -15,6 +15,7 @@ from lmforge.generate.engine import Engine
 from lmforge.generate.grammar import GrammarCompiler
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
+from lmforge.hub import resolve_checkpoint
 from lmforge.model import Transformer
 from lmforge.tokenizer import Message, Tokenizer
 
@@ -43,10 +44,10 @@ class Session:
     ) -> Session:
         """Load an HF-format model directory and the tokenizer beside its weights, or a PEFT adapter
         directory: its base model with the adapter (LoRA merged in), and the adapter's tokenizer
-        if it has one, else the base's."""
+        if it has one, else the base's. `path` may be a Hub id (`org/name[@revision]`, `lmforge.hub`)."""
         from lmforge.peft.adapters import adapter_base, is_adapter_dir, load_with_adapter
 
-        path = Path(path)
+        path = resolve_checkpoint(path)
         if is_adapter_dir(path):
             model = load_with_adapter(path, dtype=dtype, device=device, merge=True)
             tokenizer_dir = path if (path / "tokenizer.json").is_file() else adapter_base(path)

@@ -3,7 +3,8 @@
 Keys are PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, or
 `prompt_embeddings`), so `peft.PeftModel.from_pretrained(transformers_model, dir)` loads what
 lmforge saves and lmforge loads what PEFT saves. `base_model_name_or_path` names the base model
-directory (absolute, or relative to the adapter directory).
+directory (absolute, or relative to the adapter directory) or its Hub id (with PEFT's `revision`);
+adapter directories themselves may be Hub ids too (`lmforge.hub`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import atomic_dir, load_model, save_model, to_disk, to_ours
 from lmforge.config import ModelConfig
+from lmforge.hub import hub_id, parse_hub_id, resolve_checkpoint
 from lmforge.io import read_json
 from lmforge.peft.lora import add_lora, linear_names, lora_layers, matches, merge_and_unload, target_names
 from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
@@ -106,13 +108,13 @@ def _prompt_config(model: PromptTuned, base: str) -> dict[str, Any]:
 
 def save_adapter(model: nn.Module, out: str | Path, *, base: str | Path) -> Path:
     """Write `model`'s adapter (LoRA layers or soft prompt) to `out` in PEFT's format, atomically.
-    `base` is the base model's directory (written absolute) or hub name."""
+    `base` is the base model's directory (written absolute) or Hub id (`org/name[@revision]`)."""
     state = adapter_state(model)
     if not state:
         raise ValueError("the model has no adapter to save (no LoRA layers, no soft prompt)")
-    base = str(Path(base).resolve()) if Path(base).is_dir() else str(base)
+    base, revision = hub_id(base) or (str(Path(base).resolve()) if Path(base).is_dir() else str(base), None)
     method = _prompt_config(model, base) if isinstance(model, PromptTuned) else _lora_config(model)
-    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": None, "inference_mode": True,
+    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision, "inference_mode": True,
               "auto_mapping": None, **method}
     if not isinstance(model, PromptTuned):
         state = to_peft_keys(state, model.config)
@@ -127,12 +129,13 @@ def save_adapter(model: nn.Module, out: str | Path, *, base: str | Path) -> Path
 
 
 def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).is_file()
+    """Whether `path` (a directory or Hub id) holds a PEFT adapter."""
+    return (resolve_checkpoint(path) / CONFIG).is_file()
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """`adapter_config.json` and the tensors of an adapter directory, checked for PEFT's types."""
-    path = Path(path)
+    """`adapter_config.json` and the tensors of an adapter directory (or Hub id), checked for PEFT's types."""
+    path = resolve_checkpoint(path)
     if not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG}; is it an adapter directory?")
     config = read_json(path / CONFIG)
@@ -152,13 +155,16 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 def adapter_base(path: str | Path) -> Path:
-    """The base model directory an adapter names (relative names resolve against the adapter directory)."""
-    path = Path(path)
+    """The base model directory an adapter names: relative names resolve against the adapter directory,
+    Hub ids (at the config's `revision`) to their snapshot in the Hub cache."""
+    path = resolve_checkpoint(path)
     config, _ = read_adapter(path)
     name = config.get("base_model_name_or_path")
     if not name:
         raise ValueError(f"{path / CONFIG}: base_model_name_or_path is not set; load the base and call load_adapter")
     base = path / name  # an absolute name replaces the adapter directory
+    if not base.exists() and parse_hub_id(name) is not None:
+        base = resolve_checkpoint(name, revision=config.get("revision"))
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{path / CONFIG}: base model {name!r} not found (looked for {base / 'config.json'})")
     return base

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from lmforge.generate.grammar import Grammar
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
+from lmforge.hub import hub_id
 from lmforge.rag.answer import grounded_chat_prompt
 from lmforge.rag.store import Store
 from lmforge.rag.embed import Embedder, load_embedder
@@ -421,7 +422,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     import uvicorn
 
     session = Session.load(checkpoint, dtype=dtype)
-    name = model_name or Path(checkpoint).resolve().name
+    hub = hub_id(checkpoint)
+    name = model_name or (hub[0] if hub else Path(checkpoint).resolve().name)
     embedder = load_embedder(embedding_model) if embedding_model else None
     app = create_app(session, api_key=api_key, model_name=name, max_batch_size=max_batch_size,
                      store=Store.open(store, embedder) if store else None, rag_k=rag_k,

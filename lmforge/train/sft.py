@@ -60,7 +60,7 @@ class SFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path
-    base: Path = Field(description="HF-format model directory (with its tokenizer) to fine-tune")
+    base: Path = Field(description="HF-format model directory (with its tokenizer) or Hub id to fine-tune")
     data: SFTDataConfig
     adapter: AdapterConfig = AdapterConfig(method="lora")
     train: TrainConfig = TrainConfig(steps=200, lr=2e-4, warmup_steps=10, weight_decay=0.0, eval_every=50,
