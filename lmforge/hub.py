@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lmforge.console import on_terminal
 
@@ -53,8 +54,8 @@ def hub_id(reference: str | Path) -> tuple[str, str | None] | None:
 def resolve_checkpoint(reference: str | Path, revision: str | None = None) -> Path:
     """The local directory of a checkpoint reference: an existing path as it is; an `org/name[@rev]`
     Hub id (or `org/name` with `revision`) as its snapshot in the Hub cache, downloaded if needed;
-    anything else as a path (for the loader's error). Hub errors are one-line `ValueError`s or, for a
-    snapshot not in the cache while offline, `FileNotFoundError`s naming the reference."""
+    anything else as a path (for the loader's error). Hub errors are one-line `ValueError`s naming the
+    reference; a snapshot neither cached nor downloadable (offline, no connection) a `FileNotFoundError`."""
     parsed = hub_id(reference)
     if parsed is None:
         return Path(reference)
@@ -68,19 +69,20 @@ def resolve_checkpoint(reference: str | Path, revision: str | None = None) -> Pa
     return _resolved[key]
 
 
-def _hub_options() -> dict:
+def _hub_options() -> dict[str, Any]:
     """Cache, endpoint and offline mode from the environment as it is now (huggingface_hub reads
     its own copies once, at import)."""
     from huggingface_hub import constants
 
     home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else constants.HF_HUB_CACHE)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper() in (
+        "1", "ON", "YES", "TRUE")
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     return {"cache_dir": os.path.expanduser(cache), "endpoint": endpoint, "local_files_only": offline}
 
 
-def _download(repo_id: str, revision: str | None, options: dict) -> Path:
+def _download(repo_id: str, revision: str | None, options: dict[str, Any]) -> Path:
     """The snapshot of `repo_id` at `revision` with the metadata files, then the weights they name."""
     from huggingface_hub import snapshot_download
 
@@ -119,7 +121,7 @@ def _quiet_unless_terminal() -> Iterator[None]:
 
 
 @contextmanager
-def _explained(reference: str, repo_id: str, revision: str | None, options: dict) -> Iterator[None]:
+def _explained(reference: str, repo_id: str, revision: str | None, options: dict[str, Any]) -> Iterator[None]:
     """huggingface_hub's errors as one line naming `reference` and what to do."""
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,

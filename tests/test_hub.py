@@ -137,6 +137,20 @@ def test_recipe_base_by_hub_id_trains_and_names_it(offline_hub, tmp_path, capsys
     assert by_hub == generate(capsys, adapter)
 
 
+def test_serve_merge_and_export_take_hub_ids(offline_hub, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    assert main(["serve", "--checkpoint", "org/tiny@v2"]) == 0
+    assert "serving 'org/tiny' on" in capsys.readouterr().out  # the model's id in the API
+    assert main(["merge", "--checkpoint", "org/tiny-lora", "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert generate(capsys, tmp_path / "merged") == generate(capsys, offline_hub["lora_local"])
+    for reference, out in (("org/tiny", "hub.gguf"), (offline_hub["first"], "dir.gguf")):
+        assert main(["export", "gguf", "--checkpoint", str(reference), "--out", str(tmp_path / out)]) == 0
+    assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "dir.gguf").read_bytes()
+
+
 @pytest.mark.parametrize("reference, expected", [
     ("org/absent", ["org/absent: no such local directory, and org/absent is not in the Hub cache",
                     "HF_HUB_OFFLINE is set: unset it"]),
@@ -246,7 +260,8 @@ def test_download_fetches_only_what_lmforge_reads(online_hub, hub, tmp_path, cap
     out, err = capsys.readouterr()
     assert out == expected
     assert err == ""  # huggingface_hub's progress bars are drawn on a terminal only
-    downloaded = {path.rsplit("/", 1)[-1] for method, path in FakeHub.requests if method == "GET" and "/resolve/" in path}
+    downloaded = {path.rsplit("/", 1)[-1] for method, path in FakeHub.requests
+                  if method == "GET" and "/resolve/" in path}
     assert downloaded == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                           "tokenizer_config.json"}
     snapshot = tmp_path / "cache" / "models--org--mixed" / "snapshots" / FakeHub.sha
