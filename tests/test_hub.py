@@ -232,7 +232,11 @@ def fake_hub(hub) -> str:
     files = {p.name: p.read_bytes() for p in hub["first"].iterdir()}
     files |= {"pytorch_model.bin": b"pickle", "model.gguf": b"GGUF", "flax_model.msgpack": b"flax",
               "README.md": b"# tiny", ".gitattributes": b"*.safetensors filter=lfs"}
-    FakeHub.repos = {"org/mixed": files, "org/gated-401": files, "org/gated-403": files}
+    sharded = save_model(load_model(hub["first"]), hub["cache"].parent / "sharded", max_shard_size=40_000,
+                         tokenizer=Tokenizer.from_dir(hub["first"]))
+    shards = {p.name: p.read_bytes() for p in sharded.iterdir()}
+    shards["consolidated.safetensors"] = files["model.safetensors"]  # as Mistral's repos hold beside the shards
+    FakeHub.repos = {"org/mixed": files, "org/sharded": shards, "org/gated-401": files, "org/gated-403": files}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -270,6 +274,16 @@ def test_download_fetches_only_what_lmforge_reads(online_hub, hub, tmp_path, cap
     FakeHub.requests.clear()
     assert generate(capsys, "org/mixed") == expected  # the second run downloads nothing
     assert not [r for r in FakeHub.requests if "/resolve/" in r[1]]
+
+
+def test_sharded_download_fetches_the_indexed_shards_only(online_hub, hub, capsys):
+    assert generate(capsys, "org/sharded") == generate(capsys, hub["first"])
+    downloaded = {path.rsplit("/", 1)[-1] for method, path in FakeHub.requests
+                  if method == "GET" and "/resolve/" in path}
+    shards = {name for name in FakeHub.repos["org/sharded"] if name.startswith("model-")}
+    assert len(shards) > 1
+    assert {name for name in downloaded if name.endswith(".safetensors")} == shards
+    assert "model.safetensors.index.json" in downloaded
 
 
 @pytest.mark.parametrize("reference, expected", [
