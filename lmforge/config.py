@@ -13,6 +13,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from lmforge.hf_families import (
+    GEMMA_FAMILIES, MODEL_TYPES, gate_activation, gemma_qwen3_fields, gemma_qwen3_hf, hf_rope_parameters,
+)
 from lmforge.io import read_json
 
 Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
@@ -30,8 +33,6 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 FAMILY_ARCHITECTURE: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
-MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text"}  # config.json's model_type where it is not the family
-GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
 class ModelConfig(BaseModel):
@@ -223,12 +224,6 @@ class ModelConfig(BaseModel):
                 scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
             if scaling.get("rope_type", "default") == "default":
                 scaling = {}
-            act_key = "hidden_activation" if family in ("gemma2", "gemma3") else "hidden_act"
-            act = hf.get(act_key) or "silu"
-            if family == "gemma" and act == "gelu":  # old Gemma configs mean the tanh approximation
-                act = "gelu_pytorch_tanh"
-            if act not in ("silu", "gelu_pytorch_tanh"):
-                raise ValueError(f"{source}: {act_key} {act!r} is not supported (silu, gelu_pytorch_tanh)")
             sliding = hf.get("sliding_window")
             layer_types = hf.get("layer_types")
             if family in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
@@ -257,9 +252,9 @@ class ModelConfig(BaseModel):
                 sliding_window=sliding,
                 layer_types=layer_types if sliding is not None else None,
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                hidden_act=act,
+                hidden_act=gate_activation(family, hf, source),
             )
-            fields.update(_gemma_qwen3_fields(family, hf, source))
+            fields.update(gemma_qwen3_fields(family, hf, source))
             if family == "mixtral":
                 fields.update(num_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2))
             if hf.get("pretraining_tp", 1) != 1:
@@ -323,7 +318,7 @@ class ModelConfig(BaseModel):
         if self.family == "llama":
             hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         elif self.family in GEMMA_FAMILIES or self.family in ("qwen3", "qwen3_moe"):
-            hf.update(self._gemma_qwen3_hf())
+            hf.update(gemma_qwen3_hf(self))
         elif self.family == "qwen2":
             hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
             hf.update(layer_types=self.layer_types or ["full_attention"] * self.num_hidden_layers)
@@ -335,29 +330,6 @@ class ModelConfig(BaseModel):
             hf.update(router_jitter_noise=0.0, output_router_logits=False)
         return copy.deepcopy(hf)
 
-    def _gemma_qwen3_hf(self) -> dict[str, Any]:
-        """config.json fields of Gemma, Gemma 2/3, Qwen3 and Qwen3-MoE beyond the Llama-style ones."""
-        hf: dict[str, Any] = dict(attention_bias=self.attention_bias, model_type=MODEL_TYPES.get(self.family, self.family))
-        layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
-        if self.family in ("qwen3", "qwen3_moe"):
-            hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
-            hf.update(layer_types=layer_types, max_window_layers=self.num_hidden_layers)
-        if self.family == "qwen3_moe":
-            hf.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                      moe_intermediate_size=self._expert_size(), norm_topk_prob=self.norm_topk_prob,
-                      decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=self.mlp_only_layers,
-                      output_router_logits=False)
-        if self.family in ("gemma2", "gemma3"):
-            hf.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
-                      sliding_window=self.sliding_window, layer_types=layer_types,
-                      attn_logit_softcapping=self.attn_logit_softcapping,
-                      final_logit_softcapping=self.final_logit_softcapping)
-        if self.family == "gemma3":
-            local = {"rope_type": "default", "rope_theta": self.rope_local_base_freq or self.rope_theta}
-            hf.update(rope_parameters={"full_attention": hf_rope_parameters(self), "sliding_attention": local},
-                      rope_local_base_freq=local["rope_theta"], rope_scaling=None)
-        return hf
-
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """Read `config.json` from an HF model directory."""
@@ -365,46 +337,6 @@ class ModelConfig(BaseModel):
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
         return cls.from_hf(read_json(file), source=str(file))
-
-
-def hf_rope_parameters(config: ModelConfig) -> dict[str, Any]:
-    """transformers 5's `rope_parameters` of the (global) rotary embedding."""
-    return {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
-
-
-def _gemma_qwen3_fields(family: str, hf: dict[str, Any], source: str) -> dict[str, Any]:
-    """ModelConfig fields that Gemma, Gemma 2/3, Qwen3 and Qwen3-MoE configs switch on (none for other families)."""
-    fields: dict[str, Any] = {}
-    if family in GEMMA_FAMILIES:
-        if hf.get("use_bidirectional_attention"):
-            raise ValueError(f"{source}: use_bidirectional_attention=true is not supported")
-        fields.update(norm_offset=True, scale_embeddings=True, tie_word_embeddings=hf.get("tie_word_embeddings", True))
-    if family in ("gemma2", "gemma3"):
-        sliding = hf.get("sliding_window", 4096)
-        pattern = 2 if family == "gemma2" else hf.get("sliding_window_pattern", 6)
-        layer_types = hf.get("layer_types") or [
-            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(hf["num_hidden_layers"])
-        ]
-        fields.update(post_norms=True, query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
-                      sliding_window=sliding, layer_types=layer_types if sliding is not None else None,
-                      final_logit_softcapping=hf.get("final_logit_softcapping", 30.0 if family == "gemma2" else None))
-    if family == "gemma2":
-        fields["attn_logit_softcapping"] = hf.get("attn_logit_softcapping", 50.0)
-    if family == "gemma3":  # transformers' Gemma 3 attention never soft-caps its scores
-        nested = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
-        if nested.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: rope_parameters.sliding_attention must be of rope_type default")
-        fields["rope_local_base_freq"] = nested.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
-        if "rope_theta" not in hf and "full_attention" not in (hf.get("rope_parameters") or {}):
-            fields["rope_theta"] = 1_000_000.0
-    if family in ("qwen3", "qwen3_moe", "gemma3"):
-        fields["qk_norm"] = True
-    if family == "qwen3_moe":
-        fields.update(num_experts=hf.get("num_local_experts", hf.get("num_experts", 128)), num_experts_per_tok=hf.get("num_experts_per_tok", 8),
-                      moe_intermediate_size=hf.get("moe_intermediate_size", 768),
-                      norm_topk_prob=hf.get("norm_topk_prob", False), decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-                      mlp_only_layers=hf.get("mlp_only_layers") or [])
-    return fields
 
 
 def _family_of(hf: dict[str, Any], source: str) -> Family:

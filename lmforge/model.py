@@ -259,7 +259,9 @@ class SandwichBlock(Block):
         self.pre_feedforward_layernorm = make_norm(config)
         self.post_feedforward_layernorm = make_norm(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
