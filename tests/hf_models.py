@@ -31,8 +31,8 @@ def tiny_hf_model(family: str, **overrides: Any):
         config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     elif family == "qwen2":
         config = tf.Qwen2Config(**common, tie_word_embeddings=True)
-    elif family == "gemma":  # head_dim independent of hidden / heads
-        config = tf.GemmaConfig(**common, head_dim=16)
+    elif family == "gemma":  # head_dim independent of hidden / heads; untied (tied, greedy repeats the last token)
+        config = tf.GemmaConfig(**common, head_dim=16, tie_word_embeddings=False)
     elif family == "gemma2":  # sliding, global, sliding, global; both soft-caps; query scale != head_dim
         config = tf.Gemma2Config(
             **{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=8, query_pre_attn_scalar=12,

@@ -101,8 +101,8 @@ NATIVE = {  # configs made in lmforge, never read from transformers
                           layer_types=["sliding_attention", "full_attention"]),
     "gemma3": ModelConfig(family="gemma3", **SMALL, head_dim=16, hidden_act="gelu_pytorch_tanh", norm_offset=True,
                           scale_embeddings=True, post_norms=True, qk_norm=True, query_pre_attn_scalar=12,
-                          sliding_window=8, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
-                          rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                          sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                          tie_word_embeddings=True, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "qwen3_moe": ModelConfig(family="qwen3_moe", **SMALL, head_dim=16, qk_norm=True, num_experts=4,
                              num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
                              decoder_sparse_step=2),  # layer 0 dense, layer 1 sparse
