@@ -106,6 +106,12 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": _qwen3(
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
     ),
+    "qwen3-30b-a3b": ModelConfig(
+        family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, qk_norm=True, max_position_embeddings=40960,
+        rope_theta=1e6, norm_eps=1e-6, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645,
+    ),
     # CPU sizes for tests, the demo and benchmarks.
     "tiny": _llama(
         vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
