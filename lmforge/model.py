@@ -146,7 +146,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
         # Gemma 2/3 and Qwen3: query scale, soft-capped scores, per-head norms of q and k.
         scalar = config.query_pre_attn_scalar or self.head_dim
-        self.scale, self.softcap = scalar**-0.5, config.attn_logit_softcapping
+        self.scale, self.softcap, self.qk_norm = scalar**-0.5, config.attn_logit_softcapping, config.qk_norm
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
 
@@ -157,7 +157,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
