@@ -13,9 +13,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from lmforge.hf_families import (
+    GEMMA_FAMILIES, MODEL_TYPES, gate_activation, gemma_qwen3_fields, gemma_qwen3_hf, hf_rope_parameters,
+)
 from lmforge.io import read_json
 
-Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2"]
+Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
 
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": "llama",
@@ -23,6 +26,11 @@ ARCHITECTURES: dict[str, Family] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2ForCausalLM": "qwen2",
     "GPT2LMHeadModel": "gpt2",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 FAMILY_ARCHITECTURE: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
 
@@ -55,6 +63,20 @@ class ModelConfig(BaseModel):
     layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 2
+    # Gemma, Gemma 2/3, Qwen3 and Qwen3-MoE
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"  # the gated MLP's gate activation (GeGLU: tanh GELU)
+    norm_offset: bool = False  # RMSNorm computes x_normed * (1 + weight) in float32 (weights stored as offsets)
+    scale_embeddings: bool = False  # token embeddings times sqrt(hidden_size), cast to the weights' dtype
+    post_norms: bool = False  # norms after attention and the MLP too (Gemma 2/3's four norms per block)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE
+    query_pre_attn_scalar: int | None = None  # attention scores scaled by its -1/2 power (default head_dim)
+    attn_logit_softcapping: float | None = None  # scores become cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits become cap * tanh(logits / cap)
+    rope_local_base_freq: float | None = None  # RoPE base of sliding-window layers (unscaled); None: rope_theta
+    moe_intermediate_size: int | None = None  # each expert's hidden size (None: intermediate_size)
+    norm_topk_prob: bool = True  # renormalise the chosen experts' router probabilities (Mixtral)
+    decoder_sparse_step: int = 1  # every n-th layer is a mixture of experts ...
+    mlp_only_layers: list[int] = []  # ... except these, which keep a dense MLP
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -89,6 +111,11 @@ class ModelConfig(BaseModel):
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is a mixture of experts."""
+        step = self.decoder_sparse_step
+        return bool(self.num_experts) and layer not in self.mlp_only_layers and (layer + 1) % step == 0
+
     @property
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
@@ -103,10 +130,11 @@ class ModelConfig(BaseModel):
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = d * (q + 2 * kv) + q * d
         attn += (q + 2 * kv if self.attention_bias or self.qkv_bias else 0) + (d if self.attention_bias else 0)
-        expert = self._mlp_parameters()
-        mlp = self.num_experts * expert + d * self.num_experts if self.num_experts else expert
-        norm = d if self.norm == "rmsnorm" else 2 * d
-        total = L * (attn + mlp + 2 * norm) + norm
+        per_feature = 1 if self.norm == "rmsnorm" else 2
+        attn += 2 * hd * per_feature if self.qk_norm else 0
+        norm = d * per_feature
+        mlp = sum(self._layer_mlp_parameters(layer) for layer in range(L))
+        total = L * (attn + (4 if self.post_norms else 2) * norm) + mlp + norm
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
             if self.position == "learned":
@@ -115,24 +143,37 @@ class ModelConfig(BaseModel):
 
     def num_active_parameters(self) -> int:
         """Parameters touched per token (differs from the total only for mixtures of experts)."""
-        inactive = (self.num_experts - self.num_experts_per_tok) * self._mlp_parameters() if self.num_experts else 0
-        return self.num_parameters(embeddings=False) - self.num_hidden_layers * inactive
+        inactive = (self.num_experts - self.num_experts_per_tok) * self._mlp_parameters(self._expert_size())
+        sparse = sum(self.is_sparse(layer) for layer in range(self.num_hidden_layers))
+        return self.num_parameters(embeddings=False) - sparse * inactive
 
-    def _mlp_parameters(self) -> int:
-        """One MLP's (or one expert's) weights and biases."""
+    def _expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def _layer_mlp_parameters(self, layer: int) -> int:
+        """Layer `layer`'s MLP: dense, or all its experts and the router."""
+        if self.is_sparse(layer):
+            return self.num_experts * (self._mlp_parameters(self._expert_size()) + self.hidden_size)
+        return self._mlp_parameters(self.intermediate_size)
+
+    def _mlp_parameters(self, size: int) -> int:
+        """One MLP's (or one expert's) weights and biases at hidden size `size`."""
         n_mats = 3 if self.mlp == "swiglu" else 2
-        biases = (n_mats - 1) * self.intermediate_size + self.hidden_size if self.mlp_bias else 0
-        return n_mats * self.hidden_size * self.intermediate_size + biases
+        biases = (n_mats - 1) * size + self.hidden_size if self.mlp_bias else 0
+        return n_mats * self.hidden_size * size + biases
 
     def matmul_parameters(self) -> int:
         """Weights of the matrix multiplies one token goes through: attention and the active experts'
         (or the dense) MLP matrices, the router, and the output head; no norms, biases or embeddings."""
         d, hd = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * self.intermediate_size
-        if self.num_experts:
-            mlp = self.num_experts_per_tok * mlp + d * self.num_experts
-        return self.num_hidden_layers * (d * (q + 2 * kv) + q * d + mlp) + self.vocab_size * d
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        mlp = 0
+        for layer in range(self.num_hidden_layers):
+            sparse = self.is_sparse(layer)
+            mlp += self.num_experts_per_tok * n_mats * d * self._expert_size() + d * self.num_experts if sparse \
+                else n_mats * d * self.intermediate_size
+        return self.num_hidden_layers * (d * (q + 2 * kv) + q * d) + mlp + self.vocab_size * d
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token: 6 x `matmul_parameters` + 12 x layers x heads x head_dim x
@@ -176,19 +217,18 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"{source}: {key}=true is not supported")
         else:
             rope = hf.get("rope_parameters") or {}
+            if family == "gemma3":  # transformers 5 nests one RoPE per layer type
+                rope = rope.get("full_attention") or {k: v for k, v in rope.items() if k != "sliding_attention"}
             scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
             if "type" in scaling and "rope_type" not in scaling:
                 scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
             if scaling.get("rope_type", "default") == "default":
                 scaling = {}
-            act = hf.get("hidden_act", "silu")
-            if act != "silu":
-                raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu)")
             sliding = hf.get("sliding_window")
             layer_types = hf.get("layer_types")
-            if family == "qwen2" and not hf.get("use_sliding_window", False):
+            if family in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
                 sliding, layer_types = None, None
-            if family == "qwen2" and sliding is not None and layer_types is None:
+            if family in ("qwen2", "qwen3", "qwen3_moe") and sliding is not None and layer_types is None:
                 first_full = hf.get("max_window_layers", 0)
                 layer_types = [
                     "sliding_attention" if i >= first_full else "full_attention"
@@ -212,7 +252,9 @@ class ModelConfig(BaseModel):
                 sliding_window=sliding,
                 layer_types=layer_types if sliding is not None else None,
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                hidden_act=gate_activation(family, hf, source),
             )
+            fields.update(gemma_qwen3_fields(family, hf, source))
             if family == "mixtral":
                 fields.update(num_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2))
             if hf.get("pretraining_tp", 1) != 1:
@@ -256,7 +298,7 @@ class ModelConfig(BaseModel):
                 embd_pdrop=0.0,
                 attn_pdrop=0.0,
             ))
-        rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        rope_parameters = hf_rope_parameters(self)
         hf = dict(
             common,
             hidden_size=self.hidden_size,
@@ -267,7 +309,7 @@ class ModelConfig(BaseModel):
             head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.norm_eps,
-            hidden_act="silu",
+            hidden_act=self.hidden_act,
             rope_parameters=rope_parameters,
             rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
@@ -275,6 +317,8 @@ class ModelConfig(BaseModel):
         )
         if self.family == "llama":
             hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.family in GEMMA_FAMILIES or self.family in ("qwen3", "qwen3_moe"):
+            hf.update(gemma_qwen3_hf(self))
         elif self.family == "qwen2":
             hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
             hf.update(layer_types=self.layer_types or ["full_attention"] * self.num_hidden_layers)
@@ -301,6 +345,7 @@ def _family_of(hf: dict[str, Any], source: str) -> Family:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
     model_type = hf.get("model_type")
+    model_type = {v: k for k, v in MODEL_TYPES.items()}.get(model_type, model_type)
     if not archs and model_type in FAMILY_ARCHITECTURE:
         return model_type  # type: ignore[return-value]
     supported = ", ".join(ARCHITECTURES)

@@ -2,12 +2,15 @@
 
 Llama/Mistral/Qwen2/Mixtral: RMSNorm pre-normalisation, rotary embeddings, grouped-query
 attention, SwiGLU (or a sparse mixture of SwiGLU experts). GPT-2: LayerNorm, learned positions,
-GELU, biases. Module names follow transformers' checkpoint names so Llama-layout weights load as is.
+GELU, biases. Gemma adds a GeGLU MLP, offset norms and scaled embeddings; Gemma 2/3 norms after
+attention and MLP too, soft-capping and per-layer-type RoPE; Qwen3 and Gemma 3 normalise q and k per
+head. Module names follow transformers' checkpoint names so Llama-layout weights load as is.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,17 +36,42 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: `x_normed * (1 + weight)`, all in float32; the weight is stored as an offset (init 0)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default: the hidden size)."""
+    dim = dim or config.hidden_size
     if config.norm == "rmsnorm":
-        return RMSNorm(config.hidden_size, config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return OffsetRMSNorm(dim, config.norm_eps) if config.norm_offset else RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
 
 
-def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Rotary inverse frequencies, with linear or Llama-3 scaling when configured."""
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings multiplied by sqrt(hidden size), the factor cast to the weights' dtype (Gemma)."""
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        scale = torch.tensor(self.embedding_dim**0.5, dtype=torch.float32).to(self.weight.dtype)
+        return super().forward(input_ids) * scale
+
+
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> Tensor:
+    """Rotary inverse frequencies, with linear or Llama-3 scaling when configured; `local`: those of
+    the sliding-window layers when they have their own base (`rope_local_base_freq`, never scaled)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+    theta = config.rope_local_base_freq if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = {} if local else config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -88,6 +116,21 @@ def attention_mask(
     return (allowed | (k == q)[None])[:, None]  # a padding query sees itself, so no row is empty (NaN)
 
 
+def softcapped_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, softcap: float
+) -> Tensor:
+    """Attention with scores soft-capped as `softcap * tanh(scores / softcap)` (Gemma 2), written out:
+    SDPA cannot cap. `mask` (boolean, True = attend) or `causal` as for `scaled_dot_product_attention`."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V heads, through scaled_dot_product_attention."""
 
@@ -101,6 +144,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
+        # Gemma 2/3 and Qwen3: query scale, soft-capped scores, per-head norms of q and k.
+        scalar = config.query_pre_attn_scalar or self.head_dim
+        self.scale, self.softcap, self.qk_norm = scalar**-0.5, config.attn_logit_softcapping, config.qk_norm
+        if config.qk_norm:
+            self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
@@ -109,26 +157,37 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and T == k.shape[2],
-            enable_gqa=self.n_kv != self.n_heads,
-        )
+        causal = mask is None and T > 1 and T == k.shape[2]
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, causal, self.scale, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads, scale=self.scale
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+GATE_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+    """Gated MLP: down(act(gate(x)) * up(x)); SiLU gate (SwiGLU) or tanh-GELU gate (GeGLU, `hidden_act`)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, act: str = "silu") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = GATE_ACTIVATIONS[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class GeluMLP(nn.Module):
@@ -142,21 +201,25 @@ class GeluMLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed mixture of SwiGLU experts; the chosen experts' weights are renormalised (Mixtral)."""
+    """Top-k routed mixture of SwiGLU experts; the chosen experts' weights are renormalised (Mixtral)
+    when `norm_topk_prob`, else left as softmax probabilities (Qwen3-MoE's default)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.top_k = config.num_experts_per_tok
+        self.top_k, self.renormalise = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        size = config.moe_intermediate_size or config.intermediate_size
         self.experts = nn.ModuleList(
-            SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias) for _ in range(config.num_experts)
+            SwiGLU(config.hidden_size, size, config.mlp_bias, config.hidden_act) for _ in range(config.num_experts)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         probs = F.softmax(self.gate(flat).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
@@ -174,10 +237,11 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = make_norm(config)
-        if config.num_experts:
+        self.local_rope = config.rope_local_base_freq is not None and config.is_sliding(layer)
+        if config.is_sparse(layer):
             self.mlp: nn.Module = SparseMoE(config)
         elif config.mlp == "swiglu":
-            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act)
         else:
             self.mlp = GeluMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
@@ -186,24 +250,54 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class SandwichBlock(Block):
+    """Gemma 2/3's block: norms before and after both attention and MLP (`post_norms`);
+    `post_attention_layernorm` normalises the attention output here, not the MLP input."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__(config, layer)
+        self.pre_feedforward_layernorm = make_norm(config)
+        self.post_feedforward_layernorm = make_norm(config)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+def rope_angles(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, 1, T, D) of positions (B, T) at these inverse frequencies."""
+    freqs = positions[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 class Decoder(nn.Module):
     """Embeddings, blocks and the final norm: hidden states, no head (shared by LM and reward models)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        embedding = ScaledEmbedding if config.scale_embeddings else nn.Embedding
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         if config.position == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        block = SandwichBlock if config.post_norms else Block
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.rope_local_base_freq is not None:  # the sliding-window layers' own RoPE table (Gemma 3)
+            self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
         self.windows = sorted({block.window for block in self.layers}, key=lambda w: w or 0)
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers (after building on the meta device and materialising)."""
-        self.inv_freq = rope_inv_freq(self.config).to(device or self.inv_freq.device)
+        device = device or self.inv_freq.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.rope_local_base_freq is not None:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def forward(
         self,
@@ -223,21 +317,22 @@ class Decoder(nn.Module):
             positions = (start + torch.arange(T, device=x.device)).expand(B, T)
             if pad is not None:
                 positions = (positions - pad[:, None]).clamp(min=0)
-        rope = None
+        rope = local_rope = None
         if self.config.position == "learned":
             x = x + self.embed_positions(positions)
         else:
-            freqs = positions[..., None].float() * self.inv_freq
-            angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+            rope = local_rope = rope_angles(positions, self.inv_freq, x.dtype)
+            if self.config.rope_local_base_freq is not None:
+                local_rope = rope_angles(positions, self.inv_freq_local, x.dtype)
         k_len = cache.attended(T) if cache is not None else T
         static = cache is not None and cache.static
         masks = {w: attention_mask(start, T, k_len, pad, w, x.device, always=static) for w in self.windows}
         for block in self.layers:
+            angles = local_rope if block.local_rope else rope
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, masks[block.window], cache, use_reentrant=False)
+                x = checkpoint(block, x, angles, masks[block.window], cache, use_reentrant=False)
             else:
-                x = block(x, rope, masks[block.window], cache)
+                x = block(x, angles, masks[block.window], cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
@@ -269,7 +364,9 @@ class Transformer(nn.Module):
         embeds = self.input_embeddings(input_ids, positions=positions, pad=pad, cache=cache)
         hidden = self.model(input_ids, positions=positions, pad=pad, cache=cache, inputs_embeds=embeds)
         prefix = hidden.shape[1] - input_ids.shape[1]  # soft-prompt positions are never scored
-        return self.lm_head(hidden[:, -1:] if last_only else hidden[:, prefix:])
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden[:, prefix:])
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def input_embeddings(
         self, input_ids: Tensor, *, positions: Tensor | None, pad: Tensor | None, cache: KVCache | None
@@ -279,7 +376,7 @@ class Transformer(nn.Module):
         return None
 
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms; residual output
+        """Normal(0, initializer_range) weights, zero biases, unit norms (zero offsets); residual output
         projections scaled by 1/sqrt(2 x layers) as in GPT-2."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
@@ -292,6 +389,9 @@ class Transformer(nn.Module):
                 scale = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * scale)
+        for module in self.modules():
+            if isinstance(module, OffsetRMSNorm):  # computes x * (1 + weight): 0 is the unit gain
+                nn.init.zeros_(module.weight)
         self.model.reset_buffers()
 
     def num_parameters(self) -> int:

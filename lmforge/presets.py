@@ -12,6 +12,31 @@ def _llama(**kw: Any) -> ModelConfig:
     return ModelConfig(family="llama", **kw)
 
 
+def _gemma(family: str, **kw: Any) -> ModelConfig:
+    """Gemma's common fields: GeGLU, offset norms, scaled and tied embeddings, 256-wide heads
+    (Gemma 2/3 add post-norms, a query scale, sliding-window layers; Gemma 3 QK-norm)."""
+    common = dict(
+        vocab_size=256000, head_dim=256, hidden_act="gelu_pytorch_tanh", norm_offset=True, scale_embeddings=True,
+        tie_word_embeddings=True, norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )
+    later = {} if family == "gemma" else dict(post_norms=True, query_pre_attn_scalar=256)
+    return ModelConfig(family=family, **{**common, **later, **kw})
+
+
+def _qwen3(**kw: Any) -> ModelConfig:
+    return ModelConfig(
+        family="qwen3", vocab_size=151936, head_dim=128, qk_norm=True, max_position_embeddings=40960, rope_theta=1e6,
+        norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, **kw,
+    )
+
+
+LLAMA3_2 = dict(
+    vocab_size=128256, intermediate_size=8192, num_key_value_heads=8, max_position_embeddings=131072,
+    rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": _llama(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llama2-13b": _llama(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
@@ -52,6 +77,40 @@ PRESETS: dict[str, ModelConfig] = {
         family="gpt2", vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=1024, norm="layernorm", mlp="gelu", position="learned",
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
+    ),
+    "yi-6b": _llama(
+        vocab_size=64000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=4, rope_theta=5e6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    ),
+    "llama3.2-1b": _llama(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, head_dim=64, **LLAMA3_2),
+    "llama3.2-3b": _llama(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128, **LLAMA3_2),
+    "gemma-2b": _gemma(
+        "gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+        num_key_value_heads=1, max_position_embeddings=8192,
+    ),
+    "gemma2-2b": _gemma(
+        "gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=8192, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        sliding_window=4096, layer_types=["sliding_attention", "full_attention"] * 13,
+    ),
+    "gemma3-1b": _gemma(
+        "gemma3", vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32768, qk_norm=True, rope_theta=1e6,
+        rope_local_base_freq=10000.0, sliding_window=512, eos_token_id=[1, 106],
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2,
+    ),
+    "qwen3-0.6b": _qwen3(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": _qwen3(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+    ),
+    "qwen3-30b-a3b": ModelConfig(
+        family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, qk_norm=True, max_position_embeddings=40960,
+        rope_theta=1e6, norm_eps=1e-6, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645,
     ),
     # CPU sizes for tests, the demo and benchmarks.
     "tiny": _llama(

@@ -31,6 +31,27 @@ def tiny_hf_model(family: str, **overrides: Any):
         config = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     elif family == "qwen2":
         config = tf.Qwen2Config(**common, tie_word_embeddings=True)
+    elif family == "gemma":  # head_dim independent of hidden / heads; untied (tied, greedy repeats the last token)
+        config = tf.GemmaConfig(**common, head_dim=16, tie_word_embeddings=False)
+    elif family == "gemma2":  # sliding, global, sliding, global; both soft-caps; query scale != head_dim
+        config = tf.Gemma2Config(
+            **{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
+            attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+        )
+    elif family == "gemma3":  # local layers at their own RoPE base, global ones linearly scaled
+        config = tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+        )
+    elif family == "qwen3":
+        config = tf.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+    elif family == "qwen3_moe":  # a dense layer, then a sparse one; router probabilities not renormalised
+        config = tf.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            mlp_only_layers=[0], norm_topk_prob=False,
+        )
     elif family == "gpt2":
         config = tf.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2,

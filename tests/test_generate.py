@@ -85,7 +85,9 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "gpt2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
+)
 def test_greedy_matches_transformers_and_batching(family, tmp_path):
     hf = sharp_hf_model(family)
     hf.save_pretrained(tmp_path)

@@ -14,7 +14,7 @@ from lmforge.kv_cache import KVCache
 from lmforge.model import Transformer
 from lmforge.presets import PRESETS
 
-FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2"]
+FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
 VARIANTS = ["llama-bias", "llama3-smooth", "qwen2-sliding"]  # see conftest.VARIANTS
 ARCHITECTURE = {  # name -> (architectures[0], model_type) in config.json
     "llama": ("LlamaForCausalLM", "llama"),
@@ -26,8 +26,13 @@ ARCHITECTURE = {  # name -> (architectures[0], model_type) in config.json
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen2-sliding": ("Qwen2ForCausalLM", "qwen2"),
     "gpt2": ("GPT2LMHeadModel", "gpt2"),
+    "gemma": ("GemmaForCausalLM", "gemma"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
-SEQ = 40  # longer than Mistral's sliding window (8) and Llama-3's original context (32)
+SEQ = 40  # longer than Mistral's and Gemma 2/3's sliding windows (8) and Llama-3's original context (32)
 
 
 def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
@@ -90,6 +95,18 @@ NATIVE = {  # configs made in lmforge, never read from transformers
                          layer_types=["sliding_attention", "full_attention"]),
     "gpt2": ModelConfig(family="gpt2", **{**SMALL, "num_key_value_heads": 4, "intermediate_size": 96}, norm="layernorm",
                         mlp="gelu", position="learned", attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "gemma2": ModelConfig(family="gemma2", **SMALL, head_dim=16, hidden_act="gelu_pytorch_tanh", norm_offset=True,
+                          scale_embeddings=True, post_norms=True, query_pre_attn_scalar=12, attn_logit_softcapping=20.0,
+                          final_logit_softcapping=10.0, sliding_window=8, tie_word_embeddings=True,
+                          layer_types=["sliding_attention", "full_attention"]),
+    "gemma3": ModelConfig(family="gemma3", **SMALL, head_dim=16, hidden_act="gelu_pytorch_tanh", norm_offset=True,
+                          scale_embeddings=True, post_norms=True, qk_norm=True, query_pre_attn_scalar=12,
+                          sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                          tie_word_embeddings=True, rope_local_base_freq=100.0,
+                          rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "qwen3_moe": ModelConfig(family="qwen3_moe", **SMALL, head_dim=16, qk_norm=True, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
+                             decoder_sparse_step=2),  # layer 0 dense, layer 1 sparse
 }
 
 
@@ -144,10 +161,27 @@ def test_transformers4_config_with_rope_scaling(hf_checkpoint, key):
     assert _max_diff(unscaled, reference) > 0.1
 
 
+def test_transformers4_gemma3_config(hf_checkpoint):
+    """A Gemma 3 config.json as transformers 4 wrote it: top-level `rope_theta`, `rope_scaling`,
+    `rope_local_base_freq` and a `sliding_window_pattern` instead of `layer_types`."""
+    hf, path = hf_checkpoint("gemma3")
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    assert config.pop("layer_types") == ["sliding_attention", "sliding_attention", "full_attention"]
+    config.update(rope_theta=rope["full_attention"]["rope_theta"], rope_scaling={"rope_type": "linear", "factor": 2.0},
+                  rope_local_base_freq=rope["sliding_attention"]["rope_theta"], sliding_window_pattern=3)
+    (path / "config.json").write_text(json.dumps(config))
+    model = load_model(path)
+    assert model.config.rope_local_base_freq == 100.0 and model.config.rope_theta == 10000.0
+    ids = _ids()
+    with torch.no_grad():
+        assert _max_diff(model(ids), _hf_logits(hf, ids)) < 1e-4
+
+
 # ---- KV cache ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral", "gpt2", "qwen2-sliding"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral", "gpt2", "qwen2-sliding", "gemma2", "gemma3", "qwen3"])
 def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, name):
     _, path = hf_checkpoint(name)
     model = load_model(path)
@@ -176,7 +210,7 @@ def _left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tenso
     return ids, pad
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2", "gemma2", "gemma3"])
 def test_left_padded_batch_equals_rows_alone(hf_checkpoint, name):
     _, path = hf_checkpoint(name)
     model = load_model(path)
@@ -190,7 +224,7 @@ def test_left_padded_batch_equals_rows_alone(hf_checkpoint, name):
             assert _max_diff(batched[i, pad[i]:], alone[0]) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3"])
 def test_left_padded_cached_decoding_equals_rows_alone(hf_checkpoint, name):
     _, path = hf_checkpoint(name)
     model = load_model(path)
@@ -221,6 +255,14 @@ PUBLISHED = {
     "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-7b": 7_615_616_512,
     "gpt2": 124_439_808,
+    "gemma-2b": 2_506_172_416,  # google/gemma-2b (tied)
+    "gemma2-2b": 2_614_341_888,  # google/gemma-2-2b (tied)
+    "gemma3-1b": 999_885_952,  # google/gemma-3-1b-pt (tied)
+    "qwen3-0.6b": 596_049_920,  # Qwen/Qwen3-0.6B (tied)
+    "qwen3-8b": 8_190_735_360,  # Qwen/Qwen3-8B
+    "yi-6b": 6_061_035_520,  # 01-ai/Yi-6B (Llama architecture)
+    "llama3.2-1b": 1_235_814_400,  # meta-llama/Llama-3.2-1B (tied)
+    "llama3.2-3b": 3_212_749_824,  # meta-llama/Llama-3.2-3B (tied)
 }
 
 
@@ -250,6 +292,17 @@ def test_mixtral_active_parameters():
     embeddings = 2 * 32000 * 4096
     assert cfg.num_active_parameters() == cfg.num_parameters() - embeddings - inactive_experts
     assert round(cfg.num_active_parameters() + embeddings, -8) == 12_900_000_000  # "12.9B active"
+
+
+def test_qwen3_moe_preset_counts():
+    """Qwen/Qwen3-30B-A3B: 30.5B parameters, 3.3B active (counted, not built: 6144 experts take seconds on meta;
+    the tiny native qwen3_moe config checks the same count against a built model and transformers')."""
+    cfg = PRESETS["qwen3-30b-a3b"]
+    assert cfg.num_parameters() == 30_532_122_624
+    embeddings = 2 * 151936 * 2048
+    inactive_experts = 48 * (128 - 8) * 3 * 2048 * 768
+    assert cfg.num_active_parameters() == cfg.num_parameters() - embeddings - inactive_experts
+    assert 3.3e9 <= cfg.num_active_parameters() + embeddings < 3.4e9  # "3.3B activated"
 
 
 def test_kv_cache_bytes_per_token():

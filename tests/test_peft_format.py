@@ -55,7 +55,8 @@ def max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, skip: int = 0) -> f
 
 
 @pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj"]), ("qwen2", "all-linear"),
-                                             ("mistral", ["o_proj", "gate_proj"])])
+                                             ("mistral", ["o_proj", "gate_proj"]), ("gemma2", "all-linear"),
+                                             ("qwen3", ["q_proj", "k_proj", "down_proj"])])
 def test_lmforge_lora_loads_in_peft(base_dir, tmp_path, family, targets):
     base = base_dir(family)
     model = add_lora(load_model(base), r=4, alpha=8, dropout=0.05, targets=targets)
