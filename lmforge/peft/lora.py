@@ -145,8 +145,9 @@ class LoRALinear(FrozenLinear):
     def _dora(self, x: Tensor, y: Tensor) -> Tensor:
         """DoRA's output for rows `x` (N, in) given the base's `y` (N, out), as PEFT computes it."""
         weight = self.dense_weight().to(x.dtype)
-        lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
-        norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).to(weight.dtype).detach()
+        with torch.no_grad():  # the norm is a constant to the gradient (the paper's section 4.3)
+            lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
+            norm = torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
         scale = (self.lora_magnitude_vector / norm).view(1, -1)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
