@@ -30,8 +30,8 @@ THEIRS = {
     "dora": peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
                             use_dora=True, rank_pattern={"v_proj": 3, r"layers\.1\.self_attn\.q_proj": 5},
                             alpha_pattern={"q_proj": 7}, modules_to_save=["lm_head", "norm"], task_type="CAUSAL_LM"),
-    "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"],
-                          modules_to_save=["model.norm"], task_type="CAUSAL_LM"),
+    "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+                          feedforward_modules=["down_proj"], modules_to_save=["model.norm"], task_type="CAUSAL_LM"),
 }
 
 
@@ -86,12 +86,12 @@ def test_lmforge_adapter_loads_in_peft(base, tmp_path, case):
         assert config["rank_pattern"] == {"model\\.layers\\.1\\.self_attn\\.q_proj": 5, "v_proj": 3}
         assert config["alpha_pattern"] == {"q_proj": 7}
         assert config["modules_to_save"] == ["input_layernorm", "lm_head", "norm", "post_attention_layernorm"]
-        assert {"base_model.model.lm_head.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-                "base_model.model.model.layers.0.input_layernorm.weight"} <= keys
+        assert {"base_model.model.lm_head.weight", "base_model.model.model.layers.0.input_layernorm.weight",
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"} <= keys
     else:
         assert config["peft_type"] == "IA3" and config["feedforward_modules"] == ["down_proj"]
-        assert load_file(out / "adapter_model.safetensors")["base_model.model.model.layers.0.mlp.down_proj.ia3_l"].shape \
-            == (1, 64)
+        vector = load_file(out / "adapter_model.safetensors")["base_model.model.model.layers.0.mlp.down_proj.ia3_l"]
+        assert vector.shape == (1, 64)
     theirs = peft.PeftModel.from_pretrained(hf(base), out).eval()
     assert max_diff(ours, theirs) < 1e-4
     with disable_adapters(ours), theirs.disable_adapter():
