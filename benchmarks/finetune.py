@@ -1,9 +1,10 @@
-"""Fine-tuning speed and memory: full, LoRA, QLoRA and prompt tuning in lmforge, each beside the
-same method in transformers (+ peft), on the same model, batches and AdamW loop.
+"""Fine-tuning speed and memory: full, LoRA, DoRA, QLoRA, (IA)³ and prompt tuning in lmforge, each
+beside the same method in transformers (+ peft), on the same model, batches and AdamW loop.
 
 Config: the `tiny` preset (vocab 8192, hidden 384, 6 layers, 6 heads, 2 KV heads, MLP 1024);
 sequence 256, batch 4; fp32 and bf16 autocast. LoRA r=8, alpha=16 on q/k/v/o (the default);
 QLoRA the same over NF4 base weights (no reference: bitsandbytes' NF4 has no CPU kernels);
+DoRA the LoRA settings with use_dora; (IA)³ on k/v/down_proj (down_proj feed-forward, PEFT's Llama defaults);
 prompt tuning with 20 virtual tokens. Memory is the training state measured from the tensors — weights (NF4 at their
 stored size) + gradients + AdamW state — not activations, and not process RSS (one process runs
 every case). Prints a table and one `RESULT` line per case with a reference."""
@@ -31,7 +32,9 @@ VIRTUAL_TOKENS = 20
 METHODS = {
     "full": AdapterConfig(method="full"),
     "lora": AdapterConfig(method="lora", r=8, alpha=16),
+    "dora": AdapterConfig(method="lora", r=8, alpha=16, dora=True),
     "qlora": AdapterConfig(method="qlora", r=8, alpha=16),
+    "ia3": AdapterConfig(method="ia3"),
     "prompt": AdapterConfig(method="prompt", num_virtual_tokens=VIRTUAL_TOKENS, prompt_init="vocab"),
 }
 
@@ -54,9 +57,13 @@ def reference_model(method: str, path: str) -> torch.nn.Module | None:
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if method == "lora":
+    if method in ("lora", "dora"):
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                 task_type="CAUSAL_LM")
+                                 use_dora=method == "dora", task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, config)
+    if method == "ia3":
+        config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                task_type="CAUSAL_LM")
         return peft.get_peft_model(model, config)
     if method == "prompt":
         config = peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, prompt_tuning_init="SAMPLE_VOCAB",
@@ -133,7 +140,8 @@ def main() -> None:
         else:
             line += f"{'n/a':>17}"
         print(line)
-    print("(reference: transformers, + peft for lora and prompt; state = weights + gradients + AdamW state)\n")
+    print("(reference: transformers, + peft for lora, dora, ia3 and prompt; state = weights + gradients + AdamW "
+          "state)\n")
     for name, (speed, _, _), ref in rows:
         if ref is not None:
             print(f"RESULT finetune_{name} lmforge={speed:.0f} reference={ref[0]:.0f} unit=tok/s "

@@ -1,16 +1,19 @@
 """Adapter directories in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-Keys are PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, or
-`prompt_embeddings`), so `peft.PeftModel.from_pretrained(transformers_model, dir)` loads what
-lmforge saves and lmforge loads what PEFT saves. `base_model_name_or_path` names the base model
-directory (absolute, or relative to the adapter directory) or its Hub id (with PEFT's `revision`);
-adapter directories themselves may be Hub ids too (`lmforge.hub`).
+Keys are PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, `...ia3_l`,
+`...lora_magnitude_vector`, a saved module's own `lm_head.weight`, or `prompt_embeddings`), so
+`peft.PeftModel.from_pretrained(transformers_model, dir)` loads what lmforge saves and lmforge
+loads what PEFT saves: LoRA (with DoRA, rank/alpha patterns, modules_to_save, trainable tokens),
+(IA)³ and prompt tuning. `base_model_name_or_path` names the base model directory (absolute, or
+relative to the adapter directory) or its Hub id (with PEFT's `revision`); adapter directories
+themselves may be Hub ids too (`lmforge.hub`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +26,24 @@ from lmforge.checkpoint import atomic_dir, load_model, save_model, to_disk, to_o
 from lmforge.config import ModelConfig
 from lmforge.hub import hub_id, parse_hub_id, resolve_checkpoint
 from lmforge.io import read_json
-from lmforge.peft.lora import add_lora, linear_names, lora_layers, matches, merge_and_unload, target_names
+from lmforge.peft.adapter_config import ia3_config, ia3_plan, lora_config, lora_plan
+from lmforge.peft.ia3 import ia3_layers
+from lmforge.peft.lora import lora_layers, merge_and_unload
 from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
-from lmforge.peft.tokens import (
-    add_trainable_tokens, expected_token_state, peft_token_indices, token_layers, token_state,
-)
+from lmforge.peft.saved_modules import COPY, saved_modules, saved_state
+from lmforge.peft.tokens import token_layers, token_state
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
-LORA_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-                    "layers_to_transform", "lora_bias", "target_parameters", "layer_replication")
 
 
-# ---- names -------------------------------------------------------------------------------------
+# ---- names: the one place where our names and PEFT's on-disk names meet --------------------------
+# A family whose on-disk modules are fused (Phi-3's qkv_proj, Falcon/BLOOM's query_key_value) needs
+# its adapter tensors split/joined here, as `to_disk`/`to_ours` do for the weights; none is yet.
 
 
 def _check_family(config: ModelConfig) -> None:
@@ -48,51 +53,62 @@ def _check_family(config: ModelConfig) -> None:
 
 
 def to_peft_keys(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Our adapter tensor names -> PEFT's keys (a saved module's copy under the module's own names)."""
     _check_family(config)
-    return {PREFIX + k: v for k, v in to_disk(config.family, state, config).items()}
+    plain = {k.replace(f".{COPY}.", "."): v for k, v in state.items()}
+    return {PREFIX + k: v for k, v in to_disk(config.family, plain, config).items()}
 
 
-def from_peft_keys(tensors: dict[str, Tensor], config: ModelConfig, source: Path) -> dict[str, Tensor]:
+def from_peft_keys(tensors: dict[str, Tensor], config: ModelConfig, source: Path,
+                   saved: Sequence[str] = ()) -> dict[str, Tensor]:
+    """PEFT's keys -> our names; tensors of the modules `saved` (our names) go to their trained copies."""
     _check_family(config)
     foreign = [k for k in tensors if not k.startswith(PREFIX)]
     if foreign:
-        raise ValueError(f"{source}: key {foreign[0]!r} does not start with {PREFIX!r}; not a PEFT LoRA adapter "
+        raise ValueError(f"{source}: key {foreign[0]!r} does not start with {PREFIX!r}; not a PEFT adapter "
                          "of a causal LM")
-    return to_ours(config.family, {k[len(PREFIX):]: v for k, v in tensors.items()}, config)
+    state = to_ours(config.family, {k[len(PREFIX):]: v for k, v in tensors.items()}, config)
+    ours = {}
+    for key, tensor in state.items():
+        module = next((m for m in saved if key.startswith(m + ".")), None)
+        ours[key if module is None else f"{module}.{COPY}.{key[len(module) + 1:]}"] = tensor
+    return ours
+
+
+def peft_module_names(names: list[str], config: ModelConfig) -> list[str]:
+    """Our module names as the family spells them on disk (for target_modules and patterns)."""
+    renamed = to_disk(config.family, {f"{n}.weight": torch.empty(0) for n in names}, config)
+    return [k.removesuffix(".weight") for k in renamed]
 
 
 # ---- saving ------------------------------------------------------------------------------------
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under our names: LoRA A/B matrices and trainable token rows, or the soft prompt."""
+    """The adapter's tensors under our names: LoRA A/B matrices (and DoRA magnitudes), (IA)³ vectors,
+    trainable token rows and saved modules' copies, or the soft prompt."""
     if isinstance(model, PromptTuned):
         return {"prompt_embeddings": model.prompt_embeddings}
     state = {}
     for name, m in lora_layers(model):
         state[f"{name}.lora_A.weight"] = m.lora_A.weight
         state[f"{name}.lora_B.weight"] = m.lora_B.weight
-    return state | token_state(model)
+        if m.dora:
+            state[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    for name, m in ia3_layers(model):
+        state[f"{name}.ia3_l"] = m.ia3_l
+    return state | token_state(model) | saved_state(model)
 
 
-def _lora_config(model: nn.Module) -> dict[str, Any]:
-    layers = dict(lora_layers(model))
-    settings = {(m.r, m.alpha, m.dropout, m.rslora) for m in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"LoRA layers differ in (r, alpha, dropout, rslora): {sorted(settings)}; "
-                         "PEFT's format holds one setting")
-    r, alpha, dropout, rslora = settings.pop()
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    if set(layers) != {n for n in linear_names(model) if matches(n, leaves)}:  # only some layers of a kind
-        renamed = to_disk(model.config.family, {f"{n}.weight": torch.empty(0) for n in layers}, model.config)
-        leaves = sorted(k.removesuffix(".weight") for k in renamed)
-    return {
-        "peft_type": "LORA", "r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout, "target_modules": leaves, "use_rslora": rslora, "fan_in_fan_out": False,
-        "bias": "none", "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "trainable_token_indices": peft_token_indices(model),
-    }
+def _method_config(model: nn.Module) -> dict[str, Any]:
+    rename = lambda names: peft_module_names(names, model.config)  # noqa: E731
+    if any(ia3_layers(model)):
+        if any(lora_layers(model)) or any(token_layers(model)):
+            raise ValueError("the model has (IA)³ and LoRA layers or trainable tokens; PEFT's format holds one method")
+        return ia3_config(model, rename)
+    if not any(lora_layers(model)) and any(saved_modules(model)):
+        raise ValueError("modules_to_save go with a LoRA or (IA)³ adapter; the model has neither")
+    return lora_config(model, rename)
 
 
 def _prompt_config(model: PromptTuned, base: str) -> dict[str, Any]:
@@ -111,9 +127,9 @@ def save_adapter(model: nn.Module, out: str | Path, *, base: str | Path) -> Path
     `base` is the base model's directory (written absolute) or Hub id (`org/name[@revision]`)."""
     state = adapter_state(model)
     if not state:
-        raise ValueError("the model has no adapter to save (no LoRA layers, no soft prompt)")
+        raise ValueError("the model has no adapter to save (no LoRA or (IA)³ layers, no soft prompt)")
     base, revision = hub_id(base) or (str(Path(base).resolve()) if Path(base).is_dir() else str(base), None)
-    method = _prompt_config(model, base) if isinstance(model, PromptTuned) else _lora_config(model)
+    method = _prompt_config(model, base) if isinstance(model, PromptTuned) else _method_config(model)
     config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision, "inference_mode": True,
               "auto_mapping": None, **method}
     if not isinstance(model, PromptTuned):
@@ -140,8 +156,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise FileNotFoundError(f"{path}: no {CONFIG}; is it an adapter directory?")
     config = read_json(path / CONFIG)
     kind = config.get("peft_type")
-    if kind not in ("LORA", "PROMPT_TUNING"):
-        raise ValueError(f"{path / CONFIG}: peft_type {kind!r} is not supported (LORA, PROMPT_TUNING)")
+    if kind not in PEFT_TYPES:
+        raise ValueError(f"{path / CONFIG}: peft_type {kind!r} is not supported ({', '.join(PEFT_TYPES)})")
     if config.get("task_type") not in (None, "CAUSAL_LM"):  # None: peft's default, applied to a causal LM here
         raise ValueError(f"{path / CONFIG}: task_type {config['task_type']!r} is not supported (CAUSAL_LM or null)")
     if not (path / WEIGHTS).is_file():
@@ -171,49 +187,29 @@ def adapter_base(path: str | Path) -> Path:
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply the adapter saved in `path` to `model`: LoRA in place (returns `model`), or a soft
-    prompt (returns a `PromptTuned` around `model`). A model that already has the adapter's
-    layers or soft prompt (e.g. when resuming training) gets the saved values loaded into them."""
+    """Apply the adapter saved in `path` to `model`: LoRA/DoRA or (IA)³ in place (returns `model`),
+    or a soft prompt (returns a `PromptTuned` around `model`). A model that already has the
+    adapter's layers or soft prompt (e.g. when resuming training) gets the saved values loaded into them."""
     path = Path(path)
     config, tensors = read_adapter(path)
     if config["peft_type"] == "PROMPT_TUNING":
         return _load_prompt(model, config, tensors, path)
-    return _load_lora(model, config, tensors, path)
-
-
-def _load_lora(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> nn.Module:
-    for key in LORA_UNSUPPORTED:
-        if config.get(key):
-            raise ValueError(f"{path / CONFIG}: {key}={config[key]!r} is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path / CONFIG}: bias={config['bias']!r} is not supported (none)")
-    r = config["r"]
-    state = from_peft_keys(tensors, model.config, path / WEIGHTS)
-    tokens = config.get("trainable_token_indices")
-    adapted = any(lora_layers(model)) or any(token_layers(model))
+    adapted = any(lora_layers(model)) or any(ia3_layers(model)) or any(token_layers(model))
     if adapted:
         expected = {name: tuple(t.shape) for name, t in adapter_state(model).items()}
+        apply = None
     else:
-        expected = {}
-        for name in target_names(model, config["target_modules"]):
-            layer = model.get_submodule(name)
-            expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
-            expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
-        if tokens:
-            try:
-                expected |= expected_token_state(model, tokens)
-            except ValueError as e:
-                raise ValueError(f"{path / CONFIG}: {e}") from None
+        plan = lora_plan if config["peft_type"] == "LORA" else ia3_plan
+        expected, apply = plan(model, config, path / CONFIG)
+    saved = sorted({k.split(f".{COPY}.")[0] for k in expected if f".{COPY}." in k})
+    state = from_peft_keys(tensors, model.config, path / WEIGHTS, saved)
     _check_keys(state, expected, path / WEIGHTS)
-    if not adapted:
-        add_lora(model, r=r, alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                 targets=config["target_modules"], rslora=config.get("use_rslora", False))
-        if tokens:
-            add_trainable_tokens(model, tokens)
-    params = dict(model.named_parameters())
+    if apply is not None:
+        apply(model)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor)
+            tensors[name].copy_(tensor)
     return model
 
 
@@ -221,10 +217,10 @@ def _check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], 
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if unexpected:
-        raise ValueError(f"{source}: adapter tensor {unexpected[0]!r} matches no LoRA layer of the model"
+        raise ValueError(f"{source}: adapter tensor {unexpected[0]!r} matches no adapter layer of the model"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     if missing:
-        raise ValueError(f"{source}: no tensor for {missing[0]!r}, a LoRA layer the adapter config targets"
+        raise ValueError(f"{source}: no tensor for {missing[0]!r}, a layer the adapter config targets"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
@@ -257,8 +253,9 @@ def load_with_adapter(
     path: str | Path, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
     merge: bool = False,
 ) -> nn.Module:
-    """Load the base model an adapter directory names, then the adapter. `merge` folds LoRA into
-    the weights and returns a plain `Transformer`; a soft prompt stays a `PromptTuned` wrapper."""
+    """Load the base model an adapter directory names, then the adapter. `merge` folds LoRA/DoRA/(IA)³
+    (and saved modules) into the weights and returns a plain `Transformer`; a soft prompt stays a
+    `PromptTuned` wrapper."""
     model = load_model(adapter_base(path), dtype=dtype, device=device)
     adapted = load_adapter(model, path)
     return merge_and_unload(adapted) if merge and not isinstance(adapted, PromptTuned) else adapted
@@ -276,10 +273,10 @@ class TokenizerFiles:
 
 
 def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | str | None = None) -> Path:
-    """Write the base model with a LoRA adapter merged in, as an HF model directory (atomically),
-    with the base's tokenizer files."""
+    """Write the base model with a LoRA/DoRA or (IA)³ adapter merged in, as an HF model directory
+    (atomically), with the base's tokenizer files."""
     config, _ = read_adapter(adapter_dir)
-    if config["peft_type"] != "LORA":
+    if config["peft_type"] == "PROMPT_TUNING":
         raise ValueError(f"{adapter_dir}: a {config['peft_type']} adapter has no weights to merge; "
                          "load it with load_with_adapter instead")
     base = adapter_base(adapter_dir)

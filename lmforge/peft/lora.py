@@ -1,16 +1,19 @@
-"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) on the decoder's linear layers.
+"""LoRA (Hu et al. 2021), DoRA (Liu et al. 2024) and QLoRA (Dettmers et al. 2023) on the decoder's
+linear layers.
 
 `add_lora` replaces targeted `nn.Linear` modules, in place, by `LoRALinear`: the frozen weight
 and bias keep their names (`q_proj.weight`), and the update lives in `q_proj.lora_A.weight`
-(r, in) and `q_proj.lora_B.weight` (out, r), as PEFT names them. With `quantize=True` every
-linear layer of the blocks stores its frozen weight in NF4 (torchao), dequantised on the fly.
+(r, in) and `q_proj.lora_B.weight` (out, r), as PEFT names them; DoRA adds the magnitude vector
+`q_proj.lora_magnitude_vector` (out,). Ranks and alphas may differ by module (PEFT's `rank_pattern`
+and `alpha_pattern`). With `quantize=True` every linear layer of the blocks stores its frozen
+weight in NF4 (torchao), dequantised on the fly.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
 from typing import Any, Literal
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.peft.saved_modules import unwrap_saved_modules
 from lmforge.peft.tokens import merge_tokens_and_unload
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -78,6 +82,13 @@ class FrozenLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x)
 
+    def folded(self) -> Tensor:
+        """The dense weight with any adapter folded in, in float32 (`merge_and_unload`)."""
+        return self.dense_weight().float()
+
+    def folded_bias(self) -> Tensor | None:
+        return self.bias
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4={self.quantized}"
 
@@ -86,16 +97,19 @@ class LoRALinear(FrozenLinear):
     """y = x W^T + b + s (x A^T) B^T with W, b frozen and s = alpha / r (alpha / sqrt(r) for rsLoRA).
 
     A starts kaiming-uniform and B at zero (PEFT's init), so the layer starts equal to the base.
+    DoRA (`dora`) rescales each output row of W + s B A to the trained magnitude m:
+    y = m / ||W + s B A|| * (x W^T + s x A^T B^T) + b, the norm taken as a constant (no gradient),
+    computed as PEFT's `DoraLinearLayer` does (dropout, when on, applies to the input of both terms).
     `merged`: the update is folded into W. `disabled`: the layer computes the base alone."""
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None, r: int, alpha: float, dropout: float = 0.0, *, rslora: bool = False,
-        generator: torch.Generator | None = None,
+        dora: bool = False, generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(weight, bias)
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
-        self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
+        self.r, self.alpha, self.dropout, self.rslora, self.dora = r, alpha, dropout, rslora, dora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         kw = dict(dtype=weight.dtype, device=weight.device)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
@@ -104,24 +118,59 @@ class LoRALinear(FrozenLinear):
             a = nn.init.kaiming_uniform_(torch.empty(r, self.in_features), a=math.sqrt(5), generator=generator)
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
+        if dora:  # ||W|| per output row: the layer starts equal to the base
+            norm = torch.linalg.norm(self.dense_weight().float(), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.weight.dtype))
         self.merged = False
         self.disabled = False
+        self.merged_norm: Tensor | None = None  # DoRA: ||W + s B A|| of the weight before merging
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         sign = int(not self.disabled) - int(self.merged)  # the update to add on top of W as stored
         if sign == 0:
             return y
+        if self.dora and sign < 0:
+            raise ValueError("a merged DoRA layer cannot be disabled; unmerge it first")
         x2 = x.reshape(-1, self.in_features)
+        y2 = y.reshape(-1, self.out_features)
+        if self.dora:
+            return self._dora(x2, y2).view(y.shape)
         if self.dropout and self.training:
             x2 = F.dropout(x2, self.dropout, training=True)
         h = F.linear(x2, self.lora_A.weight)  # (N, r): the cheap side first
-        out = torch.addmm(y.reshape(-1, self.out_features), h, self.lora_B.weight.t(), alpha=sign * self.scaling)
+        out = torch.addmm(y2, h, self.lora_B.weight.t(), alpha=sign * self.scaling)
         return out.view(y.shape)
+
+    def _dora(self, x: Tensor, y: Tensor) -> Tensor:
+        """DoRA's output for rows `x` (N, in) given the base's `y` (N, out), as PEFT computes it."""
+        weight = self.dense_weight().to(x.dtype)
+        with torch.no_grad():  # the norm is a constant to the gradient (the paper's section 4.3)
+            lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
+            norm = torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
+        scale = (self.lora_magnitude_vector / norm).view(1, -1)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+            base = F.linear(x, weight)
+        else:
+            base = y if self.bias is None else y - self.bias
+        lora = F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
+        return y + (scale - 1) * base + scale * lora * self.scaling
 
     def delta(self) -> Tensor:
         """s B A, the update to W, in float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _dora_factor(self, updated: Tensor) -> Tensor:
+        """m / ||W + s B A|| as a column (out, 1), from the unmerged `updated` = W + s B A (float32)."""
+        return (self.lora_magnitude_vector.float() / torch.linalg.norm(updated, dim=1)).view(-1, 1)
+
+    def folded(self) -> Tensor:
+        weight = self.dense_weight().float()
+        if self.merged:
+            return weight
+        updated = weight + self.delta()
+        return self._dora_factor(updated) * updated if self.dora else updated
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -129,17 +178,23 @@ class LoRALinear(FrozenLinear):
             raise ValueError("cannot merge LoRA into NF4 weights in place; merge into the full-precision base "
                              "(lmforge.peft.merge_and_save) or use merge_and_unload (dequantises)")
         if not self.merged:
-            self.weight.copy_(self.weight.float() + self.delta())
+            if self.dora:
+                self.merged_norm = torch.linalg.norm(self.weight.float() + self.delta(), dim=1)
+            self.weight.copy_(self.folded())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta())
+            weight = self.weight.float()
+            if self.dora:
+                weight = weight * (self.merged_norm / self.lora_magnitude_vector.float()).view(-1, 1)
+            self.weight.copy_(weight - self.delta())
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}"
+        dora = ", dora" if self.dora else ""
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}{dora}"
 
 
 # ---- whole models ------------------------------------------------------------------------------
@@ -172,16 +227,27 @@ def target_names(model: nn.Module, targets: Targets) -> list[str]:
     return chosen
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's `get_pattern_key`: the value of the first key (a regex) that matches the end of
+    `name` at a dot boundary, else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def add_lora(
     model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Targets = ATTENTION,
-    rslora: bool = False, quantize: bool = False, generator: torch.Generator | None = None,
+    rslora: bool = False, dora: bool = False, rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None, quantize: bool = False, generator: torch.Generator | None = None,
 ) -> nn.Module:
-    """Freeze `model` and give its targeted linear layers LoRA adapters (in place; returns `model`).
+    """Freeze `model` and give its targeted linear layers LoRA (or DoRA) adapters (in place; returns
+    `model`). `rank_pattern`/`alpha_pattern` set r and alpha of the modules they match (PEFT's rules).
     `quantize` stores every block linear weight in NF4 (QLoRA), targeted or not."""
     if any(lora_layers(model)):
         raise ValueError("the model already has LoRA adapters")
@@ -197,10 +263,12 @@ def add_lora(
             raise ValueError(f"{name}: {e}") from None
         bias = None if old.bias is None else old.bias.detach()
         if name in chosen:
-            new: FrozenLinear = LoRALinear(weight, bias, r, alpha, dropout, rslora=rslora, generator=generator)
+            rank, scale = pattern_value(rank_pattern or {}, name, r), pattern_value(alpha_pattern or {}, name, alpha)
+            new: FrozenLinear = LoRALinear(weight, bias, rank, scale, dropout, rslora=rslora, dora=dora,
+                                           generator=generator)
         else:
             new = FrozenLinear(weight, bias)
-        _replace(model, name, new.train(old.training))
+        replace_module(model, name, new.train(old.training))
     return model
 
 
@@ -239,16 +307,15 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace each LoRA/frozen layer by a plain `nn.Linear` holding W + s B A (NF4 weights are
-    dequantised first), and trainable token rows by plain layers holding them; returns the plain
+    """Replace each adapted/frozen layer by a plain `nn.Linear` holding its weight with the adapter
+    folded in (LoRA, DoRA, IA3; NF4 weights are dequantised first), trainable token rows by plain
+    layers holding them, and modules_to_save wrappers by their trained copies; returns the plain
     model, in place."""
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, FrozenLinear)]:
-        weight = m.dense_weight().float()
-        if isinstance(m, LoRALinear) and not m.merged:
-            weight = weight + m.delta()
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight.to(m.weight.dtype), requires_grad=False)
-        if m.bias is not None:
-            linear.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
-        _replace(model, name, linear.train(m.training))
-    return merge_tokens_and_unload(model)
+        bias = m.folded_bias()
+        linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(m.folded().to(m.weight.dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().clone().to(m.bias.dtype), requires_grad=False)
+        replace_module(model, name, linear.train(m.training))
+    return merge_tokens_and_unload(unwrap_saved_modules(model))

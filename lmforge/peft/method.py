@@ -5,29 +5,42 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from lmforge.model import Transformer
+from lmforge.peft.ia3 import IA3_FEEDFORWARD, IA3_TARGETS, add_ia3
 from lmforge.peft.lora import ATTENTION, add_lora
 from lmforge.peft.prompt_tuning import PromptInit, prompt_tuning
+from lmforge.peft.saved_modules import add_modules_to_save
 from lmforge.peft.selective import train_only
 from lmforge.peft.tokens import add_trainable_tokens, input_and_output
 
 
 class AdapterConfig(BaseModel):
     """Fine-tuning method and its settings. `full` trains everything; `lora`/`qlora` train
-    low-rank adapters on `targets` (QLoRA over an NF4 base); `prompt` trains a soft prompt;
+    low-rank adapters on `targets` (QLoRA over an NF4 base; DoRA with `dora`); `ia3` trains (IA)³
+    vectors on `targets` (default k_proj, v_proj, down_proj); `prompt` trains a soft prompt;
     `selective` trains the parameters `patterns` and `layers` pick."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["full", "lora", "qlora", "prompt", "selective"] = "full"
+    method: Literal["full", "lora", "qlora", "ia3", "prompt", "selective"] = "full"
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] | Literal["all-linear"] = list(ATTENTION)
     rslora: bool = False
+    dora: bool = Field(False, validation_alias=AliasChoices("dora", "use_dora"),
+                       description="lora/qlora: weight-decomposed LoRA (DoRA), PEFT's use_dora")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="lora: r of the modules a regex key matches at a name's end (PEFT's rule)")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="lora: alpha per module, as rank_pattern")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="lora/ia3: modules trained as full copies (e.g. lm_head), chosen by "
+        "name suffix as PEFT does")
+    feedforward_modules: list[str] | None = Field(
+        None, description="ia3: targets whose input is scaled (default down_proj); the others' output is")
     num_virtual_tokens: int = Field(20, gt=0)
     prompt_init: PromptInit = "random"
     prompt_init_text: str | None = None
@@ -48,6 +61,17 @@ class AdapterConfig(BaseModel):
             raise ValueError("targets is empty")
         if self.trainable_tokens and self.method not in ("lora", "qlora"):
             raise ValueError(f"trainable_tokens goes with method lora or qlora, not {self.method!r}")
+        lora_only = [k for k in ("dora", "rank_pattern", "alpha_pattern") if getattr(self, k)]
+        if lora_only and self.method not in ("lora", "qlora"):
+            raise ValueError(f"{lora_only[0]} goes with method lora or qlora, not {self.method!r}")
+        if self.modules_to_save and self.method not in ("lora", "qlora", "ia3"):
+            raise ValueError(f"modules_to_save goes with method lora, qlora or ia3, not {self.method!r}")
+        if self.feedforward_modules is not None and self.method != "ia3":
+            raise ValueError(f"feedforward_modules goes with method ia3, not {self.method!r}")
+        if self.method == "ia3" and "targets" not in self.model_fields_set:
+            self.targets = list(IA3_TARGETS)
+        if self.method == "ia3" and self.feedforward_modules is None:
+            self.feedforward_modules = [m for m in IA3_FEEDFORWARD if self.targets == "all-linear" or m in self.targets]
         return self
 
 
@@ -60,10 +84,14 @@ def apply_method(model: Transformer, cfg: AdapterConfig, tokenizer: Any = None) 
         return model.requires_grad_(True)
     if cfg.method in ("lora", "qlora"):
         add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, rslora=cfg.rslora,
+                 dora=cfg.dora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
                  quantize=cfg.method == "qlora", generator=generator)
         if cfg.trainable_tokens:
             add_trainable_tokens(model, input_and_output(model, token_ids(cfg.trainable_tokens, tokenizer)))
-        return model
+        return add_modules_to_save(model, cfg.modules_to_save)
+    if cfg.method == "ia3":
+        add_ia3(model, targets=cfg.targets, feedforward=cfg.feedforward_modules)
+        return add_modules_to_save(model, cfg.modules_to_save)
     if cfg.method == "prompt":
         ids = None
         if cfg.prompt_init == "text":

@@ -2,7 +2,7 @@
 
 The base is an HF-format model directory; the data are SFT JSONL files (`lmforge.data.chat`),
 optionally several mixed by weight; the loss is taken on assistant tokens only; the method
-(full, LoRA, QLoRA, prompt tuning, selective) comes from the recipe's `adapter` section. Training
+(full, LoRA/DoRA, QLoRA, (IA)³, prompt tuning, selective) comes from the recipe's `adapter` section. Training
 runs in the shared loop (resume, validation, logging). Full and selective fine-tuning write an HF
 model to `out_dir/model`; adapter methods write a PEFT adapter to `out_dir/adapter`."""
 
@@ -29,7 +29,7 @@ from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.losses import causal_lm_loss, validation_loss
 
-ADAPTER_METHODS = ("lora", "qlora", "prompt")
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "prompt")
 
 
 def check_fsdp_method(adapter: AdapterConfig, train: TrainConfig) -> None:
