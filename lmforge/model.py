@@ -61,8 +61,10 @@ class ScaledEmbedding(nn.Embedding):
     """Token embeddings multiplied by sqrt(hidden size), the factor cast to the weights' dtype (Gemma)."""
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        scale = torch.tensor(self.embedding_dim**0.5, dtype=torch.float32).to(self.weight.dtype)
-        return super().forward(input_ids) * scale
+        return super().forward(input_ids) * self.scale()
+
+    def scale(self) -> Tensor:
+        return torch.tensor(self.embedding_dim**0.5, dtype=torch.float32).to(self.weight.dtype)
 
 
 def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> Tensor:

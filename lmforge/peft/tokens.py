@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.model import ScaledEmbedding
+
 EMBED, HEAD = "model.embed_tokens", "lm_head"  # the input embedding and the output layer, by our names
 LAYERS = (EMBED, HEAD)
 
@@ -44,6 +46,7 @@ class TrainableTokens(nn.Module):
         self.bias = getattr(base, "bias", None)
         self.padding_idx = getattr(base, "padding_idx", None)
         self.embedding = isinstance(base, nn.Embedding)
+        self.scale = base.scale if isinstance(base, ScaledEmbedding) else None  # Gemma's sqrt(hidden) factor
         self.token_indices = list(token_indices)
         index = torch.tensor(self.token_indices, device=base.weight.device)
         self.register_buffer("index", index, persistent=False)
@@ -60,12 +63,12 @@ class TrainableTokens(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.embedding:
             out = F.embedding(x, self.weight, self.padding_idx)
-            if self.disabled:
-                return out
-            slot = self.slots[x]
-            # F.embedding, not rows[slot]: indexing's backward accumulates in a thread-dependent order
-            # on CPU, and training must give the same weights run after run.
-            return torch.where((slot >= 0)[..., None], F.embedding(slot.clamp(min=0), self.rows.to(out.dtype)), out)
+            if not self.disabled:
+                slot = self.slots[x]
+                # F.embedding, not rows[slot]: indexing's backward accumulates in a thread-dependent order
+                # on CPU, and training must give the same weights run after run.
+                out = torch.where((slot >= 0)[..., None], F.embedding(slot.clamp(min=0), self.rows.to(out.dtype)), out)
+            return out if self.scale is None else out * self.scale()
         out = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return out
