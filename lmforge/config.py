@@ -13,9 +13,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from lmforge.families import SPELLED_HERE, fields_from_hf, hf_fields, rope_from_hf
 from lmforge.io import read_json
 
-Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2"]
+Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "phi3", "falcon", "bloom"]
 
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": "llama",
@@ -23,6 +24,9 @@ ARCHITECTURES: dict[str, Family] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2ForCausalLM": "qwen2",
     "GPT2LMHeadModel": "gpt2",
+    "Phi3ForCausalLM": "phi3",
+    "FalconForCausalLM": "falcon",
+    "BloomForCausalLM": "bloom",
 }
 FAMILY_ARCHITECTURE: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
 
@@ -45,7 +49,7 @@ class ModelConfig(BaseModel):
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp: Literal["swiglu", "gelu"] = "swiglu"
-    position: Literal["rope", "learned"] = "rope"
+    position: Literal["rope", "learned", "alibi"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False  # bias on q, k, v and o (Llama's flag, GPT-2)
@@ -61,6 +65,12 @@ class ModelConfig(BaseModel):
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     torch_dtype: str = "float32"
+    # Phi-3, Falcon and BLOOM: partial rotary, parallel blocks, an embedding norm, exact GELU.
+    partial_rotary_factor: float = 1.0  # rotate only the first int(head_dim x factor) dims of each head
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) instead of two residual steps
+    shared_block_norm: bool = False  # one norm feeds both attention and MLP (Falcon-7B); needs parallel_residual
+    embedding_norm: bool = False  # a norm right after the token embeddings (BLOOM)
+    gelu_approximate: Literal["tanh", "none"] = "tanh"  # F.gelu's `approximate`: tanh (GPT-2, BLOOM), erf (Falcon)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -76,9 +86,9 @@ class ModelConfig(BaseModel):
             )
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_scaling.rope_type {rope_type!r} is not supported (default, linear, llama3)")
+        _check_rope(self)
+        if self.shared_block_norm and not self.parallel_residual:
+            raise ValueError("shared_block_norm needs parallel_residual (a sequential block normalises twice)")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
             raise ValueError("num_experts_per_tok exceeds num_experts")
         return self
@@ -88,6 +98,11 @@ class ModelConfig(BaseModel):
         if self.sliding_window is None:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (transformers: int(head_dim x partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -106,7 +121,8 @@ class ModelConfig(BaseModel):
         expert = self._mlp_parameters()
         mlp = self.num_experts * expert + d * self.num_experts if self.num_experts else expert
         norm = d if self.norm == "rmsnorm" else 2 * d
-        total = L * (attn + mlp + 2 * norm) + norm
+        block_norms = 1 if self.shared_block_norm else 2
+        total = L * (attn + mlp + block_norms * norm) + norm * (2 if self.embedding_norm else 1)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
             if self.position == "learned":
@@ -152,8 +168,10 @@ class ModelConfig(BaseModel):
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a transformers `config.json` dict (transformers 4 or 5 style)."""
         family = _family_of(hf, source)
-        if family == "gpt2":
-            fields: dict[str, Any] = dict(
+        if family in SPELLED_HERE:  # Phi-3, Falcon, BLOOM: lmforge.families
+            fields: dict[str, Any] = fields_from_hf(family, hf, source)
+        elif family == "gpt2":
+            fields = dict(
                 vocab_size=hf.get("vocab_size", 50257),
                 hidden_size=hf.get("n_embd", 768),
                 num_hidden_layers=hf.get("n_layer", 12),
@@ -175,12 +193,7 @@ class ModelConfig(BaseModel):
                 if hf.get(key):
                     raise ValueError(f"{source}: {key}=true is not supported")
         else:
-            rope = hf.get("rope_parameters") or {}
-            scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-            if "type" in scaling and "rope_type" not in scaling:
-                scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
-            if scaling.get("rope_type", "default") == "default":
-                scaling = {}
+            rope_theta, scaling = rope_from_hf(hf)
             act = hf.get("hidden_act", "silu")
             if act != "silu":
                 raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu)")
@@ -204,7 +217,7 @@ class ModelConfig(BaseModel):
                 head_dim=hf.get("head_dim"),
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                rope_theta=rope_theta,
                 rope_scaling=scaling or None,
                 attention_bias=hf.get("attention_bias", False),
                 qkv_bias=family == "qwen2",
@@ -241,6 +254,8 @@ class ModelConfig(BaseModel):
             torch_dtype=self.torch_dtype,
             use_cache=True,
         )
+        if self.family in SPELLED_HERE:
+            return copy.deepcopy(dict(common, **hf_fields(self)))
         if self.family == "gpt2":
             return copy.deepcopy(dict(  # copies: readers such as transformers edit what they are given
                 common,
@@ -293,6 +308,38 @@ class ModelConfig(BaseModel):
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
         return cls.from_hf(read_json(file), source=str(file))
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def _check_rope(config: ModelConfig) -> None:
+    """`partial_rotary_factor` and `rope_scaling` as transformers validates them (its warnings made errors)."""
+    if not 0 < config.partial_rotary_factor <= 1 or config.rotary_dim < 2 or config.rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor {config.partial_rotary_factor} gives rotary dim {config.rotary_dim} "
+                         f"of head_dim {config.head_dim}; it must be even and at least 2")
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling.rope_type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+    if rope_type != "longrope":
+        return
+    missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings") if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling (longrope) lacks {', '.join(missing)}")
+    for key in ("short_factor", "long_factor"):
+        factors = scaling[key]
+        if not isinstance(factors, list) or len(factors) != config.rotary_dim // 2 or not all(
+                isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise ValueError(f"rope_scaling.{key} must be {config.rotary_dim // 2} positive numbers, "
+                             "one per rotary frequency")
+    original = scaling["original_max_position_embeddings"]
+    if not isinstance(original, int) or original < 1:
+        raise ValueError(f"rope_scaling.original_max_position_embeddings must be a positive integer (got {original!r})")
+    for key in ("factor", "attention_factor"):
+        value = scaling.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"rope_scaling.{key} must be a positive number (got {value!r})")
 
 
 def _family_of(hf: dict[str, Any], source: str) -> Family:
