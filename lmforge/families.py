@@ -44,7 +44,8 @@ def _cannot_spell(config: ModelConfig, **expected: Any) -> None:
     """Raise unless `config` has the `expected` field values (what the family's config.json can express)."""
     for field, want in expected.items():
         if getattr(config, field) != want:
-            raise ValueError(f"family {config.family!r} cannot express {field}={getattr(config, field)!r} in config.json")
+            got = getattr(config, field)
+            raise ValueError(f"family {config.family!r} cannot express {field}={got!r} in config.json")
 
 
 # ---- Phi-3 / Phi-3.5 / Phi-4-mini --------------------------------------------------------------

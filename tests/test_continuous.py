@@ -40,7 +40,7 @@ def run(batch: DecodeBatch, arrivals, params: SamplingParams, *, cancel: dict[in
     return outputs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gpt2", "bloom"])  # bloom: ALiBi over shifted rows
 def test_late_joiners_match_running_alone(family, tmp_path):
     hf = sharp_hf_model(family)
     hf.save_pretrained(tmp_path)
