@@ -266,7 +266,7 @@ def test_sampling_params_validate():
 # ---- the static cache and the compiled decode step ------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "bloom"])  # bloom: ALiBi over masked unfilled slots
 def test_static_cache_equals_growing_cache(family, tmp_path):
     from lmforge.kv_cache import KVCache, StaticKVCache
 
