@@ -1,7 +1,7 @@
 """Hugging Face model directories: load any supported family, save our models in the same layout.
 
-Llama, Mistral and Qwen2 weights use our parameter names as they are; Mixtral and GPT-2 store
-theirs differently on disk, and one small declarative `KeyMap` per family converts them.
+Llama, Mistral and Qwen2 weights use our parameter names as they are; Mixtral, GPT-2, Phi-3, Falcon
+and BLOOM store theirs differently on disk, and one small declarative `KeyMap` per family converts them.
 """
 
 from __future__ import annotations
@@ -38,13 +38,18 @@ class KeyMap:
 
     `renames`: (disk, ours) module-name templates, `{i}` standing for a number.
     `transposed`: our weight names that are stored transposed (GPT-2's Conv1D).
-    `fused`: our virtual name -> the real names it splits into along dim 0 (GPT-2's c_attn).
+    `fused`: our virtual name -> the real names it splits into along dim 0, one block after another
+    (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj).
+    `grouped`: fused q/k/v names whose rows are interleaved per KV head instead: (kv_heads,
+    q_heads / kv_heads + 2, head_dim), each group's query heads then its key and its value (Falcon,
+    whose multi-query case is one group; BLOOM, whose [heads, 3, head_dim] is one group per head).
     `prefix`: added to every disk name but the head's; read with or without it.
     `ignored`: disk names (regex) that hold no weights of ours (e.g. old GPT-2 mask buffers)."""
 
     renames: tuple[tuple[str, str], ...] = ()
     transposed: tuple[str, ...] = ()
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    grouped: tuple[str, ...] = ()
     prefix: str = ""
     ignored: tuple[str, ...] = ()
 
@@ -79,7 +84,45 @@ KEY_MAPS: dict[str, KeyMap] = {
         prefix="transformer.",
         ignored=(r"h\.\d+\.attn\.(bias|masked_bias)$",),
     ),
+    "phi3": KeyMap(
+        fused=(
+            ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        ignored=(OLD_ROPE_BUFFER,),
+    ),
 }
+_QKV = (("self_attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)
+_FALCON_BLOOM_LAYERS = (  # the block names Falcon and BLOOM share
+    ("word_embeddings", "model.embed_tokens"),
+    ("ln_f", "model.norm"),
+    ("h.{i}.input_layernorm", "model.layers.{i}.input_layernorm"),
+    ("h.{i}.post_attention_layernorm", "model.layers.{i}.post_attention_layernorm"),
+    ("h.{i}.self_attention.query_key_value", "model.layers.{i}.self_attn.qkv"),
+    ("h.{i}.self_attention.dense", "model.layers.{i}.self_attn.o_proj"),
+    ("h.{i}.mlp.dense_h_to_4h", "model.layers.{i}.mlp.up_proj"),
+    ("h.{i}.mlp.dense_4h_to_h", "model.layers.{i}.mlp.down_proj"),
+)
+# Falcon's parallel blocks with two norms name them ln_attn and ln_mlp; listed first, they are also the names written.
+_FALCON_TWO_NORMS = (
+    ("h.{i}.ln_attn", "model.layers.{i}.input_layernorm"),
+    ("h.{i}.ln_mlp", "model.layers.{i}.post_attention_layernorm"),
+)
+KEY_MAPS["falcon"] = KeyMap(renames=_FALCON_BLOOM_LAYERS + _FALCON_TWO_NORMS, fused=_QKV,
+                            grouped=("self_attn.qkv",), prefix="transformer.")
+FALCON_TWO_NORMS = KeyMap(renames=_FALCON_TWO_NORMS + _FALCON_BLOOM_LAYERS, fused=_QKV,
+                          grouped=("self_attn.qkv",), prefix="transformer.")
+KEY_MAPS["bloom"] = KeyMap(
+    renames=(("word_embeddings_layernorm", "model.embed_layernorm"),) + _FALCON_BLOOM_LAYERS, fused=_QKV,
+    grouped=("self_attn.qkv",), prefix="transformer.",
+)
+
+
+def key_map(family: str, config: ModelConfig) -> KeyMap:
+    """The on-disk mapping of `family` for `config` (Falcon spells a parallel block's two norms its own way)."""
+    if family == "falcon" and config.parallel_residual and not config.shared_block_norm:
+        return FALCON_TWO_NORMS
+    return KEY_MAPS.get(family, DEFAULT_KEY_MAP)
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -104,7 +147,7 @@ def _rename(name: str, renames: tuple[tuple[str, str], ...], reverse: bool) -> s
 
 def to_ours(family: str, disk: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Rename and reshape a family's on-disk tensors into our state-dict names."""
-    keymap = KEY_MAPS.get(family, DEFAULT_KEY_MAP)
+    keymap = key_map(family, config)
     ours: dict[str, Tensor] = {}
     for name, tensor in disk.items():
         if keymap.prefix and name.startswith(keymap.prefix):
@@ -116,8 +159,11 @@ def to_ours(family: str, disk: dict[str, Tensor], config: ModelConfig) -> dict[s
             tensor = tensor.t()
         for virtual, parts in keymap.fused:
             if virtual + "." in name:
-                sizes = _split_sizes(config, len(parts))
-                for part, piece in zip(parts, tensor.split(sizes, dim=0)):
+                if virtual in keymap.grouped:
+                    pieces = _ungroup(tensor, config)
+                else:
+                    pieces = tensor.split([_rows(config, part) for part in parts], dim=0)
+                for part, piece in zip(parts, pieces):
                     ours[name.replace(virtual, part)] = piece.contiguous()
                 break
         else:
@@ -127,12 +173,13 @@ def to_ours(family: str, disk: dict[str, Tensor], config: ModelConfig) -> dict[s
 
 def to_disk(family: str, ours: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Our state dict in the family's on-disk names and layout (inverse of `to_ours`)."""
-    keymap = KEY_MAPS.get(family, DEFAULT_KEY_MAP)
+    keymap = key_map(family, config)
     merged = dict(ours)
     for virtual, parts in keymap.fused:
         for name in [n for n in merged if parts[0] + "." in n]:
-            group = [name.replace(parts[0], part) for part in parts]
-            merged[name.replace(parts[0], virtual)] = torch.cat([merged.pop(n) for n in group], dim=0)
+            group = [merged.pop(name.replace(parts[0], part)) for part in parts]
+            fuse = _group if virtual in keymap.grouped else lambda pieces, _: torch.cat(pieces, dim=0)
+            merged[name.replace(parts[0], virtual)] = fuse(group, config)
     disk: dict[str, Tensor] = {}
     for name, tensor in merged.items():
         if name.endswith(keymap.transposed):
@@ -144,10 +191,25 @@ def to_disk(family: str, ours: dict[str, Tensor], config: ModelConfig) -> dict[s
     return disk
 
 
-def _split_sizes(config: ModelConfig, parts: int) -> list[int]:
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    return [q, kv, kv][:parts]
+def _rows(config: ModelConfig, part: str) -> int:
+    """Rows of one piece of a fused weight, by our module name."""
+    heads = config.num_attention_heads if part.endswith("q_proj") else config.num_key_value_heads
+    return config.intermediate_size if part.endswith(("gate_proj", "up_proj")) else heads * config.head_dim
+
+
+def _ungroup(fused: Tensor, config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v from rows laid out (kv_heads, q_heads / kv_heads + 2, head_dim) (see `KeyMap.grouped`)."""
+    kv, hd = config.num_key_value_heads, config.head_dim
+    groups = fused.reshape(kv, -1, hd, *fused.shape[1:])
+    q = groups[:, :-2].reshape(-1, *fused.shape[1:])
+    return q, groups[:, -2].reshape(kv * hd, *fused.shape[1:]), groups[:, -1].reshape(kv * hd, *fused.shape[1:])
+
+
+def _group(pieces: list[Tensor], config: ModelConfig) -> Tensor:
+    """Inverse of `_ungroup`: each KV group's query heads, then its key, then its value."""
+    kv, hd = config.num_key_value_heads, config.head_dim
+    q, k, v = (p.reshape(kv, -1, hd, *p.shape[1:]) for p in pieces)
+    return torch.cat((q, k, v), dim=1).reshape(-1, *q.shape[3:])
 
 
 # ---- reading ---------------------------------------------------------------------------------

@@ -13,12 +13,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from lmforge.hf_families import (
-    GEMMA_FAMILIES, MODEL_TYPES, gate_activation, gemma_qwen3_fields, gemma_qwen3_hf, hf_rope_parameters,
+from lmforge.families import (
+    GEMMA_FAMILIES, MODEL_TYPES, SPELLED_HERE, fields_from_hf, gate_activation, gemma_qwen3_fields, gemma_qwen3_hf,
+    hf_fields, hf_rope_parameters, rope_from_hf,
 )
 from lmforge.io import read_json
 
-Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
+Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe",
+                 "phi3", "falcon", "bloom"]
 
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": "llama",
@@ -31,6 +33,9 @@ ARCHITECTURES: dict[str, Family] = {
     "Gemma3ForCausalLM": "gemma3",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
+    "FalconForCausalLM": "falcon",
+    "BloomForCausalLM": "bloom",
 }
 FAMILY_ARCHITECTURE: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
 
@@ -53,7 +58,7 @@ class ModelConfig(BaseModel):
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp: Literal["swiglu", "gelu"] = "swiglu"
-    position: Literal["rope", "learned"] = "rope"
+    position: Literal["rope", "learned", "alibi"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False  # bias on q, k, v and o (Llama's flag, GPT-2)
@@ -83,6 +88,12 @@ class ModelConfig(BaseModel):
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     torch_dtype: str = "float32"
+    # Phi-3, Falcon and BLOOM: partial rotary, parallel blocks, an embedding norm, exact GELU.
+    partial_rotary_factor: float = 1.0  # rotate only the first int(head_dim x factor) dims of each head
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) instead of two residual steps
+    shared_block_norm: bool = False  # one norm feeds both attention and MLP (Falcon-7B); needs parallel_residual
+    embedding_norm: bool = False  # a norm right after the token embeddings (BLOOM)
+    gelu_approximate: Literal["tanh", "none"] = "tanh"  # F.gelu's `approximate`: tanh (GPT-2, BLOOM), erf (Falcon)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -98,9 +109,9 @@ class ModelConfig(BaseModel):
             )
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_scaling.rope_type {rope_type!r} is not supported (default, linear, llama3)")
+        _check_rope(self)
+        if self.shared_block_norm and not self.parallel_residual:
+            raise ValueError("shared_block_norm needs parallel_residual (a sequential block normalises twice)")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
             raise ValueError("num_experts_per_tok exceeds num_experts")
         return self
@@ -115,6 +126,11 @@ class ModelConfig(BaseModel):
         """Whether layer `layer`'s MLP is a mixture of experts."""
         step = self.decoder_sparse_step
         return bool(self.num_experts) and layer not in self.mlp_only_layers and (layer + 1) % step == 0
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (transformers: int(head_dim x partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -134,7 +150,8 @@ class ModelConfig(BaseModel):
         attn += 2 * hd * per_feature if self.qk_norm else 0
         norm = d * per_feature
         mlp = sum(self._layer_mlp_parameters(layer) for layer in range(L))
-        total = L * (attn + (4 if self.post_norms else 2) * norm) + mlp + norm
+        block_norms = 4 if self.post_norms else 1 if self.shared_block_norm else 2
+        total = L * (attn + block_norms * norm) + mlp + norm * (2 if self.embedding_norm else 1)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
             if self.position == "learned":
@@ -193,8 +210,10 @@ class ModelConfig(BaseModel):
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a transformers `config.json` dict (transformers 4 or 5 style)."""
         family = _family_of(hf, source)
-        if family == "gpt2":
-            fields: dict[str, Any] = dict(
+        if family in SPELLED_HERE:  # Phi-3, Falcon, BLOOM: lmforge.families
+            fields: dict[str, Any] = fields_from_hf(family, hf, source)
+        elif family == "gpt2":
+            fields = dict(
                 vocab_size=hf.get("vocab_size", 50257),
                 hidden_size=hf.get("n_embd", 768),
                 num_hidden_layers=hf.get("n_layer", 12),
@@ -216,14 +235,7 @@ class ModelConfig(BaseModel):
                 if hf.get(key):
                     raise ValueError(f"{source}: {key}=true is not supported")
         else:
-            rope = hf.get("rope_parameters") or {}
-            if family == "gemma3":  # transformers 5 nests one RoPE per layer type
-                rope = rope.get("full_attention") or {k: v for k, v in rope.items() if k != "sliding_attention"}
-            scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-            if "type" in scaling and "rope_type" not in scaling:
-                scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
-            if scaling.get("rope_type", "default") == "default":
-                scaling = {}
+            rope_theta, scaling = rope_from_hf(hf)
             sliding = hf.get("sliding_window")
             layer_types = hf.get("layer_types")
             if family in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
@@ -244,7 +256,7 @@ class ModelConfig(BaseModel):
                 head_dim=hf.get("head_dim"),
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                rope_theta=rope_theta,
                 rope_scaling=scaling or None,
                 attention_bias=hf.get("attention_bias", False),
                 qkv_bias=family == "qwen2",
@@ -283,6 +295,8 @@ class ModelConfig(BaseModel):
             torch_dtype=self.torch_dtype,
             use_cache=True,
         )
+        if self.family in SPELLED_HERE:
+            return copy.deepcopy(dict(common, **hf_fields(self)))
         if self.family == "gpt2":
             return copy.deepcopy(dict(  # copies: readers such as transformers edit what they are given
                 common,
@@ -337,6 +351,38 @@ class ModelConfig(BaseModel):
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
         return cls.from_hf(read_json(file), source=str(file))
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def _check_rope(config: ModelConfig) -> None:
+    """`partial_rotary_factor` and `rope_scaling` as transformers validates them (its warnings made errors)."""
+    if not 0 < config.partial_rotary_factor <= 1 or config.rotary_dim < 2 or config.rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor {config.partial_rotary_factor} gives rotary dim {config.rotary_dim} "
+                         f"of head_dim {config.head_dim}; it must be even and at least 2")
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling.rope_type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+    if rope_type != "longrope":
+        return
+    missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings") if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling (longrope) lacks {', '.join(missing)}")
+    for key in ("short_factor", "long_factor"):
+        factors = scaling[key]
+        if not isinstance(factors, list) or len(factors) != config.rotary_dim // 2 or not all(
+                isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise ValueError(f"rope_scaling.{key} must be {config.rotary_dim // 2} positive numbers, "
+                             "one per rotary frequency")
+    original = scaling["original_max_position_embeddings"]
+    if not isinstance(original, int) or original < 1:
+        raise ValueError(f"rope_scaling.original_max_position_embeddings must be a positive integer (got {original!r})")
+    for key in ("factor", "attention_factor"):
+        value = scaling.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"rope_scaling.{key} must be a positive number (got {value!r})")
 
 
 def _family_of(hf: dict[str, Any], source: str) -> Family:

@@ -4,7 +4,9 @@ Llama/Mistral/Qwen2/Mixtral: RMSNorm pre-normalisation, rotary embeddings, group
 attention, SwiGLU (or a sparse mixture of SwiGLU experts). GPT-2: LayerNorm, learned positions,
 GELU, biases. Gemma adds a GeGLU MLP, offset norms and scaled embeddings; Gemma 2/3 norms after
 attention and MLP too, soft-capping and per-layer-type RoPE; Qwen3 and Gemma 3 normalise q and k per
-head. Module names follow transformers' checkpoint names so Llama-layout weights load as is.
+head. Phi-3: partial rotary, LongRoPE. Falcon: attention and MLP in parallel off one or two norms.
+BLOOM: ALiBi biases instead of positions, a norm after the embeddings. Module names follow
+transformers' checkpoint names so Llama-layout weights load as is.
 """
 
 from __future__ import annotations
@@ -67,10 +69,11 @@ class ScaledEmbedding(nn.Embedding):
         return torch.tensor(self.embedding_dim**0.5, dtype=torch.float32).to(self.weight.dtype)
 
 
-def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> Tensor:
-    """Rotary inverse frequencies, with linear or Llama-3 scaling when configured; `local`: those of
+def rope_inv_freq(config: ModelConfig, *, local: bool = False, long: bool = False) -> Tensor:
+    """Rotary inverse frequencies of the first `rotary_dim` dims, with linear, Llama-3 or LongRoPE
+    scaling when configured (LongRoPE: its short factors, or its long ones if `long`); `local`: those of
     the sliding-window layers when they have their own base (`rope_local_base_freq`, never scaled)."""
-    dim = config.head_dim
+    dim = config.rotary_dim
     theta = config.rope_local_base_freq if local else config.rope_theta
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = {} if local else config.rope_scaling or {}
@@ -86,7 +89,45 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        inv_freq = 1.0 / (factors * config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     return inv_freq
+
+
+def rope_attention_scaling(config: ModelConfig) -> float:
+    """LongRoPE's factor on cos and sin: `attention_factor`, else sqrt(1 + ln(s) / ln(original length))
+    for s = `factor` (default: max_position_embeddings / original length) when s > 1 (transformers)."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al.): 2^(-8i/n) for i = 1..n when n is a power of two; otherwise
+    those of the power of two below n, then every other slope of the power above (as BLOOM computes them)."""
+    below = 2 ** math.floor(math.log2(n_heads))
+    slopes = torch.tensor(2 ** (-(2 ** -(math.log2(below) - 3)))).pow(torch.arange(1, 1 + below, dtype=torch.int32))
+    if below != n_heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * below) - 3))))
+        odd = torch.arange(1, 1 + 2 * min(below, n_heads - below), 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, extra.pow(odd)])
+    return slopes
+
+
+def alibi_bias(slopes: Tensor, allowed: Tensor, pad: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Additive (B|1, H, q_len, k_len) attention bias: slope x the key's position (counted from the
+    row's first real token, as transformers counts it from the attention mask; softmax ignores the
+    query's own offset), -inf where the boolean `allowed` mask forbids."""
+    k = torch.arange(allowed.shape[-1], device=allowed.device)[None]
+    positions = k if pad is None else (k - pad[:, None]).clamp(min=0)
+    bias = slopes[None, :, None, None] * positions[:, None, None, :].float()
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -95,8 +136,12 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, D) queries or keys by (B, 1, T, D) angles."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate (B, H, T, D) queries or keys by (B, 1, T, R) angles: the first R dims of each head."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, keep = x[..., :rotary], x[..., rotary:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
 
 
 def attention_mask(
@@ -193,13 +238,14 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = True, approximate: str = "tanh") -> None:
         super().__init__()
+        self.approximate = approximate
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 class SparseMoE(nn.Module):
@@ -231,23 +277,30 @@ class SparseMoE(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); or, with `parallel_residual`,
+    x + attn(norm(x)) + mlp(norm'(x)), norm' being the same norm under `shared_block_norm`."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.parallel, self.shared_norm = config.parallel_residual, config.shared_block_norm
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = make_norm(config)
+        if not config.shared_block_norm:
+            self.post_attention_layernorm = make_norm(config)
         self.local_rope = config.rope_local_base_freq is not None and config.is_sliding(layer)
         if config.is_sparse(layer):
             self.mlp: nn.Module = SparseMoE(config)
         elif config.mlp == "swiglu":
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act)
         else:
-            self.mlp = GeluMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+            self.mlp = GeluMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.gelu_approximate)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        if self.parallel:
+            h = self.input_layernorm(x)
+            attn = self.self_attn(h, rope, mask, cache)
+            return x + (self.mlp(h if self.shared_norm else self.post_attention_layernorm(x)) + attn)
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -268,13 +321,6 @@ class SandwichBlock(Block):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-def rope_angles(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin (B, 1, T, D) of positions (B, T) at these inverse frequencies."""
-    freqs = positions[..., None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
 class Decoder(nn.Module):
     """Embeddings, blocks and the final norm: hidden states, no head (shared by LM and reward models)."""
 
@@ -283,6 +329,8 @@ class Decoder(nn.Module):
         self.config = config
         embedding = ScaledEmbedding if config.scale_embeddings else nn.Embedding
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
+        if config.embedding_norm:
+            self.embed_layernorm = make_norm(config)
         if config.position == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         block = SandwichBlock if config.post_norms else Block
@@ -291,8 +339,20 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         if config.rope_local_base_freq is not None:  # the sliding-window layers' own RoPE table (Gemma 3)
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
+        self._register_position_buffers()
         self.windows = sorted({block.window for block in self.layers}, key=lambda w: w or 0)
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+
+    def _register_position_buffers(self, device: torch.device | str | None = None) -> None:
+        """LongRoPE's long-context frequencies and ALiBi's slopes (None when not configured)."""
+        config = self.config
+        longrope = (config.rope_scaling or {}).get("rope_type") == "longrope"
+        self.rope_scale = rope_attention_scaling(config)
+        self.long_after = config.rope_scaling["original_max_position_embeddings"] if longrope else None
+        long_freq = rope_inv_freq(config, long=True) if longrope else None
+        slopes = alibi_slopes(config.num_attention_heads) if config.position == "alibi" else None
+        for name, value in (("long_inv_freq", long_freq), ("alibi_slopes", slopes)):
+            self.register_buffer(name, None if value is None else value.to(device), persistent=False)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers (after building on the meta device and materialising)."""
@@ -300,6 +360,22 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(device)
         if self.config.rope_local_base_freq is not None:
             self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
+        self._register_position_buffers(device)
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype, *, local: bool = False) -> tuple[Tensor, Tensor]:
+        """cos and sin (B, 1, T, rotary_dim) of each position's angles (`local`: the sliding layers' table)."""
+        inv_freq = self.inv_freq_local if local else self.inv_freq
+        if self.long_inv_freq is not None and not local:
+            # LongRoPE as transformers 5.25 applies it (`longrope_frequency_update`): one set of factors for
+            # the whole forward pass, the long ones once its largest position reaches original_max_position_
+            # embeddings, the short ones otherwise; keys already cached keep the set they were rotated with.
+            inv_freq = torch.where(positions.max() + 1 > self.long_after, self.long_inv_freq, self.inv_freq)
+        freqs = positions[..., None].float() * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = angles.cos(), angles.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self,
@@ -313,6 +389,8 @@ class Decoder(nn.Module):
         """Hidden states (B, T, D). `pad` (B,) counts left-padding tokens per row; `cache` holds
         earlier tokens' keys and values and advances by T."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embedding_norm:
+            x = self.embed_layernorm(x)
         B, T = x.shape[:2]
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -322,13 +400,15 @@ class Decoder(nn.Module):
         rope = local_rope = None
         if self.config.position == "learned":
             x = x + self.embed_positions(positions)
-        else:
-            rope = local_rope = rope_angles(positions, self.inv_freq, x.dtype)
+        elif self.config.position == "rope":
+            rope = local_rope = self.rotary(positions, x.dtype)
             if self.config.rope_local_base_freq is not None:
-                local_rope = rope_angles(positions, self.inv_freq_local, x.dtype)
+                local_rope = self.rotary(positions, x.dtype, local=True)
         k_len = cache.attended(T) if cache is not None else T
-        static = cache is not None and cache.static
-        masks = {w: attention_mask(start, T, k_len, pad, w, x.device, always=static) for w in self.windows}
+        always = (cache is not None and cache.static) or self.alibi_slopes is not None
+        masks = {w: attention_mask(start, T, k_len, pad, w, x.device, always=always) for w in self.windows}
+        if self.alibi_slopes is not None:
+            masks = {w: alibi_bias(self.alibi_slopes, m, pad, x.dtype) for w, m in masks.items()}
         for block in self.layers:
             angles = local_rope if block.local_rope else rope
             if self.gradient_checkpointing and self.training:

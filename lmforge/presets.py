@@ -12,6 +12,22 @@ def _llama(**kw: Any) -> ModelConfig:
     return ModelConfig(family="llama", **kw)
 
 
+# Phi-4-mini-instruct's config.json: rope_scaling.long_factor (its short_factor is 48 x 1.0).
+PHI4_MINI_LONG_FACTOR = [
+    1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649, 2.446418898,
+    2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845, 5.351743533, 5.984965424,
+    6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252,
+    16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23,
+    32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77,
+]
+FALCON: dict[str, Any] = dict(  # what Falcon-7B and -40B share
+    norm="layernorm", mlp="gelu", gelu_approximate="none", parallel_residual=True, tie_word_embeddings=True,
+    bos_token_id=11, eos_token_id=11,
+)
+BLOOM: dict[str, Any] = dict(  # what every BLOOM size shares
+    max_position_embeddings=2048, norm="layernorm", mlp="gelu", position="alibi", attention_bias=True, mlp_bias=True,
+    embedding_norm=True, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+)
 def _gemma(family: str, **kw: Any) -> ModelConfig:
     """Gemma's common fields: GeGLU, offset norms, scaled and tied embeddings, 256-wide heads
     (Gemma 2/3 add post-norms, a query scale, sliding-window layers; Gemma 3 QK-norm)."""
@@ -111,6 +127,36 @@ PRESETS: dict[str, ModelConfig] = {
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, qk_norm=True, max_position_embeddings=40960,
         rope_theta=1e6, norm_eps=1e-6, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
         norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "phi3-mini": ModelConfig(  # Phi-3-mini-4k-instruct
+        family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, sliding_window=2047,
+        bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    ),
+    "phi4-mini": ModelConfig(  # Phi-4-mini-instruct: partial rotary (96 of 128 dims), LongRoPE from 4k to 128k
+        family="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072, sliding_window=262144,
+        partial_rotary_factor=0.75, tie_word_embeddings=True, bos_token_id=199999, eos_token_id=199999,
+        pad_token_id=199999,
+        rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 4096, "short_factor": [1.0] * 48,
+                      "long_factor": PHI4_MINI_LONG_FACTOR},
+    ),
+    "falcon-7b": ModelConfig(  # multi-query attention, attention and MLP in parallel off one LayerNorm
+        family="falcon", vocab_size=65024, hidden_size=4544, intermediate_size=18176, num_hidden_layers=32,
+        num_attention_heads=71, num_key_value_heads=1, max_position_embeddings=2048, **FALCON,
+        shared_block_norm=True,
+    ),
+    "falcon-40b": ModelConfig(  # the "new decoder architecture": 8 KV groups, two parallel LayerNorms
+        family="falcon", vocab_size=65024, hidden_size=8192, intermediate_size=32768, num_hidden_layers=60,
+        num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=2048, **FALCON,
+    ),
+    "bloom-560m": ModelConfig(
+        family="bloom", vocab_size=250880, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, **BLOOM,
+    ),
+    "bloom-7b1": ModelConfig(
+        family="bloom", vocab_size=250880, hidden_size=4096, intermediate_size=16384, num_hidden_layers=30,
+        num_attention_heads=32, **BLOOM,
     ),
     # CPU sizes for tests, the demo and benchmarks.
     "tiny": _llama(

@@ -52,6 +52,24 @@ def tiny_hf_model(family: str, **overrides: Any):
             **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
             mlp_only_layers=[0], norm_topk_prob=False,
         )
+    elif family == "phi3":  # Phi-3-mini-4k's layout: fused qkv_proj and gate_up_proj, a sliding window
+        config = tf.Phi3Config(**common, sliding_window=16)
+    elif family == "phi3-longrope":  # Phi-4-mini's: partial rotary (6 of 8 dims), LongRoPE past 32 positions
+        config = tf.Phi3Config(
+            **common, original_max_position_embeddings=32,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                             "short_factor": [1.0, 1.5, 2.5], "long_factor": [1.5, 4.0, 12.0]},
+        )
+    elif family in ("falcon", "falcon-new"):  # 7B: multi-query, one norm; 40B: 2 KV groups, two norms, biases
+        new = family == "falcon-new"
+        config = tf.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_kv_heads=2 if new else None, new_decoder_architecture=new, multi_query=not new, bias=new,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    elif family == "bloom":
+        config = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
+                                eos_token_id=2, pad_token_id=0)
     elif family == "gpt2":
         config = tf.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2,

@@ -147,6 +147,15 @@ def test_load_yaml_bad_files(tmp_path):
     (dict(num_hidden_layers=2, sliding_window=4, layer_types=["full_attention"]), "layer_types"),
     (dict(num_hidden_layers=1, layer_types=["global"]), "layer_types"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 64, "long_factor": [2.0] * 64}),
+     "original_max_position_embeddings"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 64, "long_factor": [2.0] * 48,
+                        "original_max_position_embeddings": 4096}), "long_factor must be 64"),
+    (dict(partial_rotary_factor=0.75, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 64,
+          "long_factor": [2.0] * 64, "original_max_position_embeddings": 4096}), "short_factor must be 48"),
+    (dict(head_dim=10, partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(shared_block_norm=True), "parallel_residual"),
+    (dict(position="sinusoidal"), "position"),
     (dict(num_experts=4, num_experts_per_tok=8), "num_experts_per_tok"),
     (dict(family="bert"), "family"),
 ])
@@ -209,7 +218,8 @@ def test_preset_copies_do_not_share_state():
 
 # ---- transformers config.json --------------------------------------------------------------
 
-FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2"]
+FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2", "phi3", "phi3-longrope", "falcon", "falcon-new",
+            "bloom"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -234,6 +244,16 @@ EXPECTED = {  # fields from_hf must read from each family's tiny config (hf_mode
     "gpt2": dict(family="gpt2", hidden_size=32, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                  norm="layernorm", mlp="gelu", position="learned", attention_bias=True, mlp_bias=True,
                  tie_word_embeddings=True, max_position_embeddings=128),
+    "phi3": dict(family="phi3", sliding_window=16, num_key_value_heads=2, partial_rotary_factor=1.0, rope_scaling=None),
+    "phi3-longrope": dict(family="phi3", partial_rotary_factor=0.75, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.5], "long_factor": [1.5, 4.0, 12.0],
+        "original_max_position_embeddings": 32}),
+    "falcon": dict(family="falcon", num_key_value_heads=1, parallel_residual=True, shared_block_norm=True,
+                   attention_bias=False, gelu_approximate="none", norm="layernorm", tie_word_embeddings=True),
+    "falcon-new": dict(family="falcon", num_key_value_heads=2, parallel_residual=True, shared_block_norm=False,
+                       attention_bias=True, mlp_bias=True, intermediate_size=64),
+    "bloom": dict(family="bloom", position="alibi", embedding_norm=True, intermediate_size=128, num_key_value_heads=4,
+                  gelu_approximate="tanh", attention_bias=True, tie_word_embeddings=True),
 }
 
 
@@ -258,3 +278,46 @@ def test_from_hf_rejects_unsupported_features():
     gpt2 = ModelConfig(family="gpt2", norm="layernorm", mlp="gelu", position="learned").to_hf()
     with pytest.raises(ValueError, match="activation_function 'relu'"):
         ModelConfig.from_hf({**gpt2, "activation_function": "relu"})
+    falcon = ModelConfig(family="falcon", norm="layernorm", mlp="gelu", parallel_residual=True).to_hf()
+    with pytest.raises(ValueError, match="config.json: alibi=true"):
+        ModelConfig.from_hf({**falcon, "alibi": True})
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        ModelConfig.from_hf({**falcon, "activation": "relu"})
+    with pytest.raises(ValueError, match="cannot express position='alibi'"):
+        ModelConfig(family="falcon", norm="layernorm", mlp="gelu", position="alibi").to_hf()
+
+
+# Published config.json files as transformers 4 wrote them (fields that do not matter to the model left out).
+PUBLISHED_CONFIGS = {
+    "phi3-mini": {  # microsoft/Phi-3-mini-4k-instruct
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+        "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0, "rope_scaling": None, "sliding_window": 2047, "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+    },
+    "falcon-7b": {  # tiiuae/falcon-7b
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon", "alibi": False, "bias": False,
+        "hidden_size": 4544, "layer_norm_epsilon": 1e-05, "multi_query": True, "new_decoder_architecture": False,
+        "num_attention_heads": 71, "num_hidden_layers": 32, "parallel_attn": True, "vocab_size": 65024,
+        "bos_token_id": 11, "eos_token_id": 11,
+    },
+    "falcon-40b": {  # tiiuae/falcon-40b
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon", "alibi": False, "bias": False,
+        "hidden_size": 8192, "layer_norm_epsilon": 1e-05, "new_decoder_architecture": True, "num_attention_heads": 128,
+        "num_hidden_layers": 60, "num_kv_heads": 8, "parallel_attn": True, "vocab_size": 65024, "bos_token_id": 11,
+        "eos_token_id": 11,
+    },
+    "bloom-560m": {  # bigscience/bloom-560m (its old spelling: n_embed, num_attention_heads)
+        "architectures": ["BloomForCausalLM"], "model_type": "bloom", "n_embed": 1024, "n_layer": 24,
+        "num_attention_heads": 16, "layer_norm_epsilon": 1e-05, "seq_length": 2048, "vocab_size": 250880,
+        "apply_residual_connection_post_layernorm": False, "pretraining_tp": 1, "slow_but_exact": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_CONFIGS))
+def test_published_config_reads_as_the_preset(name):
+    cfg = ModelConfig.from_hf(PUBLISHED_CONFIGS[name])
+    assert cfg == PRESETS[name].model_copy(update={"torch_dtype": cfg.torch_dtype})

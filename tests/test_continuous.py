@@ -40,7 +40,7 @@ def run(batch: DecodeBatch, arrivals, params: SamplingParams, *, cancel: dict[in
     return outputs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gpt2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gpt2", "gemma3", "bloom"])  # bloom: ALiBi over shifted rows
 def test_late_joiners_match_running_alone(family, tmp_path):
     hf = sharp_hf_model(family)
     hf.save_pretrained(tmp_path)
@@ -49,6 +49,21 @@ def test_late_joiners_match_running_alone(family, tmp_path):
     outputs = run(DecodeBatch(engine), ARRIVALS, GREEDY)
     assert [outputs[i] for i in range(len(ARRIVALS))] == alone
     assert engine.stats.max_batch_size >= 3
+
+
+def test_longrope_row_matches_transformers(tmp_path):
+    """A LongRoPE row decoding past the original context (32) recomputes its cache there, as transformers does."""
+    from test_generate import hf_greedy
+
+    hf = sharp_hf_model("phi3-longrope")
+    hf.save_pretrained(tmp_path)
+    batch = DecodeBatch(Engine(load_model(tmp_path)))
+    prompt = list(range(20, 32))  # decodes 24 tokens; without the recomputation the last ones differ
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[hf.generation_config.eos_token_id])
+    tokens = [token for _, token in batch.join([prompt], params)]
+    while len(batch):
+        tokens += [token for _, token in batch.step()]
+    assert tokens == hf_greedy(hf, prompt, 24) and len(tokens) > 32 - len(prompt)
 
 
 def test_rows_leaving_early_do_not_disturb_the_rest(tmp_path):

@@ -85,9 +85,18 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-@pytest.mark.parametrize(
-    "family", ["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
-)
+def hf_greedy_batch(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy tokens for `prompts` left-padded into one batch (with their attention mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()  # prompts hold no token 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    eos = model.generation_config.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in out[:, width:].tolist()]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3",
+                                    "qwen3_moe", "phi3", "falcon", "falcon-new", "bloom"])
 def test_greedy_matches_transformers_and_batching(family, tmp_path):
     hf = sharp_hf_model(family)
     hf.save_pretrained(tmp_path)
@@ -98,6 +107,17 @@ def test_greedy_matches_transformers_and_batching(family, tmp_path):
         assert tokens == hf_greedy(hf, prompt, 24)
         assert engine.generate([prompt], params)[0] == tokens
     assert engine.stats.max_batch_size == len(PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["phi3-longrope", "falcon-new", "bloom"])
+def test_greedy_batch_matches_transformers_left_padded_batch(family, tmp_path):
+    """The engine's left-padded batch against transformers' own: ALiBi counts positions from each row's
+    first token; LongRoPE picks one factor set per forward pass for the whole batch (here the longest row
+    passes the original 32 positions while the others do not), so only the batched tokens can be compared."""
+    hf = sharp_hf_model(family)
+    hf.save_pretrained(tmp_path)
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[hf.generation_config.eos_token_id])
+    assert Engine(load_model(tmp_path)).generate(PROMPTS, params) == hf_greedy_batch(hf, PROMPTS, 24)
 
 
 def test_stop_token_ends_only_its_row(tmp_path):
@@ -246,7 +266,7 @@ def test_sampling_params_validate():
 # ---- the static cache and the compiled decode step ------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "bloom"])  # bloom: ALiBi over masked unfilled slots
 def test_static_cache_equals_growing_cache(family, tmp_path):
     from lmforge.kv_cache import KVCache, StaticKVCache
 

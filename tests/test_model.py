@@ -11,10 +11,11 @@ from hf_models import VOCAB
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfig
 from lmforge.kv_cache import KVCache
-from lmforge.model import Transformer
+from lmforge.model import Transformer, alibi_slopes
 from lmforge.presets import PRESETS
 
-FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"]
+FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe",
+            "phi3", "phi3-longrope", "falcon", "falcon-new", "bloom"]
 VARIANTS = ["llama-bias", "llama3-smooth", "qwen2-sliding"]  # see conftest.VARIANTS
 ARCHITECTURE = {  # name -> (architectures[0], model_type) in config.json
     "llama": ("LlamaForCausalLM", "llama"),
@@ -31,8 +32,13 @@ ARCHITECTURE = {  # name -> (architectures[0], model_type) in config.json
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+    "phi3-longrope": ("Phi3ForCausalLM", "phi3"),
+    "falcon": ("FalconForCausalLM", "falcon"),
+    "falcon-new": ("FalconForCausalLM", "falcon"),
+    "bloom": ("BloomForCausalLM", "bloom"),
 }
-SEQ = 40  # longer than Mistral's and Gemma 2/3's sliding windows (8) and Llama-3's original context (32)
+SEQ = 40  # longer than Mistral's and Gemma 2/3's sliding windows (8), Llama-3's and LongRoPE Phi-3's contexts (32)
 
 
 def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
@@ -107,6 +113,17 @@ NATIVE = {  # configs made in lmforge, never read from transformers
     "qwen3_moe": ModelConfig(family="qwen3_moe", **SMALL, head_dim=16, qk_norm=True, num_experts=4,
                              num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
                              decoder_sparse_step=2),  # layer 0 dense, layer 1 sparse
+    "phi3": ModelConfig(family="phi3", **SMALL, partial_rotary_factor=0.5, rope_scaling={
+        "rope_type": "longrope", "original_max_position_embeddings": 24, "short_factor": [1.0, 2.0],
+        "long_factor": [3.0, 9.0], "attention_factor": 1.3}),
+    # multi-query, sequential blocks: written as Falcon's original layout; then 4 KV groups, two parallel norms
+    "falcon": ModelConfig(family="falcon", **{**SMALL, "num_key_value_heads": 1}, norm="layernorm", mlp="gelu",
+                          gelu_approximate="none", attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "falcon-parallel": ModelConfig(family="falcon", **{**SMALL, "num_key_value_heads": 4}, norm="layernorm", mlp="gelu",
+                                   gelu_approximate="none", parallel_residual=True),
+    "bloom": ModelConfig(family="bloom", **{**SMALL, "num_key_value_heads": 4, "intermediate_size": 128},
+                         norm="layernorm", mlp="gelu", position="alibi", attention_bias=True, mlp_bias=True,
+                         embedding_norm=True, tie_word_embeddings=True),
 }
 
 
@@ -181,7 +198,8 @@ def test_transformers4_gemma3_config(hf_checkpoint):
 # ---- KV cache ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral", "gpt2", "qwen2-sliding", "gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral", "gpt2", "qwen2-sliding", "gemma2", "gemma3", "qwen3",
+                                  "phi3", "falcon", "falcon-new", "bloom"])
 def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, name):
     _, path = hf_checkpoint(name)
     model = load_model(path)
@@ -200,6 +218,29 @@ def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, name):
             model(ids[:, :1], cache=cache)
 
 
+@torch.no_grad()
+def test_longrope_cached_decoding_matches_transformers(hf_checkpoint):
+    """LongRoPE switches factor sets per forward pass (on its largest position), so cached decoding is not
+    the full forward: both must match transformers' own cached decoding, step for step."""
+    hf, path = hf_checkpoint("phi3-longrope")
+    model = load_model(path)
+    ids = _ids()
+    cache = KVCache(model.config, 2, SEQ, dtype=torch.float32, device="cpu")
+    theirs = tf.DynamicCache(config=hf.config)
+    for start, end in [(0, 12), (12, 31)] + [(t, t + 1) for t in range(31, SEQ)]:  # crosses 32 positions
+        ours = model(ids[:, start:end], cache=cache)
+        reference = hf(ids[:, start:end], cache=theirs, use_cache=True).logits
+        assert _max_diff(ours, reference) < 1e-4, start
+    assert _max_diff(ours, hf(ids).logits[:, -1:]) > 1e-2  # the keys of the short-factor steps differ
+
+
+def test_alibi_slopes_match_bloom():
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    for heads in (1, 4, 6, 12, 16, 71, 112):  # powers of two and not (BLOOM-176B has 112 heads)
+        assert torch.equal(alibi_slopes(heads), _get_alibi_slopes(heads, torch.device("cpu"))), heads
+
+
 # ---- left padding --------------------------------------------------------------------------
 
 
@@ -210,7 +251,7 @@ def _left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tenso
     return ids, pad
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2", "gemma2", "gemma3", "phi3", "falcon-new", "bloom"])
 def test_left_padded_batch_equals_rows_alone(hf_checkpoint, name):
     _, path = hf_checkpoint(name)
     model = load_model(path)
@@ -224,7 +265,7 @@ def test_left_padded_batch_equals_rows_alone(hf_checkpoint, name):
             assert _max_diff(batched[i, pad[i]:], alone[0]) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gemma3", "bloom"])
 def test_left_padded_cached_decoding_equals_rows_alone(hf_checkpoint, name):
     _, path = hf_checkpoint(name)
     model = load_model(path)
@@ -243,7 +284,8 @@ def test_left_padded_cached_decoding_equals_rows_alone(hf_checkpoint, name):
 
 # ---- sizes of the real presets -------------------------------------------------------------
 
-# Totals of the published checkpoints (tied embeddings counted once).
+# Totals of the published checkpoints (tied embeddings counted once; the Hub's safetensors figures for
+# falcon-7b and falcon-40b, 7.22B and 41.8B, also count the stored copy of their tied output head).
 PUBLISHED = {
     "llama2-7b": 6_738_415_616,
     "llama2-13b": 13_015_864_320,
@@ -263,6 +305,12 @@ PUBLISHED = {
     "yi-6b": 6_061_035_520,  # 01-ai/Yi-6B (Llama architecture)
     "llama3.2-1b": 1_235_814_400,  # meta-llama/Llama-3.2-1B (tied)
     "llama3.2-3b": 3_212_749_824,  # meta-llama/Llama-3.2-3B (tied)
+    "phi3-mini": 3_821_079_552,  # Phi-3-mini-4k-instruct: "3.8B"
+    "phi4-mini": 3_836_021_760,  # Phi-4-mini-instruct: "3.8B"
+    "falcon-7b": 6_921_720_704,
+    "falcon-40b": 41_303_293_952,
+    "bloom-560m": 559_214_592,
+    "bloom-7b1": 7_069_016_064,
 }
 
 

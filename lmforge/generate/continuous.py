@@ -37,6 +37,7 @@ class Row:
     finish: str | None = None
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     state: RowState | None = None
+    fed: list[int] = field(default_factory=list)  # prompt and sampled tokens, for `Engine.refill`
 
     @property
     def sampling_key(self) -> Hashable:
@@ -89,7 +90,7 @@ class DecodeBatch:
                 generator = generators.setdefault(id(p), torch.Generator(self.engine.device).manual_seed(p.seed))
             limit = min(p.max_new_tokens, context - len(prompt))
             rows.append(Row(len(prompt), limit, p, generator, tag, stop_ids=frozenset(p.stop_token_ids),
-                            state=state))
+                            state=state, fed=list(prompt)))
         tokens = self._sample(logits, rows)
         if self.cache is None:
             self.cache = cache
@@ -107,8 +108,13 @@ class DecodeBatch:
         if not self.rows:
             return []
         assert self.cache is not None
-        self.cache.reserve(1)
-        logits = self.engine.decode(self.next_tokens, self.pads, self.cache)
+        if self.engine.refill_at is not None and int(self.cache.length) == self.engine.refill_at:
+            logits, self.cache = self.engine.refill([row.fed for row in self.rows], room=1)
+            width = max(len(row.fed) for row in self.rows)
+            self.pads = torch.tensor([width - len(row.fed) for row in self.rows], device=self.engine.device)
+        else:
+            self.cache.reserve(1)
+            logits = self.engine.decode(self.next_tokens, self.pads, self.cache)
         tokens = self._sample(logits, self.rows)
         self.next_tokens = tokens
         return self._record(self.rows, tokens)
@@ -157,6 +163,7 @@ class DecodeBatch:
         out = list(zip(rows, tokens.tolist()))
         for row, token in out:
             row.generated += 1
+            row.fed.append(token)
             if token in row.stop_ids or (row.state is not None and row.state.grammar_done):
                 row.finish = "stop"
             elif row.generated >= row.limit:

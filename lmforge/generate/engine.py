@@ -93,6 +93,21 @@ class Engine:
         logits = self.model(ids.to(self.device), pad=pads if pads.any() else None, cache=cache, last_only=True)
         return logits[:, -1], cache, pads
 
+    @property
+    def refill_at(self) -> int | None:
+        """The cache length at which the next step recomputes the whole batch instead (LongRoPE: see `refill`)."""
+        return self.model.model.long_after
+
+    def refill(self, sequences: Sequence[Sequence[int]], room: int) -> tuple[Tensor, KVCache]:
+        """Prefill the whole sequences again into a fresh cache: the last position's logits and the cache.
+        What transformers 5.25 does for LongRoPE (`Phi3ForCausalLM.prepare_inputs_for_generation`): the
+        step whose input reaches past original_max_position_embeddings drops the cache, whose keys were
+        rotated with the short factors, and recomputes everything with the long ones."""
+        stats = (self.stats.batches, self.stats.sequences)
+        logits, cache, _ = self.prefill(sequences, room)
+        self.stats.batches, self.stats.sequences = stats  # the same batch, not a new one
+        return logits, cache
+
     def decode(self, tokens: Tensor, pads: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, V) after feeding one more token (B,) per row."""
         self.stats.forward_passes += 1
@@ -106,6 +121,7 @@ class Engine:
         max_new = min(params.max_new_tokens, self.config.max_position_embeddings - longest)
         states = row_states(prompts, [params] * len(prompts), self.grammars)
         logits, cache, pads = self.prefill(prompts, max_new)
+        fed: list[list[int]] = [[] for _ in prompts]  # every row's sampled tokens (kept for `refill`)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -123,7 +139,12 @@ class Engine:
             yield out
             if bool(done.all()) or step == max_new - 1:
                 return
-            logits = self.decode(tokens, pads, cache)
+            for row, token in zip(fed, tokens.tolist()):
+                row.append(token)
+            if self.refill_at is not None and int(cache.length) == self.refill_at:
+                logits, cache = self.refill([list(p) + f for p, f in zip(prompts, fed)], max_new - step - 1)
+            else:
+                logits = self.decode(tokens, pads, cache)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """New token ids for each prompt (including a final stop token, if one was produced)."""
