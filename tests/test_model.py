@@ -11,7 +11,8 @@ from hf_models import VOCAB
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfig
 from lmforge.kv_cache import KVCache
-from lmforge.model import Transformer, alibi_slopes
+from lmforge.model import Transformer
+from lmforge.positions import alibi_slopes
 from lmforge.presets import PRESETS
 
 FAMILIES = ["llama", "llama3", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe",
