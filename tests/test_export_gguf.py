@@ -36,10 +36,10 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer([corpus], VOCAB, tmp_path_factory.mktemp("tok"), show_progress=False)
 
 
-def hf_checkpoint(name, path, tokenizer, vocab_size=VOCAB):
-    """A sharpened tiny transformers model of `name` (a family or a conftest variant), with `tokenizer`."""
+def hf_checkpoint(name, path, tokenizer, vocab_size=VOCAB, **config):
+    """A sharpened tiny transformers model of `name` (a family or a conftest variant; `config`), with `tokenizer`."""
     family, overrides = VARIANTS.get(name, (name, {}))
-    model = tiny_hf_model(family, vocab_size=vocab_size, **overrides)
+    model = tiny_hf_model(family, vocab_size=vocab_size, **overrides, **config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -453,3 +453,4 @@ def test_llama_cpp_tokenizes_regex_split_byte_level_like_tokenizers(tmp_path, pr
     for text in [TEXT, "it's 12345678 CATS'LL\r\n\n  go", "ünïcödé 🙂 x"]:
         ids = tok.backend.encode(text, add_special_tokens=False).ids
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+

@@ -1,13 +1,15 @@
 """Write a checkpoint directory as one GGUF file that llama.cpp (and Ollama, LM Studio, ...) loads.
 
-Follows the conventions of llama.cpp's own `convert_hf_to_gguf.py`: Llama, Mistral and Mixtral
-become llama.cpp's `llama` architecture, Qwen2 its `qwen2`; tensors get llama.cpp's names
-(`blk.N.attn_q.weight`, ...); Mixtral's experts are stacked into one tensor per projection.
-llama.cpp's `llama` architecture rotates adjacent pairs of each head's query/key features, where
-Hugging Face checkpoints rotate its two halves, so the q/k projection rows are reordered on the
-way out (`interleave_rotary`); `qwen2` rotates halves like the checkpoint and is left as it is.
-Weights are written as f32 or f16; norms, biases and the MoE router stay f32 either way, as
-llama.cpp's converter keeps them. The tokenizer goes into the same file: byte-level BPE
+Follows the conventions of llama.cpp's own `convert_hf_to_gguf.py`; each family becomes one of
+llama.cpp's architectures (Llama, Mistral and Mixtral its `llama`; Qwen2, Qwen3, Qwen3-MoE, Gemma 1-3,
+Phi-3, Falcon and BLOOM their own), described declaratively in `lmforge.export.gguf_archs`: tensor
+names (`blk.N.attn_q.weight`, ...), fused projections, extra keys, and what the architecture cannot
+express (refused with a one-line error). Experts are stacked into one tensor per projection; Gemma's
+offset norms are written as `1 + weight`. llama.cpp's `llama` architecture rotates adjacent pairs of
+each head's query/key features, where Hugging Face checkpoints rotate its two halves, so the q/k
+projection rows are reordered on the way out (`interleave_rotary`); the others rotate halves and are
+left as they are. Weights are written as f32 or f16; norms, biases and the MoE router stay f32 either
+way, as llama.cpp's converter keeps them. The tokenizer goes into the same file: byte-level BPE
 (`tokenizer.ggml.model = "gpt2"`, what lmforge trains) or a SentencePiece-style BPE with byte
 fallback (`"llama"`, Llama 2's tokenizer.json), with its special-token ids and chat template.
 """
@@ -15,7 +17,6 @@ fallback (`"llama"`, Llama 2's tokenizer.json), with its special-token ids and c
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -29,33 +30,15 @@ from torch import Tensor
 
 from lmforge.checkpoint import read_tensors, to_ours
 from lmforge.config import ModelConfig
+from lmforge.export.gguf_archs import TENSOR_NAMES, Arch, arch_of, llama3_rope_factors
 from lmforge.tokenizer import Tokenizer
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2"}
-INTERLEAVED_ROPE = {"llama"}  # llama.cpp architectures that rotate adjacent pairs (the rest rotate halves)
 DTYPES = {"f32": (torch.float32, gguf.LlamaFileType.ALL_F32), "f16": (torch.float16, gguf.LlamaFileType.MOSTLY_F16)}
-
-# Our parameter names (= transformers' Llama names) -> llama.cpp's; `.weight`/`.bias` follow both.
-# `{i}` is the layer; `{e}`, an expert: each layer's experts are stacked into one 3-D tensor.
-TENSOR_NAMES = (
-    ("model.embed_tokens", "token_embd"),
-    ("model.norm", "output_norm"),
-    ("lm_head", "output"),
-    ("model.layers.{i}.input_layernorm", "blk.{i}.attn_norm"),
-    ("model.layers.{i}.self_attn.q_proj", "blk.{i}.attn_q"),
-    ("model.layers.{i}.self_attn.k_proj", "blk.{i}.attn_k"),
-    ("model.layers.{i}.self_attn.v_proj", "blk.{i}.attn_v"),
-    ("model.layers.{i}.self_attn.o_proj", "blk.{i}.attn_output"),
-    ("model.layers.{i}.post_attention_layernorm", "blk.{i}.ffn_norm"),
-    ("model.layers.{i}.mlp.gate_proj", "blk.{i}.ffn_gate"),
-    ("model.layers.{i}.mlp.up_proj", "blk.{i}.ffn_up"),
-    ("model.layers.{i}.mlp.down_proj", "blk.{i}.ffn_down"),
-    ("model.layers.{i}.mlp.gate", "blk.{i}.ffn_gate_inp"),
-    ("model.layers.{i}.mlp.experts.{e}.gate_proj", "blk.{i}.ffn_gate_exps"),
-    ("model.layers.{i}.mlp.experts.{e}.up_proj", "blk.{i}.ffn_up_exps"),
-    ("model.layers.{i}.mlp.experts.{e}.down_proj", "blk.{i}.ffn_down_exps"),
-)
 KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")  # besides every 1-D tensor
+FUSIONS = (  # Arch flag, the fused module, its parts in row order
+    ("fuse_qkv", "self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("fuse_gate_up", "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
 
 # tokenizer.json `Split` regexes (ahead of a regex-free ByteLevel) -> llama.cpp's pre-tokenizer names.
 # A plain ByteLevel pre-tokenizer (GPT-2's regex; what lmforge trains) is llama.cpp's "gpt-2".
@@ -74,7 +57,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f16") 
     if dtype not in DTYPES:
         raise ValueError(f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = ModelConfig.from_dir(checkpoint)
-    _check_supported(config)
+    arch = arch_of(config)
+    _warn_approximations(config, arch)
     tokenizer = Tokenizer.from_dir(checkpoint)
     tensors = gguf_tensors(config, to_ours(config.family, read_tensors(checkpoint), config))
 
@@ -82,11 +66,11 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f16") 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
-    writer = gguf.GGUFWriter(tmp, ARCHITECTURES[config.family])
+    writer = gguf.GGUFWriter(tmp, arch.name)
     try:
         writer.add_name(checkpoint.resolve().name)
         writer.add_file_type(file_type)
-        _add_hyperparameters(writer, config)
+        _add_hyperparameters(writer, config, arch)
         _add_tokenizer(writer, tokenizer, config)
         for name, tensor in tensors.items():
             keep_f32 = tensor.dim() == 1 or name.endswith(KEEP_F32)
@@ -104,19 +88,15 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f16") 
     return out
 
 
-def _check_supported(config: ModelConfig) -> None:
-    if config.family not in ARCHITECTURES:
-        raise ValueError(f"{config.family} checkpoints are not supported for GGUF export yet "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
-    if config.num_experts and config.mlp_bias:
-        raise ValueError("GGUF export of mixture-of-experts models with MLP biases is not supported")
-    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
-    if rope_type == "llama3" and ARCHITECTURES[config.family] != "llama":
-        raise ValueError(f"llama3 rope scaling is not supported by llama.cpp's {config.family} architecture")
-    if config.sliding_window is not None:
-        warnings.warn(f"llama.cpp's {ARCHITECTURES[config.family]} architecture attends over the whole context: "
+def _warn_approximations(config: ModelConfig, arch: Arch) -> None:
+    """What llama.cpp reads but computes differently (as its own converter accepts)."""
+    if config.sliding_window is not None and not arch.sliding_window:
+        warnings.warn(f"llama.cpp's {arch.name} architecture attends over the whole context: "
                       f"its outputs match this model's only within the sliding window ({config.sliding_window} tokens)",
                       stacklevel=3)
+    if config.mlp == "gelu" and config.gelu_approximate == "none":
+        warnings.warn(f"llama.cpp's {arch.name} architecture computes GELU by its tanh approximation: its outputs "
+                      "differ slightly from this model's exact (erf) GELU", stacklevel=3)
 
 
 # ---- tensors ---------------------------------------------------------------------------------
@@ -135,75 +115,71 @@ def _name_regex(template: str) -> re.Pattern[str]:
     return re.compile(f"^{pattern}\\.(?P<kind>weight|bias)$")
 
 
-NAME_REGEXES = tuple((_name_regex(ours), theirs) for ours, theirs in TENSOR_NAMES)
-
-
-def gguf_name(name: str) -> tuple[str, int | None]:
-    """llama.cpp's name for one of our tensors, and its expert number (None unless stacked)."""
-    for regex, theirs in NAME_REGEXES:
-        if match := regex.match(name):
+def gguf_name(name: str, table: tuple[tuple[str, str], ...] = TENSOR_NAMES) -> tuple[str, int | None, int]:
+    """llama.cpp's name for one of our tensors, its expert number (None unless stacked) and its
+    position in `table` (our name template -> llama.cpp's)."""
+    for position, (ours, theirs) in enumerate(table):
+        if match := _name_regex(ours).match(name):
             groups = match.groupdict()
             expert = None if groups.get("e") is None else int(groups["e"])
-            return f"{theirs.replace('{i}', groups.get('i') or '')}.{groups['kind']}", expert
+            return f"{theirs.replace('{i}', groups.get('i') or '')}.{groups['kind']}", expert, position
     raise ValueError(f"tensor {name} has no GGUF counterpart")
 
 
-def gguf_tensors(config: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our state dict as llama.cpp's tensors: renamed, q/k rows interleaved for the `llama`
-    architecture, experts stacked, plus `rope_freqs.weight` for Llama-3 rope scaling."""
-    arch = ARCHITECTURES[config.family]
+def _prepared(config: ModelConfig, arch: Arch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict with llama.cpp's values: offset norms as `1 + weight`, q/k rows interleaved
+    where llama.cpp rotates pairs, fused projections concatenated."""
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # llama.cpp reuses token_embd
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     out: dict[str, Tensor] = {}
-    experts: dict[str, dict[int, Tensor]] = {}
     for name, tensor in state.items():
         projection = name.rsplit(".", 2)[-2]
-        if arch in INTERLEAVED_ROPE and projection in heads:
+        if arch.interleaved_rope and projection in heads:
             tensor = interleave_rotary(tensor, heads[projection])
-        target, expert = gguf_name(name)
+        if config.norm_offset and name.endswith("norm.weight"):
+            tensor = tensor.float() + 1.0  # llama.cpp's RMSNorm multiplies by the weight itself
+        out[name] = tensor
+    for flag, fused, parts in FUSIONS:
+        if getattr(arch, flag):
+            for name in [n for n in out if f".{parts[0]}." in n]:
+                out[name.replace(parts[0], fused)] = torch.cat([out.pop(name.replace(parts[0], p)) for p in parts])
+    return out
+
+
+def gguf_tensors(config: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict as llama.cpp's tensors for `config`'s architecture: values `_prepared`,
+    renamed, experts stacked, plus the rope factor tensors of Llama-3 and LongRoPE scaling."""
+    arch = arch_of(config)
+    renames = arch.renames(config)
+    table = tuple((ours, renames.get(ours, theirs)) for ours, theirs in TENSOR_NAMES)
+    out: dict[str, Tensor] = {}
+    order: dict[str, tuple[int, int, int, bool]] = {}
+    experts: dict[str, dict[int, Tensor]] = {}
+    for name, tensor in _prepared(config, arch, state).items():
+        target, expert, position = gguf_name(name, table)
+        layer = re.match(r"blk\.(\d+)\.", target)
+        group = 1 if layer else 2 if position > 1 else 0
+        order[target] = (group, int(layer[1]) if layer else 0, position, target.endswith(".bias"))
         if expert is None:
             out[target] = tensor
         else:
             experts.setdefault(target, {})[expert] = tensor
     for target, parts in experts.items():
-        out[target] = torch.stack([parts[e] for e in range(config.num_experts)])
-    if (config.rope_scaling or {}).get("rope_type") == "llama3":
-        out["rope_freqs.weight"] = llama3_rope_factors(config)
-    return dict(sorted(out.items(), key=lambda item: _tensor_order(item[0])))
-
-
-def _tensor_order(name: str) -> tuple[int, int, int, object]:
-    """Embeddings, then each block's tensors in table order, then the final norm and the head."""
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if match is None:
-        return (0 if name.startswith(("token_embd", "rope_freqs")) else 2, 0, 0, name)
-    position = next(i for i, (_, theirs) in enumerate(TENSOR_NAMES) if theirs == f"blk.{{i}}.{match[2]}")
-    return (1, int(match[1]), position, match[3] != "weight")
-
-
-def llama3_rope_factors(config: ModelConfig) -> Tensor:
-    """Llama 3's rope scaling as llama.cpp takes it: per frequency, the factor it is divided by."""
-    s = config.rope_scaling or {}
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    factors = []
-    for i in range(0, config.head_dim, 2):
-        wavelen = 2 * math.pi * config.rope_theta ** (i / config.head_dim)
-        if wavelen < old_len / high:
-            factors.append(1.0)
-        elif wavelen > old_len / low:
-            factors.append(factor)
-        else:
-            smooth = (old_len / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
+        out[target] = torch.stack([parts[e] for e in range(len(parts))])
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = torch.tensor(llama3_rope_factors(config), dtype=torch.float32)
+    if scaling.get("rope_type") == "longrope":
+        out["rope_factors_long.weight"] = torch.tensor(scaling["long_factor"], dtype=torch.float32)
+        out["rope_factors_short.weight"] = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+    return dict(sorted(out.items(), key=lambda item: order.get(item[0], (0, 0, -1, False))))
 
 
 # ---- hyperparameters -------------------------------------------------------------------------
 
 
-def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, arch: Arch) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -213,15 +189,20 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
+    if config.position == "rope":
+        writer.add_rope_dimension_count(config.rotary_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+    if config.norm == "rmsnorm":
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+    else:
+        writer.add_layer_norm_eps(config.norm_eps)
     if (config.rope_scaling or {}).get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling["factor"])
     if config.num_experts:
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+    arch.keys(writer, config)
 
 
 # ---- tokenizer -------------------------------------------------------------------------------
