@@ -21,7 +21,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
 from lmforge.export.gguf import export_gguf
-from lmforge.model import Transformer, rope_inv_freq
+from lmforge.model import Transformer
+from lmforge.positions import rope_inv_freq
 from lmforge.presets import preset
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 

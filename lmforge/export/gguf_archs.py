@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import gguf
 
 from lmforge.config import ModelConfig
-from lmforge.model import rope_attention_scaling
+from lmforge.positions import rope_attention_scaling
 
 # Our parameter names (= transformers' Llama names) -> llama.cpp's; `.weight`/`.bias` follow both.
 # `{i}` is the layer; `{e}`, an expert: each layer's experts are stacked into one 3-D tensor.
