@@ -66,7 +66,7 @@ def randomise(model: torch.nn.Module, scale: float = 0.05) -> None:
         noise = torch.randn(p.shape, generator=generator)
         if "lora_A" in name or "lora_B" in name:
             p.copy_(noise * scale)
-        elif "lora_magnitude_vector" in name or "ia3_l" in name:
+        elif "lora_magnitude_vector" in name or "ia3_l" in name or "modules_to_save" in name:
             p.mul_(1 + 0.2 * noise)
 
 
@@ -123,22 +123,25 @@ def test_dora_both_ways(bases, tmp_path, family, targets):
     close(load_adapter(load_model(base), tmp_path / "theirs"), theirs.eval())
 
 
-@pytest.mark.parametrize("family, down", [("phi3", "down_proj"), ("bloom", "dense_4h_to_h")])
-def test_ia3_both_ways(bases, tmp_path, family, down):
+@pytest.mark.parametrize("family, down, norm", [("phi3", "down_proj", "norm"), ("bloom", "dense_4h_to_h", "ln_f")])
+def test_ia3_both_ways(bases, tmp_path, family, down, norm):
     base = bases(family)
-    ours = add_ia3(load_model(base), targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
+    ia3 = dict(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
+    ours = add_ia3(load_model(base), **ia3)
     randomise(ours)
     out = save_adapter(ours, tmp_path / "ours", base=base)
     theirs = peft.PeftModel.from_pretrained(hf(base), out).eval()
     close(ours, theirs, load_model(base))
+    resumed = adapter_state(load_adapter(add_ia3(load_model(base), **ia3), out))
+    assert all(torch.equal(value, resumed[key]) for key, value in adapter_state(ours).items())
     merged = tf.AutoModelForCausalLM.from_pretrained(merge_and_save(out, tmp_path / "merged")).eval()
     close(merged, theirs.merge_and_unload())
 
-    fused = FUSED[family][0]
-    theirs = peft.get_peft_model(hf(base), peft.IA3Config(target_modules=[fused, down],
-                                                          feedforward_modules=[fused]))
+    fused = FUSED[family][0]  # input scaling of the fused module: one vector for all its parts
+    theirs = peft.get_peft_model(hf(base), peft.IA3Config(target_modules=[fused, down], feedforward_modules=[fused],
+                                                          modules_to_save=[norm]))
     randomise(theirs)
-    theirs.save_pretrained(tmp_path / "theirs")  # input scaling of the fused module: one vector for all parts
+    theirs.save_pretrained(tmp_path / "theirs")
     close(load_adapter(load_model(base), tmp_path / "theirs"), theirs.eval())
 
 

@@ -32,7 +32,7 @@ from lmforge.peft.fused import ADAPTER_SUFFIXES, is_shared, join_ia3, join_lora,
 from lmforge.peft.ia3 import ia3_layers, is_feedforward
 from lmforge.peft.lora import linear_names, lora_layers, matches, merge_and_unload, pattern_value
 from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
-from lmforge.peft.saved_modules import COPY, saved_modules, saved_state
+from lmforge.peft.saved_modules import COPY, saved_modules, saved_state, suffix_match
 from lmforge.peft.tokens import token_layers, token_state
 
 CONFIG = "adapter_config.json"
@@ -110,8 +110,9 @@ def peft_module_names(names: list[str], config: ModelConfig) -> list[str]:
 
 
 def config_to_ours(config: dict[str, Any], model: nn.Module, source: Path) -> dict[str, Any]:
-    """An adapter config whose module names (target_modules, feedforward_modules, rank/alpha patterns)
-    are the family's on-disk ones, with our full module names instead (each part of a fused module)."""
+    """An adapter config whose module names (target_modules, feedforward_modules, rank/alpha patterns,
+    modules_to_save) are the family's on-disk ones, with our full module names instead (each part of a
+    fused module)."""
     on_disk: dict[str, list[str]] = {}
     for name in linear_names(model):
         on_disk.setdefault(module_on_disk(model.config.family, name, model.config), []).append(name)
@@ -132,6 +133,10 @@ def config_to_ours(config: dict[str, Any], model: nn.Module, source: Path) -> di
         if config.get(key):
             values = {d: pattern_value(config[key], d, None) for d in chosen}
             ours[key] = {re.escape(p): v for d, v in values.items() if v is not None for p in on_disk[d]}
+    if config.get("modules_to_save"):  # PEFT's suffix rule on the on-disk names (none matched: the plan reports)
+        modules = {module_on_disk(model.config.family, n, model.config): n for n, _ in model.named_modules() if n}
+        saved = [n for d, n in modules.items() if suffix_match(d, config["modules_to_save"])]
+        ours["modules_to_save"] = saved or config["modules_to_save"]
     return ours
 
 
