@@ -191,6 +191,30 @@ def to_disk(family: str, ours: dict[str, Tensor], config: ModelConfig) -> dict[s
     return disk
 
 
+def module_on_disk(family: str, name: str, config: ModelConfig) -> str:
+    """Our module `name` as the family names it on disk; a part of a fused module (q_proj) gives the fused one's."""
+    keymap = key_map(family, config)
+    for virtual, parts in keymap.fused:
+        part = next((p for p in parts if name.endswith("." + p)), None)
+        if part is not None:
+            name = name[: -len(part)] + virtual
+            break
+    disk = _rename(name + ".w", keymap.renames, reverse=True)[:-2]
+    return keymap.prefix + disk if keymap.prefix and disk != "lm_head" else disk
+
+
+def modules_in_ours(family: str, disk: str, config: ModelConfig) -> tuple[str, ...]:
+    """Our module names for the family's on-disk module `disk`: a fused module's parts, in order, else one name."""
+    keymap = key_map(family, config)
+    if keymap.prefix and disk.startswith(keymap.prefix):
+        disk = disk[len(keymap.prefix) :]
+    name = _rename(disk + ".w", keymap.renames, reverse=False)[:-2]
+    for virtual, parts in keymap.fused:
+        if name.endswith("." + virtual):
+            return tuple(name[: -len(virtual)] + part for part in parts)
+    return (name,)
+
+
 def _rows(config: ModelConfig, part: str) -> int:
     """Rows of one piece of a fused weight, by our module name."""
     heads = config.num_attention_heads if part.endswith("q_proj") else config.num_key_value_heads

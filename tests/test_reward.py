@@ -34,7 +34,7 @@ def reward_model(path: Path, seed: int = 0) -> RewardModel:
     return RewardModel.from_lm(load_model(path), pad_token_id=0, seed=seed)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral", "gpt2", "phi3", "falcon-new", "gemma3"])
 def test_transformers_sequence_classifier_gives_our_scores(hf_checkpoint, tmp_path, family):
     import transformers
 

@@ -49,6 +49,14 @@ SEQ_CLS_ARCHITECTURES: dict[str, str] = {
     "mixtral": "MixtralForSequenceClassification",
     "qwen2": "Qwen2ForSequenceClassification",
     "gpt2": "GPT2ForSequenceClassification",
+    "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3": "Gemma3TextForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "qwen3_moe": "Qwen3MoeForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
+    "falcon": "FalconForSequenceClassification",
+    "bloom": "BloomForSequenceClassification",
 }
 HEAD = "score.weight"
 

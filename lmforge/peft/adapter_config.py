@@ -27,17 +27,18 @@ IA3_UNSUPPORTED = ("fan_in_fan_out", "exclude_modules")
 
 def module_list(chosen: Sequence[str], candidates: Sequence[str], rename: Rename,
                 match: Callable[[str, Sequence[str]], bool] = matches) -> list[str]:
-    """`chosen` as PEFT's list: their last names where those select exactly `chosen` among
-    `candidates`, else their full (on-disk) names."""
+    """`chosen` as PEFT's list, in on-disk names: their last names where those select exactly `chosen`
+    among `candidates`, else their full names."""
+    chosen, candidates = rename(list(chosen)), rename(list(candidates))
     leaves = sorted({name.rsplit(".", 1)[-1] for name in chosen})
     if {n for n in candidates if match(n, leaves)} == set(chosen):
         return leaves
-    return sorted(rename(list(chosen)))
+    return sorted(chosen)
 
 
-def _patterns(values: dict[str, Any], rename: Rename) -> tuple[Any, dict[str, Any]]:
-    """The most common value and PEFT's pattern for the rest: by last name where all modules of
-    that name share the value, else by escaped full (on-disk) name."""
+def _patterns(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value and PEFT's pattern for the rest (`values` by on-disk name): by last name
+    where all modules of that name share the value, else by escaped full name."""
     default = Counter(values.values()).most_common(1)[0][0]
     by_leaf: dict[str, set[Any]] = {}
     for name, value in values.items():
@@ -49,7 +50,7 @@ def _patterns(values: dict[str, Any], rename: Rename) -> tuple[Any, dict[str, An
             if value != default:
                 pattern[leaf] = value
         elif value != default:
-            pattern[re.escape(rename([name])[0])] = value
+            pattern[re.escape(name)] = value
     return default, dict(sorted(pattern.items()))
 
 
@@ -67,15 +68,17 @@ def saved_list(model: nn.Module, rename: Rename) -> list[str] | None:
     return module_list(chosen, candidates, rename, suffix_match)
 
 
-def lora_config(model: nn.Module, rename: Rename) -> dict[str, Any]:
-    """LoraConfig fields for the model's LoRA/DoRA layers (per-module r/alpha as patterns)."""
+def lora_config(model: nn.Module, rename: Rename, fused: dict[str, tuple[int, Any]] | None = None) -> dict[str, Any]:
+    """LoraConfig fields for the model's LoRA/DoRA layers (per-module r/alpha as patterns); `fused`
+    gives (r, alpha) by on-disk name where a fused module's joined adapter has its own."""
     layers = dict(lora_layers(model))
     settings = {(m.dropout, m.rslora, m.dora) for m in layers.values()}
     if len(settings) > 1:
         raise ValueError(f"LoRA layers differ in (dropout, rslora, dora): {sorted(settings)}; PEFT's format holds one")
     dropout, rslora, dora = settings.pop()
-    r, rank_pattern = _patterns({n: m.r for n, m in layers.items()}, rename)
-    alpha, alpha_pattern = _patterns({n: _number(m.alpha) for n, m in layers.items()}, rename)
+    values = {rename([n])[0]: (m.r, _number(m.alpha)) for n, m in layers.items()} | (fused or {})
+    r, rank_pattern = _patterns({n: v[0] for n, v in values.items()})
+    alpha, alpha_pattern = _patterns({n: v[1] for n, v in values.items()})
     return {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": module_list(list(layers), linear_names(model), rename), "use_rslora": rslora,
@@ -93,7 +96,7 @@ def ia3_config(model: nn.Module, rename: Rename) -> dict[str, Any]:
     targets = module_list(list(layers), linear_names(model), rename)
     ff = module_list(feedforward, list(layers), rename, suffix_match) if feedforward else []
     if not set(ff) <= set(targets):  # PEFT requires the subset: write both in full
-        targets, ff = sorted(rename(list(layers))), sorted(rename(feedforward))
+        targets, ff = sorted(set(rename(list(layers)))), sorted(set(rename(feedforward)))
     return {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": ff, "fan_in_fan_out": False,
             "init_ia3_weights": True, "modules_to_save": saved_list(model, rename), "exclude_modules": None}
 

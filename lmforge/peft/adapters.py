@@ -12,6 +12,7 @@ themselves may be Hub ids too (`lmforge.hub`).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,15 +23,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lmforge.checkpoint import atomic_dir, load_model, save_model, to_disk, to_ours
+from lmforge.checkpoint import atomic_dir, load_model, module_on_disk, modules_in_ours, save_model, to_disk, to_ours
 from lmforge.config import ModelConfig
 from lmforge.hub import hub_id, parse_hub_id, resolve_checkpoint
 from lmforge.io import read_json
 from lmforge.peft.adapter_config import ia3_config, ia3_plan, lora_config, lora_plan
-from lmforge.peft.ia3 import ia3_layers
-from lmforge.peft.lora import lora_layers, merge_and_unload
+from lmforge.peft.fused import ADAPTER_SUFFIXES, is_shared, join_ia3, join_lora, split_joined
+from lmforge.peft.ia3 import ia3_layers, is_feedforward
+from lmforge.peft.lora import linear_names, lora_layers, matches, merge_and_unload, pattern_value
 from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
-from lmforge.peft.saved_modules import COPY, saved_modules, saved_state
+from lmforge.peft.saved_modules import COPY, saved_modules, saved_state, suffix_match
 from lmforge.peft.tokens import token_layers, token_state
 
 CONFIG = "adapter_config.json"
@@ -42,8 +44,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 # ---- names: the one place where our names and PEFT's on-disk names meet --------------------------
-# A family whose on-disk modules are fused (Phi-3's qkv_proj, Falcon/BLOOM's query_key_value) needs
-# its adapter tensors split/joined here, as `to_disk`/`to_ours` do for the weights; none is yet.
+# A family whose on-disk modules are fused (Phi-3's qkv_proj, Falcon/BLOOM's query_key_value) has its
+# adapter tensors split/joined here, as `to_disk`/`to_ours` do for the weights (`fused.py` says how).
 
 
 def _check_family(config: ModelConfig) -> None:
@@ -52,22 +54,48 @@ def _check_family(config: ModelConfig) -> None:
                          "transposed Conv1D (c_attn) on disk; merge the adapter into the model instead")
 
 
+def _adapter_key(key: str) -> tuple[str, str] | None:
+    """(module, suffix) of an adapter layer's tensor name, or None for other tensors."""
+    suffix = next((s for s in ADAPTER_SUFFIXES if key.endswith(s)), None)
+    return None if suffix is None else (key[: -len(suffix)], suffix)
+
+
 def to_peft_keys(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our adapter tensor names -> PEFT's keys (a saved module's copy under the module's own names)."""
+    """Our adapter tensor names -> PEFT's keys (a saved module's copy under the module's own names).
+    A fused module's parts must be in joined form (`fused.join_lora`): all present, shared tensors equal."""
     _check_family(config)
-    plain = {k.replace(f".{COPY}.", "."): v for k, v in state.items()}
-    return {PREFIX + k: v for k, v in to_disk(config.family, plain, config).items()}
+    plain, shared = {}, {}
+    for key, tensor in state.items():
+        split = _adapter_key(key)
+        if split and is_shared(split[1], tensor) and len(_parts(split[0], config)) > 1:
+            shared.setdefault(module_on_disk(config.family, split[0], config) + split[1], tensor)
+        else:
+            plain[key.replace(f".{COPY}.", ".")] = tensor
+    return {PREFIX + k: v for k, v in (to_disk(config.family, plain, config) | shared).items()}
+
+
+def _parts(module: str, config: ModelConfig) -> tuple[str, ...]:
+    return modules_in_ours(config.family, module_on_disk(config.family, module, config), config)
 
 
 def from_peft_keys(tensors: dict[str, Tensor], config: ModelConfig, source: Path,
                    saved: Sequence[str] = ()) -> dict[str, Tensor]:
-    """PEFT's keys -> our names; tensors of the modules `saved` (our names) go to their trained copies."""
+    """PEFT's keys -> our names; tensors of the modules `saved` (our names) go to their trained copies.
+    A fused module's tensors give each part its rows, or a copy of a shared one (joined form)."""
     _check_family(config)
     foreign = [k for k in tensors if not k.startswith(PREFIX)]
     if foreign:
         raise ValueError(f"{source}: key {foreign[0]!r} does not start with {PREFIX!r}; not a PEFT adapter "
                          "of a causal LM")
-    state = to_ours(config.family, {k[len(PREFIX):]: v for k, v in tensors.items()}, config)
+    disk, state = {}, {}
+    for key, tensor in ((k[len(PREFIX):], v) for k, v in tensors.items()):
+        split = _adapter_key(key)
+        parts = modules_in_ours(config.family, split[0], config) if split else ()
+        if len(parts) > 1 and is_shared(split[1], tensor):
+            state |= {part + split[1]: tensor for part in parts}
+        else:
+            disk[key] = tensor
+    state |= to_ours(config.family, disk, config)
     ours = {}
     for key, tensor in state.items():
         module = next((m for m in saved if key.startswith(m + ".")), None)
@@ -76,9 +104,40 @@ def from_peft_keys(tensors: dict[str, Tensor], config: ModelConfig, source: Path
 
 
 def peft_module_names(names: list[str], config: ModelConfig) -> list[str]:
-    """Our module names as the family spells them on disk (for target_modules and patterns)."""
-    renamed = to_disk(config.family, {f"{n}.weight": torch.empty(0) for n in names}, config)
-    return [k.removesuffix(".weight") for k in renamed]
+    """Our module names as the family spells them on disk (for target_modules and patterns); the parts
+    of a fused module give its one name."""
+    return list(dict.fromkeys(module_on_disk(config.family, n, config) for n in names))
+
+
+def config_to_ours(config: dict[str, Any], model: nn.Module, source: Path) -> dict[str, Any]:
+    """An adapter config whose module names (target_modules, feedforward_modules, rank/alpha patterns,
+    modules_to_save) are the family's on-disk ones, with our full module names instead (each part of a
+    fused module)."""
+    on_disk: dict[str, list[str]] = {}
+    for name in linear_names(model):
+        on_disk.setdefault(module_on_disk(model.config.family, name, model.config), []).append(name)
+    targets = config.get("target_modules")
+    if all([disk] == ours for disk, ours in on_disk.items()) or not targets:
+        return config
+    missing = [] if isinstance(targets, str) else [t for t in targets if not any(matches(d, [t]) for d in on_disk)]
+    chosen = [d for d in on_disk if matches(d, targets)]
+    if missing or not chosen:
+        leaves = sorted({d.rsplit(".", 1)[-1] for d in on_disk})
+        raise ValueError(f"{source}: target module(s) {', '.join(missing) or repr(targets)} not found; the model's "
+                         f"linear layers are named {', '.join(leaves)}")
+    ours = dict(config, target_modules=targets if targets == "all-linear" else [p for d in chosen for p in on_disk[d]])
+    if config.get("feedforward_modules"):
+        ours["feedforward_modules"] = [p for d in chosen if is_feedforward(d, config["feedforward_modules"])
+                                       for p in on_disk[d]]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            values = {d: pattern_value(config[key], d, None) for d in chosen}
+            ours[key] = {re.escape(p): v for d, v in values.items() if v is not None for p in on_disk[d]}
+    if config.get("modules_to_save"):  # PEFT's suffix rule on the on-disk names (none matched: the plan reports)
+        modules = {module_on_disk(model.config.family, n, model.config): n for n, _ in model.named_modules() if n}
+        saved = [n for d, n in modules.items() if suffix_match(d, config["modules_to_save"])]
+        ours["modules_to_save"] = saved or config["modules_to_save"]
+    return ours
 
 
 # ---- saving ------------------------------------------------------------------------------------
@@ -100,15 +159,17 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     return state | token_state(model) | saved_state(model)
 
 
-def _method_config(model: nn.Module) -> dict[str, Any]:
+def _method_config(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The method's config fields and `state` with fused modules' parts joined (`fused.py`)."""
     rename = lambda names: peft_module_names(names, model.config)  # noqa: E731
     if any(ia3_layers(model)):
         if any(lora_layers(model)) or any(token_layers(model)):
             raise ValueError("the model has (IA)³ and LoRA layers or trainable tokens; PEFT's format holds one method")
-        return ia3_config(model, rename)
+        return ia3_config(model, rename), join_ia3(model, state)
     if not any(lora_layers(model)) and any(saved_modules(model)):
         raise ValueError("modules_to_save go with a LoRA or (IA)³ adapter; the model has neither")
-    return lora_config(model, rename)
+    state, fused = join_lora(model, state)
+    return lora_config(model, rename, fused), state
 
 
 def _prompt_config(model: PromptTuned, base: str) -> dict[str, Any]:
@@ -129,11 +190,13 @@ def save_adapter(model: nn.Module, out: str | Path, *, base: str | Path) -> Path
     if not state:
         raise ValueError("the model has no adapter to save (no LoRA or (IA)³ layers, no soft prompt)")
     base, revision = hub_id(base) or (str(Path(base).resolve()) if Path(base).is_dir() else str(base), None)
-    method = _prompt_config(model, base) if isinstance(model, PromptTuned) else _method_config(model)
+    if isinstance(model, PromptTuned):
+        method = _prompt_config(model, base)
+    else:
+        method, state = _method_config(model, state)
+        state = to_peft_keys(state, model.config)
     config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision, "inference_mode": True,
               "auto_mapping": None, **method}
-    if not isinstance(model, PromptTuned):
-        state = to_peft_keys(state, model.config)
     with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -200,9 +263,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         apply = None
     else:
         plan = lora_plan if config["peft_type"] == "LORA" else ia3_plan
-        expected, apply = plan(model, config, path / CONFIG)
+        expected, apply = plan(model, config_to_ours(config, model, path / CONFIG), path / CONFIG)
     saved = sorted({k.split(f".{COPY}.")[0] for k in expected if f".{COPY}." in k})
     state = from_peft_keys(tensors, model.config, path / WEIGHTS, saved)
+    if adapted:
+        state = split_joined(model, state)
     _check_keys(state, expected, path / WEIGHTS)
     if apply is not None:
         apply(model)
