@@ -16,10 +16,21 @@ from lmforge.peft.lora import nf4_nbytes
 CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
 QLORA = AdapterConfig(method="qlora", r=8, alpha=16, targets="all-linear")
+GELU = dict(norm="layernorm", mlp="gelu", attention_bias=True, mlp_bias=True)
+FAMILIES = {  # the other families' distinguishing features, at a size NF4's 64-value blocks divide
+    "llama": CONFIG,
+    "gemma2": CONFIG.model_copy(update=dict(
+        family="gemma2", head_dim=16, hidden_act="gelu_pytorch_tanh", norm_offset=True, scale_embeddings=True,
+        post_norms=True, query_pre_attn_scalar=12, attn_logit_softcapping=20.0, final_logit_softcapping=10.0)),
+    "qwen3": CONFIG.model_copy(update=dict(family="qwen3", qk_norm=True)),
+    "phi3": CONFIG.model_copy(update=dict(family="phi3", partial_rotary_factor=0.5)),
+    "falcon": CONFIG.model_copy(update=dict(family="falcon", parallel_residual=True, gelu_approximate="none", **GELU)),
+    "bloom": CONFIG.model_copy(update=dict(family="bloom", position="alibi", embedding_norm=True, **GELU)),
+}
 
 
-def base_model(dtype: torch.dtype = torch.float32) -> Transformer:
-    model = Transformer(CONFIG)
+def base_model(dtype: torch.dtype = torch.float32, config: ModelConfig = CONFIG) -> Transformer:
+    model = Transformer(config)
     model.init_weights(seed=0)
     return model.to(dtype).eval()
 
@@ -59,8 +70,9 @@ def test_base_weights_are_nf4_and_take_under_35_percent_of_bf16():
     assert nf4 < 0.35 * bf16, (nf4, bf16)
 
 
-def test_qlora_logits_and_gradients_match_the_dequantised_dense_model():
-    base = base_model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_logits_and_gradients_match_the_dequantised_dense_model(family):
+    base = base_model(config=ModelConfig.model_validate(FAMILIES[family].model_dump()))
     cfg = AdapterConfig(method="qlora", r=4, alpha=8, targets=["q_proj", "down_proj"])
     qlora = apply_method(copy.deepcopy(base), cfg)
     assert isinstance(qlora.model.layers[0].mlp.up_proj.weight, NF4Tensor)  # quantised although not a target
