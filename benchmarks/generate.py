@@ -4,7 +4,9 @@ The config is tiny but real (vocab 8192, hidden 384, 6 layers, 6 heads, 2 KV hea
 greedy decoding of 256 new tokens after a 16-token prompt, batch 1 and 8, fp32 and bf16.
 Prints a table, one `RESULT` line per case, and a profile of one lmforge decode step. `--structured`
 adds the cost of a JSON-schema token mask: greedy decoding with every row inside a schema's open
-string (so that both runs generate the same tokens' count) against the same rows unconstrained."""
+string (so that both runs generate the same tokens' count) against the same rows unconstrained.
+`--family NAME` (gemma2, qwen3, phi3, falcon, bloom, ...) times that family instead of the Llama-family
+default: a transformers model of the family at the same size (`FAMILIES`), saved and loaded by both."""
 
 from __future__ import annotations
 
@@ -13,14 +15,60 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmforge.checkpoint import load_model, save_model
+from lmforge.config import ModelConfig
 from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.presets import preset
+
+
+BENCH_SIZE = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=6, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# family -> (transformers config class, fields beside BENCH_SIZE): each family's own switches at the benchmark's size,
+# as in tests/hf_models.py; windows shorter than a run so that the sliding-window layers slide.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama3": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", {"sliding_window": 128}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 64, "tie_word_embeddings": True}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 256}),
+    "gemma": ("GemmaConfig", {"head_dim": 64}),
+    "gemma2": ("Gemma2Config", {"head_dim": 64, "sliding_window": 128, "query_pre_attn_scalar": 64}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 64, "sliding_window": 128, "query_pre_attn_scalar": 64}),
+    "phi3": ("Phi3Config", {"sliding_window": 128}),
+    "falcon": ("FalconConfig", {"ffn_hidden_size": 1024, "multi_query": True, "new_decoder_architecture": False}),
+    "falcon-new": ("FalconConfig", {"ffn_hidden_size": 1024, "new_decoder_architecture": True, "num_kv_heads": 2,
+                                    "multi_query": False}),
+    "bloom": ("BloomConfig", {}),  # its MLP is 4 x hidden
+    "gpt2": ("GPT2Config", {"n_inner": 1024}),
+}
+
+
+def write_model(family: str | None, max_len: int, path: str) -> ModelConfig:
+    """Write the benchmark's model to `path`: lmforge's `tiny` preset, or a random transformers model of
+    `family` at the same size; returns its config as lmforge reads it."""
+    if family is None:
+        model = Transformer(preset("tiny", max_position_embeddings=max_len))
+        model.init_weights(seed=0)
+        save_model(model, path)
+        return model.config
+    import transformers
+
+    class_name, fields = FAMILIES[family]
+    config = getattr(transformers, class_name)(**BENCH_SIZE, max_position_embeddings=max_len, **fields)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return ModelConfig.from_dir(path)
 
 
 def time_call(fn, repeats: int) -> float:
@@ -47,20 +95,20 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a profile of one decode step")
     parser.add_argument("--structured", action="store_true",
                         help="only measure structured output: tok/s with a JSON-schema mask vs without (fp32)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                        help="time a transformers model of this family at the same size (default: lmforge's tiny)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import transformers
 
-    config = preset("tiny", max_position_embeddings=args.prompt_len + args.new_tokens + 8)
-    model = Transformer(config)
-    model.init_weights(seed=0)
     workdir = tempfile.mkdtemp()
-    save_model(model, workdir + "/model")
+    config = write_model(args.family, args.prompt_len + args.new_tokens + 8, workdir + "/model")
+    prefix = f"{args.family}_" if args.family else ""
 
     if args.structured:
-        rows = structured_rows(model, workdir, args)
+        rows = structured_rows(config, workdir, args)
         args.dtypes = []
     else:
         rows = []
@@ -82,15 +130,15 @@ def main() -> None:
                     )
 
             tokens = batch * args.new_tokens
-            case = f"decode_b{batch}_{'fp32' if dtype is torch.float32 else 'bf16'}"
+            case = f"{prefix}decode_b{batch}_{'fp32' if dtype is torch.float32 else 'bf16'}"
             reference = tokens / time_call(run_ref, args.repeats)
             for label, engine in engines.items():
                 ours = tokens / time_call(lambda: engine.generate(prompts.tolist(), params), args.repeats)
                 rows.append((case + ("_compiled" if label != "lmforge" else ""), ours, reference))
 
-    print(f"\n{'case':<28}{'lmforge tok/s':>15}{'transformers tok/s':>20}{'ratio':>8}")
+    print(f"\n{'case':<32}{'lmforge tok/s':>15}{'transformers tok/s':>20}{'ratio':>8}")
     for name, a, b in rows:
-        print(f"{name:<28}{a:>15.1f}{b:>20.1f}{a / b:>8.2f}")
+        print(f"{name:<32}{a:>15.1f}{b:>20.1f}{a / b:>8.2f}")
     print()
     for name, a, b in rows:
         print(f"RESULT {name} lmforge={a:.1f} reference={b:.1f} unit=tok/s ratio={a / b:.2f}")
@@ -99,7 +147,7 @@ def main() -> None:
         profile_decode_step(Engine(load_model(workdir + "/model", dtype=torch.float32)), config.vocab_size)
 
 
-def structured_rows(model: Transformer, workdir: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+def structured_rows(config: ModelConfig, workdir: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
     """(case, tok/s with a JSON-schema mask, tok/s without) per batch size, on a BPE tokenizer of the
     model's vocabulary size trained on JSON-like text."""
     from lmforge.generate.grammar import Grammar, GrammarCompiler
@@ -111,14 +159,14 @@ def structured_rows(model: Transformer, workdir: str, args: argparse.Namespace) 
     lines = [json.dumps({words[int(i)]: " ".join(words[int(j)] for j in torch.randint(0, 12, (8,), generator=generator))
                          for i in torch.randint(0, 12, (4,), generator=generator)}) for _ in range(20000)]
     corpus.write_text("\n".join(lines))
-    tokenizer = train_tokenizer([corpus], model.config.vocab_size, Path(workdir) / "tok", show_progress=False)
+    tokenizer = train_tokenizer([corpus], config.vocab_size, Path(workdir) / "tok", show_progress=False)
     schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
-    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, [tokenizer.eos_id])
+    compiler = GrammarCompiler(tokenizer, config.vocab_size, [tokenizer.eos_id])
     plain_engine = Engine(load_model(workdir + "/model", dtype=torch.float32))
     masked_engine = Engine(load_model(workdir + "/model", dtype=torch.float32), grammars=compiler)
     rows = []
     for batch in args.batch_sizes:
-        prompts = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len),
+        prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch)).tolist()
         plain = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
         masked = plain.model_copy(update={"grammar": Grammar.json_schema(schema)})

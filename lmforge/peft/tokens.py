@@ -174,8 +174,9 @@ def merge_tokens_and_unload(model: nn.Module) -> nn.Module:
         key = id(m.weight)
         if key not in merged:
             merged[key] = nn.Parameter(m.merged_weight(), requires_grad=False)
-        if m.embedding:
-            plain: nn.Module = nn.Embedding(*m.weight.shape, padding_idx=m.padding_idx, device="meta")
+        if m.embedding:  # Gemma's embedding keeps its sqrt(hidden) factor
+            kind = nn.Embedding if m.scale is None else ScaledEmbedding
+            plain: nn.Module = kind(*m.weight.shape, padding_idx=m.padding_idx, device="meta")
         else:
             plain = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=m.bias is not None, device="meta")
             if m.bias is not None:
