@@ -188,8 +188,8 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Read a transformers `config.json` dict (transformers 4 or 5 style); its family's spelling is
-        `lmforge.families`'."""
+        """Read a transformers `config.json` dict (transformers 4 or 5 style); the family's own keys are
+        read by its spelling in `lmforge.families`."""
         family = family_of(hf, source)
         fields = SPELLINGS[family].read(hf, source)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"):
