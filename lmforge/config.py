@@ -13,31 +13,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from lmforge.families import (
-    GEMMA_FAMILIES, MODEL_TYPES, SPELLED_HERE, fields_from_hf, gate_activation, gemma_qwen3_fields, gemma_qwen3_hf,
-    hf_fields, hf_rope_parameters, rope_from_hf,
-)
+from lmforge.families import SPELLINGS, family_of
 from lmforge.io import read_json
 
 Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe",
                  "phi3", "falcon", "bloom"]
-
-ARCHITECTURES: dict[str, Family] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2ForCausalLM": "qwen2",
-    "GPT2LMHeadModel": "gpt2",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "Phi3ForCausalLM": "phi3",
-    "FalconForCausalLM": "falcon",
-    "BloomForCausalLM": "bloom",
-}
-FAMILY_ARCHITECTURE: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
 
 
 class ModelConfig(BaseModel):
@@ -208,69 +188,10 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Read a transformers `config.json` dict (transformers 4 or 5 style)."""
-        family = _family_of(hf, source)
-        if family in SPELLED_HERE:  # Phi-3, Falcon, BLOOM: lmforge.families
-            fields: dict[str, Any] = fields_from_hf(family, hf, source)
-        elif family == "gpt2":
-            fields = dict(
-                vocab_size=hf.get("vocab_size", 50257),
-                hidden_size=hf.get("n_embd", 768),
-                num_hidden_layers=hf.get("n_layer", 12),
-                num_attention_heads=hf.get("n_head", 12),
-                intermediate_size=hf.get("n_inner") or 4 * hf.get("n_embd", 768),
-                max_position_embeddings=hf.get("n_positions", 1024),
-                norm="layernorm",
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                mlp="gelu",
-                position="learned",
-                attention_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            )
-            act = hf.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ValueError(f"{source}: activation_function {act!r} is not supported (gelu_new)")
-            for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-                if hf.get(key):
-                    raise ValueError(f"{source}: {key}=true is not supported")
-        else:
-            rope_theta, scaling = rope_from_hf(hf)
-            sliding = hf.get("sliding_window")
-            layer_types = hf.get("layer_types")
-            if family in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
-                sliding, layer_types = None, None
-            if family in ("qwen2", "qwen3", "qwen3_moe") and sliding is not None and layer_types is None:
-                first_full = hf.get("max_window_layers", 0)
-                layer_types = [
-                    "sliding_attention" if i >= first_full else "full_attention"
-                    for i in range(hf["num_hidden_layers"])
-                ]
-            fields = dict(
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=hf["num_attention_heads"],
-                num_key_value_heads=hf.get("num_key_value_heads"),
-                head_dim=hf.get("head_dim"),
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=rope_theta,
-                rope_scaling=scaling or None,
-                attention_bias=hf.get("attention_bias", False),
-                qkv_bias=family == "qwen2",
-                mlp_bias=hf.get("mlp_bias", False),
-                sliding_window=sliding,
-                layer_types=layer_types if sliding is not None else None,
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                hidden_act=gate_activation(family, hf, source),
-            )
-            fields.update(gemma_qwen3_fields(family, hf, source))
-            if family == "mixtral":
-                fields.update(num_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2))
-            if hf.get("pretraining_tp", 1) != 1:
-                raise ValueError(f"{source}: pretraining_tp != 1 is not supported")
+        """Read a transformers `config.json` dict (transformers 4 or 5 style); the family's own keys are
+        read by its spelling in `lmforge.families`."""
+        family = family_of(hf, source)
+        fields = SPELLINGS[family].read(hf, source)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"):
             if key in hf:
                 fields[key] = hf[key]
@@ -282,9 +203,10 @@ class ModelConfig(BaseModel):
 
     def to_hf(self) -> dict[str, Any]:
         """Write transformers' `config.json` for this family (transformers-5 style, 4 keys kept for older readers)."""
+        spelling = SPELLINGS[self.family]
         common = dict(
-            architectures=[FAMILY_ARCHITECTURE[self.family]],
-            model_type=self.family,
+            architectures=[spelling.architecture],
+            model_type=spelling.model_type,
             vocab_size=self.vocab_size,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
@@ -295,54 +217,7 @@ class ModelConfig(BaseModel):
             torch_dtype=self.torch_dtype,
             use_cache=True,
         )
-        if self.family in SPELLED_HERE:
-            return copy.deepcopy(dict(common, **hf_fields(self)))
-        if self.family == "gpt2":
-            return copy.deepcopy(dict(  # copies: readers such as transformers edit what they are given
-                common,
-                n_embd=self.hidden_size,
-                n_layer=self.num_hidden_layers,
-                n_head=self.num_attention_heads,
-                n_inner=self.intermediate_size,
-                n_positions=self.max_position_embeddings,
-                n_ctx=self.max_position_embeddings,
-                layer_norm_epsilon=self.norm_eps,
-                activation_function="gelu_new",
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-            ))
-        rope_parameters = hf_rope_parameters(self)
-        hf = dict(
-            common,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.norm_eps,
-            hidden_act=self.hidden_act,
-            rope_parameters=rope_parameters,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            attention_dropout=0.0,
-        )
-        if self.family == "llama":
-            hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        elif self.family in GEMMA_FAMILIES or self.family in ("qwen3", "qwen3_moe"):
-            hf.update(gemma_qwen3_hf(self))
-        elif self.family == "qwen2":
-            hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
-            hf.update(layer_types=self.layer_types or ["full_attention"] * self.num_hidden_layers)
-            hf["max_window_layers"] = self.num_hidden_layers
-        else:
-            hf["sliding_window"] = self.sliding_window
-        if self.family == "mixtral":
-            hf.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
-            hf.update(router_jitter_noise=0.0, output_router_logits=False)
-        return copy.deepcopy(hf)
+        return copy.deepcopy(dict(common, **spelling.write(self)))  # copies: readers such as transformers edit theirs
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -383,20 +258,6 @@ def _check_rope(config: ModelConfig) -> None:
         value = scaling.get(key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             raise ValueError(f"rope_scaling.{key} must be a positive number (got {value!r})")
-
-
-def _family_of(hf: dict[str, Any], source: str) -> Family:
-    archs = hf.get("architectures") or []
-    for arch in archs:
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
-    model_type = hf.get("model_type")
-    model_type = {v: k for k, v in MODEL_TYPES.items()}.get(model_type, model_type)
-    if not archs and model_type in FAMILY_ARCHITECTURE:
-        return model_type  # type: ignore[return-value]
-    supported = ", ".join(ARCHITECTURES)
-    named = ", ".join(archs) or f"model_type {model_type!r}"
-    raise ValueError(f"{source}: unsupported architecture {named}; lmforge supports {supported}")
 
 
 # ---- YAML recipes with key=value overrides ---------------------------------------------------

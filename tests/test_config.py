@@ -2,14 +2,17 @@
 transformers config.json round trip."""
 
 import re
+import typing
 
 import pytest
 import transformers as tf
 from hf_models import tiny_hf_model
 from pydantic import ValidationError
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig, load_recipe, load_yaml, parse_override
+from lmforge.config import Family, ModelConfig, load_recipe, load_yaml, parse_override
+from lmforge.families import SPELLINGS, family_of
 from lmforge.presets import PRESETS, preset
 from lmforge.train.sft import SFTConfig
 
@@ -231,6 +234,16 @@ def test_hf_config_round_trip(family):
     theirs = tf.AutoConfig.for_model(**cfg.to_hf())
     assert type(theirs) is type(hf_config)
     assert ModelConfig.from_hf(theirs.to_dict()) == cfg
+
+
+def test_every_family_is_spelled_as_transformers_names_it():
+    """One spelling per family, its model_type and architecture paired as transformers' causal-LM table
+    pairs them, and either one read back as the family."""
+    assert set(SPELLINGS) == set(typing.get_args(Family))
+    for family, spelling in SPELLINGS.items():
+        assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spelling.model_type] == spelling.architecture
+        assert family_of({"architectures": [spelling.architecture]}, "config.json") == family
+        assert family_of({"model_type": spelling.model_type}, "config.json") == family
 
 
 EXPECTED = {  # fields from_hf must read from each family's tiny config (hf_models.py)

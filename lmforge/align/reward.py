@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 
 from lmforge.align.losses import bradley_terry_loss, whiten
 from lmforge.checkpoint import atomic_dir, instantiate, load_model, read_tensors, to_disk, to_ours, write_weights
-from lmforge.config import FAMILY_ARCHITECTURE, ModelConfig, load_recipe
+from lmforge.config import ModelConfig, load_recipe
 from lmforge.data.chat import IGNORE, Example, padding_id
 from lmforge.data.preference import (
     EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
 )
 from lmforge.data.sampling import SampledSource, holdout_split
+from lmforge.families import FAMILY_ARCHITECTURE
 from lmforge.hub import resolve_checkpoint
 from lmforge.io import RecordError, jsonl_records, read_json
 from lmforge.model import Decoder, Transformer
