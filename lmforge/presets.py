@@ -1,11 +1,12 @@
 """Named model configurations: the published sizes of each supported family, and CPU sizes for
-tests, the demo and benchmarks."""
+tests, the demo and benchmarks; the encoder-decoder ones (T5, FLAN-T5) in `SEQ2SEQ_PRESETS`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from lmforge.config import ModelConfig
+from lmforge.seq2seq import Seq2SeqConfig
 
 
 def _llama(**kw: Any) -> ModelConfig:
@@ -178,3 +179,25 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     # (head_dim, num_key_value_heads) follow an overridden size unless the preset fixes them.
     base = PRESETS[name]
     return ModelConfig(**{**base.model_dump(include=base.model_fields_set), **overrides})
+
+
+def _flan_t5(**kw: Any) -> Seq2SeqConfig:
+    """FLAN-T5 (T5 v1.1's layout): gated-GELU MLP, untied and unscaled head, 64-wide heads."""
+    return Seq2SeqConfig(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **kw)
+
+
+# The published configs' sizes (parameter counts in tests/test_seq2seq.py, checked against transformers).
+SEQ2SEQ_PRESETS: dict[str, Seq2SeqConfig] = {
+    "t5-small": Seq2SeqConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),
+    "flan-t5-base": _flan_t5(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "flan-t5-large": _flan_t5(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16),
+    "flan-t5-xl": _flan_t5(hidden_size=2048, intermediate_size=5120, num_hidden_layers=24, num_attention_heads=32),
+}
+
+
+def seq2seq_preset(name: str, **overrides: Any) -> Seq2SeqConfig:
+    """A named encoder-decoder preset, optionally with fields overridden (derived ones follow)."""
+    if name not in SEQ2SEQ_PRESETS:
+        raise ValueError(f"unknown encoder-decoder preset {name!r}; choose one of {', '.join(SEQ2SEQ_PRESETS)}")
+    base = SEQ2SEQ_PRESETS[name]
+    return Seq2SeqConfig(**{**base.model_dump(include=base.model_fields_set), **overrides})

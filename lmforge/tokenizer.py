@@ -90,12 +90,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; the post-processor adds nothing, BOS only if `add_bos`."""
-        return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids, add_bos)
+    def encode(self, text: str, add_bos: bool = False, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; BOS only if `add_bos`. The tokenizer's post-processor adds its special
+        tokens only if `add_special_tokens`, as transformers' `tokenizer(text)` does (T5: `</s>` after the text)."""
+        return self._with_bos(self.backend.encode(text, add_special_tokens=add_special_tokens).ids, add_bos)
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, *,
+                     add_special_tokens: bool = False) -> list[list[int]]:
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [self._with_bos(e.ids, add_bos) for e in encodings]
 
     def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
