@@ -168,7 +168,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict[str, Any], *, enc
 # ---- tokenizer -------------------------------------------------------------------------------
 
 
-def _normalization(steps: list[dict[str, Any]]) -> tuple[bytes, bool, bool]:
+def sentencepiece_normalizer(steps: list[dict[str, Any]]) -> tuple[bytes, bool, bool]:
     """tokenizer.json's normalizer and pre-tokenizer steps as SentencePiece's normalizer spec:
     the precompiled charsmap, add_space_prefix, remove_extra_whitespaces."""
     unknown = sorted({s.get("type", "?") for s in steps} - TOKENIZER_STEPS)
@@ -217,7 +217,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, config: dict[s
     if model.get("type") != "Unigram":
         raise ValueError(f"GGUF export of T5 models supports SentencePiece Unigram tokenizers only, "
                          f"not {model.get('type')} models")
-    charsmap, add_space_prefix, collapses = _normalization(
+    charsmap, add_space_prefix, collapses = sentencepiece_normalizer(
         flatten_steps(spec.get("normalizer")) + flatten_steps(spec.get("pre_tokenizer")))
     tokens, scores, types = _vocab(tokenizer, model, config["vocab_size"])
     writer.add_tokenizer_model("t5")
