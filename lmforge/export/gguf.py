@@ -12,6 +12,8 @@ left as they are. Weights are written as f32 or f16; norms, biases and the MoE r
 way, as llama.cpp's converter keeps them. The tokenizer goes into the same file: byte-level BPE
 (`tokenizer.ggml.model = "gpt2"`, what lmforge trains) or a SentencePiece-style BPE with byte
 fallback (`"llama"`, Llama 2's tokenizer.json), with its special-token ids and chat template.
+T5-family directories (encoder-decoder, encoder-only) are written by `lmforge.export.gguf_t5`; both
+end in `lmforge.export.gguf_write`'s atomic writer.
 """
 
 from __future__ import annotations
