@@ -12,14 +12,14 @@ left as they are. Weights are written as f32 or f16; norms, biases and the MoE r
 way, as llama.cpp's converter keeps them. The tokenizer goes into the same file: byte-level BPE
 (`tokenizer.ggml.model = "gpt2"`, what lmforge trains) or a SentencePiece-style BPE with byte
 fallback (`"llama"`, Llama 2's tokenizer.json), with its special-token ids and chat template.
+T5-family directories (encoder-decoder, encoder-only) are written by `lmforge.export.gguf_t5`; both
+end in `lmforge.export.gguf_write`'s atomic writer.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,10 @@ from torch import Tensor
 from lmforge.checkpoint import read_tensors, to_ours
 from lmforge.config import ModelConfig
 from lmforge.export.gguf_archs import TENSOR_NAMES, Arch, arch_of, llama3_rope_factors
+from lmforge.export.gguf_t5 import export_t5_gguf, t5_arch
+from lmforge.export.gguf_write import add_special_tokens, check_dtype, flatten_steps, write_gguf
 from lmforge.tokenizer import Tokenizer
 
-DTYPES = {"f32": (torch.float32, gguf.LlamaFileType.ALL_F32), "f16": (torch.float16, gguf.LlamaFileType.MOSTLY_F16)}
-KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")  # besides every 1-D tensor
 FUSIONS = (  # Arch flag, the fused module, its parts in row order
     ("fuse_qkv", "self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("fuse_gate_up", "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
@@ -52,40 +52,23 @@ SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, *, dtype: str = "f16") -> Path:
-    """Write the model and tokenizer of HF-format directory `checkpoint` to GGUF file `out` (atomically)."""
+    """Write the model and tokenizer of HF-format directory `checkpoint` to GGUF file `out` (atomically).
+    T5-family directories (encoder-decoder or encoder-only) go to `lmforge.export.gguf_t5`."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
+    if t5_arch(checkpoint) is not None:
+        return export_t5_gguf(checkpoint, out, dtype=dtype)
     config = ModelConfig.from_dir(checkpoint)
     arch = arch_of(config)
     _warn_approximations(config, arch)
     tokenizer = Tokenizer.from_dir(checkpoint)
     tensors = gguf_tensors(config, to_ours(config.family, read_tensors(checkpoint), config))
 
-    torch_dtype, file_type = DTYPES[dtype]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, arch.name)
-    try:
-        writer.add_name(checkpoint.resolve().name)
-        writer.add_file_type(file_type)
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
         _add_hyperparameters(writer, config, arch)
         _add_tokenizer(writer, tokenizer, config)
-        for name, tensor in tensors.items():
-            keep_f32 = tensor.dim() == 1 or name.endswith(KEEP_F32)
-            writer.add_tensor(name, tensor.to(torch.float32 if keep_f32 else torch_dtype).numpy())
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    return write_gguf(out, arch.name, checkpoint.resolve().name, tensors, dtype, add_metadata)
 
 
 def _warn_approximations(config: ModelConfig, arch: Arch) -> None:
@@ -217,24 +200,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, config: ModelC
         _add_sentencepiece_vocab(writer, tokenizer, spec, config)
     else:
         _add_byte_level_vocab(writer, tokenizer, spec, config)
-    ids = {
+    add_special_tokens(writer, tokenizer, {
         "bos": tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id,
         "eos": tokenizer.eos_id if tokenizer.eos_id is not None else (config.eos_token_ids or [None])[0],
         "pad": tokenizer.pad_id if tokenizer.pad_id is not None else config.pad_token_id,
         "unk": tokenizer.token_to_id(tokenizer.special_tokens["unk_token"] or model.get("unk_token") or ""),
-    }
-    for kind, token_id in ids.items():
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    # Whether encoding adds BOS/EOS: tokenizer_config.json says so, else the post-processor shows it.
-    added = tokenizer.backend.encode("a", add_special_tokens=True).ids
-    plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
-    adds_bos = ids["bos"] is not None and added[:1] == [ids["bos"]] and plain[:1] != [ids["bos"]]
-    adds_eos = ids["eos"] is not None and added[-1:] == [ids["eos"]] and plain[-1:] != [ids["eos"]]
-    writer.add_add_bos_token(bool(tokenizer.config.get("add_bos_token", adds_bos)))
-    writer.add_add_eos_token(bool(tokenizer.config.get("add_eos_token", adds_eos)))
-    if tokenizer.chat_template is not None:
-        writer.add_chat_template(tokenizer.chat_template)
+    })
 
 
 def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -291,7 +262,7 @@ def _add_sentencepiece_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, spec
     """A BPE tokenizer.json with byte fallback whose spaces are SentencePiece's "▁" (Llama 2's,
     Mistral's): llama.cpp's "llama" tokenizer merges the adjacent pair whose result scores
     highest, so each token scores minus the rank of the merge that makes it."""
-    steps = _flatten(spec.get("normalizer")) + _flatten(spec.get("pre_tokenizer"))
+    steps = flatten_steps(spec.get("normalizer")) + flatten_steps(spec.get("pre_tokenizer"))
     metaspace = [s for s in steps if s.get("type") == "Metaspace"]
     replaces_spaces = any(s.get("type") == "Replace" and s.get("pattern", {}).get("String") == " "
                           and s.get("content") == SPACE for s in steps) or bool(metaspace)
@@ -323,12 +294,3 @@ def _add_sentencepiece_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, spec
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     writer.add_add_space_prefix(add_space_prefix)
-
-
-def _flatten(step: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A tokenizer.json normalizer or pre-tokenizer as a list of steps (Sequences unrolled)."""
-    if not step:
-        return []
-    if step.get("type") == "Sequence":
-        return [s for inner in step.get("normalizers", step.get("pretokenizers", [])) for s in _flatten(inner)]
-    return [step]
