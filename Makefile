@@ -26,11 +26,12 @@ $(TESTING): $(RUNTIME)
 	$(BIN)/python tests/browser.py
 	touch $(TESTING)
 
+# Two workers, each test file on one of them (module fixtures are built once), like the two-core CI machine.
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: setup
 	$(BIN)/lmforge demo --out runs/demo
