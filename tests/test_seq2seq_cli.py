@@ -18,28 +18,33 @@ from lmforge.generate.session import Seq2SeqSession, Session
 
 TEXTS = ["summarize: the quick brown fox jumps over the lazy dog", "translate: a dog sleeps in the sun",
          'answer in json: {"answer": "yes", "score": 3}', "question: where does the cat sleep today"]
-# Inputs of different lengths; transformers' greedy reply to the first ends at `</s>` after 13 tokens.
-PROMPTS = ["brown dog in translate", "does the a in dog", "sleeps json summarize answer cat dog jumps",
-           "question does"]
+# Inputs of different lengths; transformers' greedy replies to the first and third end at `</s>` (after 6 and 3
+# tokens), the others run to MAX_NEW.
+PROMPTS = ["sleeps json summarize answer cat dog jumps", "answer quick lazy the question dog", "does the a in dog",
+           "json fox does cat sun where"]
 MAX_NEW = 16
+EOS_BOOST = 2.0
 
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     """A T5 directory as transformers saves it: a v1.0 model (relu, tied head) over a Unigram tokenizer's
-    vocabulary with `</s>` appended by the post-processor, its matrices sharpened as conftest's."""
+    vocabulary (words and characters of TEXTS) with `</s>` appended by the post-processor, its matrices
+    sharpened as conftest's."""
     import transformers as tf
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors
 
     from lmforge.tokenizer import Tokenizer
 
     path = tmp_path_factory.mktemp("t5-cli")
-    backend = Backend(models.Unigram())
+    words = sorted({w for text in TEXTS for w in text.split()})
+    chars = sorted({c for text in TEXTS for c in text if c != " "})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -4.0)]  # a fixed vocabulary, no training
+    pieces += [("\u2581" + w, -5.0) for w in words] + [(c, -8.0) for c in chars]
+    backend = Backend(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(TEXTS * 20, trainers.UnigramTrainer(
-        vocab_size=90, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                            special_tokens=[("</s>", 1)])
     Tokenizer(backend, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
@@ -54,6 +59,7 @@ def t5_dir(tmp_path_factory):
         for p in hf.parameters():
             if p.dim() >= 2:
                 p.mul_(SHARPEN)
+        hf.shared.weight[1] *= EOS_BOOST  # `</s>` within reach, so that some replies end before the limit
     hf.save_pretrained(path)
     return path
 
@@ -83,8 +89,50 @@ def test_session_load_dispatches_to_seq2seq(t5_dir, oracle):
     assert isinstance(session, Seq2SeqSession) and session.encoder_decoder
     assert session.encode(PROMPTS[0]) == oracle[1](PROMPTS[0]).input_ids  # `</s>` appended
     replies = [hf_text(oracle, p) for p in PROMPTS]
-    assert hf_generate(oracle, PROMPTS[0])[-1] == 1 and len(hf_generate(oracle, PROMPTS[0])) < MAX_NEW
+    assert [len(hf_generate(oracle, p)) for p in PROMPTS] == [6, MAX_NEW, 3, MAX_NEW]  # the oracle's, as chosen
     assert session.replies([[{"role": "user", "content": p}] for p in PROMPTS], session.greedy(MAX_NEW)) == \
         [r.strip() for r in replies]
     with pytest.raises(ValueError, match="compile applies to decoder-only"):
         Session.load(t5_dir, compile=True)
+
+
+def test_generate_command_matches_transformers(t5_dir, oracle, capsys):
+    for prompt in PROMPTS[:2]:
+        code = main(["generate", "--checkpoint", str(t5_dir), "--prompt", prompt, "--temperature", "0",
+                     "--max-new-tokens", str(MAX_NEW)])
+        assert code == 0 and capsys.readouterr().out == hf_text(oracle, prompt) + "\n"
+    want = hf_text(oracle, PROMPTS[1])
+    stop = want[3:5]  # cut at the first occurrence of a piece of the reply
+    main(["generate", "--checkpoint", str(t5_dir), "--prompt", PROMPTS[1], "--temperature", "0", "--max-new-tokens",
+          str(MAX_NEW), "--stop", stop])
+    assert capsys.readouterr().out == want[: want.index(stop)] + "\n"
+    args = ["generate", "--checkpoint", str(t5_dir), "--prompt", PROMPTS[2], "--temperature", "1.5", "--top-k", "5",
+            "--seed", "7", "--max-new-tokens", str(MAX_NEW)]
+    main(args)
+    sampled = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == sampled  # seeded sampling repeats
+    assert main(["generate", "--checkpoint", str(t5_dir), "--prompt", "x", "--compile"]) == 2
+    assert "compile applies to decoder-only models" in capsys.readouterr().err
+
+
+def test_generate_json_schema(t5_dir, tmp_path, capsys):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"enum": [1, 2, 3]}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    main(["generate", "--checkpoint", str(t5_dir), "--prompt", PROMPTS[0], "--temperature", "0",
+          "--max-new-tokens", "40", "--json-schema", str(tmp_path / "schema.json")])
+    jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+
+
+def test_chat_takes_each_line_as_the_whole_input(t5_dir, oracle, monkeypatch, capsys):
+    """No chat template and no history: each reply is transformers' reply to that line alone."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(PROMPTS[:3]) + "\n/reset\n" + PROMPTS[0] + "\n"))
+    assert main(["chat", "--checkpoint", str(t5_dir), "--temperature", "0", "--max-new-tokens", str(MAX_NEW)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [hf_text(oracle, p).strip() for p in [*PROMPTS[:3], PROMPTS[0]]]
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[0] + "\n"))
+    assert main(["chat", "--checkpoint", str(t5_dir), "--system", "be brief"]) == 2
+    assert "no chat template" in capsys.readouterr().err
