@@ -136,3 +136,121 @@ def test_chat_takes_each_line_as_the_whole_input(t5_dir, oracle, monkeypatch, ca
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[0] + "\n"))
     assert main(["chat", "--checkpoint", str(t5_dir), "--system", "be brief"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def server(t5_dir):
+    from live_server import LiveServer
+
+    from lmforge.serve.server import create_app
+
+    session = Session.load(t5_dir)
+    with LiveServer(create_app(session, model_name="t5")) as live:
+        live.session = session
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def teacher_forced_logprobs(oracle, text: str, reply: list[int]) -> list[float]:
+    """transformers' log-prob of each reply token given the input and the tokens before it."""
+    model, tokenizer = oracle
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokenizer(text).input_ids]), decoder_input_ids=torch.tensor([[0] +
+                       reply[:-1]])).logits[0]
+    return logits.log_softmax(-1).gather(1, torch.tensor(reply)[:, None])[:, 0].tolist()
+
+
+def test_server_completions_and_chat_match_transformers(client, oracle):
+    for prompt in PROMPTS[:2]:
+        want, reason = hf_text(oracle, prompt), "stop" if hf_generate(oracle, prompt)[-1] == 1 else "length"
+        done = client.completions.create(model="t5", prompt=prompt, max_tokens=MAX_NEW, temperature=0)
+        assert (done.choices[0].text, done.choices[0].finish_reason) == (want, reason)
+        stream = client.completions.create(model="t5", prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want
+        history = [{"role": "user", "content": "an earlier turn"}, {"role": "assistant", "content": "ignored"},
+                   {"role": "user", "content": prompt}]  # the input is the last user message alone
+        chat = client.chat.completions.create(model="t5", messages=history, max_tokens=MAX_NEW, temperature=0)
+        assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (want, reason)
+        stream = client.chat.completions.create(model="t5", messages=history, max_tokens=MAX_NEW, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+
+
+def test_server_logprobs_stop_and_concurrency(client, oracle):
+    reply = hf_generate(oracle, PROMPTS[0])
+    chat = client.chat.completions.create(model="t5", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=MAX_NEW, temperature=0, logprobs=True, top_logprobs=2)
+    got = [x.logprob for x in chat.choices[0].logprobs.content]
+    want = teacher_forced_logprobs(oracle, PROMPTS[0], reply)[:-1]  # the final `</s>` is no text
+    assert got == pytest.approx(want, abs=1e-4)
+    text = hf_text(oracle, PROMPTS[1])
+    cut = client.completions.create(model="t5", prompt=PROMPTS[1], max_tokens=MAX_NEW, temperature=0, stop=[text[3:5]])
+    assert cut.choices[0].text == text[: text.index(text[3:5])] and cut.choices[0].finish_reason == "stop"
+    with ThreadPoolExecutor(4) as pool:  # one batch at a time: later requests wait for the running one
+        texts = list(pool.map(lambda p: client.completions.create(
+            model="t5", prompt=p, max_tokens=MAX_NEW, temperature=0, n=2).choices, PROMPTS))
+    assert [[c.text for c in choices] for choices in texts] == [[hf_text(oracle, p)] * 2 for p in PROMPTS]
+
+
+def test_server_refuses_what_seq2seq_cannot_do(client):
+    import openai
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="tools are not supported for an encoder-decoder"):
+        client.chat.completions.create(model="t5", messages=[{"role": "user", "content": "x"}], tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="answers the last user message"):
+        client.chat.completions.create(model="t5", messages=[{"role": "user", "content": "x"},
+                                                             {"role": "assistant", "content": "y"}])
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(model="t5", prompt="x", max_tokens=0, echo=True, logprobs=1)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_generation_task_matches_rouge_of_transformers(t5_dir, oracle, tmp_path, capsys):
+    from rouge_score.rouge_scorer import RougeScorer
+
+    replies = [hf_text(oracle, p, 8) for p in PROMPTS]
+    answers = [replies[0], "lazy dog", replies[2] + " extra", "sun"]  # one exact, one partly right
+    task = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, answers)])
+    assert main(["eval", "--checkpoint", str(t5_dir), "--task", str(task), "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "out.json")]) == 0
+    got = json.loads((tmp_path / "out.json").read_text())["metrics"]
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"])
+    scores = [scorer.score(a, r.strip()) for a, r in zip(answers, replies)]
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        assert got[kind] == pytest.approx(sum(s[kind].fmeasure for s in scores) / len(scores), abs=1e-12)
+    assert got["exact_match"] == sum(a.strip() == r.strip() for a, r in zip(answers, replies)) / len(PROMPTS)
+    assert got["exact_match"] == 0.25 and 0 < got["rouge1"] < 1
+    assert main(["eval", "--checkpoint", str(t5_dir), "--task", str(task), "--chat"]) == 2
+    assert "an encoder-decoder model has none" in capsys.readouterr().err
+
+
+def test_eval_choice_task_scores_decoder_likelihoods(t5_dir, oracle, tmp_path):
+    """A choice's score is transformers' log-likelihood of ` choice</s>` as the decoder's target given the question."""
+    tokenizer = oracle[1]
+    items = [{"question": p, "choices": ["lazy dog", "the sun", "yes"], "answer_index": i % 3}
+             for i, p in enumerate(PROMPTS)]
+    task = write_jsonl(tmp_path / "mc.jsonl", items)
+    assert main(["eval", "--checkpoint", str(t5_dir), "--task", str(task), "--out", str(tmp_path / "mc.json")]) == 0
+    results = json.loads((tmp_path / "mc.json").read_text())
+    for item, sample in zip(items, results["samples"]):
+        want = [sum(teacher_forced_logprobs(oracle, item["question"], tokenizer(" " + c).input_ids))
+                for c in item["choices"]]
+        # fp32 rounding through the sharpened weights: sums near -35 agree to about 1e-6 of their size
+        assert sample["loglikelihoods"] == pytest.approx(want, rel=1e-5)
+        assert sample["prediction"] == max(range(3), key=lambda i: want[i])
+    assert not math.isnan(results["metrics"]["acc"])
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "the lazy dog"}])
+    with pytest.raises(ValueError, match="perplexity task: an encoder-decoder model"):
+        from lmforge.eval.runner import run_eval
+
+        run_eval(t5_dir, tmp_path / "text.jsonl")
