@@ -52,6 +52,9 @@ class LMForgeLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = int(batch_size)
+        if self.session.encoder_decoder:
+            raise ValueError(f"{self.name}: lm-eval's lmforge model runs decoder-only models; evaluate an "
+                             "encoder-decoder model with --task, or with lm-eval's hf model (backend=seq2seq)")
         self.model, self.tokenizer = self.session.model, self.session.tokenizer
         self._device = device
         self.max_length = max_length or self.session.context

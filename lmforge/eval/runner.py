@@ -1,5 +1,9 @@
 """Run a task against a loaded checkpoint: generation through the engine, multiple choice and
-perplexity by log-likelihood. `run_eval` is `lmforge eval --task`."""
+perplexity by log-likelihood. `run_eval` is `lmforge eval --task`.
+
+An encoder-decoder model (a `Seq2SeqSession`) takes each prompt as its encoder's input, with no chat template,
+and scores a choice as the decoder's log-likelihood of it (then `</s>`) given the context as input, as
+lm-eval's `hf` model does for seq2seq; perplexity, which needs a text's own likelihood, is refused."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 from lmforge.console import Progress
 from lmforge.eval import metrics
 from lmforge.eval.registry import build_task, is_registered, registered_tasks
-from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
+from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods, seq2seq_loglikelihoods
 from lmforge.eval.tasks import (
     ChoiceItem, GenerationItem, Task, check_shots, choice_context, choice_messages, draw_exemplars, extract_answer,
     generation_messages, generation_text, load_task_file,
@@ -72,6 +76,12 @@ def evaluate(
         raise ValueError(f"chain of thought applies to generation tasks; {task.name} is a {task.kind} task")
     if chat and task.kind == "perplexity":
         raise ValueError(f"{task.name} is a perplexity task: it scores raw text, not chats")
+    if session.encoder_decoder and task.kind == "perplexity":
+        raise ValueError(f"{task.name} is a perplexity task: an encoder-decoder model scores a target given an "
+                         "input, not a text's own likelihood")
+    if session.encoder_decoder and chat:
+        raise ValueError("chat mode needs a chat template; an encoder-decoder model has none (its prompt is the "
+                         "encoder's input)")
     if chat and session.tokenizer.chat_template is None:
         raise ValueError("chat mode needs a tokenizer with a chat_template")
     if limit is not None and limit < 1:
@@ -122,6 +132,9 @@ def _generation(
         inputs: list[Any] = [generation_messages(item, shots, cot) for item, shots in zip(items, exemplars)]
         prompts = [session.chat_prompt(m, reserve=params.max_new_tokens)[-room:] for m in inputs]
         stop: list[str] = []
+    elif session.encoder_decoder:  # the whole prompt is the input; the decoder writes the answer alone
+        inputs = [generation_text(task, item, shots, cot) for item, shots in zip(items, exemplars)]
+        prompts, stop = [session.encode(text) for text in inputs], []
     else:
         inputs = [generation_text(task, item, shots, cot) for item, shots in zip(items, exemplars)]
         prompts = [([document_prefix(tokenizer)] + tokenizer.encode(text))[-room:] for text in inputs]
@@ -158,9 +171,15 @@ def _choice(
             inputs.append(context := choice_context(task, item, shots))
             prefix, delimiter = [document_prefix(tokenizer)], " "
         for choice in item.choices:
+            if session.encoder_decoder:  # input and target encoded apart, each with `</s>` (lm-eval's seq2seq)
+                requests.append((session.encode(context), session.encode(delimiter + choice)))
+                continue
             head, tail = encode_continuation(tokenizer, context, delimiter + choice)
             requests.append((prefix + head, tail))
-    scores = loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
+    if session.encoder_decoder:
+        scores = seq2seq_loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
+    else:
+        scores = loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
     samples, at = [], 0
     for item, shown in zip(items, inputs):
         lls = [score for score, _ in scores[at : at + len(item.choices)]]

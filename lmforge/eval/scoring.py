@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.console import Progress
 from lmforge.kv_cache import KVCache
+from lmforge.seq2seq import Seq2SeqLM, shift_right
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -143,3 +144,45 @@ def rolling_loglikelihoods(
         totals.append(sum(score for score, _ in scores[at : at + len(doc)]))
         at += len(doc)
     return totals
+
+
+@torch.inference_mode()
+def seq2seq_loglikelihoods(
+    model: Seq2SeqLM, requests: Sequence[Request], *, batch_size: int = 32, progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """For each (encoder input ids, decoder target ids): the summed log-probability the decoder gives the
+    target's tokens (teacher-forced after the decoder-start token), and whether greedy decoding would produce
+    them all. A batch holds up to `batch_size` distinct inputs, each encoded once, with all their targets."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (source, target) in enumerate(requests):
+        if not source or not target:
+            raise ValueError(f"request {i}: empty {'input' if not source else 'target'}: nothing to score")
+        groups.setdefault(tuple(source), []).append(i)
+    sources = list(groups)
+    device = next(model.parameters()).device
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    bar = Progress(total=len(requests), desc="log-likelihoods", unit="seq", disable=not progress)
+    for start in range(0, len(sources), batch_size):
+        batch = sources[start : start + batch_size]
+        ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, source in enumerate(batch):
+            ids[b, : len(source)], mask[b, : len(source)] = torch.tensor(source), 1
+        hidden = model.encode(ids.to(device), mask.to(device))
+        members = [i for source in batch for i in groups[source]]
+        rows = torch.tensor([b for b, source in enumerate(batch) for _ in groups[source]], device=device)
+        labels = torch.full((len(members), max(len(requests[i][1]) for i in members)), -100, dtype=torch.long)
+        for r, i in enumerate(members):
+            labels[r, : len(requests[i][1])] = torch.tensor(requests[i][1])
+        labels = labels.to(device)
+        logits = model(None, shift_right(labels, model.config), attention_mask=mask.to(device)[rows],
+                       encoder_hidden=hidden[rows]).float()
+        scored = labels != -100
+        token_logp = F.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        totals = (token_logp * scored).sum(dim=1)
+        greedy = ((logits.argmax(dim=-1) == labels) | ~scored).all(dim=1)
+        for i, total, hit in zip(members, totals.tolist(), greedy.tolist()):
+            results[i] = (total, hit)
+        bar.update(len(members))
+    bar.close()
+    return results

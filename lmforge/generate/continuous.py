@@ -6,7 +6,10 @@ All rows share one KV cache and one write position. A joining group is prefilled
 left-padded forward pass) and stacked under the running rows, right-aligned: each row's left
 padding grows so that every row ends at the shared position, and its positions (slot minus
 padding) are unchanged. When rows leave, the leading slots no remaining row uses are trimmed, so
-the cache never spans more than the longest live row."""
+the cache never spans more than the longest live row.
+
+An encoder-decoder model batches one group at a time instead (`Seq2SeqBatch`): its rows all start at
+the decoder-start token and share the decoder's positions, so new rows join only an empty batch."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lmforge.generate.engine import Engine
+from lmforge.generate.seq2seq import Seq2SeqEngine
 from lmforge.generate.processing import RowState, process, record, row_states
 from lmforge.generate.sampling import SamplingParams, sample
 from lmforge.kv_cache import KVCache
@@ -53,6 +57,8 @@ class Row:
 class DecodeBatch:
     """The running batch: `join` prefills new prompts and returns their first tokens, `step`
     decodes one token for every live row, `leave` drops rows (finished rows leave by themselves)."""
+
+    joins_running = True  # new rows may join while others decode
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -171,3 +177,70 @@ class DecodeBatch:
         self.engine.stats.tokens_generated += len(out)
         self.leave([row for row, _ in out if row.finish])
         return out
+
+
+class Seq2SeqBatch(DecodeBatch):
+    """`DecodeBatch`'s interface over an encoder-decoder engine, one group at a time: `join` encodes the
+    prompts and feeds the decoder-start token, but only to an empty batch, since T5's decoder computes one
+    relative-position bias for the whole batch from the shared cache length (a row cannot start at 0 beside
+    rows at step 40); rows still leave the step they finish, and the last to leave empties the batch."""
+
+    joins_running = False
+
+    def __init__(self, engine: Seq2SeqEngine) -> None:
+        self.engine = engine  # type: ignore[assignment]  # the same interface for what the batch uses
+        self._reset()
+
+    @torch.inference_mode()
+    def join(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+        tags: Sequence[Any] = (),
+    ) -> list[tuple[Row, int]]:
+        """Encode `prompts` together into the empty batch; returns each row's first token. Each row stops
+        at its stop tokens and the model's end of sequence, or after its `max_new_tokens`."""
+        if self.rows:
+            raise ValueError("an encoder-decoder batch takes new rows only when it is empty")
+        per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        tags = list(tags) or [None] * len(prompts)
+        if not len(per_row) == len(tags) == len(prompts):
+            raise ValueError("join needs one params and one tag per prompt")
+        engine: Seq2SeqEngine = self.engine  # type: ignore[assignment]
+        start = [engine.config.decoder_start_token_id]
+        states = row_states([start] * len(prompts), per_row, engine.grammars)
+        logits, self.cache = engine.prefill(prompts, room=max(p.max_new_tokens for p in per_row))
+        generators: dict[int, torch.Generator] = {}
+        eos = frozenset(engine.config.eos_token_ids)
+        for prompt, p, tag, state in zip(prompts, per_row, tags, states):
+            generator = None
+            if p.seed is not None:
+                generator = generators.setdefault(id(p), torch.Generator(engine.device).manual_seed(p.seed))
+            self.rows.append(Row(len(prompt), p.max_new_tokens, p, generator, tag,
+                                 stop_ids=frozenset(p.stop_token_ids) | eos, state=state))
+        rows = list(self.rows)
+        self.next_tokens = self._sample(logits, rows)
+        return self._record(rows, self.next_tokens)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int]]:
+        """Decode one token for every live row."""
+        if not self.rows:
+            return []
+        engine: Seq2SeqEngine = self.engine  # type: ignore[assignment]
+        tokens = self._sample(engine.decode(self.next_tokens, self.cache), self.rows)
+        self.next_tokens = tokens
+        return self._record(self.rows, tokens)
+
+    def leave(self, rows: Sequence[Row]) -> None:
+        """Drop `rows` from the batch (and their cache rows)."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self.engine.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.next_tokens = self.next_tokens[index]
+        assert self.cache is not None
+        self.cache.keep_rows(index)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import llguidance
 import torch
+from llguidance._tokenizer import TokenizerWrapper
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
@@ -100,6 +101,49 @@ class CompiledGrammar:
         return self._prototype.deep_copy()
 
 
+class TokenTable:
+    """A tokenizer as llguidance's `TokenizerWrapper` reads one, for a `tokenizer.json` whose decoder llguidance
+    cannot interpret (sentencepiece's Metaspace, as T5's): each token's bytes, a piece's `\u2581` read as a space and
+    `<0xNN>` as the byte NN, special tokens marked by a leading 0xFF (as llguidance's llama.cpp reader marks them)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, end_token_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_id = end_token_ids[0] if end_token_ids else None
+        self.bos_token_id = tokenizer.bos_id
+        special = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        self.special_token_ids = sorted(special)
+        self.tokens = [self.token_bytes(i, i in special) for i in range(vocab_size)]
+        self.by_bytes: dict[bytes, int] = {}
+        for i, spelled in enumerate(self.tokens):
+            if spelled and i not in special:
+                self.by_bytes.setdefault(spelled, i)
+        self.longest = max(map(len, self.by_bytes), default=1)
+
+    def token_bytes(self, token_id: int, special: bool) -> bytes:
+        piece = self.tokenizer.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if special:
+            return b"\xff" + piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def __call__(self, text: str) -> list[int]:
+        """Token ids whose bytes are `text`'s, longest match first (the tokenizer's own encoding would add the
+        word-initial space Metaspace prepends); a byte no token spells is skipped."""
+        data, ids, at = text.encode(), [], 0
+        while at < len(data):
+            for end in range(min(len(data), at + self.longest), at, -1):
+                if (token := self.by_bytes.get(data[at:end])) is not None:
+                    ids.append(token)
+                    at = end
+                    break
+            else:
+                at += 1
+        return ids
+
+
 class GrammarCompiler:
     """Compiles `Grammar`s against a tokenizer for logits of `vocab_size`; `end_token_ids` are the
     tokens that end a row once its grammar accepts (the model's end-of-sequence and end-of-turn
@@ -117,8 +161,13 @@ class GrammarCompiler:
     @property
     def tokens(self) -> llguidance.LLTokenizer:
         if self._tokens is None:
-            self._tokens = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                                  eos_token=self.end_token_ids or None)
+            eos = self.end_token_ids or None
+            try:
+                self._tokens = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                                                      eos_token=eos)
+            except ValueError:  # a decoder llguidance cannot read from tokenizer.json (T5's Metaspace)
+                table = TokenizerWrapper(TokenTable(self.tokenizer, self.vocab_size, self.end_token_ids))
+                self._tokens = llguidance.LLTokenizer(table, n_vocab=self.vocab_size, eos_token=eos)
         return self._tokens
 
     def compile(self, grammar: Grammar) -> CompiledGrammar:

@@ -1,4 +1,7 @@
-"""A loaded checkpoint ready to talk: model, tokenizer, engine; prompts, streaming and terminal chat."""
+"""A loaded checkpoint ready to talk: model, tokenizer, engine; prompts, streaming and terminal chat.
+
+`Session.load` is where decoder-only and encoder-decoder checkpoints part: a T5 directory loads as a
+`Seq2SeqSession`, which keeps `Session`'s methods with the prompt as the encoder's input."""
 
 from __future__ import annotations
 
@@ -6,17 +9,22 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 import torch
 
 from lmforge.checkpoint import load_model
+from lmforge.generate.continuous import DecodeBatch, Seq2SeqBatch
 from lmforge.generate.engine import Engine
 from lmforge.generate.grammar import GrammarCompiler
 from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.seq2seq import Seq2SeqEngine
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
 from lmforge.hub import resolve_checkpoint
+from lmforge.io import read_json
 from lmforge.model import Transformer
+from lmforge.seq2seq import Seq2SeqLM
+from lmforge.seq2seq_checkpoint import is_seq2seq, load_seq2seq
 from lmforge.tokenizer import Message, Tokenizer
 
 
@@ -27,6 +35,7 @@ class Session:
     model: Transformer
     tokenizer: Tokenizer
     engine: Engine
+    encoder_decoder: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.engine.grammars is None:  # structured output compiles against this tokenizer
@@ -51,6 +60,8 @@ class Session:
         if is_adapter_dir(path):
             model = load_with_adapter(path, dtype=dtype, device=device, merge=True)
             tokenizer_dir = path if (path / "tokenizer.json").is_file() else adapter_base(path)
+        elif (path / "config.json").is_file() and is_seq2seq(path):
+            return Seq2SeqSession.from_dir(path, dtype=dtype, device=device, compile=compile)
         else:
             model, tokenizer_dir = load_model(path, dtype=dtype, device=device), path
         return cls(model, Tokenizer.from_dir(tokenizer_dir), Engine(model, compile=compile))
@@ -58,6 +69,14 @@ class Session:
     @property
     def context(self) -> int:
         return self.model.config.max_position_embeddings
+
+    def room(self, prompt: Sequence[int]) -> int:
+        """The most new tokens a reply to `prompt` may have: what the prompt leaves of the context."""
+        return self.context - len(prompt)
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty running batch over this session's engine (the server's batcher decodes in it)."""
+        return DecodeBatch(self.engine)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -134,3 +153,63 @@ class Session:
                 write.flush()
             write.write("\n")
             history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+SEQ2SEQ_POSITIONS = 512  # T5's n_positions: the input and output lengths it was trained on
+
+
+@dataclass
+class Seq2SeqSession(Session):
+    """An encoder-decoder model (T5, FLAN-T5) with `Session`'s methods. A prompt is the encoder's input, the
+    text with the tokenizer's special tokens (T5's `</s>`), as transformers' `tokenizer(text)` encodes it;
+    there is no chat template: a conversation's input is its last user message alone (T5 and FLAN-T5 are
+    trained on one input per example, so earlier turns would change the task it states). `context` bounds
+    the reply (config.json's `n_positions`, else 512); the input itself has no fixed limit (relative positions)."""
+
+    model: Seq2SeqLM  # type: ignore[assignment]
+    engine: Seq2SeqEngine  # type: ignore[assignment]
+    positions: int = SEQ2SEQ_POSITIONS
+    encoder_decoder: ClassVar[bool] = True
+
+    @classmethod
+    def from_dir(cls, path: Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
+                 compile: bool = False) -> Seq2SeqSession:
+        """Load a `T5ForConditionalGeneration` directory and the tokenizer beside it."""
+        if compile:
+            raise ValueError(f"{path}: compile applies to decoder-only models; the encoder-decoder engine runs "
+                             "eagerly")
+        model = load_seq2seq(path, encoder_only=False, dtype=dtype, device=device)
+        positions = read_json(path / "config.json").get("n_positions") or SEQ2SEQ_POSITIONS
+        return cls(model, Tokenizer.from_dir(path), Seq2SeqEngine(model), int(positions))
+
+    @property
+    def context(self) -> int:
+        return self.positions
+
+    def room(self, prompt: Sequence[int]) -> int:
+        """The most new tokens a reply may have: the decoder's own length, whatever the input's."""
+        return self.context
+
+    def new_batch(self) -> Seq2SeqBatch:
+        return Seq2SeqBatch(self.engine)
+
+    def encode(self, text: str) -> list[int]:
+        """The encoder's input: the text's token ids with the tokenizer's special tokens (T5: `</s>` last)."""
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], reserve: int = 0, **template: Any) -> list[int]:
+        """The encoder's input for a conversation: its last message, which must be the user's; no tools."""
+        if template.get("tools"):
+            raise ValueError("tools: an encoder-decoder model has no chat template to offer tools with")
+        if not messages or messages[-1]["role"] != "user":
+            last = messages[-1]["role"] if messages else "nothing"
+            raise ValueError(f"an encoder-decoder model answers the last user message; the last message is {last!r}")
+        return self.encode(messages[-1]["content"])
+
+    def chat_loop(self, params: SamplingParams, *, system: str | None = None, stop: Sequence[str] = (),
+                  read: TextIO | None = None, write: TextIO | None = None) -> None:
+        """`Session.chat_loop` with each line the whole input (no history); a system prompt is refused."""
+        if system:
+            raise ValueError("system prompt: an encoder-decoder model has no chat template; put an instruction "
+                             "such as 'summarize: ' in each line instead")
+        super().chat_loop(params, stop=stop, read=read, write=write)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from lmforge.config import ModelConfig
 from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.seq2seq import Seq2SeqEngine
 from lmforge.tokenizer import Tokenizer
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -77,7 +78,7 @@ class Completion:
 
 
 def stream_completions(
-    engine: Engine,
+    engine: Engine | Seq2SeqEngine,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
@@ -88,7 +89,7 @@ def stream_completions(
 
 
 def complete(
-    engine: Engine,
+    engine: Engine | Seq2SeqEngine,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
@@ -102,7 +103,7 @@ def complete(
 
 
 def _run(
-    engine: Engine,
+    engine: Engine | Seq2SeqEngine,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,

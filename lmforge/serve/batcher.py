@@ -5,7 +5,10 @@ client goes away.
 Each row's tokens go to its own `Detokenizer`; text deltas and the end of each row are handed
 back through the request's `emit` callback (thread-safe on the caller's side). Rows of one
 request share its sampling parameters; a seeded request's rows draw from their own generator, so
-their samples do not depend on their neighbours."""
+their samples do not depend on their neighbours.
+
+An encoder-decoder session's batch (`Seq2SeqBatch`) takes no rows while it runs: requests then wait for
+it to empty, and those waiting are encoded together as the next batch."""
 
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ class Batcher:
     # ---- the worker -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        batch = DecodeBatch(self.session.engine)
+        batch = self.session.new_batch()
         waiting: deque[Job] = deque()
         while True:
             if not self._collect(waiting, idle=not len(batch) and not waiting):
@@ -120,6 +123,8 @@ class Batcher:
 
     def _admit(self, batch: DecodeBatch, waiting: deque[Job]) -> None:
         """Prefill, in one forward pass, the waiting requests that fit the batch (first come first)."""
+        if len(batch) and not batch.joins_running:
+            return
         joining: list[Job] = []
         rows = len(batch)
         while waiting and rows + len(waiting[0].prompts) <= self.max_batch_size:

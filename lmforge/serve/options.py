@@ -1,6 +1,6 @@
 """The request parameters that shape a row's logits and what it reports (`response_format`, `logit_bias`,
 penalties, `min_tokens`, log-probs, `stop`), checked and turned into `SamplingParams` fields; a bad
-value is a 400 naming the request's parameter."""
+value is a 400 naming the request's parameter. Also what an encoder-decoder model cannot take."""
 
 from __future__ import annotations
 
@@ -82,3 +82,20 @@ def processing_fields(body: ChatBody | CompletionBody, session: Session) -> dict
         if (value := getattr(body, name)) is not None:
             fields[name] = value
     return fields
+
+
+def check_encoder_decoder(body: ChatBody | CompletionBody, session: Session) -> None:
+    """A 400 for what an encoder-decoder model cannot do: tools (no chat template), a chat whose last message is
+    not the user's (that message is the model's input), prompt log-probs (its prompt is encoded, not generated)."""
+    if not session.encoder_decoder:
+        return
+    if isinstance(body, ChatBody):
+        if body.tools:
+            raise APIError(400, "tools are not supported for an encoder-decoder model (no chat template)",
+                           param="tools", code="unsupported_parameter")
+        if body.messages and body.messages[-1].role != "user":
+            raise APIError(400, "an encoder-decoder model answers the last user message; the last message is "
+                                f"'{body.messages[-1].role}'", param="messages")
+    elif body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt log-probs) is not supported for an encoder-decoder model: "
+                            "its prompt is the encoder's input", param="echo", code="unsupported_parameter")

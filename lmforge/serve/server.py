@@ -8,7 +8,11 @@ declared (`schema.py`) in `/openapi.json`, which `/docs` shows.
 
 With a context store, chat requests are answered with retrieval: the last user message is searched
 for, replaced by the grounded prompt over the best chunks, and the response carries a `sources`
-list (in the first chunk when streamed) beside OpenAI's fields."""
+list (in the first chunk when streamed) beside OpenAI's fields.
+
+An encoder-decoder session (T5) is served one batch at a time (`Seq2SeqBatch`): a completion's prompt is
+the encoder's input, a chat's is its last user message; tools and prompt log-probs (`echo` with `logprobs`)
+are refused with a 400 naming them."""
 
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ from lmforge.rag.embed import Embedder, load_embedder
 from lmforge.serve.batcher import Batcher, Job
 from lmforge.serve.embeddings import EmbeddingBody, Embeddings, EncoderSource
 from lmforge.serve.logprobs import LogprobWriter
-from lmforge.serve.options import checked, logprob_counts, processing_fields, stop_strings
+from lmforge.serve.options import (
+    check_encoder_decoder, checked, logprob_counts, processing_fields, stop_strings,
+)
 from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, parse, sse
 from lmforge.serve.schema import (
     BODY_ERRORS, MODEL_ERRORS, READ_ERRORS, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
@@ -182,6 +188,7 @@ class Endpoints:
         params = self.sampling(body, max_tokens)
         if not body.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages")
+        check_encoder_decoder(body, self.session)
         tools = self.tool_use(body)
         if tools is not None and tools.required:  # the reply is decoded as a call: always well formed
             params = params.model_copy(update={"grammar": self.call_grammar(tools)})
@@ -217,6 +224,7 @@ class Endpoints:
         self.authorize(request)
         body = await parse(request, CompletionBody, self.max_request_bytes)
         self.check_model(body.model)
+        check_encoder_decoder(body, self.session)
         score_only = bool(body.echo) and body.max_tokens == 0  # lm-eval's loglikelihood: prompt log-probs only
         max_tokens = 1 if score_only else body.max_tokens
         params = self.sampling(body, max_tokens)
@@ -279,7 +287,7 @@ class Endpoints:
         for p in prompts:
             if not p:
                 raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
-            room = context - len(p)
+            room = self.session.room(p)
             if room < 1 or (max_tokens is not None and max_tokens > room):
                 asked = f" plus max_tokens={max_tokens}" if max_tokens is not None else ""
                 raise APIError(400, f"the prompt's {len(p)} tokens{asked} do not fit the model's context of "
@@ -294,7 +302,7 @@ class Endpoints:
         Without `max_tokens`, every row may fill what the longest prompt leaves of the context."""
         self.check_fit(prompts, max_tokens, chat)
         if max_tokens is None:
-            params = params.model_copy(update={"max_new_tokens": min(self.session.context - len(p) for p in prompts)})
+            params = params.model_copy(update={"max_new_tokens": min(self.session.room(p) for p in prompts)})
         job, events = self.submit(Job([p for p in prompts for _ in range(body.n)], params, lambda e: None,
                                       stop=stop_strings(body), prompt_logprobs=logprob_counts(body)[1],
                                       score_only=score_only))
