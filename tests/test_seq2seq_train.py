@@ -241,3 +241,25 @@ def test_fsdp_shards_encoder_and_decoder_blocks(sharp):
     # block 0 of each stack holds the bias table the stack reads first; decoder cross-attention keys are
     # computed before the decoder runs: those stay with the root
     assert units == [enc[0].layer[1], enc[1], dec[0].layer[2], dec[1].layer[0], dec[1].layer[2]]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one(tmp_path, base, data):
+    """Full fine-tuning under torchrun with FSDP2 (2 gloo processes, 4 rows each) equals one process with 8."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for name, strategy, procs in (("one", "ddp", 1), ("fsdp", "fsdp", 2)):
+        path = recipe(tmp_path / name, base, data, "full", 3)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "-m",
+               "lmforge.cli", "sft", "--config", str(path), f"train.strategy={strategy}",
+               f"train.micro_batch_size={8 // (2 * procs)}"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[name] = load_file(tmp_path / name / "out" / "model" / "model.safetensors")
+    assert outs["one"].keys() == outs["fsdp"].keys()
+    for key, value in outs["one"].items():
+        torch.testing.assert_close(outs["fsdp"][key], value, rtol=0, atol=1e-5)
