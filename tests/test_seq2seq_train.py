@@ -98,7 +98,8 @@ def test_lora_run_learns_resumes_exactly_and_loads_in_peft_and_merges(tmp_path, 
     shutil.rmtree(out / "checkpoints" / "step-000008")
     shutil.move(adapter, tmp_path / "uninterrupted")
     assert main(["sft", "--config", str(path), "--resume"]) == 0
-    a, b = load_file(tmp_path / "uninterrupted" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
+    a = load_file(tmp_path / "uninterrupted" / "adapter_model.safetensors")
+    b = load_file(adapter / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert val_losses(out) == losses
 

@@ -5,7 +5,8 @@ Keys are PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 `peft.PeftModel.from_pretrained(transformers_model, dir)` loads what lmforge saves and lmforge
 loads what PEFT saves: LoRA (with DoRA, rank/alpha patterns, modules_to_save, trainable tokens),
 (IA)³ and prompt tuning, of a causal LM (`task_type` CAUSAL_LM) or an encoder-decoder (SEQ_2_SEQ_LM, T5's
-module names after the prefix: `base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight`). `base_model_name_or_path` names the base model directory (absolute, or
+module names after the prefix: `base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight`).
+`base_model_name_or_path` names the base model directory (absolute, or
 relative to the adapter directory) or its Hub id (with PEFT's `revision`); adapter directories
 themselves may be Hub ids too (`lmforge.hub`).
 """
@@ -204,8 +205,8 @@ def save_adapter(model: nn.Module, out: str | Path, *, base: str | Path) -> Path
     else:
         method, state = _method_config(model, state)
         state = to_peft_keys(state, model.config)
-    config = {"task_type": task_type(model), "base_model_name_or_path": base, "revision": revision, "inference_mode": True,
-              "auto_mapping": None, **method}
+    config = {"task_type": task_type(model), "base_model_name_or_path": base, "revision": revision,
+              "inference_mode": True, "auto_mapping": None, **method}
     with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

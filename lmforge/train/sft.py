@@ -25,7 +25,7 @@ from lmforge.data.chat import Example, SFTData, collate, pack, padding_id, respo
 from lmforge.data.sampling import MixtureSource, holdout_split
 from lmforge.data.seq2seq import Seq2SeqDataConfig
 from lmforge.peft.adapters import load_adapter, save_adapter
-from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
+from lmforge.peft.method import AdapterConfig, apply_method, for_model, parameter_counts
 from lmforge.seq2seq_checkpoint import is_seq2seq, load_seq2seq
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
@@ -139,6 +139,7 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
         base = load_model(config.base, dtype=torch.float32)
         loss_fn, flops = causal_lm_loss, base.config.flops_per_token(data.max_len)
 
+    config = config.model_copy(update={"adapter": for_model(config.adapter, base)})  # the report shows what ran
     model = apply_method(base, config.adapter, tokenizer).to(env.device)
     trainable, total = parameter_counts(model)
     if env.is_main:
