@@ -318,11 +318,15 @@ class Seq2SeqEncoder(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Encoder hidden states (B, S, D); `attention_mask` (B, S) is 1 at real tokens, 0 at padding."""
-        S = input_ids.shape[1]
+        return self.encode_embeddings(self.shared(input_ids), attention_mask)
+
+    def encode_embeddings(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Encoder hidden states (B, S, D) of input embeddings `x` (B, S, D), e.g. with a soft prompt before them."""
+        S = x.shape[1]
         bias = self.encoder.position_bias(0, S, S)
         if attention_mask is not None:
             bias = additive_mask(attention_mask[:, None, None, :].bool(), bias)
-        return self.encoder(self.shared(input_ids), bias)
+        return self.encoder(x, bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.encode(input_ids, attention_mask)

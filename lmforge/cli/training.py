@@ -81,8 +81,9 @@ RECIPE_COMMANDS = (
     RecipeCommand("pretrain", "pretrain a model on a text corpus",
                   "Pretrain with next-token prediction. Launch under torchrun for DDP/FSDP2 (train.strategy=ddp|fsdp).",
                   "configs/", f"{DOTTED} (train.steps=100 data.seq_len=128)", run_pretrain),
-    RecipeCommand("sft", "fine-tune on conversations: full, LoRA, QLoRA, prompt tuning, selective",
-                  "Supervised fine-tuning with the loss on assistant tokens only. The recipe's adapter.method picks "
+    RecipeCommand("sft", "fine-tune on conversations (or input/target pairs for T5): full, LoRA, QLoRA, prompt tuning",
+                  "Supervised fine-tuning with the loss on assistant tokens only; a T5 base (by its config.json) "
+                  "trains on input/target pairs with the loss on the target. The recipe's adapter.method picks "
                   "full, lora, qlora, prompt or selective.",
                   "configs/sft-tiny.yaml", f"{DOTTED} (adapter.method=qlora train.steps=50)", run_sft),
     RecipeCommand("reward", "train a reward model on preference pairs (Bradley–Terry)",

@@ -4,7 +4,9 @@ Keys are PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 `...lora_magnitude_vector`, a saved module's own `lm_head.weight`, or `prompt_embeddings`), so
 `peft.PeftModel.from_pretrained(transformers_model, dir)` loads what lmforge saves and lmforge
 loads what PEFT saves: LoRA (with DoRA, rank/alpha patterns, modules_to_save, trainable tokens),
-(IA)³ and prompt tuning. `base_model_name_or_path` names the base model directory (absolute, or
+(IA)³ and prompt tuning, of a causal LM (`task_type` CAUSAL_LM) or an encoder-decoder (SEQ_2_SEQ_LM, T5's
+module names after the prefix: `base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight`).
+`base_model_name_or_path` names the base model directory (absolute, or
 relative to the adapter directory) or its Hub id (with PEFT's `revision`); adapter directories
 themselves may be Hub ids too (`lmforge.hub`).
 """
@@ -31,14 +33,17 @@ from lmforge.peft.adapter_config import ia3_config, ia3_plan, lora_config, lora_
 from lmforge.peft.fused import ADAPTER_SUFFIXES, is_shared, join_ia3, join_lora, split_joined
 from lmforge.peft.ia3 import ia3_layers, is_feedforward
 from lmforge.peft.lora import linear_names, lora_layers, matches, merge_and_unload, pattern_value
-from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned
+from lmforge.peft.prompt_tuning import PEFT_INIT, PromptTuned, Seq2SeqPromptTuned
 from lmforge.peft.saved_modules import COPY, saved_modules, saved_state, suffix_match
 from lmforge.peft.tokens import token_layers, token_state
+from lmforge.seq2seq import Seq2SeqLM
+from lmforge.seq2seq_checkpoint import is_seq2seq, load_seq2seq, save_seq2seq
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_2_SEQ_LM")  # None: peft's default, applied to the model it is given
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -86,7 +91,7 @@ def from_peft_keys(tensors: dict[str, Tensor], config: ModelConfig, source: Path
     foreign = [k for k in tensors if not k.startswith(PREFIX)]
     if foreign:
         raise ValueError(f"{source}: key {foreign[0]!r} does not start with {PREFIX!r}; not a PEFT adapter "
-                         "of a causal LM")
+                         "of a language model")
     disk, state = {}, {}
     for key, tensor in ((k[len(PREFIX):], v) for k, v in tensors.items()):
         split = _adapter_key(key)
@@ -146,7 +151,7 @@ def config_to_ours(config: dict[str, Any], model: nn.Module, source: Path) -> di
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     """The adapter's tensors under our names: LoRA A/B matrices (and DoRA magnitudes), (IA)³ vectors,
     trainable token rows and saved modules' copies, or the soft prompt."""
-    if isinstance(model, PromptTuned):
+    if isinstance(model, (PromptTuned, Seq2SeqPromptTuned)):
         return {"prompt_embeddings": model.prompt_embeddings}
     state = {}
     for name, m in lora_layers(model):
@@ -172,11 +177,16 @@ def _method_config(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str
     return lora_config(model, rename, fused), state
 
 
-def _prompt_config(model: PromptTuned, base: str) -> dict[str, Any]:
+def task_type(model: nn.Module) -> str:
+    """PEFT's task type of a model: SEQ_2_SEQ_LM for an encoder-decoder, else CAUSAL_LM."""
+    return "SEQ_2_SEQ_LM" if isinstance(model, Seq2SeqLM) else "CAUSAL_LM"
+
+
+def _prompt_config(model: PromptTuned | Seq2SeqPromptTuned, base: str) -> dict[str, Any]:
     text = model.init == "text"
     return {
         "peft_type": "PROMPT_TUNING", "num_virtual_tokens": model.num_virtual_tokens,
-        "token_dim": model.config.hidden_size, "num_transformer_submodules": 1,
+        "token_dim": model.config.hidden_size, "num_transformer_submodules": getattr(model, "submodules", 1),
         "num_attention_heads": model.config.num_attention_heads, "num_layers": model.config.num_hidden_layers,
         "prompt_tuning_init": PEFT_INIT[model.init], "prompt_tuning_init_text": model.init_text if text else None,
         "tokenizer_name_or_path": base if text else None, "tokenizer_kwargs": None, "modules_to_save": None,
@@ -190,13 +200,13 @@ def save_adapter(model: nn.Module, out: str | Path, *, base: str | Path) -> Path
     if not state:
         raise ValueError("the model has no adapter to save (no LoRA or (IA)³ layers, no soft prompt)")
     base, revision = hub_id(base) or (str(Path(base).resolve()) if Path(base).is_dir() else str(base), None)
-    if isinstance(model, PromptTuned):
+    if isinstance(model, (PromptTuned, Seq2SeqPromptTuned)):
         method = _prompt_config(model, base)
     else:
         method, state = _method_config(model, state)
         state = to_peft_keys(state, model.config)
-    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision, "inference_mode": True,
-              "auto_mapping": None, **method}
+    config = {"task_type": task_type(model), "base_model_name_or_path": base, "revision": revision,
+              "inference_mode": True, "auto_mapping": None, **method}
     with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -221,8 +231,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     kind = config.get("peft_type")
     if kind not in PEFT_TYPES:
         raise ValueError(f"{path / CONFIG}: peft_type {kind!r} is not supported ({', '.join(PEFT_TYPES)})")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):  # None: peft's default, applied to a causal LM here
-        raise ValueError(f"{path / CONFIG}: task_type {config['task_type']!r} is not supported (CAUSAL_LM or null)")
+    if config.get("task_type") not in TASK_TYPES:
+        raise ValueError(f"{path / CONFIG}: task_type {config['task_type']!r} is not supported "
+                         "(CAUSAL_LM, SEQ_2_SEQ_LM or null)")
     if not (path / WEIGHTS).is_file():
         hint = " (only adapter_model.bin: lmforge reads safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{path}: no {WEIGHTS}{hint}")
@@ -255,6 +266,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     adapter's layers or soft prompt (e.g. when resuming training) gets the saved values loaded into them."""
     path = Path(path)
     config, tensors = read_adapter(path)
+    if config.get("task_type") not in (None, task_type(model)):
+        raise ValueError(f"{path / CONFIG}: task_type {config['task_type']!r} does not fit the model, a "
+                         f"{task_type(model)} ({type(model).__name__})")
     if config["peft_type"] == "PROMPT_TUNING":
         return _load_prompt(model, config, tensors, path)
     adapted = any(lora_layers(model)) or any(ia3_layers(model)) or any(token_layers(model))
@@ -292,38 +306,52 @@ def _check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], 
             raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model expects {shape}")
 
 
-def _load_prompt(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> PromptTuned:
+def _load_prompt(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor],
+                 path: Path) -> PromptTuned | Seq2SeqPromptTuned:
     if set(tensors) != {"prompt_embeddings"}:
         found = ", ".join(sorted(tensors))
         raise ValueError(f"{path / WEIGHTS}: expected one tensor 'prompt_embeddings', found {found}")
     prompt = tensors["prompt_embeddings"]
-    n = config["num_virtual_tokens"] * (config.get("num_transformer_submodules") or 1)
-    if isinstance(model, PromptTuned) and model.num_virtual_tokens != n:
-        raise ValueError(f"{path}: the adapter has {n} virtual tokens, the model {model.num_virtual_tokens}")
+    seq2seq = isinstance(model, Seq2SeqLM)
+    # peft's default for a SEQ_2_SEQ_LM is 2 submodules (the encoder's rows, then unused decoder rows)
+    submodules = config.get("num_transformer_submodules") or (2 if seq2seq else 1)
+    n = config["num_virtual_tokens"] * submodules
+    if submodules != 1 and not seq2seq:
+        raise ValueError(f"{path / CONFIG}: num_transformer_submodules {submodules} is for an encoder-decoder; "
+                         "a causal LM has 1")
+    prompted = isinstance(model, (PromptTuned, Seq2SeqPromptTuned))
+    if prompted and model.prompt_embeddings.shape[0] != n:
+        raise ValueError(f"{path}: the adapter has {n} virtual tokens, the model {model.prompt_embeddings.shape[0]}")
     if tuple(prompt.shape) != (n, model.config.hidden_size):
         raise ValueError(f"{path / WEIGHTS}: prompt_embeddings has shape {tuple(prompt.shape)}, expected "
                          f"({n}, {model.config.hidden_size}) for this config and model")
-    if isinstance(model, PromptTuned):
+    if prompted:
         with torch.no_grad():
             model.prompt_embeddings.copy_(prompt)
         return model
     init = {v: k for k, v in PEFT_INIT.items()}.get(config.get("prompt_tuning_init"), "random")
     model.requires_grad_(False)
-    device = model.model.embed_tokens.weight.device
-    prompted = PromptTuned(model, prompt.to(device), init=init, init_text=config.get("prompt_tuning_init_text"))
-    return prompted.train(model.training)
+    text = config.get("prompt_tuning_init_text")
+    prompt = prompt.to(model.lm_head.weight.device)
+    if seq2seq:
+        tuned = Seq2SeqPromptTuned(model, prompt, submodules=submodules, init=init, init_text=text)
+    else:
+        tuned = PromptTuned(model, prompt, init=init, init_text=text)
+    return tuned.train(model.training)
 
 
 def load_with_adapter(
     path: str | Path, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
     merge: bool = False,
 ) -> nn.Module:
-    """Load the base model an adapter directory names, then the adapter. `merge` folds LoRA/DoRA/(IA)³
-    (and saved modules) into the weights and returns a plain `Transformer`; a soft prompt stays a
-    `PromptTuned` wrapper."""
-    model = load_model(adapter_base(path), dtype=dtype, device=device)
-    adapted = load_adapter(model, path)
-    return merge_and_unload(adapted) if merge and not isinstance(adapted, PromptTuned) else adapted
+    """Load the base model an adapter directory names (a `Transformer`, or a `Seq2SeqLM` where its config.json
+    names an encoder-decoder), then the adapter. `merge` folds LoRA/DoRA/(IA)³ (and saved modules) into the
+    weights and returns the plain model; a soft prompt stays a `PromptTuned`/`Seq2SeqPromptTuned` wrapper."""
+    base = adapter_base(path)
+    load = load_seq2seq if is_seq2seq(base) else load_model
+    adapted = load_adapter(load(base, dtype=dtype, device=device), path)
+    prompted = isinstance(adapted, (PromptTuned, Seq2SeqPromptTuned))
+    return merge_and_unload(adapted) if merge and not prompted else adapted
 
 
 class TokenizerFiles:
@@ -346,5 +374,6 @@ def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch
                          "load it with load_with_adapter instead")
     base = adapter_base(adapter_dir)
     model = load_with_adapter(adapter_dir, dtype=dtype, merge=True)
-    return save_model(model, out_dir, tokenizer=TokenizerFiles(base))
+    save = save_seq2seq if isinstance(model, Seq2SeqLM) else save_model
+    return save(model, out_dir, tokenizer=TokenizerFiles(base))
 

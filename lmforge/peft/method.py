@@ -15,11 +15,15 @@ from lmforge.peft.prompt_tuning import PromptInit, prompt_tuning
 from lmforge.peft.saved_modules import add_modules_to_save
 from lmforge.peft.selective import train_only
 from lmforge.peft.tokens import add_trainable_tokens, input_and_output
+from lmforge.seq2seq import Seq2SeqEncoder
+
+SEQ2SEQ_LORA_TARGETS = ("q", "v")  # PEFT's default LoRA targets for T5
 
 
 class AdapterConfig(BaseModel):
     """Fine-tuning method and its settings. `full` trains everything; `lora`/`qlora` train
-    low-rank adapters on `targets` (QLoRA over an NF4 base; DoRA with `dora`); `ia3` trains (IA)³
+    low-rank adapters on `targets` (default q_proj, k_proj, v_proj, o_proj; an encoder-decoder's q, v,
+    as PEFT's T5 default) (QLoRA over an NF4 base; DoRA with `dora`); `ia3` trains (IA)³
     vectors on `targets` (default k_proj, v_proj, down_proj); `prompt` trains a soft prompt;
     `selective` trains the parameters `patterns` and `layers` pick."""
 
@@ -75,10 +79,26 @@ class AdapterConfig(BaseModel):
         return self
 
 
-def apply_method(model: Transformer, cfg: AdapterConfig, tokenizer: Any = None) -> nn.Module:
-    """Prepare `model` for fine-tuning by `cfg.method`: set what trains, add adapters. Returns the
-    model to train (the same object, or a `PromptTuned` wrapper). `tokenizer` (with `encode`)
-    is needed for a text-initialised soft prompt only."""
+def for_model(cfg: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """`cfg` with an encoder-decoder's own default LoRA targets where the recipe names none; an error
+    for the settings that only a decoder-only model has (block `layers`, trainable token rows)."""
+    if not isinstance(model, Seq2SeqEncoder):
+        return cfg
+    if cfg.trainable_tokens:
+        raise ValueError("adapter.trainable_tokens is for decoder-only models (embed_tokens and lm_head rows)")
+    if cfg.layers:
+        raise ValueError("adapter.layers numbers a decoder-only model's blocks; for an encoder-decoder use "
+                         r"patterns such as 'decoder\.block\.1\.'")
+    if cfg.method in ("lora", "qlora") and "targets" not in cfg.model_fields_set:
+        return cfg.model_copy(update={"targets": list(SEQ2SEQ_LORA_TARGETS)})
+    return cfg
+
+
+def apply_method(model: Transformer | Seq2SeqEncoder, cfg: AdapterConfig, tokenizer: Any = None) -> nn.Module:
+    """Prepare `model` (a decoder or an encoder-decoder) for fine-tuning by `cfg.method`: set what trains,
+    add adapters. Returns the model to train (the same object, or a soft-prompt wrapper). `tokenizer` (with
+    `encode`) is needed for a text-initialised soft prompt only."""
+    cfg = for_model(cfg, model)
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "full":
         return model.requires_grad_(True)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.seq2seq import Seq2SeqEncoder
+
 Strategy = Literal["ddp", "fsdp"]
 
 
@@ -67,10 +69,32 @@ def wrap(model: nn.Module, strategy: Strategy, env: Dist) -> nn.Module:
         return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.model.layers:
-        fully_shard(block)
+    for unit in shard_units(model):
+        fully_shard(unit)
     fully_shard(model)
     return model
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one before the root: a decoder's blocks; an encoder-decoder's blocks,
+    or their sub-layers where a block holds weights the model reads outside the block's forward pass: the
+    relative-position bias table (the stack reads it before its blocks run) and the cross-attention (its keys
+    and values over the encoder output are computed once, before the decoder runs). Those stay with the root,
+    gathered through the whole forward pass."""
+    if not isinstance(model, Seq2SeqEncoder):
+        return list(model.model.layers)
+    stacks = [model.encoder] + ([model.decoder] if hasattr(model, "decoder") else [])
+    units: list[nn.Module] = []
+    for block in (block for stack in stacks for block in stack.block):
+        kept = [layer for layer in block.layer if not read_outside(layer)]
+        units += [block] if len(kept) == len(block.layer) else kept
+    return units
+
+
+def read_outside(layer: nn.Module) -> bool:
+    """Whether an encoder-decoder's sub-layer holds weights read outside its forward pass (see `shard_units`)."""
+    return hasattr(layer, "EncDecAttention") or any(name.endswith("relative_attention_bias")
+                                                    for name, _ in layer.named_modules())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -127,3 +151,4 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
 def barrier(env: Dist) -> None:
     if env.enabled:
         dist.barrier()
+

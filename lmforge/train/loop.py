@@ -93,6 +93,16 @@ class ModelFiles:
         return state
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing on or off in a decoder's blocks (`model.model.gradient_checkpointing`);
+    a model without that switch (an encoder-decoder) is an error when it is asked for."""
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "gradient_checkpointing"):
+        inner.gradient_checkpointing = enabled
+    elif enabled:
+        raise ValueError(f"train.activation_checkpointing is not supported for {type(model).__name__} models")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or infinite; nothing was written for this step."""
 
@@ -120,7 +130,7 @@ class Trainer:
         self.run_dir = RunDir(out_dir)
         self.evaluate, self.tokenizer, self.flops_per_token = evaluate, tokenizer, flops_per_token
         self.model = model  # already wrapped for DDP/FSDP by the caller, when distributed
-        unwrap(model).model.gradient_checkpointing = config.activation_checkpointing
+        set_activation_checkpointing(unwrap(model), config.activation_checkpointing)
         self.optimizer = build_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps
         )

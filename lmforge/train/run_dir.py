@@ -175,16 +175,21 @@ def hardware() -> str:
 
 def sample_generations(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
                        max_new_tokens: int = 48) -> list[tuple[str, str]]:
-    """Greedy completions of tokenized `prompts` by `model`, decoded: a report's sample generations."""
+    """Greedy completions of tokenized `prompts` by `model` (a decoder, or an encoder-decoder given its
+    encoder inputs), decoded: a report's sample generations."""
     from lmforge.generate.engine import Engine, SamplingParams
+    from lmforge.generate.seq2seq import Seq2SeqEngine
     from lmforge.generate.text import complete, stop_token_ids
+    from lmforge.seq2seq import Seq2SeqLM
 
     if not prompts:
         return []
     was_training = model.training
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                            stop_token_ids=stop_token_ids(model.config, tokenizer))
-    completions = complete(Engine(model), tokenizer, [list(p) for p in prompts], params)
+    seq2seq = isinstance(model, Seq2SeqLM)
+    stop = tuple(model.config.eos_token_ids) if seq2seq else stop_token_ids(model.config, tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop)
+    engine = Seq2SeqEngine(model) if seq2seq else Engine(model)
+    completions = complete(engine, tokenizer, [list(p) for p in prompts], params)
     model.train(was_training)
     return [(tokenizer.decode(list(p), skip_special_tokens=True), c.text) for p, c in zip(prompts, completions)]
 

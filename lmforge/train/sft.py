@@ -1,7 +1,8 @@
 """`lmforge sft`: supervised fine-tuning on conversations, fully or parameter-efficiently.
 
 The base is an HF-format model directory; the data are SFT JSONL files (`lmforge.data.chat`),
-optionally several mixed by weight; the loss is taken on assistant tokens only; the method
+optionally several mixed by weight; the loss is taken on assistant tokens only. A base whose config.json
+names an encoder-decoder (T5, FLAN-T5) trains on (input, target) pairs instead (`sft_seq2seq`). The method
 (full, LoRA/DoRA, QLoRA, (IA)³, prompt tuning, selective) comes from the recipe's `adapter` section. Training
 runs in the shared loop (resume, validation, logging). Full and selective fine-tuning write an HF
 model to `out_dir/model`; adapter methods write a PEFT adapter to `out_dir/adapter`."""
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -22,12 +23,15 @@ from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.data.chat import Example, SFTData, collate, pack, padding_id, response_prompts
 from lmforge.data.sampling import MixtureSource, holdout_split
+from lmforge.data.seq2seq import Seq2SeqDataConfig
 from lmforge.peft.adapters import load_adapter, save_adapter
-from lmforge.peft.method import AdapterConfig, apply_method, parameter_counts
+from lmforge.peft.method import AdapterConfig, apply_method, for_model, parameter_counts
+from lmforge.seq2seq_checkpoint import is_seq2seq, load_seq2seq
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
-from lmforge.train.losses import causal_lm_loss, validation_loss
+from lmforge.train.losses import causal_lm_loss, seq2seq_lm_loss, validation_loss
+from lmforge.train.sft_seq2seq import Seq2SeqModelFiles, check_data_kind, data_for_base, seq2seq_batches
 
 ADAPTER_METHODS = ("lora", "qlora", "ia3", "prompt")
 
@@ -61,10 +65,18 @@ class SFTConfig(BaseModel):
 
     out_dir: Path
     base: Path = Field(description="HF-format model directory (with its tokenizer) or Hub id to fine-tune")
-    data: SFTDataConfig
+    data: SFTDataConfig | Seq2SeqDataConfig = Field(
+        description="a decoder's conversations (max_len, packing) or an encoder-decoder's pairs (max_source_len, "
+        "max_target_len, per-dataset prefix), as the base's config.json says")
     adapter: AdapterConfig = AdapterConfig(method="lora")
     train: TrainConfig = TrainConfig(steps=200, lr=2e-4, warmup_steps=10, weight_decay=0.0, eval_every=50,
                                      save_every=100)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_kind(cls, data: Any) -> Any:
+        check_data_kind(data)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
@@ -115,32 +127,48 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
     started = time.perf_counter()
     env: Dist = init_distributed()
     cfg = config.train
+    seq2seq = is_seq2seq(config.base)
+    data = data_for_base(config.data, seq2seq, config.base, SFTDataConfig)
     tokenizer = Tokenizer.from_dir(config.base)
-    pad_id = padding_id(tokenizer)
-    train, val = load_data(config.data, tokenizer, cfg.seed)
-    for spec, examples in zip(config.data.datasets, train):
-        if not examples:
-            raise ValueError(f"{spec.path}: no training examples left (packing needs at least {config.data.max_len} "
-                             "tokens)")
+    if seq2seq:
+        base = load_seq2seq(config.base, dtype=torch.float32)
+        source, val_batches, prompts = seq2seq_batches(data, tokenizer, base.config, cfg, env.world_size)
+        loss_fn, flops = seq2seq_lm_loss, None  # no FLOPs/token (MFU) formula for an encoder-decoder yet
+    else:
+        source, val_batches, prompts = causal_batches(data, tokenizer, cfg, env.world_size)
+        base = load_model(config.base, dtype=torch.float32)
+        loss_fn, flops = causal_lm_loss, base.config.flops_per_token(data.max_len)
 
-    model = apply_method(load_model(config.base, dtype=torch.float32), config.adapter, tokenizer).to(env.device)
+    config = config.model_copy(update={"adapter": for_model(config.adapter, base)})  # the report shows what ran
+    model = apply_method(base, config.adapter, tokenizer).to(env.device)
     trainable, total = parameter_counts(model)
     if env.is_main:
         tqdm.write(f"sft: {config.adapter.method}, {trainable:,} of {total:,} parameters train "
                    f"({100 * trainable / total:.3f}%)")
     adapter = config.adapter.method in ADAPTER_METHODS
-    files = AdapterFiles(config.base) if adapter else ModelFiles()
-    flops = unwrap(model).config.flops_per_token(config.data.max_len)
+    files = AdapterFiles(config.base) if adapter else Seq2SeqModelFiles() if seq2seq else ModelFiles()
     model = wrap(model, cfg.strategy, env)
-    source = MixtureSource(train, [d.weight for d in config.data.datasets], partial(collate, pad_id=pad_id),
-                           cfg.global_batch_size(env.world_size), cfg.seed)
-    evaluate = validation_loss(validation_batches(val, cfg.micro_batch_size, config.data.eval_batches, pad_id),
-                               env.device) if val else None
-    trainer = Trainer(model, cfg, source, causal_lm_loss, config.out_dir, env=env, tokenizer=tokenizer,
+    evaluate = validation_loss(val_batches, env.device, loss_fn) if val_batches else None
+    trainer = Trainer(model, cfg, source, loss_fn, config.out_dir, env=env, tokenizer=tokenizer,
                       flops_per_token=flops, files=files, evaluate=evaluate)
     trainer.run(resume=resume)
-    finish_run(trainer, config, "Supervised fine-tuning", started, sample_prompts=response_prompts(val or train[0]))
+    finish_run(trainer, config, "Supervised fine-tuning", started, sample_prompts=prompts)
     return config.out_dir / ("adapter" if adapter else "model")
+
+
+def causal_batches(data: SFTDataConfig, tokenizer: Tokenizer, cfg: TrainConfig,
+                   world_size: int) -> tuple[MixtureSource, list[dict[str, Tensor]], list[list[int]]]:
+    """Training batches, validation batches and sample prompts of conversations for a decoder."""
+    pad_id = padding_id(tokenizer)
+    train, val = load_data(data, tokenizer, cfg.seed)
+    for spec, examples in zip(data.datasets, train):
+        if not examples:
+            raise ValueError(f"{spec.path}: no training examples left (packing needs at least {data.max_len} "
+                             "tokens)")
+    source = MixtureSource(train, [d.weight for d in data.datasets], partial(collate, pad_id=pad_id),
+                           cfg.global_batch_size(world_size), cfg.seed)
+    batches = validation_batches(val, cfg.micro_batch_size, data.eval_batches, pad_id) if val else []
+    return source, batches, response_prompts(val or train[0])
 
 
 def load_sft_config(path: str | Path, overrides: list[str]) -> SFTConfig:
