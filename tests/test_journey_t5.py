@@ -14,24 +14,18 @@ import transformers as tf
 from t5_models import pairs, save_tiny_t5, write_pairs
 
 from lmforge.cli import main
-from lmforge.generate.sampling import SamplingParams
-from lmforge.generate.seq2seq import Seq2SeqEngine
-from lmforge.peft import load_with_adapter
-from lmforge.tokenizer import Tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PREFIX = "summarize: "
 MAX_NEW = 12
 
 
-def generate_reply(checkpoint: Path, text: str) -> str:
-    """What `lmforge generate --checkpoint ADAPTER --prompt TEXT --temperature 0` prints for an encoder-decoder.
-    TODO(seq2seq generate): call `main(["generate", ...])` here once that command serves T5 checkpoints; until
-    then the same work through the engine: the adapter's base with the adapter, greedy, decoded."""
-    model, tokenizer = load_with_adapter(checkpoint), Tokenizer.from_dir(checkpoint)
-    ids = tokenizer.encode(text, add_special_tokens=True)  # T5's post-processor appends </s>
-    reply = Seq2SeqEngine(model).generate([ids], SamplingParams(max_new_tokens=MAX_NEW, temperature=0))[0]
-    return tokenizer.decode(reply, skip_special_tokens=True)
+def generate_reply(checkpoint: Path, text: str, capsys) -> str:
+    """What `lmforge generate --checkpoint ADAPTER --prompt TEXT --temperature 0` prints."""
+    capsys.readouterr()  # what earlier commands printed
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", text, "--temperature", "0",
+                 "--max-new-tokens", str(MAX_NEW)]) == 0
+    return capsys.readouterr().out.strip()
 
 
 @torch.no_grad()
@@ -41,7 +35,7 @@ def peft_reply(model: torch.nn.Module, tokenizer, text: str) -> str:
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def test_t5_finetune_journey(tmp_path):
+def test_t5_finetune_journey(tmp_path, capsys):
     base = save_tiny_t5(tmp_path / "flan-t5", seed=1)
     data = write_pairs(tmp_path / "pairs.jsonl", pairs(64, seed=1))
     run = tmp_path / "lora"
@@ -59,7 +53,7 @@ def test_t5_finetune_journey(tmp_path):
     tokenizer = tf.AutoTokenizer.from_pretrained(base)
     texts = [PREFIX + pairs(1, seed=1)[0]["input"], PREFIX + "small bird sings old"]  # trained on, and not
     replies = [peft_reply(tuned, tokenizer, text) for text in texts]
-    assert all(replies) and [generate_reply(adapter, text) for text in texts] == replies
+    assert all(replies) and [generate_reply(adapter, text, capsys) for text in texts] == replies
 
     merged = tmp_path / "merged"
     assert main(["merge", "--checkpoint", str(adapter), "--out", str(merged)]) == 0

@@ -60,6 +60,8 @@ class Session:
         if is_adapter_dir(path):
             model = load_with_adapter(path, dtype=dtype, device=device, merge=True)
             tokenizer_dir = path if (path / "tokenizer.json").is_file() else adapter_base(path)
+            if isinstance(model, Seq2SeqLM):
+                return Seq2SeqSession.of(model, Tokenizer.from_dir(tokenizer_dir), adapter_base(path), compile=compile)
         elif (path / "config.json").is_file() and is_seq2seq(path):
             return Seq2SeqSession.from_dir(path, dtype=dtype, device=device, compile=compile)
         else:
@@ -175,12 +177,17 @@ class Seq2SeqSession(Session):
     def from_dir(cls, path: Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
                  compile: bool = False) -> Seq2SeqSession:
         """Load a `T5ForConditionalGeneration` directory and the tokenizer beside it."""
-        if compile:
-            raise ValueError(f"{path}: compile applies to decoder-only models; the encoder-decoder engine runs "
-                             "eagerly")
         model = load_seq2seq(path, encoder_only=False, dtype=dtype, device=device)
-        positions = read_json(path / "config.json").get("n_positions") or SEQ2SEQ_POSITIONS
-        return cls(model, Tokenizer.from_dir(path), Seq2SeqEngine(model), int(positions))
+        return cls.of(model, Tokenizer.from_dir(path), path, compile=compile)
+
+    @classmethod
+    def of(cls, model: Seq2SeqLM, tokenizer: Tokenizer, config_dir: Path, *, compile: bool = False) -> Seq2SeqSession:
+        """A session over a loaded model (e.g. a base with its adapter merged); `config_dir` holds its config.json."""
+        if compile:
+            raise ValueError(f"{config_dir}: compile applies to decoder-only models; the encoder-decoder engine runs "
+                             "eagerly")
+        positions = read_json(config_dir / "config.json").get("n_positions") or SEQ2SEQ_POSITIONS
+        return cls(model, tokenizer, Seq2SeqEngine(model), int(positions))
 
     @property
     def context(self) -> int:
