@@ -84,7 +84,8 @@ def summarize_heldout(world: World) -> Task:
 
 def qa_context_heldout(world: World) -> Task:
     return Task("world-qa-context-heldout", generation_items(qa_pairs(world, "heldout")),
-                generation_items(qa_pairs(world, "train", seed=1)), exemplar_source="questions about the training people")
+                generation_items(qa_pairs(world, "train", seed=1)),
+                exemplar_source="questions about the training people")
 
 
 WORLD_TASKS: dict[str, Callable[[World], Task]] = {
