@@ -5,7 +5,8 @@ fully and with LoRA, and evaluated on the held-out people.
 
 Measured (world of 100 people; greedy decoding; ROUGE-L of the one-line summaries of the 28 held-out
 people; before tuning every seed scores 0.00). With these settings, seed 0: 0.54 after full tuning
-(~33 s pretraining, ~45 s tuning on an idle machine). With 150 pretraining and 150 tuning steps at
+(pretraining 33 s; full tuning 121 s
+with the machine's load at 4, 150 steps took 45 s at load 1). With 150 pretraining and 150 tuning steps at
 3e-3: 0.46 / 0.44 / 0.03 after full tuning (seeds 0 / 1 / 2: seed 2 answered every summary like a
 question) and 0.37 / 0.00 / 0.00 after LoRA, so tuning steps and LoRA's rate still want a measured
 second look across seeds. Exact match on the context questions stays 0 at this budget."""
