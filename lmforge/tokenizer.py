@@ -1,14 +1,15 @@
-"""Byte-level BPE tokenizers in Hugging Face's on-disk format, and chat templates.
+"""Byte-level BPE tokenizers (and T5-style Unigram ones) in Hugging Face's on-disk format, and chat templates.
 
 A tokenizer directory holds `tokenizer.json` (the `tokenizers` library's format) and
 `tokenizer_config.json` (transformers' conventions, including a Jinja `chat_template`), so
 `transformers.AutoTokenizer.from_pretrained(dir)` loads what `train_tokenizer` writes, and
 `Tokenizer.from_dir` loads any such directory written by transformers.
 
-Special tokens of a tokenizer trained here, in id order: `<s>`=0 (BOS), `</s>`=1 (EOS),
+Special tokens of a tokenizer `train_tokenizer` trains, in id order: `<s>`=0 (BOS), `</s>`=1 (EOS),
 `<pad>`=2, `<|im_start|>`=3, `<|im_end|>`=4 (ChatML turn markers); the 256 byte symbols follow.
 There is no unknown token: every string is made of bytes. The default chat template is ChatML
 prefixed by the BOS token, so a rendered chat already starts with `<s>`.
+`train_t5_tokenizer` trains T5's kind instead: Unigram, `<pad>`=0, `</s>`=1, `<unk>`=2, sentinels last.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from lmforge.io import chunks, find_files, read_lines, read_texts
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)  # ids 0..4 after training
+UNK_TOKEN = "<unk>"
+T5_SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0..2 of a T5 tokenizer (`train_t5_tokenizer`)
 Message = dict[str, str]  # one chat turn: {"role": ..., "content": ...}
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -186,6 +189,57 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "chat_template": CHATML_TEMPLATE,
+    }
+    tokenizer = Tokenizer(backend, config)
+    tokenizer.save(out_dir)
+    return tokenizer
+
+
+def sentinel_token(index: int) -> str:
+    """T5's `index`-th sentinel token, `<extra_id_{index}>` (span corruption's mask for the index-th span)."""
+    return f"<extra_id_{index}>"
+
+
+def train_t5_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, out_dir: str | Path, *,
+                       extra_ids: int = 100, model_max_length: int = 512) -> Tokenizer:
+    """Train a T5-style Unigram tokenizer (SentencePiece's model, as T5's `spiece.model` converted by
+    transformers) on text files and save it to `out_dir` in HF format, loadable as transformers' `T5Tokenizer`.
+
+    Ids as T5's: `<pad>`=0, `</s>`=1, `<unk>`=2, the learned pieces, then the `extra_ids` sentinels in
+    reverse, so `<extra_id_0>` is the last id. Whitespace splits words and "▁" marks a word's start
+    (T5's `WhitespaceSplit` + `Metaspace`); printable ASCII is always in the vocabulary. The
+    post-processor appends `</s>` (T5's `$A </s>`) when special tokens are asked for. `vocab_size`
+    counts neither the specials nor the sentinels and is an upper bound: a small corpus yields fewer pieces.
+    """
+    files = find_files(paths)
+    if vocab_size < 128:
+        raise ValueError(f"vocab_size must be at least 128 (printable ASCII and word pieces), got {vocab_size}")
+    if extra_ids < 0:
+        raise ValueError(f"extra_ids must be >= 0, got {extra_ids}")
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                             pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    trained = tokenizers.Tokenizer(models.Unigram())
+    trained.pre_tokenizer = pre_tokenizer
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size + len(T5_SPECIAL_TOKENS), show_progress=False,
+                                      special_tokens=list(T5_SPECIAL_TOKENS), unk_token=UNK_TOKEN,
+                                      initial_alphabet=[chr(c) for c in range(33, 127)])
+    trained.train_from_iterator((text for f in files for text in _training_texts(f)), trainer=trainer)
+    pieces = [tuple(piece) for piece in json.loads(trained.to_str())["model"]["vocab"]]
+    sentinels = [sentinel_token(i) for i in range(extra_ids)]
+    backend = tokenizers.Tokenizer(models.Unigram([*pieces, *((s, 0.0) for s in reversed(sentinels))],
+                                                  unk_id=T5_SPECIAL_TOKENS.index(UNK_TOKEN), byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.add_special_tokens([*T5_SPECIAL_TOKENS, *sentinels])  # already in the vocabulary: matched whole in text
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
+        special_tokens=[(EOS_TOKEN, T5_SPECIAL_TOKENS.index(EOS_TOKEN))])
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "pad_token": PAD_TOKEN, "eos_token": EOS_TOKEN, "unk_token": UNK_TOKEN,
+        "extra_ids": extra_ids, "additional_special_tokens": sentinels,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
     }
     tokenizer = Tokenizer(backend, config)
     tokenizer.save(out_dir)

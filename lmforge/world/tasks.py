@@ -9,6 +9,10 @@
   exemplars are the training people's facts.
 - `world-bios`: a perplexity set of freshly worded biographies of the held-out people (those left
   out of pretraining among them).
+- `world-summarize-heldout`: "summarize: <biography>" of each held-out person, answered with its
+  one-line summary (for an encoder-decoder model; ROUGE-1/2/L); exemplars are the training people's.
+- `world-qa-context-heldout`: "question: <q> context: <biography>" about each held-out person's
+  attributes, answered with the bare value (exact match); exemplars are the training people's.
 
 `WORLD_TASKS` maps each name to a builder from a `World`; `register_tasks` registers them with
 `lmforge.eval.registry` for a world of a given seed and size (the command line's `--world-seed` and
@@ -24,6 +28,7 @@ from lmforge.eval.registry import register_task
 from lmforge.eval.tasks import ChoiceItem, GenerationItem, Task, TextItem
 from lmforge.world.documents import biography, fact_probes, questions
 from lmforge.world.people import ATTRIBUTES, Split, World, world_of_size
+from lmforge.world.seq2seq import Seq2SeqPair, qa_pairs, summarization_pairs
 
 QA_TEMPLATE = "Question: {}\nAnswer:"
 
@@ -66,11 +71,30 @@ def bios(world: World) -> Task:
     return Task("world-bios", [TextItem(biography(p, world, rng)) for p in world.people if p.split == "heldout"])
 
 
+def generation_items(pairs: list[Seq2SeqPair]) -> list[GenerationItem]:
+    return [GenerationItem(p.input, p.target) for p in pairs]
+
+
+def summarize_heldout(world: World) -> Task:
+    # Exemplars with another seed than the tuning data's (written with the demo's seed).
+    return Task("world-summarize-heldout", generation_items(summarization_pairs(world, "heldout")),
+                generation_items(summarization_pairs(world, "train", seed=1)),
+                exemplar_source="the training people's biographies")
+
+
+def qa_context_heldout(world: World) -> Task:
+    return Task("world-qa-context-heldout", generation_items(qa_pairs(world, "heldout")),
+                generation_items(qa_pairs(world, "train", seed=1)),
+                exemplar_source="questions about the training people")
+
+
 WORLD_TASKS: dict[str, Callable[[World], Task]] = {
     "world-qa-heldout": qa_heldout,
     "world-qa-train": qa_train,
     "world-mc": mc,
     "world-bios": bios,
+    "world-summarize-heldout": summarize_heldout,
+    "world-qa-context-heldout": qa_context_heldout,
 }
 
 
