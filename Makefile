@@ -26,12 +26,12 @@ $(TESTING): $(RUNTIME)
 	$(BIN)/python tests/browser.py
 	touch $(TESTING)
 
-# Two workers, each test file on one of them (module fixtures are built once), like the two-core CI machine.
+# Two workers, each test file on one of them (module fixtures are built once), files with slow tests first.
 test: setup-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 demo: setup
 	$(BIN)/lmforge demo --out runs/demo

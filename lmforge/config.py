@@ -317,6 +317,7 @@ def explain(error: ValidationError, cls: type[BaseModel]) -> str:
     """The first problem of a pydantic error in one line (a misspelt key before what it left missing),
     with a count of the others."""
     first = min(error.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    first["loc"] = tuple(part for part in first["loc"] if not _is_union_tag(part))
     loc = [str(part) for part in first["loc"]]
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
@@ -331,6 +332,12 @@ def explain(error: ValidationError, cls: type[BaseModel]) -> str:
         message = f"{key + ': ' if key else ''}{first['msg']}{got}"
     others = error.error_count() - 1
     return message + (f" (and {others} more problem{'s' * (others > 1)})" if others else "")
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Whether a location part names the member of a union of models (pydantic tags them by class name,
+    CamelCase, where field names are snake_case)."""
+    return isinstance(part, str) and part[:1].isupper() and part.isidentifier() and "_" not in part
 
 
 def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -25,6 +25,13 @@ VARIANTS = {
 SHARPEN = 5.0
 
 
+def pytest_collection_modifyitems(items):
+    # Files with slow tests first: `make test`'s two workers take whole files in this order, so the longest
+    # ones start at once and the short ones fill in around them.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def pytest_configure(config):
     # Inductor's on-disk cache does not key its code by ATEN_CPU_CAPABILITY: a decode step compiled
     # under avx512 and replayed under avx2 gave wrong tokens (all 0). One cache per capability.

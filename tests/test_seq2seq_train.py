@@ -262,5 +262,5 @@ def test_fsdp_on_two_processes_matches_one(tmp_path, base, data):
         assert done.returncode == 0, done.stderr[-3000:]
         outs[name] = load_file(tmp_path / name / "out" / "model" / "model.safetensors")
     assert outs["one"].keys() == outs["fsdp"].keys()
-    for key, value in outs["one"].items():
-        torch.testing.assert_close(outs["fsdp"][key], value, rtol=0, atol=1e-5)
+    for key, value in outs["one"].items():  # fp32 sums in another order, through three Adam steps: as test_pretrain
+        torch.testing.assert_close(outs["fsdp"][key], value, rtol=1e-4, atol=1e-5)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,7 +31,9 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, init_distributed, unwrap, wrap
 from lmforge.train.loop import ModelFiles, TrainConfig, Trainer, finish_run
 from lmforge.train.losses import causal_lm_loss, seq2seq_lm_loss, validation_loss
-from lmforge.train.sft_seq2seq import Seq2SeqModelFiles, check_data_kind, data_for_base, seq2seq_batches
+from lmforge.train.sft_seq2seq import (
+    Seq2SeqModelFiles, check_data_kind, data_for_base, data_kind, seq2seq_batches,
+)
 
 ADAPTER_METHODS = ("lora", "qlora", "ia3", "prompt")
 
@@ -65,7 +67,8 @@ class SFTConfig(BaseModel):
 
     out_dir: Path
     base: Path = Field(description="HF-format model directory (with its tokenizer) or Hub id to fine-tune")
-    data: SFTDataConfig | Seq2SeqDataConfig = Field(
+    data: Annotated[Annotated[SFTDataConfig, Tag("SFTDataConfig")] | Annotated[Seq2SeqDataConfig, Tag("Seq2SeqDataConfig")],
+                    Discriminator(data_kind)] = Field(
         description="a decoder's conversations (max_len, packing) or an encoder-decoder's pairs (max_source_len, "
         "max_target_len, per-dataset prefix), as the base's config.json says")
     adapter: AdapterConfig = AdapterConfig(method="lora")

@@ -41,6 +41,11 @@ def data_fields(data: Any) -> set[str]:
     return fields
 
 
+def data_kind(data: Any) -> str:
+    """Which data config reads a `data` section: the encoder-decoder's if it sets one of its own fields."""
+    return "Seq2SeqDataConfig" if data_fields(data) & set(SEQ2SEQ_ONLY) else "SFTDataConfig"
+
+
 def check_data_kind(data: Any) -> None:
     """A `data` section may set a decoder's fields or an encoder-decoder's, not both."""
     fields = data_fields(data)
