@@ -14,6 +14,9 @@ from lmforge.seq2seq import Seq2SeqConfig, Seq2SeqEncoder, Seq2SeqLM, relative_p
 from lmforge.seq2seq_checkpoint import is_seq2seq, load_seq2seq, save_seq2seq
 
 VARIANTS = {"v1.0": ("relu", True), "v1.1": ("gated-gelu", False)}
+# T5 does not scale attention logits, so fp32 rounding grows with the logits: measured 0.0 with AVX-512 kernels
+# and up to 1.4e-5 of the largest logit (2.4e-4 at 18) with AVX2 ones, against transformers and cached vs full.
+RELATIVE_ROUNDING = 3e-5
 
 
 def tiny_t5_config(feed_forward_proj: str, tie: bool):
@@ -82,10 +85,11 @@ def test_logits_match_transformers(hf_t5):
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
         got = model(ids, decoder, attention_mask=mask)
-        assert want.abs().max() > 10  # sharpened: a wrong bias or scale would move these by far more than 1e-4
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        scale = want.abs().max().item()
+        assert scale > 10  # sharpened: a wrong bias or scale would move these by far more than the bound
+        torch.testing.assert_close(got, want, rtol=0, atol=RELATIVE_ROUNDING * scale)
         unpadded = model(ids[2:, :4], decoder[2:])  # padding changes nothing for the real tokens
-        torch.testing.assert_close(unpadded, got[2:], rtol=0, atol=1e-4)
+        torch.testing.assert_close(unpadded, got[2:], rtol=0, atol=RELATIVE_ROUNDING * scale)
 
 
 def test_encoder_alone_matches_transformers(hf_t5, tmp_path):
@@ -140,9 +144,11 @@ def test_cached_decoding_equals_full_forward(hf_t5):
         cache = model.new_cache(len(ids), decoder.shape[1])
         steps = [model(ids, decoder[:, :3], attention_mask=mask, cache=cache)]  # fills the cross-attention K/V
         steps += [model(None, decoder[:, t : t + 1], cache=cache) for t in range(3, decoder.shape[1])]
-        # fp32 rounding through sharpened weights: transformers' own cached and full passes differ by 1.0e-4
-        # here (v1.0, logits up to 18), so the bound is relative to the logits' scale.
-        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5 * full.abs().max().item())
+        # fp32 rounding through sharpened weights and unscaled attention: transformers' own cached and full passes
+        # differ by 1.0e-4 here (v1.0, logits up to 18), ours by up to 2.4e-4 with AVX2 kernels; the bound is
+        # relative to the logits' scale (RELATIVE_ROUNDING).
+        bound = RELATIVE_ROUNDING * full.abs().max().item()
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=bound)
 
 
 def hf_greedy(hf, prompts, max_new):
