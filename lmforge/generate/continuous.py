@@ -136,9 +136,15 @@ class DecodeBatch:
             return
         index = torch.tensor(keep, device=self.engine.device)
         self.rows = [self.rows[i] for i in keep]
-        self.pads, self.next_tokens = self.pads[index], self.next_tokens[index]
+        self.next_tokens = self.next_tokens[index]
         assert self.cache is not None
         self.cache.keep_rows(index)
+        self._trim(index)
+
+    def _trim(self, index: Tensor) -> None:
+        """Keep the left padding of the rows at `index` and drop the cache slots none of them needs."""
+        assert self.cache is not None
+        self.pads = self.pads[index]
         trim = int(self.pads.min())
         self.cache.drop_left(trim)
         self.pads = self.pads - trim
@@ -230,17 +236,5 @@ class Seq2SeqBatch(DecodeBatch):
         self.next_tokens = tokens
         return self._record(self.rows, tokens)
 
-    def leave(self, rows: Sequence[Row]) -> None:
-        """Drop `rows` from the batch (and their cache rows)."""
-        gone = {id(r) for r in rows}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self._reset()
-            return
-        index = torch.tensor(keep, device=self.engine.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.next_tokens = self.next_tokens[index]
-        assert self.cache is not None
-        self.cache.keep_rows(index)
+    def _trim(self, index: Tensor) -> None:
+        """Nothing to trim: the decoder's rows start together, unpadded."""

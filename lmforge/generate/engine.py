@@ -5,7 +5,7 @@ a preallocated KV cache, then decoded one token per step for the whole batch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,12 +148,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """New token ids for each prompt (including a final stop token, if one was produced)."""
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, params):
-            for row, token in enumerate(step):
-                if token is not None:
-                    outputs[row].append(token)
-        return outputs
+        return collect(self.stream(prompts, params), len(prompts))
 
     @torch.inference_mode()
     def prompt_logprobs(self, prompt: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
@@ -171,3 +166,13 @@ class Engine:
         self.stats.batches += 1
         self.stats.sequences += size
         self.stats.max_batch_size = max(self.stats.max_batch_size, size)
+
+
+def collect(steps: Iterable[Sequence[int | None]], rows: int) -> list[list[int]]:
+    """Each row's tokens from a stream of steps (one entry per row a step; None once the row has stopped)."""
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    for step in steps:
+        for row, token in enumerate(step):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from lmforge.generate.engine import EngineStats
+from lmforge.generate.engine import EngineStats, collect
 from lmforge.generate.grammar import GrammarCompiler
 from lmforge.generate.processing import process, record, row_states
 from lmforge.generate.sampling import SamplingParams, sample
@@ -94,9 +94,4 @@ class Seq2SeqEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """New token ids for each prompt (with the final stop token, if one was produced)."""
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, params):
-            for row, token in enumerate(step):
-                if token is not None:
-                    outputs[row].append(token)
-        return outputs
+        return collect(self.stream(prompts, params), len(prompts))
