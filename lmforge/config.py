@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmforge.families import SPELLINGS, family_of
-from lmforge.io import read_json
+from lmforge.io import read_config_json
 
 Family = Literal["llama", "mistral", "mixtral", "qwen2", "gpt2", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe",
                  "phi3", "falcon", "bloom"]
@@ -222,10 +222,8 @@ class ModelConfig(BaseModel):
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """Read `config.json` from an HF model directory."""
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
-        return cls.from_hf(read_json(file), source=str(file))
+        hf, source = read_config_json(path)
+        return cls.from_hf(hf, source=source)
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")

@@ -155,3 +155,11 @@ def chunks(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def read_config_json(path: str | Path) -> tuple[dict[str, Any], str]:
+    """A model directory's `config.json` and its path (for error messages); a missing one names the directory."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
+    return read_json(file), str(file)

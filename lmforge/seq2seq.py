@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lmforge.config import explain
 from lmforge.families import SEQ2SEQ_SPELLINGS, seq2seq_family_of
 from lmforge.families.t5 import FEED_FORWARD_ACTIVATIONS
-from lmforge.io import read_json
+from lmforge.io import read_config_json
 from lmforge.kv_cache import KVCache
 from lmforge.model import RMSNorm
 
@@ -109,10 +109,8 @@ class Seq2SeqConfig(BaseModel):
     @classmethod
     def from_dir(cls, path: str | Path) -> Seq2SeqConfig:
         """Read `config.json` from an HF model directory."""
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json; is {path} a model directory?")
-        return cls.from_hf(read_json(file), source=str(file))
+        hf, source = read_config_json(path)
+        return cls.from_hf(hf, source=source)
 
 
 def relative_position_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
