@@ -35,6 +35,32 @@ def test_dpo_hand_case_and_label_smoothing():
     assert smooth.item() == pytest.approx(-0.9 * logsig(1.0) - 0.1 * logsig(-1.0))
 
 
+def test_dpo_variants_by_hand_with_unequal_lengths():
+    # log-ratios: chosen [1, -1], rejected [-1, 2]; per token: chosen [1/2, -1/3], rejected [-1/4, 2]
+    logps = dict(policy_chosen=torch.tensor([-4.0, -9.0]), policy_rejected=torch.tensor([-6.0, -5.0]),
+                 ref_chosen=torch.tensor([-5.0, -8.0]), ref_rejected=torch.tensor([-5.0, -7.0]),
+                 chosen_tokens=torch.tensor([2.0, 3.0]), rejected_tokens=torch.tensor([4.0, 1.0]), beta=0.5)
+    per_token = [0.5 + 0.25, -1 / 3 - 2.0]
+    expected = {
+        "sigmoid": -(logsig(0.5 * 2) + logsig(0.5 * -3)) / 2,
+        "sigmoid_norm": -(logsig(0.5 * per_token[0]) + logsig(0.5 * per_token[1])) / 2,
+        "ipo": ((per_token[0] - 1) ** 2 + (per_token[1] - 1) ** 2) / 2,  # 1 / (2 beta) = 1
+    }
+    for loss_type, value in expected.items():
+        loss, chosen, rejected = dpo_loss(**logps, loss_type=loss_type)
+        assert loss.item() == pytest.approx(value, rel=1e-6), loss_type
+        # the implicit rewards are beta x the summed log-ratios whatever the loss
+        assert chosen.tolist() == [0.5, -0.5] and rejected.tolist() == [-0.5, 1.0]
+    smooth, _, _ = dpo_loss(**logps, loss_type="sigmoid_norm", label_smoothing=0.2)
+    assert smooth.item() == pytest.approx(sum(-0.8 * logsig(0.5 * z) - 0.2 * logsig(-0.5 * z) for z in per_token) / 2)
+    with pytest.raises(ValueError, match="'ipo' needs the response token counts"):
+        dpo_loss(*list(logps.values())[:4], loss_type="ipo")
+    with pytest.raises(ValueError, match="not 'ipo'"):
+        dpo_loss(**logps, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'; expected one of sigmoid, ipo, sigmoid_norm"):
+        dpo_loss(**logps, loss_type="kto")
+
+
 def test_sequence_logprobs_sum_only_the_masked_tokens():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
     labels = torch.tensor([[0, 1, -100]])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lmforge.align.dpo import (
     all_logprobs, collate_pairs, dpo_loss_fn, load_dpo_config, make_reference, pair_logprobs, preference_accuracy,
-    train_dpo,
+    train_dpo, validation,
 )
 from lmforge.checkpoint import load_model
 from lmforge.data.chat import IGNORE
@@ -71,7 +71,13 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_equals_the_formula_on_transformers_logprobs(tmp_path, chat_base, chat_tokenizer, data):
+def log_sigmoid(z: float) -> float:
+    return -math.log1p(math.exp(-z))
+
+
+def test_losses_equal_the_formulas_on_transformers_logprobs(tmp_path, chat_base, chat_tokenizer, data):
+    """Each loss_type, with and without RPO's NLL, in training and in validation, against the formulas
+    on transformers' log-probs; the NLL against F.cross_entropy of all chosen tokens."""
     import peft
     import transformers as tf
 
@@ -82,32 +88,70 @@ def test_loss_equals_the_formula_on_transformers_logprobs(tmp_path, chat_base, c
     hf_policy = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(chat_base),
                                                tmp_path / "adapter").eval()
 
-    def logprob(hf, example) -> float:  # one unpadded sequence, summed over the labelled positions
+    def logits_at_labels(hf, example) -> tuple[torch.Tensor, torch.Tensor]:  # one unpadded sequence
         with torch.no_grad():
-            logps = hf(torch.tensor([example.input_ids])).logits[0].double().log_softmax(-1)
-        return sum(float(logps[t, y]) for t, y in enumerate(example.labels) if y != IGNORE)
+            logits = hf(torch.tensor([example.input_ids])).logits[0].double()
+        where = torch.tensor(example.labels) != IGNORE
+        return logits[where], torch.tensor(example.labels)[where]
 
-    beta, smoothing = 0.5, 0.1
-    margins = [beta * ((logprob(hf_policy, p.chosen) - logprob(hf_reference, p.chosen))
-                       - (logprob(hf_policy, p.rejected) - logprob(hf_reference, p.rejected))) for p in pairs]
-    def log_sigmoid(z: float) -> float:
-        return -math.log1p(math.exp(-z))
+    def logprob(hf, example) -> tuple[float, int]:  # summed over the labelled positions, and their number
+        logits, labels = logits_at_labels(hf, example)
+        return float(logits.log_softmax(-1).gather(-1, labels[:, None]).sum()), len(labels)
 
-    expected = sum(-(1 - smoothing) * log_sigmoid(z) - smoothing * log_sigmoid(-z) for z in margins)
+    ratios = []  # per pair: (chosen log-ratio, its tokens, rejected log-ratio, its tokens)
+    for p in pairs:
+        (c, nc), (c_ref, _), (r, nr), (r_ref, _) = (logprob(hf, e) for e in (p.chosen, p.rejected)
+                                                    for hf in (hf_policy, hf_reference))
+        ratios.append((c - c_ref, nc, r - r_ref, nr))
+    assert any(nc != nr for _, nc, _, nr in ratios)  # so averaging over tokens matters
+    chosen = [logits_at_labels(hf_policy, p.chosen) for p in pairs]
+    nll = float(torch.nn.functional.cross_entropy(torch.cat([x for x, _ in chosen]), torch.cat([y for _, y in chosen])))
+
+    beta = 0.5
+    margins = [beta * (c - r) for c, _, r, _ in ratios]
     assert min(abs(z) for z in margins) > 1e-2  # the adapters matter
-
+    per_token = [c / nc - r / nr for c, nc, r, nr in ratios]
+    variants = {  # loss_type, label_smoothing, rpo_alpha: the summed loss over the three pairs
+        ("sigmoid", 0.1, None): sum(-0.9 * log_sigmoid(z) - 0.1 * log_sigmoid(-z) for z in margins),
+        ("sigmoid_norm", 0.1, 0.5): sum(-0.9 * log_sigmoid(beta * m) - 0.1 * log_sigmoid(-beta * m)
+                                        for m in per_token) + 0.5 * 3 * nll,
+        ("ipo", 0.0, 1.0): sum((m - 1 / (2 * beta)) ** 2 for m in per_token) + 3 * nll,
+    }
+    pad = chat_tokenizer.pad_id
+    reference = all_logprobs(make_reference(policy, None), pairs, 2, pad, torch.device("cpu"))
     with torch.no_grad():
-        total, n, sums = dpo_loss_fn(beta, smoothing, make_reference(policy, None))(
-            policy, collate_pairs(pairs, chat_tokenizer.pad_id))
-        assert int(n) == 3
-        assert float(total) == pytest.approx(expected, rel=1e-4)
-        assert float(sums["reward_margin"]) == pytest.approx(sum(margins), abs=2e-4)
-        assert float(sums["reward_accuracy"]) == sum(z > 0 for z in margins)
+        for (loss_type, smoothing, alpha), expected in variants.items():
+            total, n, sums = dpo_loss_fn(beta, smoothing, make_reference(policy, None), loss_type, alpha)(
+                policy, collate_pairs(pairs, pad))
+            assert int(n) == 3
+            assert float(total) == pytest.approx(expected, rel=1e-4), loss_type
+            assert float(sums["reward_margin"]) == pytest.approx(sum(margins), abs=2e-4)
+            assert float(sums["reward_accuracy"]) == sum(z > 0 for z in margins)
+            assert float(sums["nll_loss"]) / 3 == pytest.approx(nll, rel=1e-5)
 
-        # the same loss with the reference log-probs computed beforehand and carried in the batch
-        reference = all_logprobs(make_reference(policy, None), pairs, 2, chat_tokenizer.pad_id, torch.device("cpu"))
-        total, _, _ = dpo_loss_fn(beta, smoothing)(policy, collate_pairs(pairs, chat_tokenizer.pad_id, reference))
-        assert float(total) == pytest.approx(expected, rel=1e-4)
+            # the same loss with the reference log-probs computed beforehand and carried in the batch
+            batch = collate_pairs(pairs, pad, reference)
+            total, _, _ = dpo_loss_fn(beta, smoothing, None, loss_type, alpha)(policy, batch)
+            assert float(total) == pytest.approx(expected, rel=1e-4), loss_type
+
+            # micro-batches of the batch add up to it (the loop divides by all pairs), NLL included
+            loss_fn = dpo_loss_fn(beta, smoothing, None, loss_type, alpha)
+            parts = [loss_fn(policy, {k: v[rows] for k, v in batch.items()}) for rows in (slice(0, 1), slice(1, 3))]
+            assert sum(float(t) for t, _, _ in parts) == pytest.approx(float(total), rel=1e-6)
+            assert sum(float(s["nll_loss"]) for _, _, s in parts) / 3 == pytest.approx(nll, rel=1e-5)
+
+            # validation computes the same loss
+            config = load_dpo_config(recipe(tmp_path, chat_base, data), [
+                f"beta={beta}", f"loss_type={loss_type}", f"label_smoothing={smoothing}",
+                f"rpo_alpha={'null' if alpha is None else alpha}"])
+            held_out = validation(pairs, reference, config, pad, torch.device("cpu"))(policy)
+            assert held_out["val_loss"] == pytest.approx(expected / 3, rel=1e-4), loss_type
+            assert held_out["val_nll_loss"] == pytest.approx(nll, rel=1e-5)
+    # the NLL is a mean over all chosen tokens, not a mean of the micro-batches' means
+    tokens = [len(y) for _, y in chosen]
+    token_nll = [float(torch.nn.functional.cross_entropy(x, y, reduction="sum")) for x, y in chosen]
+    mean_of_means = (token_nll[0] / tokens[0] + 2 * sum(token_nll[1:]) / sum(tokens[1:])) / 3
+    assert abs(mean_of_means - nll) > 1e-3
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -196,6 +240,26 @@ def test_adapter_base_is_merged_and_resume_reproduces_the_run(tmp_path, chat_bas
     assert [m["loss"] for m in metrics(out) if "loss" in m] == losses
 
 
+def test_rpo_logs_the_nll_and_keeps_the_chosen_likelihood(tmp_path, chat_base, data):
+    """Ten LoRA steps from the same start with and without rpo_alpha. At the first step the policy is
+    the reference, so DPO's loss is log 2 and the logged loss adds exactly the logged NLL; after
+    training, the held-out chosen responses are likelier with RPO (seeds 0, 1, 2: NLL 5.87-5.89 against
+    plain DPO's 6.03-6.05)."""
+    runs = {}
+    for alpha in ("null", "1.0"):
+        path = recipe(tmp_path / alpha, chat_base, data, steps=10, eval_every=10, save_every=10)
+        train_dpo(load_dpo_config(path, [f"rpo_alpha={alpha}"]))
+        runs[alpha] = metrics(tmp_path / alpha / "out")
+    plain, rpo = runs["null"], runs["1.0"]
+    assert all("nll_loss" in m for m in plain + rpo if "loss" in m)
+    assert plain[0]["nll_loss"] == pytest.approx(rpo[0]["nll_loss"], rel=1e-6) and rpo[0]["nll_loss"] > 1
+    assert plain[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rpo[0]["loss"] == pytest.approx(math.log(2) + rpo[0]["nll_loss"], abs=1e-5)
+    print(f"held-out NLL of the chosen responses: DPO {plain[-1]['val_nll_loss']:.4f}, "
+          f"RPO {rpo[-1]['val_nll_loss']:.4f}")
+    assert rpo[-1]["val_nll_loss"] < plain[-1]["val_nll_loss"] - 0.05
+
+
 PROMPT = [{"role": "user", "content": "Where was Alice born?"}]
 
 
@@ -217,5 +281,11 @@ def test_bad_recipe_names_the_field(tmp_path, chat_base, data):
     path = recipe(tmp_path, chat_base, data)
     with pytest.raises(ValueError, match="beta: Input should be greater than 0"):
         load_dpo_config(path, ["beta=0"])
+    with pytest.raises(ValueError, match="rpo_alpha: Input should be greater than or equal to 0"):
+        load_dpo_config(path, ["rpo_alpha=-0.5"])
+    with pytest.raises(ValueError, match="loss_type: Input should be 'sigmoid', 'ipo' or 'sigmoid_norm'"):
+        load_dpo_config(path, ["loss_type=kto"])
+    with pytest.raises(ValueError, match="label_smoothing: conservative DPO smooths the logistic losses"):
+        load_dpo_config(path, ["loss_type=ipo", "label_smoothing=0.1"])
     with pytest.raises(ValueError, match="no preference records of kind 'poetry'"):
         train_dpo(load_dpo_config(path, ["data.kind=poetry"]))

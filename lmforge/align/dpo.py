@@ -4,9 +4,11 @@ The policy starts from the SFT model (an HF directory, or an SFT adapter merged 
 and trains by the recipe's `adapter` method; the frozen reference is the same model with its
 adapters disabled (LoRA, QLoRA, prompt tuning) or a frozen copy (full, selective). With
 `precompute_reference` the reference log-probs of every pair are computed once before training,
-as TRL can, and ride in the batches: no second forward pass per step. Training runs in the shared
-loop (resume, logging); validation reports the DPO metrics on held-out pairs and the policy's
-preference accuracy (log pi(chosen) > log pi(rejected)) beside the reference's."""
+as TRL can, and ride in the batches: no second forward pass per step. The loss is TRL's `loss_type`
+(DPO, IPO or length-normalised DPO), plus, with `rpo_alpha`, that multiple of the policy's NLL of the
+chosen responses (RPO). Training runs in the shared loop (resume, logging); validation reports the same
+loss and metrics on held-out pairs and the policy's preference accuracy (log pi(chosen) > log
+pi(rejected)) beside the reference's."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lmforge.align.losses import dpo_loss, sequence_logprobs
+from lmforge.align.losses import DPOLossType, dpo_loss, sequence_logprobs
 from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.console import Progress
@@ -46,7 +48,14 @@ class DPOConfig(BaseModel):
                                    "or a Hub id")
     data: PreferenceDataConfig
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-flip rate")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-flip rate "
+                                                                   "(logistic losses only)")
+    loss_type: DPOLossType = Field("sigmoid", description="TRL's name of the loss: sigmoid (DPO), ipo (IPO: squared, "
+                                                          "on log-ratios averaged over each response's tokens; beta "
+                                                          "is its tau) or sigmoid_norm (DPO on those averages)")
+    rpo_alpha: float | None = Field(None, ge=0, description="RPO: add rpo_alpha x the policy's NLL of the chosen "
+                                                            "responses (mean over their tokens) to the loss; the "
+                                                            "RPO paper recommends 1.0")
     adapter: AdapterConfig = AdapterConfig(method="lora")
     precompute_reference: bool = Field(True, description="reference log-probs once before training, not per step")
     train: TrainConfig = TrainConfig(steps=200, lr=5e-4, warmup_steps=10, weight_decay=0.0, eval_every=50,
@@ -55,6 +64,9 @@ class DPOConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
         check_fsdp_method(self.adapter, self.train)
+        if self.label_smoothing and self.loss_type == "ipo":
+            raise ValueError("label_smoothing: conservative DPO smooths the logistic losses (sigmoid, sigmoid_norm), "
+                             "not ipo")
         return self
 
 
@@ -81,12 +93,28 @@ def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, seed: int) -> 
     return holdout_split(train, config.val_fraction, seed)
 
 
+def response_tokens(pairs: Sequence[EncodedPair]) -> Tensor:
+    """(N, 2) number of response tokens (labelled positions) of each pair's chosen and rejected sequence."""
+    return torch.tensor([[sum(y != IGNORE for y in e.labels) for e in (p.chosen, p.rejected)] for p in pairs],
+                        dtype=torch.float32)
+
+
+def nll_weights(tokens: Tensor) -> Tensor:
+    """(B,) pairs / chosen response tokens of these B pairs (tokens (B, 2)), in every row: summed over
+    any rows and divided by B, the weighted NLLs give the token mean over all B chosen responses, so
+    micro-batches and processes add up to the whole batch's mean."""
+    return torch.full((len(tokens),), len(tokens) / float(tokens[:, 0].sum().clamp(min=1)))
+
+
 def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, ref: Tensor | None = None) -> Batch:
-    """One row per pair: `chosen_*` and `rejected_*` input ids and labels (each right-padded), and
-    `ref_chosen`/`ref_rejected` (B,) when the reference log-probs `ref` (B, 2) are given."""
+    """One row per pair: `chosen_*` and `rejected_*` input ids and labels (each right-padded), the
+    `response_tokens` (B, 2) and `nll_weight` (B,) of the batch, and `ref_chosen`/`ref_rejected` (B,)
+    when the reference log-probs `ref` (B, 2) are given."""
     chosen, rejected = collate([p.chosen for p in pairs], pad_id), collate([p.rejected for p in pairs], pad_id)
+    tokens = response_tokens(pairs)
     batch = {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-             "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+             "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
+             "response_tokens": tokens, "nll_weight": nll_weights(tokens)}
     if ref is not None:
         batch |= {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
     return batch
@@ -127,20 +155,33 @@ def reward_sums(chosen_reward: Tensor, rejected_reward: Tensor) -> dict[str, Ten
             "chosen_reward": chosen_reward.sum(), "rejected_reward": rejected_reward.sum()}
 
 
-def dpo_loss_fn(beta: float, label_smoothing: float, reference: Reference | None = None) -> LossFn:
-    """The loop's loss function: (sum of DPO losses, number of pairs, reward metric sums). Reference
+def dpo_objective(policy: Tensor, ref: Tensor, tokens: Tensor, nll_weight: Tensor, beta: float,
+                  label_smoothing: float = 0.0, loss_type: DPOLossType = "sigmoid",
+                  rpo_alpha: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss summed over pairs and the sums of its metrics, from the policy's and the reference's
+    summed log-probs and the response token counts (B, 2 each: chosen, rejected). With `rpo_alpha`
+    the loss adds that multiple of `nll_loss`, the policy's NLL of the chosen responses: a token
+    mean, as TRL's cross-entropy of the chosen tokens, by the rows' `nll_weight` (see `nll_weights`).
+    `rpo_alpha` is TRL's name up to 0.28; TRL 0.29+ spells it loss_type ["sigmoid", "sft"] with
+    loss_weights [1, rpo_alpha], the same sum."""
+    loss, chosen_reward, rejected_reward = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta,
+                                                    label_smoothing, loss_type, tokens[:, 0], tokens[:, 1])
+    nll = -(policy[:, 0] * nll_weight).sum()
+    total = loss * len(policy) + (rpo_alpha * nll if rpo_alpha is not None else 0.0)
+    return total, {**reward_sums(chosen_reward, rejected_reward), "nll_loss": nll.detach()}
+
+
+def dpo_loss_fn(beta: float, label_smoothing: float = 0.0, reference: Reference | None = None,
+                loss_type: DPOLossType = "sigmoid", rpo_alpha: float | None = None) -> LossFn:
+    """The loop's loss function: (summed `dpo_objective`, number of pairs, metric sums). Reference
     log-probs come with the batch (`ref_chosen`, `ref_rejected`) or from `reference`."""
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        chosen, rejected = pair_logprobs(model, batch)
-        if "ref_chosen" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
-        else:
-            ref_chosen, ref_rejected = reference(batch)
-        loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
-                                                        label_smoothing)
-        n = len(chosen)
-        return loss * n, torch.tensor(n), reward_sums(chosen_reward, rejected_reward)
+        policy = torch.stack(pair_logprobs(model, batch), dim=1)
+        ref = (batch["ref_chosen"], batch["ref_rejected"]) if "ref_chosen" in batch else reference(batch)
+        total, sums = dpo_objective(policy, torch.stack(ref, dim=1), batch["response_tokens"], batch["nll_weight"],
+                                    beta, label_smoothing, loss_type, rpo_alpha)
+        return total, torch.tensor(len(policy)), sums
 
     return loss_fn
 
@@ -175,9 +216,10 @@ def preference_accuracy(logps: Tensor) -> float:
 
 
 def validation(pairs: list[EncodedPair], ref: Tensor, config: DPOConfig, pad_id: int, device: torch.device):
-    """Evaluator: DPO loss and reward metrics on the held-out pairs, the policy's preference accuracy
-    and, for comparison, the reference's."""
+    """Evaluator: the training loss and its metrics on the held-out pairs (the NLL a token mean over
+    all their chosen responses), the policy's preference accuracy and, for comparison, the reference's."""
     reference_accuracy = preference_accuracy(ref)
+    tokens = response_tokens(pairs)
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
@@ -185,12 +227,11 @@ def validation(pairs: list[EncodedPair], ref: Tensor, config: DPOConfig, pad_id:
         policy = all_logprobs(lambda batch: pair_logprobs(model, batch), pairs, config.train.micro_batch_size, pad_id,
                               device)
         model.train()
-        loss, chosen_reward, rejected_reward = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], config.beta,
-                                                        config.label_smoothing)
-        sums = reward_sums(chosen_reward, rejected_reward)
-        return {"val_loss": float(loss), **{f"val_{k}": float(v) / len(pairs) for k, v in sums.items()},
-                "val_preference_accuracy": preference_accuracy(policy),
-                "val_reference_preference_accuracy": reference_accuracy}
+        total, sums = dpo_objective(policy, ref, tokens, nll_weights(tokens), config.beta, config.label_smoothing,
+                                    config.loss_type, config.rpo_alpha)
+        means = {f"val_{k}": float(v) / len(pairs) for k, v in {"loss": total, **sums}.items()}
+        return means | {"val_preference_accuracy": preference_accuracy(policy),
+                        "val_reference_preference_accuracy": reference_accuracy}
 
     return evaluate
 
@@ -244,7 +285,8 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
 
     files = AdapterFiles(base) if adapter else ModelFiles()
     model = wrap(model, cfg.strategy, env)
-    loss_fn = dpo_loss_fn(config.beta, config.label_smoothing, None if config.precompute_reference else reference)
+    loss_fn = dpo_loss_fn(config.beta, config.label_smoothing, None if config.precompute_reference else reference,
+                          config.loss_type, config.rpo_alpha)
     trainer = Trainer(
         model, cfg, pair_source(train, ref_train, global_batch, cfg.seed, pad_id), loss_fn, config.out_dir, env=env,
         tokenizer=tokenizer, files=files,

@@ -5,6 +5,8 @@ padded batch gives the same numbers as its rows one at a time."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,16 +39,40 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.gather(logits.float().log_softmax(-1), -1, labels[..., None]).squeeze(-1)
 
 
+DPOLossType = Literal["sigmoid", "ipo", "sigmoid_norm"]  # TRL's `loss_type` names
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """DPO (Rafailov et al. 2023) from summed sequence log-probabilities (B,). Returns the loss and
-    the implicit rewards beta * (log pi - log pi_ref) of the chosen and rejected responses.
-    `label_smoothing` is the conservative DPO variant (the preference label flipped with that probability)."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    logits = chosen_reward - rejected_reward
-    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
+             beta: float = 0.1, label_smoothing: float = 0.0, loss_type: DPOLossType = "sigmoid",
+             chosen_tokens: Tensor | None = None,
+             rejected_tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A DPO-family loss from summed sequence log-probabilities (B,), named and defined as in TRL's
+    `loss_type`. Returns the mean loss and the implicit rewards beta * (log pi - log pi_ref) of the
+    chosen and rejected responses (from the summed log-probs, whatever the loss).
+
+    - "sigmoid": DPO (Rafailov et al. 2023), -log sigmoid(beta * margin), the margin being the chosen
+      minus the rejected log-ratio log pi - log pi_ref.
+    - "sigmoid_norm": the same on log-ratios averaged over each response's tokens (length-normalised DPO).
+    - "ipo": IPO (Azar et al. 2023), (margin - 1 / (2 beta))^2 on log-ratios averaged over each
+      response's tokens (TRL's normalisation, which the IPO authors confirmed); no label smoothing.
+    The averaged losses need the response token counts (B,). `label_smoothing` makes the logistic
+    losses conservative DPO (the preference label flipped with that probability)."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss_type in ("ipo", "sigmoid_norm"):
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError(f"loss_type {loss_type!r} needs the response token counts")
+        margin = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+    elif loss_type == "sigmoid":
+        margin = chosen_ratio - rejected_ratio
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(get_args(DPOLossType))}")
+    if loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("label smoothing belongs to the logistic losses, not 'ipo'")
+        loss = (margin - 1 / (2 * beta)) ** 2
+    else:
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    return loss.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:

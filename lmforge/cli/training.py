@@ -98,8 +98,10 @@ RECIPE_COMMANDS = (
                   "configs/ppo-tiny.yaml", "override recipe fields (ppo.iterations=50)", run_ppo),
     RecipeCommand("dpo", "align a model with preference pairs by DPO",
                   "Direct Preference Optimization on {prompt, chosen, rejected} pairs. The reference is the starting "
-                  "model (its adapters disabled, or a frozen copy). Launch under torchrun for DDP/FSDP2.",
-                  "configs/dpo-tiny.yaml", f"{DOTTED} (beta=0.05 train.steps=50)", run_dpo),
+                  "model (its adapters disabled, or a frozen copy). loss_type picks TRL's sigmoid (DPO), ipo or "
+                  "sigmoid_norm (length-normalised); rpo_alpha adds that multiple of the chosen responses' NLL "
+                  "(RPO). Launch under torchrun for DDP/FSDP2.",
+                  "configs/dpo-tiny.yaml", f"{DOTTED} (beta=0.05 rpo_alpha=1.0 train.steps=50)", run_dpo),
     RecipeCommand("rejection-sample", "fine-tune on the best of K samples by a reward model (LLaMA-2)",
                   "Per round: sample K responses per prompt, keep the one the reward model scores best, fine-tune on "
                   "the kept ones with the SFT stage; the next round samples from the result. Per-round scores go to "
