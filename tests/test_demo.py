@@ -11,6 +11,7 @@ import random
 import re
 
 import pytest
+from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.demo.alignment import policy_conclusion, reward_model_conclusion
@@ -32,7 +33,7 @@ def run(tmp_path_factory):
     """Journey 1: `lmforge demo`, once for every test here; (out dir, report text, summary.json)."""
     out = tmp_path_factory.mktemp("demo") / "demo"
     assert main(["demo", "--out", str(out), "--people", str(PEOPLE), "--steps", "30", "--sft-steps", "6",
-                 "--align-steps", "4"]) == 0
+                 "--align-steps", "4", "--t5-steps", "8"]) == 0
     return out, (out / "report.md").read_text(), json.loads((out / "summary.json").read_text())
 
 
@@ -48,7 +49,7 @@ def records(path) -> list[dict]:
 def test_report_has_every_section(run):
     _, report, summary = run
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
-                    "## Instruction tuning", "## Prompting", "## Alignment", "## Retrieval", "## Summary",
+                    "## Instruction tuning", "## Prompting", "## Alignment", "## Retrieval", "## Summary", "## Encoder-decoder",
                     "## Real sizes"):
         assert section in report
     assert "| llama2-7b | 6.74 B |" in report
@@ -212,3 +213,34 @@ def test_summary_json_and_the_summary_table_agree(run):
     assert models["SFT + retrieval tuning"]["grounded_em"] == summary["retrieval"]["grounded_em"]
     # SFT's safety demonstrations are what the refusals come from: the pretrained model refuses less.
     assert models["pretrained"]["refusal_rate"] <= models["SFT"]["refusal_rate"]
+
+
+def test_t5_stage_pretrains_tunes_and_its_scores_are_recomputed(run, world):
+    out, report, summary = run
+    figures = summary["seq2seq"]
+    pretraining = [r["val_loss"] for r in records(out / "t5" / "pretrain" / "metrics.jsonl") if "val_loss" in r]
+    assert figures["pretraining_val_loss"] == {"first": pretraining[0], "last": pretraining[-1]}
+    assert pretraining[-1] < pretraining[0]  # span corruption is learnt (8 steps: the sentinels and </s>)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(out / "t5" / "pretrain" / "model")
+    assert figures["parameters"] == sum(p.numel() for p in hf.parameters())
+    models = figures["models"]
+    assert list(models) == ["pretrained (span corruption)", "full fine-tuning", "LoRA"]
+    assert models["full fine-tuning"]["trainable_parameters"] == figures["parameters"]
+    adapter = load_file(out / "t5" / "lora" / "adapter" / "adapter_model.safetensors")
+    assert models["LoRA"]["trainable_parameters"] == sum(t.numel() for t in adapter.values())
+    for name, m in models.items():
+        row = (f"| {name} | {m['trainable_parameters']:,} | {m['seconds']:.0f} s | {m['summarize']['rouge1']:.2f} | "
+               f"{m['summarize']['rouge2']:.2f} | {m['summarize']['rougeL']:.2f} | {m['summarize']['exact_match']:.0%} | "
+               f"{m['qa']['exact_match']:.0%} | {m['qa']['rougeL']:.2f} |")
+        assert row in report
+    # Recomputed: the LoRA model's greedy summaries of the held-out biographies, scored with rouge-score.
+    from rouge_score.rouge_scorer import RougeScorer
+    from lmforge.world.seq2seq import summarization_pairs
+    session = Session.load(out / "t5" / "lora" / "adapter")
+    pairs = summarization_pairs(world, "heldout")
+    outputs = session.engine.generate([session.encode(p.input) for p in pairs], session.greedy(48))
+    texts = [session.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    scorer = RougeScorer(["rougeL"])
+    rouge_l = sum(scorer.score(p.target, t)["rougeL"].fmeasure for p, t in zip(pairs, texts)) / len(pairs)
+    assert models["LoRA"]["summarize"]["rougeL"] == pytest.approx(rouge_l, abs=1e-9)

@@ -12,7 +12,7 @@ def demo(args: argparse.Namespace) -> None:
     from lmforge.demo import run_demo
 
     run_demo(args.out, seed=args.seed, people=args.people, steps=args.steps, sft_steps=args.sft_steps,
-             align_steps=args.align_steps)
+             align_steps=args.align_steps, t5_steps=args.t5_steps)
 
 
 def add_commands(sub: Subcommands) -> None:
@@ -25,3 +25,6 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
     p.add_argument("--sft-steps", type=int, default=300, help="LoRA instruction-tuning steps (default 300)")
     p.add_argument("--align-steps", type=int, default=150, help="steps of each reward model and of DPO (default 150)")
+    p.add_argument("--t5-steps", type=int, default=300,
+                   help="steps of each T5 instruction-tuning run, full and LoRA (default 300); its span-corruption "
+                        "pretraining runs three times as many")

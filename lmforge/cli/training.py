@@ -15,9 +15,12 @@ def model_or_adapter(out: Path) -> str:
 
 
 def tokenizer_train(args: argparse.Namespace) -> None:
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer import train_t5_tokenizer, train_tokenizer
 
-    tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    if args.kind == "t5":
+        tokenizer = train_t5_tokenizer(args.input, args.vocab_size, args.out, extra_ids=args.extra_ids)
+    else:
+        tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
     print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
 
 
@@ -112,15 +115,23 @@ RECIPE_COMMANDS = (
 
 
 def add_commands(sub: Subcommands) -> None:
-    tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (decoders) or a T5 Unigram one")
     actions = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     train = runs(actions.add_parser("train", help="train on text/JSONL/Parquet files or folders",
-                                    description="Train a byte-level BPE tokenizer and save it in Hugging Face format."),
+                                    description="Train a tokenizer and save it in Hugging Face format: byte-level BPE "
+                                                "for decoder models, or T5's Unigram with sentinel tokens for "
+                                                "encoder-decoders (span-corruption pretraining)."),
                  tokenizer_train)
     train.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
                        help=".txt, .jsonl (text field) or .parquet (text column) files, or folders of them")
-    train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
-    train.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
+    train.add_argument("--kind", choices=("bpe", "t5"), default="bpe",
+                       help="bpe: byte-level BPE (default); t5: SentencePiece-style Unigram as T5's, <pad> </s> <unk> "
+                            "first and --extra-ids sentinels <extra_id_N> last")
+    train.add_argument("--vocab-size", type=int, required=True,
+                       help="vocabulary size: bpe counts the special tokens in it; t5 counts neither specials nor "
+                            "sentinels, and a small corpus may yield fewer pieces")
+    train.add_argument("--min-frequency", type=int, default=2, help="bpe: least count for a merge (default 2)")
+    train.add_argument("--extra-ids", type=int, default=100, help="t5: sentinel tokens (default 100, as T5's)")
     train.add_argument("--out", type=Path, required=True, help="output directory (tokenizer.json + config)")
 
     for recipe in RECIPE_COMMANDS:

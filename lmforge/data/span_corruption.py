@@ -119,6 +119,38 @@ def chunk_documents(documents: Sequence[Sequence[int]], tokens_length: int, eos_
     return [stream[start : start + tokens_length] for start in range(0, len(stream) - tokens_length + 1, tokens_length)]
 
 
+class SpanCorruptedChunks:
+    """A token stream (documents back to back, each ending in `</s>`, as `lmforge.data.corpus` writes
+    them) cut into chunks whose span-corrupted input is at most `inputs_length` tokens. Chunk i is
+    corrupted on demand with a generator seeded by (`seed`, i): the same example whichever order, process
+    or resumed run asks for it, and a stream larger than memory stays on disk."""
+
+    def __init__(self, tokens: Sequence[int], tokenizer: Tokenizer, *, inputs_length: int, seed: int,
+                 noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> None:
+        if tokenizer.eos_id is None:
+            raise ValueError("span corruption needs a tokenizer with an eos_token (T5's '</s>')")
+        self.tokens, self.seed, self.eos_id = tokens, seed, tokenizer.eos_id
+        self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
+        self.tokens_length, self.target_length = span_corruption_lengths(inputs_length, noise_density,
+                                                                         mean_noise_span_length)
+        self.sentinels = sentinel_ids(tokenizer, noise_counts(self.tokens_length, noise_density,
+                                                              mean_noise_span_length)[1])
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.tokens_length
+
+    def chunk(self, index: int) -> list[int]:
+        start = index * self.tokens_length
+        return [int(t) for t in self.tokens[start : start + self.tokens_length]]
+
+    def __getitem__(self, index: int) -> Seq2SeqExample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"chunk {index} of {len(self)}")
+        rng = random.Random(f"span-corruption:{self.seed}:{index}")
+        mask = random_spans_noise_mask(self.tokens_length, rng, self.noise_density, self.mean_noise_span_length)
+        return Seq2SeqExample(*corrupt(self.chunk(index), mask, self.sentinels, self.eos_id))
+
+
 def span_corruption_examples(documents: Sequence[Sequence[int]], tokenizer: Tokenizer, *, inputs_length: int,
                              seed: int, noise_density: float = NOISE_DENSITY,
                              mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> list[Seq2SeqExample]:
@@ -126,13 +158,7 @@ def span_corruption_examples(documents: Sequence[Sequence[int]], tokenizer: Toke
     `inputs_length` tokens at most, as seq2seq examples (`input_ids`, `labels`) ready for `collate`."""
     if tokenizer.eos_id is None:
         raise ValueError("span corruption needs a tokenizer with an eos_token (T5's '</s>')")
-    tokens_length, _ = span_corruption_lengths(inputs_length, noise_density, mean_noise_span_length)
-    _, spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
-    sentinels = sentinel_ids(tokenizer, spans)
-    rng = random.Random(f"span-corruption:{seed}")
-    examples = []
-    for chunk in chunk_documents(documents, tokens_length, tokenizer.eos_id):
-        mask = random_spans_noise_mask(len(chunk), rng, noise_density, mean_noise_span_length)
-        source, target = corrupt(chunk, mask, sentinels, tokenizer.eos_id)
-        examples.append(Seq2SeqExample(source, target))
-    return examples
+    stream = [token for doc in documents for token in (*doc, tokenizer.eos_id)]
+    chunks = SpanCorruptedChunks(stream, tokenizer, inputs_length=inputs_length, seed=seed,
+                                 noise_density=noise_density, mean_noise_span_length=mean_noise_span_length)
+    return [chunks[i] for i in range(len(chunks))]

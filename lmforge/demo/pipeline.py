@@ -10,12 +10,13 @@ from lmforge.demo.finetuning import prompting_section, sft_stage
 from lmforge.demo.pretraining import pretraining_stage
 from lmforge.demo.report import header, real_sizes_section, summary_section, write_report
 from lmforge.demo.retrieval import retrieval_stage
+from lmforge.demo.seq2seq import seq2seq_stage
 from lmforge.generate.session import Session
 from lmforge.world.people import world_of_size
 
 
 def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 600, probes: int = 300,
-             sft_steps: int = 300, align_steps: int = 150) -> Path:
+             sft_steps: int = 300, align_steps: int = 150, t5_steps: int = 300) -> Path:
     """Run the demo into `out` and return the path of its report (beside it, `summary.json`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -27,13 +28,15 @@ def run_demo(out: str | Path, seed: int = 0, *, people: int = 100, steps: int = 
                                                      people)
     alignment = alignment_stage(out, world, finetuned.adapter, seed, align_steps)
     retrieval = retrieval_stage(out, world, alignment.models["SFT"], seed, 4 * sft_steps)
+    seq2seq = seq2seq_stage(out, world, pretrained.corpus, seed, 3 * t5_steps, t5_steps)
     summary, summary_figures = summary_section(world, pretrained.session, alignment, retrieval, seed)
     world_part, rest = pretrained.sections[:2], pretrained.sections[2:]
     sections = [*world_part, summary, *rest, finetuned.section, prompting, alignment.section, retrieval.section,
-                real_sizes_section()]
+                seq2seq.section, real_sizes_section()]
     figures = {"seed": seed, "people": len(world.people), "companies": len(world.companies),
                "pretraining": pretrained.figures, "finetuning": finetuned.figures, "prompting": prompting_figures,
-               "alignment": alignment.figures, "retrieval": retrieval.figures, "summary": summary_figures}
+               "alignment": alignment.figures, "retrieval": retrieval.figures, "seq2seq": seq2seq.figures,
+               "summary": summary_figures}
     head = header(out, seed, time.perf_counter() - started, pretrained.model, retrieval)
     report = write_report(out, head, sections, figures)
     print(f"[demo] report: {report}")

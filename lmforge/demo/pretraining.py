@@ -32,6 +32,7 @@ class Pretraining:
     figures: dict[str, Any]  # for summary.json
     model: Path
     session: Session
+    corpus: Path  # the biographies, one JSONL record per document
 
 
 def pretraining_stage(out: Path, world: World, seed: int, steps: int, probes: int) -> Pretraining:
@@ -54,7 +55,7 @@ def pretraining_stage(out: Path, world: World, seed: int, steps: int, probes: in
     training, train_figures = pretraining_section(config, session.model.num_parameters(), seconds)
     facts, fact_figures = fact_section(session, world, probes, seed)
     sections = [world_section(world, documents), tokenizer_section(tokenizer, documents), training, facts]
-    return Pretraining(sections, {**train_figures, "facts": fact_figures}, model, session)
+    return Pretraining(sections, {**train_figures, "facts": fact_figures}, model, session, corpus)
 
 
 def world_section(world: World, documents: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""`lmforge pretrain`: next-token prediction on a tokenized corpus, from scratch or a checkpoint."""
+"""`lmforge pretrain`: next-token prediction on a tokenized corpus, from scratch or a checkpoint; span
+corruption for an encoder-decoder (`lmforge.train.pretrain_seq2seq`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Dist, barrier, init_distributed, wrap
 from lmforge.train.loop import Trainer, TrainConfig, finish_run
-from lmforge.train.losses import causal_lm_loss, validation_loss
+from lmforge.train.losses import causal_lm_loss, seq2seq_lm_loss, validation_loss
+from lmforge.train.pretrain_seq2seq import build_seq2seq, is_seq2seq_spec, span_corruption_batches
+from lmforge.train.sft_seq2seq import Seq2SeqModelFiles
 
 
 class ModelSpec(BaseModel):
@@ -109,23 +112,29 @@ def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
     barrier(env)
     info = CorpusInfo.load(corpus_dir)
     tokenizer = Tokenizer.from_dir(data.tokenizer)
-    train_seqs = PackedSequences(corpus_dir / "train.bin", data.seq_len, info.dtype)
-    val_seqs = PackedSequences(corpus_dir / "val.bin", data.seq_len, info.dtype)
 
-    model = build_model(config.model, tokenizer, data.seq_len, config.train.seed).to(env.device)
-    flops = model.config.flops_per_token(data.seq_len)
-    model = wrap(model, config.train.strategy, env)
     cfg = config.train
     global_batch = cfg.global_batch_size(env.world_size)
-    source = SampledSource(len(train_seqs), partial(sequence_batch, train_seqs), global_batch, cfg.seed)
-    trainer = Trainer(
-        model, cfg, source, causal_lm_loss, out, env=env,
-        evaluate=validation_loss(validation_batches(val_seqs, cfg.micro_batch_size, data.eval_batches), env.device),
-        tokenizer=tokenizer, flops_per_token=flops,
-    )
+    if is_seq2seq_spec(config.model):
+        model = build_seq2seq(config.model, tokenizer, cfg.seed).to(env.device)
+        source, val_batches, prompts, chunk_tokens = span_corruption_batches(corpus_dir, data, tokenizer, model, cfg,
+                                                                             env.world_size)
+        loss_fn, flops, files = seq2seq_lm_loss, None, Seq2SeqModelFiles()
+        tokens = cfg.steps * global_batch * chunk_tokens
+    else:
+        model = build_model(config.model, tokenizer, data.seq_len, cfg.seed).to(env.device)
+        train_seqs = PackedSequences(corpus_dir / "train.bin", data.seq_len, info.dtype)
+        val_seqs = PackedSequences(corpus_dir / "val.bin", data.seq_len, info.dtype)
+        source = SampledSource(len(train_seqs), partial(sequence_batch, train_seqs), global_batch, cfg.seed)
+        val_batches = validation_batches(val_seqs, cfg.micro_batch_size, data.eval_batches)
+        prompts = document_openings(val_seqs.tokens, tokenizer.eos_id)
+        loss_fn, flops, files = causal_lm_loss, model.config.flops_per_token(data.seq_len), None
+        tokens = cfg.steps * global_batch * data.seq_len
+    model = wrap(model, cfg.strategy, env)
+    trainer = Trainer(model, cfg, source, loss_fn, out, env=env, tokenizer=tokenizer, flops_per_token=flops,
+                      evaluate=validation_loss(val_batches, env.device, loss_fn), files=files)
     trainer.run(resume=resume)
-    finish_run(trainer, config, "Pretraining", started, tokens=cfg.steps * global_batch * data.seq_len,
-               sample_prompts=document_openings(val_seqs.tokens, tokenizer.eos_id))
+    finish_run(trainer, config, "Pretraining", started, tokens=tokens, sample_prompts=prompts)
     return out / "model"
 
 
