@@ -9,8 +9,8 @@ import torch
 
 from lmforge.align.losses import (
     group_advantages, kl_k3,
-    AdaptiveKLController, bradley_terry_loss, dpo_loss, gae, masked_mean, ppo_policy_loss, ppo_value_loss,
-    sequence_logprobs, whiten,
+    AdaptiveKLController, RunningMoments, bradley_terry_loss, dpo_loss, gae, masked_mean, ppo_policy_loss,
+    ppo_value_loss, sequence_logprobs, whiten,
 )
 
 
@@ -113,6 +113,37 @@ def test_adaptive_kl_controller_moves_towards_target():
     controller = AdaptiveKLController(beta=0.1, target=6.0, horizon=100)
     assert controller.update(kl=12.0, samples=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert controller.update(kl=3.0, samples=10) == pytest.approx(0.1 * 1.02 * (1 - 0.2 * 0.1))  # error clipped
+
+
+def test_adaptive_kl_controller_stays_within_its_bounds():
+    # 64 samples against a horizon of 10: the step 1 - 0.2 * 6.4 = -0.28 would make beta negative
+    controller = AdaptiveKLController(beta=0.1, target=1.0, horizon=10, bounds=(0.01, 1.0))
+    assert controller.update(kl=0.0, samples=64) == 0.01
+    assert controller.update(kl=0.0, samples=1) == 0.01
+    # far above the target: 0.01 * (1 + 0.2 * 6.4) = 0.0228, then x2.28 per update until capped at 1
+    assert controller.update(kl=5.0, samples=64) == pytest.approx(0.0228)
+    assert [controller.update(kl=5.0, samples=64) for _ in range(5)][-1] == 1.0
+
+
+def test_running_moments_after_known_batches():
+    moments = RunningMoments()
+    moments.update(torch.tensor([5.0]))
+    assert (moments.mean, moments.std) == (5.0, 1.0)  # one value: no spread yet, so no scaling
+    moments = RunningMoments()
+    moments.update(torch.tensor([1.0, 2.0, 3.0]))
+    assert (moments.mean, moments.std) == (pytest.approx(2.0), pytest.approx(1.0))  # sample variance 2 / 2
+    moments.update(torch.tensor([4.0]))
+    moments.update(torch.tensor([10.0, 0.0]))
+    # all six: mean 20 / 6; squared deviations 130 - 6 * (10 / 3)^2 = 190 / 3 over 5 degrees of freedom
+    assert moments.mean == pytest.approx(10 / 3, rel=1e-12)
+    assert moments.std == pytest.approx(math.sqrt(38 / 3), rel=1e-12)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    restored.update(torch.tensor([-1.0]))
+    moments.update(torch.tensor([-1.0]))
+    assert restored.state_dict() == moments.state_dict()
+    # seven values: sum 19, sum of squares 131
+    assert (moments.mean, moments.std) == (pytest.approx(19 / 7), pytest.approx(math.sqrt((131 - 19**2 / 7) / 6)))
 
 
 def test_group_advantages_hand_case():

@@ -1,9 +1,13 @@
 """PPO end to end on a micro model: the reward rises on held-out prompts while the KL to the
-reference stays bounded; resuming reproduces the uninterrupted run; bad prompt files."""
+reference stays bounded; resuming reproduces the uninterrupted run (running score statistics and
+evaluations included); the score transforms (LLaMA-2's whitening, TRL's running normalisation and
+reward whitening, the missing-EOS penalty) against hand-computed values; the held-out evaluation
+against a recomputation; bad prompt files and settings."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,12 +18,14 @@ from safetensors.torch import load_file
 
 from lmforge.align.losses import group_advantages
 from lmforge.align.ppo import PPOConfig, PPOTrainer, load_policy, policy_outputs, ppo
+from lmforge.align.ppo_config import PPOSettings
 from lmforge.align.reward import RewardConfig, RewardScorer, train_reward
-from lmforge.data.chat import read_prompts
+from lmforge.data.chat import Prompt, read_prompts
 from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
 from lmforge.io import RecordError
 from lmforge.peft.adapters import load_with_adapter
+from lmforge.peft.lora import disable_adapters
 from lmforge.tokenizer import Tokenizer
 from lmforge.world.documents import questions
 from lmforge.world.people import make_world
@@ -89,30 +95,50 @@ def mean_score(model, tokenizer, scorer, questions_: list[str], seed: int = 0, n
     return float(scorer.score_ids([closed(p + r, im_end) for p, r in zip(prompts * 8, responses)]).mean())
 
 
-def test_ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly(setup, sharp_base):
-    chat_base = sharp_base
+def test_ppo_raises_the_reward_with_bounded_kl(setup, sharp_base):
     root, train, heldout, scorer, tokenizer = setup
-    config = recipe(root / "whole", chat_base, train, 24)
-    before = mean_score(load_policy(chat_base, config.adapter)[0], tokenizer, scorer, heldout)
+    config = recipe(root / "whole", sharp_base, train, 24)
+    before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout)
     adapter = ppo(config, scorer=scorer)
-    tuned = load_with_adapter(adapter, dtype=torch.float32)
-    after = mean_score(tuned, tokenizer, scorer, heldout)
+    after = mean_score(load_with_adapter(adapter, dtype=torch.float32), tokenizer, scorer, heldout)
     records = [json.loads(line) for line in (root / "whole" / "out" / "metrics.jsonl").read_text().splitlines()]
     print(f"held-out mean reward {before:.3f} -> {after:.3f}; KL per response {[round(r['kl'], 2) for r in records]}")
     assert after > before + 0.04
     assert max(r["kl"] for r in records) < 2 * config.ppo.target_kl  # the adaptive controller's bound
     assert {"policy_loss", "value_loss", "clip_fraction", "entropy", "response_length", "samples"} <= set(records[0])
+    assert all(r["kl_k3"] >= 0 for r in records)  # k1 ("kl") may dip below 0; k3 cannot
     report = (root / "whole" / "out" / "report.md").read_text()
     assert "![training curve](reward.png)" in report and (root / "whole" / "out" / "reward.png").is_file()
     assert f"reward {records[-1]['reward']:.4g}" in report
     assert f"(score {records[-1]['samples'][0]['score']:.3f})" in report
 
-    out = root / "whole" / "out"
-    shutil.rmtree(out / "checkpoints" / "step-000024")
+
+def test_resuming_reproduces_the_run_with_running_score_statistics_and_evaluations(setup, sharp_base):
+    """Killed after the checkpoint of iteration 4 (its iteration-8 checkpoint deleted), the resumed run
+    ends where the uninterrupted one did: adapter, running score statistics and held-out evaluations."""
+    root, train, heldout, scorer, _ = setup
+    config = recipe(root / "resume", sharp_base, train, 8)
+    config.ppo.use_score_scaling = config.ppo.use_score_norm = True
+    config.ppo.eval_every = 4
+    config.eval_prompts = write_jsonl(root / "eval.jsonl", [{"prompt": q} for q in heldout[:8]])
+    adapter = ppo(config, scorer=scorer)
+    out = root / "resume" / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if {"eval_reward_sampled", "eval_reward_greedy", "eval_kl"} <= set(r)] == [4, 8]
+    moments = torch.load(out / "checkpoints" / "step-000008" / "trainer_state.pt")["score_moments"]
+    assert moments["count"] == 8 * 32
+
+    shutil.rmtree(out / "checkpoints" / "step-000008")
     shutil.move(adapter, root / "uninterrupted")
     ppo(config, scorer=scorer, resume=True)
-    a, b = load_file(root / "uninterrupted" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
+    a = load_file(root / "uninterrupted" / "adapter_model.safetensors")
+    b = load_file(adapter / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert torch.load(out / "checkpoints" / "step-000008" / "trainer_state.pt")["score_moments"] == moments
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for key in ("reward", "kl", "eval_reward_sampled", "eval_reward_greedy", "eval_kl"):
+        assert resumed[-1][key] == pytest.approx(records[-1][key], abs=1e-5)
 
 
 def test_grpo_raises_the_reward_with_group_advantages(setup, sharp_base):
@@ -216,6 +242,7 @@ def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, shar
             return torch.zeros(len(sequences))
 
     config = recipe(root / "closed", sharp_base, train, 1)
+    config.ppo = config.ppo.model_copy(update=SCORE_PLAIN)
     config.ppo.sampling = config.ppo.sampling.model_copy(update={"max_new_tokens": 3})
     config.ppo.missing_eos_penalty = 2.0
     policy, _ = load_policy(sharp_base, config.adapter)
@@ -233,6 +260,141 @@ def test_a_cut_response_is_scored_closed_with_the_end_of_turn_marker(setup, shar
     cut = [i for i, seq in enumerate(generated) if seq[-1] != im_end]
     assert cut and all(scorer.seen[i] == generated[i] + [im_end] for i in cut)
     assert rollout.stats["reward"] == pytest.approx(-2.0 * len(cut) / len(generated))
+    # the penalty reaches the cut responses only: every token's advantage is its response's score
+    penalised = torch.tensor([-2.0 if i in cut else 0.0 for i in range(len(generated))])
+    torch.testing.assert_close(rollout.advantages, penalised[:, None] * rollout.mask)
+
+
+# Settings under which each response token's advantage is the (transformed) score of its response:
+# no KL penalty (beta 0), undiscounted GAE with lambda 1 from the zero-initialised value head, no
+# whitening of the advantages.
+SCORE_PLAIN = {"init_kl_coef": 0.0, "adaptive_kl": False, "gamma": 1.0, "lam": 1.0, "whiten_advantages": False}
+
+
+class QueuedScorer:
+    """Returns the given batches of scores, one per call, whatever the sequences."""
+
+    def __init__(self, *batches: list[float]) -> None:
+        self.batches = list(batches)
+
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        scores = torch.tensor(self.batches.pop(0))
+        assert len(scores) == len(sequences)
+        return scores
+
+
+def two_token_trainer(root: Path, base: Path, train: Path, tokenizer, scorer, safety=None, **settings) -> PPOTrainer:
+    """A trainer on four prompts per rollout whose responses are all two tokens long (stop tokens
+    masked before that), with `SCORE_PLAIN` and `settings`."""
+    config = recipe(root, base, train, 2)
+    config.ppo = PPOSettings.model_validate({**config.ppo.model_dump(), **SCORE_PLAIN, "batch_size": 4,
+                                             "sampling": {"max_new_tokens": 2, "min_tokens": 2}, **settings})
+    policy, _ = load_policy(base, config.adapter)
+    return PPOTrainer(config, policy, tokenizer, scorer, read_prompts(train), safety=safety)
+
+
+def response_advantages(trainer: PPOTrainer) -> torch.Tensor:
+    """One rollout's advantages at the response tokens, (4, 2), the iteration counted on."""
+    rollout = trainer.rollout(trainer.batch_indices())
+    trainer.iteration += 1
+    assert rollout.mask.sum(1).tolist() == [2.0] * 4
+    return rollout.advantages[rollout.mask.bool()].view(4, 2)
+
+
+def test_running_score_normalisation_by_hand(setup, sharp_base):
+    """TRL's use_score_scaling + use_score_norm: scores less the running mean over the running sample
+    standard deviation of every score so far, this rollout's included."""
+    root, train, _, _, tokenizer = setup
+    scorer = QueuedScorer([1.0, 2.0, 3.0, 4.0], [10.0, 0.0, 5.0, 5.0])
+    trainer = two_token_trainer(root / "running", sharp_base, train, tokenizer, scorer,
+                                use_score_scaling=True, use_score_norm=True)
+    # first rollout: mean 2.5, squared deviations 5 over 3 degrees of freedom
+    expected = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3)
+    torch.testing.assert_close(response_advantages(trainer), expected[:, None].expand(4, 2))
+    # both: mean 30 / 8 = 3.75, squared deviations 180 - 8 * 3.75^2 = 67.5 over 7
+    expected = (torch.tensor([10.0, 0.0, 5.0, 5.0]) - 3.75) / math.sqrt(67.5 / 7)
+    torch.testing.assert_close(response_advantages(trainer), expected[:, None].expand(4, 2))
+    assert trainer.score_moments.state_dict() == {"count": 8, "mean": 3.75, "m2": 67.5}
+
+    scaled = two_token_trainer(root / "scaled", sharp_base, train, tokenizer, QueuedScorer([1.0, 2.0, 3.0, 4.0]),
+                               use_score_scaling=True)
+    expected = torch.tensor([1.0, 2.0, 3.0, 4.0]) / math.sqrt(5 / 3)  # scaled, not centred
+    torch.testing.assert_close(response_advantages(scaled), expected[:, None].expand(4, 2))
+
+
+def test_llama2_whitened_combined_scores_by_hand(setup, sharp_base):
+    """LLaMA-2's R = WHITEN(LOGIT(R_c)): R_c the safety score on a risky prompt or an unsafe-looking
+    reply (sigmoid(safety) < 0.15), else the helpfulness score; LOGIT undoes the sigmoid of the
+    reward models' linear scores, which the scorers return as they are; WHITEN over the rollout."""
+    root, train, _, _, tokenizer = setup
+    helpful, safety = QueuedScorer([1.0, 2.0, 3.0, 4.0]), QueuedScorer([0.5, -3.0, 2.0, 1.0])
+    trainer = two_token_trainer(root / "llama2", sharp_base, train, tokenizer, helpful, safety=safety,
+                                whiten_scores=True)
+    for row, i in enumerate(trainer.batch_indices()):  # the third row's prompt is risky
+        trainer.prompts[i] = Prompt(trainer.prompts[i].messages, risky=row == 2)
+    # R_c = [1 (helpful), -3 (sigmoid(-3) = 0.047 < 0.15), 2 (risky), 4]: mean 1, variance 26 / 4
+    expected = (torch.tensor([1.0, -3.0, 2.0, 4.0]) - 1.0) / math.sqrt(6.5)
+    torch.testing.assert_close(response_advantages(trainer), expected[:, None].expand(4, 2))
+
+
+def test_whitened_rewards_by_hand(setup, sharp_base):
+    """TRL's whiten_rewards: the per-token rewards (0 at each first token, the score at each second)
+    scaled to unit variance over the rollout's response tokens, their mean kept, before GAE."""
+    root, train, _, _, tokenizer = setup
+    trainer = two_token_trainer(root / "whiten-rewards", sharp_base, train, tokenizer,
+                                QueuedScorer([1.0, 2.0, 3.0, 4.0]), whiten_rewards=True)
+    # rewards 0, 1, 0, 2, 0, 3, 0, 4: mean 1.25, variance 30 / 8 - 1.25^2 = 2.1875
+    whitened = (torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0], [0.0, 4.0]]) - 1.25) / math.sqrt(2.1875) + 1.25
+    expected = torch.stack([whitened.sum(1), whitened[:, 1]], 1)  # lambda 1: each token's reward-to-go
+    torch.testing.assert_close(response_advantages(trainer), expected)
+
+
+def test_eval_metrics_equal_a_recomputation(setup, sharp_base):
+    """After one iteration: the held-out greedy and sampled replies scored by the reward model
+    directly, and the KL of the sampled replies from teacher-forced passes of policy and reference."""
+    root, train, heldout, scorer, tokenizer = setup
+    config = recipe(root / "eval", sharp_base, train, 1)
+    config.ppo.sampling = config.ppo.sampling.model_copy(update={"max_new_tokens": 3})
+    policy, _ = load_policy(sharp_base, config.adapter)
+    eval_prompts = [Prompt([{"role": "user", "content": q}]) for q in heldout[:8]]
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(train), eval_prompts=eval_prompts)
+    trainer.run()
+    record = trainer.run_dir.records()[-1]
+
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True))
+               for p in eval_prompts]
+    engine = Engine(policy)
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=3, temperature=0.0, stop_token_ids=[im_end]))
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=3, temperature=1.0, seed=config.ppo.seed,
+                                                      stop_token_ids=[im_end]))
+    for key, responses in (("eval_reward_greedy", greedy), ("eval_reward_sampled", sampled)):
+        scores = scorer.score_ids([closed(p + r, im_end) for p, r in zip(prompts, responses)])
+        assert record[key] == pytest.approx(float(scores.mean()), abs=1e-6)
+    kl = []
+    with torch.no_grad():
+        for p, r in zip(prompts, sampled):
+            ids = torch.tensor([p + r])
+            logprobs = policy_outputs(policy, trainer.head, ids)[0][0, len(p) - 1 :]
+            with disable_adapters(policy):
+                reference = policy_outputs(policy, trainer.head, ids)[0][0, len(p) - 1 :]
+            kl.append(float((logprobs - reference).sum()))
+    assert abs(sum(kl)) / len(kl) > 1e-3  # one update moved the policy
+    assert record["eval_kl"] == pytest.approx(sum(kl) / len(kl), abs=1e-3)
+
+
+def test_bad_settings_name_their_fields():
+    with pytest.raises(ValueError, match="use_score_norm"):
+        PPOSettings(use_score_norm=True)
+    with pytest.raises(ValueError, match="whiten_scores and use_score_scaling"):
+        PPOSettings(whiten_scores=True, use_score_scaling=True)
+    with pytest.raises(ValueError, match="whiten_rewards"):
+        PPOSettings(whiten_rewards=True, estimator="grpo")
+    with pytest.raises(ValueError, match="init_kl_coef 0.0 is outside"):
+        PPOSettings(init_kl_coef=0.0)
+    assert PPOSettings(init_kl_coef=0.0, adaptive_kl=False).init_kl_coef == 0.0
+    with pytest.raises(ValueError, match="min_kl_coef 2.0 is above max_kl_coef 1.0"):
+        PPOSettings(min_kl_coef=2.0)
 
 
 def test_bad_prompt_files(tmp_path):

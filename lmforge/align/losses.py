@@ -5,6 +5,7 @@ padded batch gives the same numbers as its rows one at a time."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -140,12 +141,42 @@ def group_advantages(scores: Tensor, group_size: int, eps: float = 1e-6) -> Tens
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): move beta so that the observed KL tracks `target` over `horizon` samples."""
+    """Ziegler et al. (2019): move beta so that the observed KL tracks `target` over `horizon` samples,
+    kept within `bounds` (min, max): the proportional step can otherwise shrink beta towards 0 (or
+    below 0, when a batch holds more than 5 x `horizon` samples) or grow it without limit."""
 
-    def __init__(self, beta: float, target: float, horizon: int = 10000) -> None:
-        self.beta, self.target, self.horizon = beta, target, horizon
+    def __init__(self, beta: float, target: float, horizon: int = 10000,
+                 bounds: tuple[float, float] = (0.0, math.inf)) -> None:
+        self.beta, self.target, self.horizon, self.bounds = beta, target, horizon, bounds
 
     def update(self, kl: float, samples: int) -> float:
         error = max(-0.2, min(0.2, kl / self.target - 1))
-        self.beta *= 1 + error * samples / self.horizon
+        self.beta = min(self.bounds[1], max(self.bounds[0], self.beta * (1 + error * samples / self.horizon)))
         return self.beta
+
+
+class RunningMoments:
+    """The mean and standard deviation (Bessel-corrected) of every value seen so far, updated a batch
+    at a time with Chan et al.'s pairwise combination, in float64: the running score statistics of
+    TRL's `use_score_scaling` (from MOSS-RLHF). The standard deviation is 1 until the values spread."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # m2: the sum of squared deviations from the mean
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().double().flatten()
+        n, batch_mean = x.numel(), float(x.mean())
+        total, delta = self.count + n, batch_mean - self.mean
+        self.m2 += float(((x - batch_mean) ** 2).sum()) + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.m2 > 0 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])

@@ -2,12 +2,14 @@
 
 Each iteration: sample responses to a batch of prompts with the generation engine (the rollout);
 score each prompt + response with the reward model (a response cut at the token limit closed with
-the chat template's end-of-turn marker, where the reward model reads its score); give every
-response token the reward -beta * KL(policy || reference) and add the reward-model score at its
-last token; estimate advantages with GAE from a value head on the policy's trunk, whiten them, and
-update policy and value head for several epochs of minibatches with the clipped surrogate and
-clipped value losses.
-beta adapts so that the KL tracks a target (Ziegler et al. 2019).
+the chat template's end-of-turn marker, where the reward model reads its score, and less
+`missing_eos_penalty`); optionally normalise the scores (LLaMA-2's whitening per rollout, or TRL's
+running mean and standard deviation); give every response token the reward -beta * KL(policy ||
+reference) and add the score at its last token; estimate advantages with GAE from a value head on
+the policy's trunk, whiten them, and update policy and value head for several epochs of
+minibatches with the clipped surrogate and clipped value losses.
+beta adapts so that the KL tracks a target (Ziegler et al. 2019), within [min_kl_coef, max_kl_coef].
+With `eval_prompts`, held-out prompts are scored every `eval_every` iterations.
 
 `estimator: grpo` swaps the value model for GRPO's group-relative advantages (Shao et al. 2024):
 each prompt is sampled `group_size` times, a response's advantage is its score against its group's
@@ -17,8 +19,8 @@ the reward. Everything else (rollouts, clipping, the KL controller, checkpoints)
 The policy is the SFT model with LoRA adapters; the frozen reference is the same model with its
 adapters disabled, so no second copy of the weights is held. The run directory is the training
 loop's (`lmforge.train.run_dir`): metrics logged per iteration as `step`, and checkpoints at
-iteration boundaries (adapter, value head, optimizer, KL coefficient, random state) that resume
-to the uninterrupted result."""
+iteration boundaries (adapter, value head, optimizer, KL coefficient, running score statistics,
+random state) that resume to the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -27,23 +29,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from lmforge.align.losses import (
-    AdaptiveKLController, gae, group_advantages, kl_k3, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss,
-    token_logprobs, whiten,
+    AdaptiveKLController, RunningMoments, gae, group_advantages, kl_k3, kl_penalty, masked_mean, ppo_policy_loss,
+    ppo_value_loss, token_logprobs, whiten,
 )
+from lmforge.align.ppo_config import PPOConfig
 from lmforge.align.reward import RewardScorer, combined_reward, turn_end_id
 from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import Prompt, padding_id, read_prompts
 from lmforge.generate.engine import Engine
-from lmforge.generate.sampling import SamplingParams, StochasticSampling
+from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.text import stop_token_ids
 from lmforge.peft.adapters import is_adapter_dir, save_adapter
 from lmforge.peft.lora import disable_adapters
@@ -59,51 +61,6 @@ class Scorer(Protocol):
     def score_ids(self, sequences: list[list[int]]) -> Tensor: ...
 
 
-class PPOSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    iterations: int = Field(20, gt=0, description="rollout + update rounds")
-    batch_size: int = Field(16, gt=0, description="prompts per rollout")
-    mini_batch_size: int = Field(8, gt=0)
-    ppo_epochs: int = Field(4, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    clip: float = Field(0.2, gt=0, description="policy ratio clip")
-    value_clip: float = Field(0.2, gt=0)
-    value_coef: float = Field(0.1, ge=0)
-    gamma: float = Field(1.0, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    init_kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty")
-    adaptive_kl: bool = True
-    target_kl: float = Field(1.0, gt=0, description="per-response KL the adaptive controller aims at")
-    kl_horizon: int = Field(1000, gt=0)
-    sampling: StochasticSampling = Field(StochasticSampling(max_new_tokens=32),
-                                         description="how rollouts are sampled (their seed follows from `seed`)")
-    missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of a response cut at "
-                                                             "max_new_tokens (TRL's option of the same name)")
-    whiten_advantages: bool = True
-    estimator: Literal["gae", "grpo"] = Field("gae", description="advantages from a value head (PPO) or "
-                                                                 "relative to a group of samples (GRPO)")
-    group_size: int = Field(4, gt=1, description="GRPO: samples per prompt")
-    save_every: int = Field(5, gt=0)
-    keep_last: int = Field(2, gt=0)
-    seed: int = 0
-
-
-class PPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out_dir: Path
-    policy: Path = Field(description="the SFT model: an HF directory or Hub id (merge an adapter into its base first)")
-    reward: Path = Field(description="reward model directory or Hub id (sequence-classification layout)")
-    safety_reward: Path | None = Field(None, description="a safety reward model, combined as LLaMA-2 does")
-    safety_threshold: float = 0.15
-    prompts: Path = Field(description="JSONL of prompts: {'prompt': text | messages, 'risky': bool (optional)}")
-    adapter: AdapterConfig = AdapterConfig(method="lora")
-    ppo: PPOSettings = PPOSettings()
-
-
 class ValueHead(nn.Module):
     """A scalar estimate of the return from each position's hidden state (initialised to zero)."""
 
@@ -115,6 +72,21 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.proj(hidden.float()).squeeze(-1)
+
+
+@dataclass
+class Replies:
+    """Prompts + generated responses, right-padded (B, T), with what the generating passes gave:
+    position t of the (B, T-1) tensors scores token t+1 of `ids`; `mask` marks response tokens;
+    `cut` marks responses that reached max_new_tokens without a stop token."""
+
+    sequences: list[list[int]]
+    responses: list[list[int]]
+    ids: Tensor
+    mask: Tensor
+    logprobs: Tensor
+    values: Tensor
+    cut: Tensor
 
 
 @dataclass
@@ -140,8 +112,9 @@ def policy_outputs(policy: nn.Module, head: ValueHead, ids: Tensor) -> tuple[Ten
     return token_logprobs(logits, ids[:, 1:]), head(hidden[:, :-1]), logits
 
 
-PPO_PANELS = {"reward-model score": ("reward",), "KL to the reference per response": ("kl",),
+PPO_PANELS = {"reward-model score": ("reward",), "KL to the reference per response": ("kl", "kl_k3", "eval_kl"),
               "policy loss": ("policy_loss",)}
+EVAL_PANEL = {"held-out reward-model score": ("eval_reward_sampled", "eval_reward_greedy")}
 
 
 class PPOTrainer:
@@ -149,18 +122,22 @@ class PPOTrainer:
     policy's adapters and the value head, logged and checkpointed into `config.out_dir`."""
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Tokenizer, scorer: Scorer,
-                 prompts: list[Prompt], *, safety: Scorer | None = None) -> None:
+                 prompts: list[Prompt], *, safety: Scorer | None = None, eval_prompts: Sequence[Prompt] = ()) -> None:
         self.config, self.settings = config, config.ppo
         self.policy, self.tokenizer, self.scorer, self.safety, self.prompts = policy, tokenizer, scorer, safety, prompts
         self.head = ValueHead(policy.config.hidden_size)
         trainable = nn.ModuleList([policy, self.head])
         self.optimizer = build_optimizer(trainable, lr=self.settings.lr, weight_decay=self.settings.weight_decay,
                                          betas=(0.9, 0.95), eps=1e-8)
-        self.kl = AdaptiveKLController(self.settings.init_kl_coef, self.settings.target_kl, self.settings.kl_horizon)
+        self.kl = AdaptiveKLController(self.settings.init_kl_coef, self.settings.target_kl, self.settings.kl_horizon,
+                                       bounds=(self.settings.min_kl_coef, self.settings.max_kl_coef))
+        self.score_moments = RunningMoments()
         self.engine = Engine(policy)
         self.stop_ids = stop_token_ids(policy.config, tokenizer)
         self.turn_end = turn_end_id(tokenizer)
         self.prompt_ids = [tokenizer.encode_chat(p.messages) for p in prompts]
+        self.eval_prompts = list(eval_prompts)
+        self.eval_ids = [tokenizer.encode_chat(p.messages) for p in self.eval_prompts]
         self.iteration = 0
         self.run_dir = RunDir(config.out_dir)
 
@@ -214,12 +191,8 @@ class PPOTrainer:
             return token_logprobs(self.policy(ids[:, :-1]), ids[:, 1:])
 
     @torch.no_grad()
-    def rollout(self, indices: Sequence[int]) -> Rollout:
-        """Sample, score and reward responses to the prompts `indices`, with their advantages and returns."""
-        s = self.settings
-        self.policy.eval()
-        prompts = [self.prompt_ids[i] for i in indices]
-        params = s.sampling.stopping_at(self.stop_ids, seed=s.seed * 1_000_003 + self.iteration)
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Replies:
+        """Responses to tokenized `prompts` (see `sample`), laid out for teacher-forced passes."""
         responses, sampled_logprobs, sampled_values = self.sample(prompts, params)
         sequences = [p + r for p, r in zip(prompts, responses)]
         longest = max(map(len, sequences))
@@ -232,35 +205,87 @@ class PPOTrainer:
             mask[row, response] = 1
             logprobs[row, response] = sampled_logprobs[row, : len(seq) - len(p)]
             values[row, response] = sampled_values[row, : len(seq) - len(p)]
-
-        # A response cut at max_new_tokens is scored closed with the end-of-turn marker, the token
-        # the reward model was trained to read its score at (OpenRLHF does the same).
         cut = torch.tensor([seq[-1] not in self.stop_ids for seq in sequences])
-        closed = [seq + [self.turn_end] if c else seq for seq, c in zip(sequences, cut.tolist())]
+        return Replies(sequences, responses, ids, mask, logprobs, values, cut)
+
+    @torch.no_grad()
+    def score(self, replies: Replies, risky: Tensor) -> Tensor:
+        """The reward model's scores (N,) of `replies`, combined with the safety model's as LLaMA-2 does
+        where there is one (`risky` flags the prompts it scores). A response cut at max_new_tokens is
+        scored closed with the end-of-turn marker, the token the reward model was trained to read its
+        score at (OpenRLHF does the same)."""
+        closed = [seq + [self.turn_end] if c else seq for seq, c in zip(replies.sequences, replies.cut.tolist())]
         scores = self.scorer.score_ids(closed).float()
-        if self.safety is not None:
-            risky = torch.tensor([self.prompts[i].risky for i in indices])
-            scores = combined_reward(scores, self.safety.score_ids(closed).float(), risky,
-                                     self.config.safety_threshold)
-        scores = scores - s.missing_eos_penalty * cut
+        if self.safety is None:
+            return scores
+        return combined_reward(scores, self.safety.score_ids(closed).float(), risky, self.config.safety_threshold)
+
+    def normalise(self, scores: Tensor) -> Tensor:
+        """The scores as PPO optimises them: whitened over the rollout (`whiten_scores`), divided by the
+        running standard deviation, less the running mean with `use_score_norm` (`use_score_scaling`,
+        statistics updated with these scores first, as TRL does), or as they are."""
+        s = self.settings
+        if s.whiten_scores:
+            return whiten(scores, torch.ones_like(scores))
+        if s.use_score_scaling:
+            self.score_moments.update(scores)
+            return (scores - (self.score_moments.mean if s.use_score_norm else 0.0)) / self.score_moments.std
+        return scores
+
+    @torch.no_grad()
+    def rollout(self, indices: Sequence[int]) -> Rollout:
+        """Sample, score and reward responses to the prompts `indices`, with their advantages and returns."""
+        s = self.settings
+        self.policy.eval()
+        prompts = [self.prompt_ids[i] for i in indices]
+        params = s.sampling.stopping_at(self.stop_ids, seed=s.seed * 1_000_003 + self.iteration)
+        replies = self.generate(prompts, params)
+        ids, mask, logprobs, values = replies.ids, replies.mask, replies.logprobs, replies.values
+        scores = self.score(replies, torch.tensor([self.prompts[i].risky for i in indices]))
+        scores = scores - s.missing_eos_penalty * replies.cut
+        shaped = self.normalise(scores)
         ref_logprobs = self.reference_logprobs(ids)
         kl = kl_penalty(logprobs, ref_logprobs) * mask
         if s.estimator == "grpo":
-            advantages, returns = group_advantages(scores, s.group_size)[:, None] * mask, torch.zeros_like(mask)
+            advantages, returns = group_advantages(shaped, s.group_size)[:, None] * mask, torch.zeros_like(mask)
         else:
             rewards = -self.kl.beta * kl
             last = mask.cumsum(1).argmax(1)  # the position predicting each response's last token
-            rewards[torch.arange(len(sequences)), last] += scores
+            rewards[torch.arange(len(ids)), last] += shaped
+            if s.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False) * mask
             advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
             if s.whiten_advantages:
                 advantages = whiten(advantages, mask) * mask
-        lengths = mask.sum(1)
-        stats = {"reward": float(scores.mean()), "kl": float(kl.sum(1).mean()), "beta": self.kl.beta,
-                 "response_length": float(lengths.mean())}
+        # k1 (the penalty's estimate) is unbiased but can come out below 0; k3 is never negative
+        stats = {"reward": float(scores.mean()), "kl": float(kl.sum(1).mean()),
+                 "kl_k3": float((kl_k3(logprobs, ref_logprobs) * mask).sum(1).mean()), "beta": self.kl.beta,
+                 "response_length": float(mask.sum(1).mean())}
         samples = [(self.tokenizer.decode(p, skip_special_tokens=True),
                     self.tokenizer.decode(r, skip_special_tokens=True), float(sc))
-                   for p, r, sc in list(zip(prompts, responses, scores))[:3]]
+                   for p, r, sc in list(zip(prompts, replies.responses, scores))[:3]]
         return Rollout(ids, mask, logprobs, ref_logprobs, values, advantages, returns, stats, samples)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics on `eval_prompts`: the mean score (the reward model's, combined with the
+        safety model's, without the training-only missing-EOS penalty and normalisation) of replies
+        sampled as rollouts are, with one seed at every evaluation so that changes come from the
+        policy, and of greedy replies; and the KL to the reference per sampled reply (k1, nats)."""
+        s = self.settings
+        self.policy.eval()
+        sampled_params = s.sampling.stopping_at(self.stop_ids, seed=s.seed)
+        greedy_params = sampled_params.model_copy(update={"temperature": 0.0, "seed": None})
+        totals = dict.fromkeys(("eval_reward_sampled", "eval_reward_greedy", "eval_kl"), 0.0)
+        for start in range(0, len(self.eval_ids), s.batch_size):
+            prompts = self.eval_ids[start : start + s.batch_size]
+            risky = torch.tensor([p.risky for p in self.eval_prompts[start : start + s.batch_size]])
+            sampled, greedy = self.generate(prompts, sampled_params), self.generate(prompts, greedy_params)
+            kl = kl_penalty(sampled.logprobs, self.reference_logprobs(sampled.ids)) * sampled.mask
+            totals["eval_reward_sampled"] += float(self.score(sampled, risky).sum())
+            totals["eval_reward_greedy"] += float(self.score(greedy, risky).sum())
+            totals["eval_kl"] += float(kl.sum())
+        return {key: total / len(self.eval_ids) for key, total in totals.items()}
 
     # ---- update --------------------------------------------------------------------------------
 
@@ -328,6 +353,8 @@ class PPOTrainer:
             record = {"step": self.iteration, **rollout.stats, **losses, "rollout_s": rollout_seconds,
                       "update_s": time.perf_counter() - start - rollout_seconds,
                       "samples": [{"prompt": p, "response": r, "score": sc} for p, r, sc in rollout.samples]}
+            if self.eval_ids and (self.iteration % s.eval_every == 0 or self.iteration == s.iterations):
+                record |= self.evaluate()
             self.run_dir.log(record)
             bar.update(1)
             bar.set_postfix(reward=f"{rollout.stats['reward']:.3f}", kl=f"{rollout.stats['kl']:.3f}")
@@ -339,18 +366,20 @@ class PPOTrainer:
         """Write `checkpoints/step-N/` (N the iteration: the adapter + `trainer_state.pt`), keep the
         newest `keep_last`, and refresh the reward plot."""
         state = {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "beta": self.kl.beta,
-                 "value_head": self.head.state_dict(), "rng": torch.get_rng_state()}
+                 "value_head": self.head.state_dict(), "score_moments": self.score_moments.state_dict(),
+                 "rng": torch.get_rng_state()}
 
         def write(tmp: Path) -> None:
             save_adapter(self.policy, tmp / "adapter", base=self.config.policy)
             torch.save(state, tmp / STATE_FILE)
 
         path = self.run_dir.save_checkpoint(self.iteration, write, self.settings.keep_last)
-        self.run_dir.plot("reward.png", PPO_PANELS)
+        self.run_dir.plot("reward.png", PPO_PANELS | (EVAL_PANEL if self.eval_ids else {}))
         return path
 
     def resume(self) -> None:
-        """Load the newest checkpoint: adapter, value head, optimizer, KL coefficient, iteration and RNG state."""
+        """Load the newest checkpoint: adapter, value head, optimizer, KL coefficient, running score
+        statistics, iteration and RNG state."""
         from lmforge.train.sft import AdapterFiles
 
         def read(path: Path) -> dict[str, Any]:
@@ -361,6 +390,10 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.head.load_state_dict(state["value_head"])
         self.kl.beta, self.iteration = state["beta"], state["iteration"]
+        if "score_moments" in state:
+            self.score_moments.load_state_dict(state["score_moments"])
+        elif self.settings.use_score_scaling:
+            raise ValueError(f"cannot resume from {path} with use_score_scaling: it holds no running score statistics")
         torch.set_rng_state(state["rng"])
         self.run_dir.resumed(path, self.iteration, unit="iteration")
 
@@ -385,7 +418,9 @@ def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None
         scorer = scorer or RewardScorer.load(config.reward)
         if safety is None and config.safety_reward is not None:
             safety = RewardScorer.load(config.safety_reward)
-    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(config.prompts), safety=safety)
+    eval_prompts = read_prompts(config.eval_prompts) if config.eval_prompts is not None else []
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(config.prompts), safety=safety,
+                         eval_prompts=eval_prompts)
     started = time.perf_counter()
     trainer.run(resume=resume)
     out = config.out_dir / "adapter"
