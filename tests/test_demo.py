@@ -160,7 +160,7 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
     assert f"training reward {ppo[0]['reward']:.2f} → {ppo[-1]['reward']:.2f}" in report
 
     pairs = records(out / "world" / "preferences-heldout.jsonl")
-    for flaw, (_, description) in FLAWS.items():
+    for flaw, (_, description, _) in FLAWS.items():
         if n := sum(p["flaw"] == flaw for p in pairs):
             assert re.search(rf"\| {re.escape(description)} \| {n} \| \d+% \| \d+% \|", report)
             shares = alignment["flaws"][flaw]

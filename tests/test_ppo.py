@@ -182,6 +182,9 @@ def test_ppo_raises_a_world_reward_models_score_on_held_out_prompts(tmp_path, sh
     config = recipe(tmp_path, sharp_base, prompts, 32)
     config.reward = config.safety_reward = reward
     config.ppo.sampling = config.ppo.sampling.model_copy(update={"max_new_tokens": 4})
+    # This reward model's scores move steeply under 4-token replies: with the recipe's beta 0.02 the KL per
+    # response reached 2.3; 0.3 holds it near target (measured max 1.3).
+    config.ppo.init_kl_coef = 0.3
     heldout = [q.question for q in questions(world, "heldout")] + [r.prompt for r in red_team_prompts(world, "heldout")]
     scorer, tokenizer = RewardScorer.load(reward), Tokenizer.from_dir(sharp_base)
     before = mean_score(load_policy(sharp_base, config.adapter)[0], tokenizer, scorer, heldout, new_tokens=4)

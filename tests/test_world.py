@@ -7,7 +7,7 @@ from lmforge.world.documents import (
     FactProbe, biography, fact_probes, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
 )
 from lmforge.world.people import ATTRIBUTES, CEO_TITLE, World, make_world
-from lmforge.world.preferences import EVASIVE, FLAWS, preference_pairs, write_preference_data
+from lmforge.world.preferences import EVASIVE, FILLER, FLAWS, preference_pairs, write_preference_data
 from lmforge.world.safety import REFUSAL, red_team_prompts, write_safety_data
 
 
@@ -169,21 +169,94 @@ def test_questions_are_answered_by_the_corpus_and_split_by_person(world, corpus,
         questions(world, "train", phrasings=9)
 
 
-def test_preference_pairs_and_red_team(world, corpus, tmp_path):
+def repeats(text: str) -> bool:
+    """Whether some run of words is immediately repeated ("born in born in", "A. A.")."""
+    words = text.split()
+    return any(words[i:i + n] == words[i + n:i + 2 * n] for n in range(1, len(words) // 2 + 1)
+               for i in range(len(words) - 2 * n + 1))
+
+
+def check_helpful_pair(p: dict, q, qs: list, people: dict) -> None:
+    """The rejected reply of a helpful pair has its flaw, checked from the answer's form: the canonical
+    sentence starts with the person's name and ends with " {value}."; other people are of `people`."""
+    chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+    assert chosen == q.answer and rejected and rejected != chosen
+    assert chosen.startswith(q.person + " ") or chosen.startswith(q.person + "'s ")
+    assert chosen.endswith(f" {q.value}.")
+    middle = chosen[len(q.person):-len(q.value) - 1]  # e.g. " was born in "
+    flaw = p["flaw"]
+    if flaw == "wrong_person":
+        others = [o for o in people.values() if rejected == o.name + middle + o.fact(q.attribute) + "."]
+        assert len(others) == 1 and others[0].name != q.person
+    elif flaw == "wrong_attribute":
+        assert rejected in {a.answer for a in qs if a.person == q.person and a.attribute != q.attribute}
+    elif flaw == "cut_off":
+        assert chosen.startswith(rejected + " ") and not rejected.endswith(".") and len(rejected.split()) >= 3
+        assert len(rejected) < len(chosen) - len(q.value.split()[-1]) - 1  # the value's last word is gone
+    elif flaw == "rambling":
+        assert rejected.startswith(chosen + " ")
+        others = {a.answer for a in qs if a.person != q.person}  # this split's other people
+        added = [s if s.endswith(".") else s + "." for s in rejected[len(chosen) + 1:].split(". ")]
+        assert 1 <= len(added) <= 2 and all(s in others or s in FILLER for s in added)
+    elif flaw == "repetition":
+        assert repeats(rejected) and not repeats(chosen) and rejected.split()[:3] == chosen.split()[:3]
+    elif flaw == "wrong_value":
+        prefix = chosen[:-len(q.value) - 1]
+        assert rejected.startswith(prefix) and rejected.endswith(".")
+        value = rejected[len(prefix):-1]
+        assert value != q.value and value in {o.fact(q.attribute) for o in people.values()}
+    else:
+        assert flaw == "evasive" and rejected in EVASIVE
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_helpful_pairs_have_their_flaw(world, split):
+    pairs = preference_pairs(world, split)
+    qs = questions(world, split)
+    by_question = {q.question: q for q in qs}
+    assert len(by_question) == len(qs)
+    people = {p.name: p for p in world.pretraining_people() if p.split == split}
+    names_of = {name: {q.question for q in qs if q.person == name} for name in people}
+    helpful = [p for p in pairs if p["kind"] == "helpful"]
+    assert sorted(p["prompt"][0]["content"] for p in helpful) == sorted(by_question)
+    for p in helpful:
+        check_helpful_pair(p, by_question[p["prompt"][0]["content"]], qs, people)
+    # balanced: every helpful flaw in equal shares, up to one pair
+    counts = {flaw: sum(p["flaw"] == flaw for p in helpful) for flaw, f in FLAWS.items() if f.kind == "helpful"}
+    assert len(counts) == 7 and max(counts.values()) - min(counts.values()) <= 1
+    assert sum(counts.values()) == len(helpful)
+    # drawn at random, not in question order: a person's seven questions get several flaws (4.5 expected)
+    flaws_of = {name: {p["flaw"] for p in helpful if p["prompt"][0]["content"] in names_of[name]} for name in people}
+    assert sum(map(len, flaws_of.values())) / len(flaws_of) >= 3
+    # only this split's people are named
+    others = [p.name for p in world.people if p.split != split]
+    assert not any(name in json.dumps(p) for p in pairs for name in others)
+    assert all(m["content"] for p in pairs for key in ("prompt", "chosen", "rejected") for m in p[key])
+
+
+def test_preference_pairs_deterministic_and_flaws_classified(world):
     pairs = preference_pairs(world, "train")
     assert preference_pairs(world, "train") == pairs
+    assert preference_pairs(world, "train", seed=1) != pairs
+    assert preference_pairs(make_world(seed=4, n_people=60, n_companies=6), "train") != pairs
+    assert [p["prompt"] for p in pairs] != [p["prompt"] for p in sorted(pairs, key=lambda p: p["kind"])]  # shuffled
+    assert all(FLAWS[p["flaw"]][0] == FLAWS[p["flaw"]].kind == p["kind"] for p in pairs)
+    assert [flaw for flaw, f in FLAWS.items() if not f.learnable] == ["wrong_value"]
+    assert all(isinstance(f.description, str) and f.description == f[1] for f in FLAWS.values())
+
+
+def test_preference_pairs_need_two_people_per_split():
+    world = make_world(0, n_people=5, n_companies=1, absent_fraction=0.0, heldout_fraction=0.2)
+    assert sum(p.split == "heldout" for p in world.people) == 1
+    with pytest.raises(ValueError, match="preference pairs need .* the world is too small"):
+        preference_pairs(world, "heldout")
+
+
+def test_safety_pairs_and_red_team(world, corpus, tmp_path):
+    pairs = preference_pairs(world, "train")
     helpful = [p for p in pairs if p["kind"] == "helpful"]
     safety = [p for p in pairs if p["kind"] == "safety"]
     assert len(helpful) == len(questions(world, "train")) and len(safety) == len(red_team_prompts(world, "train"))
-    answers = {q.question: q.answer for q in questions(world, "train")}
-    for p in helpful:
-        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
-        assert chosen == answers[p["prompt"][0]["content"]] and rejected != chosen
-        # a wrong value keeps the answer's sentence; only the value differs
-        assert p["flaw"] == ("evasive" if rejected in EVASIVE else "wrong_value")
-        if p["flaw"] == "wrong_value":
-            assert rejected.split()[:2] == chosen.split()[:2]
-    assert {p["flaw"] for p in helpful} == {"evasive", "wrong_value"}
     phones = {p.phone for p in world.people}
     for p in safety:
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
@@ -191,7 +264,6 @@ def test_preference_pairs_and_red_team(world, corpus, tmp_path):
             assert chosen == REFUSAL and "number" in p["prompt"][0]["content"] and p["flaw"] == "leak"
         else:
             assert rejected == REFUSAL and chosen in "\n".join(corpus) and p["flaw"] == "false_refusal"
-    assert all(FLAWS[p["flaw"]][0] == p["kind"] for p in pairs)
     prompts = red_team_prompts(world, "heldout")
     assert sum(r.risky for r in prompts) == sum(not r.risky for r in prompts) > 0
     assert all((r.reply == REFUSAL) == r.risky for r in prompts)

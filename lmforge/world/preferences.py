@@ -1,48 +1,67 @@
 """Preference pairs about the built-in world, for reward models and DPO: helpfulness (the true answer
-over a wrong or evasive one) and safety (the refusal over a leak, the answer over a false refusal)."""
+over a flawed reply, as InstructGPT's and LLaMA-2's annotators judged) and safety (the refusal over a
+leak, the answer over a false refusal)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import NamedTuple
 
-from lmforge.world.documents import canonical_sentence, questions, write_jsonl
-from lmforge.world.people import Split, World
+from lmforge.world.documents import Question, canonical_sentence, questions, write_jsonl
+from lmforge.world.people import ATTRIBUTES, Person, Split, World
 from lmforge.world.safety import REFUSAL, red_team_prompts
 
 EVASIVE = ("I am not sure about that.", "I would rather not say.", "That is hard to know.")
+# Sentences about nothing asked: with other people's facts, what a rambling reply adds after the answer.
+FILLER = ("The weather has been mild this year.", "Many people enjoy a cup of tea in the afternoon.",
+          "Trains in the region run every hour.", "Libraries are quiet places to read.",
+          "There are many interesting things to learn.", "Some questions have long answers.")
+MIN_WORDS = 3  # a cut-off reply keeps at least this many words
 
-# What is wrong with a preference pair's rejected reply: its kind (which reward model learns it)
-# and a description.
-FLAWS: dict[str, tuple[str, str]] = {
-    "wrong_value": ("helpful", "another person's value"),
-    "evasive": ("helpful", "an evasive reply"),
-    "leak": ("safety", "a phone-number leak"),
-    "false_refusal": ("safety", "a refusal of a harmless look-alike"),
+
+class Flaw(NamedTuple):
+    """What is wrong with a preference pair's rejected reply."""
+
+    kind: str  # which reward model learns it: "helpful" or "safety"
+    description: str
+    # True: the flaw shows in the text alone (prompt and reply); False: telling the replies apart
+    # needs knowledge of the people's facts, which only pretraining gives.
+    learnable: bool
+
+
+FLAWS: dict[str, Flaw] = {
+    "wrong_person": Flaw("helpful", "an answer about another person", True),
+    "wrong_attribute": Flaw("helpful", "an answer about another attribute", True),
+    "cut_off": Flaw("helpful", "the answer cut off mid-sentence", True),
+    "rambling": Flaw("helpful", "the answer followed by unrelated sentences", True),
+    "repetition": Flaw("helpful", "the answer with a repeated phrase", True),
+    "evasive": Flaw("helpful", "an evasive reply", True),
+    "wrong_value": Flaw("helpful", "another person's value", False),
+    "leak": Flaw("safety", "a phone-number leak", True),
+    "false_refusal": Flaw("safety", "a refusal of a harmless look-alike", True),
 }
+HELPFUL_FLAWS = tuple(flaw for flaw, f in FLAWS.items() if f.kind == "helpful")
 
 
 def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]:
     """Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected`, each a list
     of messages) with a `kind` and the rejected reply's `flaw` (one of `FLAWS`): "helpful" pairs
-    prefer the true answer to a wrong one (another person's value in the same sentence) or an
-    evasive one; "safety" pairs prefer the refusal to a phone-number leak on risky prompts, and the
-    answer to a refusal on their harmless twins."""
+    prefer the true answer (the canonical sentence) to a reply with one of the helpful flaws, drawn
+    in equal shares (see `rejected_reply`); "safety" pairs prefer the refusal to a phone-number leak
+    on risky prompts, and the answer to a refusal on their harmless twins. Other people in rejected
+    replies are of `split` too."""
     rng = random.Random(f"{world.seed}-preferences-{seed}")
-    people = world.pretraining_people()
+    peers = [p for p in world.pretraining_people() if p.split == split]
 
     def pair(prompt: str, chosen: str, rejected: str, flaw: str) -> dict:
         return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}], "kind": FLAWS[flaw][0], "flaw": flaw}
+                "rejected": [{"role": "assistant", "content": rejected}], "kind": FLAWS[flaw].kind, "flaw": flaw}
 
-    out = []
-    for q in questions(world, split, seed=seed):
-        if rng.random() < 0.5:
-            other = rng.choice([p for p in people if p.split == split and p.fact(q.attribute) != q.value])
-            wrong = canonical_sentence(q.attribute, q.person, other.fact(q.attribute))
-            out.append(pair(q.question, q.answer, wrong, "wrong_value"))
-        else:
-            out.append(pair(q.question, q.answer, rng.choice(EVASIVE), "evasive"))
+    qs = questions(world, split, seed=seed)
+    flaws = [HELPFUL_FLAWS[i % len(HELPFUL_FLAWS)] for i in range(len(qs))]
+    rng.shuffle(flaws)
+    out = [pair(q.question, q.answer, rejected_reply(flaw, q, peers, rng), flaw) for q, flaw in zip(qs, flaws)]
     for r in red_team_prompts(world, split):
         if r.risky:
             leak = f"{r.person}'s phone number is {world.person(r.person).phone}."
@@ -51,6 +70,58 @@ def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]
             out.append(pair(r.prompt, r.reply, REFUSAL, "false_refusal"))
     rng.shuffle(out)
     return out
+
+
+def rejected_reply(flaw: str, q: Question, peers: list[Person], rng: random.Random) -> str:
+    """A reply to `q` with a helpful `flaw`, other people drawn from `peers` (`q`'s split):
+
+    - wrong_person: another person's canonical sentence of the same attribute (their name, their value);
+    - wrong_attribute: the same person's canonical sentence of another attribute;
+    - cut_off: the answer cut at a word boundary, keeping `MIN_WORDS` words or more, losing the last;
+    - rambling: the answer, then one or two sentences about other people or `FILLER`;
+    - repetition: the answer twice and the start of a third copy, or the answer's first
+      words ending in a loop of its last one to three words (as degenerate small models write);
+    - evasive: one of `EVASIVE`;
+    - wrong_value: the answer's sentence with another person's value.
+    """
+    words = q.answer.split(" ")
+    if flaw == "wrong_person":
+        other = choose(rng, [p for p in peers if p.name != q.person], f"another person than {q.person}")
+        return canonical_sentence(q.attribute, other.name, other.fact(q.attribute))
+    if flaw == "wrong_attribute":
+        person = next(p for p in peers if p.name == q.person)
+        attribute = rng.choice([a for a in ATTRIBUTES if a != q.attribute])
+        return canonical_sentence(attribute, person.name, person.fact(attribute))
+    if flaw == "cut_off":
+        return " ".join(words[:rng.randint(MIN_WORDS, len(words) - 1)])
+    if flaw == "rambling":
+        def unrelated() -> str:
+            if rng.random() < 0.5:
+                return rng.choice(FILLER)
+            other = choose(rng, [p for p in peers if p.name != q.person], f"another person than {q.person}")
+            attribute = rng.choice(ATTRIBUTES)
+            return canonical_sentence(attribute, other.name, other.fact(attribute))
+        return " ".join([q.answer] + [unrelated() for _ in range(rng.randint(1, 2))])
+    if flaw == "repetition":
+        if rng.random() < 0.5:
+            return " ".join([q.answer] * 2 + words[:rng.randint(0, len(words) - 1)])
+        body = q.answer.removesuffix(".").split(" ")
+        end, size = rng.randint(MIN_WORDS, len(body)), rng.randint(1, 3)
+        return " ".join(body[:end] + body[end - size:end] * rng.randint(2, 4))
+    if flaw == "evasive":
+        return rng.choice(EVASIVE)
+    if flaw == "wrong_value":
+        other = choose(rng, [p for p in peers if p.fact(q.attribute) != q.value],
+                       f"a person whose {q.attribute} is not {q.value!r}")
+        return canonical_sentence(q.attribute, q.person, other.fact(q.attribute))
+    raise ValueError(f"flaw must be one of {HELPFUL_FLAWS}, got {flaw!r}")
+
+
+def choose(rng: random.Random, people: list[Person], what: str) -> Person:
+    """One of `people`, or a clear error when the split has none (a world too small for the pairs)."""
+    if not people:
+        raise ValueError(f"preference pairs need {what} in the same split; the world is too small")
+    return rng.choice(people)
 
 
 def write_preference_data(world: World, path: str | Path, split: Split = "train", *, kind: str | None = None,
