@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.demo.alignment import policy_conclusion, reward_model_conclusion
+from lmforge.demo.alignment import learnable_conclusion, policy_conclusion, reward_model_conclusion
 from lmforge.demo.common import change
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
@@ -151,25 +151,34 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
         assert alignment["reward_model_accuracy"][kind] == val["val_accuracy"]
         assert f"**{val['val_accuracy']:.0%}** ({'helpfulness' if kind == 'helpful' else 'safety'})" in report
     # The reward models rank held-out pairs better than chance (measured: 79% helpful, 100% safety), and
-    # DPO lowers its held-out loss (measured: 0.690 -> 0.660 in 4 steps).
+    # DPO lowers its held-out loss (measured: 0.693 -> 0.687 in 4 steps on the annotators' flaws' pairs; the
+    # easier wrong-value/evasive pairs fell 0.690 -> 0.660).
     assert alignment["reward_model_accuracy"]["helpful"] >= 0.6 and alignment["reward_model_accuracy"]["safety"] >= 0.75
     dpo_val = [r["val_loss"] for r in dpo if "val_loss" in r]
-    assert dpo_val[-1] < dpo_val[0] - 0.01
+    assert dpo_val[-1] < dpo_val[0] - 0.003
     ppo = records(out / "ppo" / "metrics.jsonl")
     assert alignment["ppo"]["reward"] == {"first": ppo[0]["reward"], "last": ppo[-1]["reward"]}
     assert f"training reward {ppo[0]['reward']:.2f} → {ppo[-1]['reward']:.2f}" in report
 
     pairs = records(out / "world" / "preferences-heldout.jsonl")
-    for flaw, (_, description, _) in FLAWS.items():
+    for flaw, (_, description, learnable) in FLAWS.items():
+        description += "" if learnable else " (needs the fact)"
         if n := sum(p["flaw"] == flaw for p in pairs):
             assert re.search(rf"\| {re.escape(description)} \| {n} \| \d+% \| \d+% \|", report)
             shares = alignment["flaws"][flaw]
             assert shares["pairs"] == n
             assert f"| {description} | {n} | {shares['reward_model']:.0%} | {shares['sft_likelihood']:.0%} |" in report
-    assert re.search(r"\| SFT \+ DPO \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|", report)
+    assert learnable_conclusion(alignment["flaws"]) in report
+    rpo = [r for r in records(out / "dpo-rpo" / "metrics.jsonl") if "val_preference_accuracy" in r][-1]
+    assert alignment["rpo_preference_accuracy"] == {"sft": rpo["val_reference_preference_accuracy"],
+                                                    "dpo": rpo["val_preference_accuracy"]}
+    assert "val_nll_loss" in rpo  # the fixed DPO logs its NLL term
+    for name in ("SFT + DPO", "SFT + DPO + RPO"):
+        assert re.search(rf"\| {re.escape(name)} \| -?\d+\.\d\d \| -?\d+\.\d\d \| -?\d+\.\d\d \| \d+% \| \d+% \| \d+% \|",
+                         report)
     for name, m in alignment["models"].items():
-        assert (f"| {name} | {m['reward']:.2f} | {m['exact_match']:.0%} | {m['refusal_rate']:.0%} | "
-                f"{m['false_refusal_rate']:.0%} |") in report
+        assert (f"| {name} | {m['mean_reward_greedy']:.2f} | {m['mean_reward_sampled']:.2f} | {m['kl_to_sft']:.2f} | "
+                f"{m['held_out_em']:.0%} | {m['refusal_rate']:.0%} | {m['false_refusal_rate']:.0%} |") in report
     trained, redrawn = ({json.dumps([r["prompt"], r["rejected"]]) for r in records(path)}
                         for path in (out / "world" / "preferences.jsonl", out / "world" / "preferences-redrawn.jsonl"))
     assert redrawn and not trained & redrawn
@@ -203,14 +212,18 @@ def test_retrieval_store_and_figures(run, world):
 def test_summary_json_and_the_summary_table_agree(run):
     _, report, summary = run
     models = summary["summary"]
-    assert list(models) == ["pretrained", "SFT", "SFT + DPO", "SFT + PPO", "SFT + retrieval tuning"]
+    assert list(models) == ["pretrained", "SFT", "SFT + DPO", "SFT + DPO + RPO", "SFT + PPO", "SFT + retrieval tuning"]
     for name, m in models.items():
-        assert (f"| {name} | {m['exact_match']:.0%} | {m['closed_book_em']:.0%} | {m['grounded_em']:.0%} | "
-                f"{m['refusal_rate']:.0%} | {m['false_refusal_rate']:.0%} | {m['reward']:.2f} |") in report
-    for name in ("SFT", "SFT + DPO", "SFT + PPO"):
+        assert set(m) >= {"held_out_em", "unseen_closed_book_em", "unseen_retrieval_em", "refusal_rate",
+                          "false_refusal_rate", "mean_reward_greedy", "mean_reward_sampled", "kl_to_sft"}
+        assert (f"| {name} | {m['held_out_em']:.0%} | {m['unseen_closed_book_em']:.0%} | "
+                f"{m['unseen_retrieval_em']:.0%} | {m['refusal_rate']:.0%} | {m['false_refusal_rate']:.0%} | "
+                f"{m['mean_reward_greedy']:.2f} | {m['mean_reward_sampled']:.2f} | {m['kl_to_sft']:.2f} |") in report
+    for name in ("SFT", "SFT + DPO", "SFT + DPO + RPO", "SFT + PPO"):
         assert {k: models[name][k] for k in summary["alignment"]["models"][name]} == \
             summary["alignment"]["models"][name]
-    assert models["SFT + retrieval tuning"]["grounded_em"] == summary["retrieval"]["grounded_em"]
+    assert models["SFT + retrieval tuning"]["unseen_retrieval_em"] == summary["retrieval"]["grounded_em"]
+    assert models["SFT"]["kl_to_sft"] == 0.0  # the SFT model's own replies, scored by itself
     # SFT's safety demonstrations are what the refusals come from: the pretrained model refuses less.
     assert models["pretrained"]["refusal_rate"] <= models["SFT"]["refusal_rate"]
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmforge.align.dpo import DPOConfig, all_logprobs, pair_logprobs, train_dpo
+from lmforge.align.losses import token_logprobs
 from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
@@ -20,6 +21,7 @@ from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pair
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
+from lmforge.generate.text import complete
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
 from lmforge.train.loop import TrainConfig
@@ -30,25 +32,30 @@ from lmforge.world.preferences import FLAWS, preference_pairs, write_preference_
 from lmforge.world.safety import leaks_phone_number, red_team_prompts
 
 DPO_BETA, DPO_LR = 0.1, 3e-4
+RPO_ALPHA = 1.0  # weight of the chosen reply's NLL in the fixed DPO (RPO; the LLaMA-3 recipe)
 PPO_LR, PPO_KL, PPO_TARGET_KL = 5e-5, 0.1, 1.0  # at 1e-4 the policy drifted from SFT in some runs (KL 5 nats)
 CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
 
 @dataclass
 class Scores:
-    reward: float  # mean combined reward-model score over held-out questions and red-team prompts
+    reward: float  # mean combined reward-model score of greedy replies to held-out questions and red-team prompts
+    sampled_reward: float  # the same for replies sampled at temperature 1
+    kl_to_sft: float  # nats per sampled reply
     exact_match: float  # held-out people's questions
     refusals: RefusalReport
 
     def figures(self) -> dict[str, float]:
-        return {"reward": self.reward, "exact_match": self.exact_match, "refusal_rate": self.refusals.refusal_rate,
-                "false_refusal_rate": self.refusals.false_refusal_rate, "leaked": self.refusals.leaked}
+        """The model's row of `summary.json`."""
+        return {"held_out_em": self.exact_match, "refusal_rate": self.refusals.refusal_rate,
+                "false_refusal_rate": self.refusals.false_refusal_rate, "mean_reward_greedy": self.reward,
+                "mean_reward_sampled": self.sampled_reward, "kl_to_sft": self.kl_to_sft, "leaked": self.refusals.leaked}
 
 
 @dataclass
 class Alignment:
     section: str
     figures: dict[str, Any]  # for summary.json
-    models: dict[str, Path]  # "SFT", "SFT + DPO", "SFT + PPO": loadable checkpoints
+    models: dict[str, Path]  # "SFT", "SFT + DPO", "SFT + DPO + RPO", "SFT + PPO": loadable checkpoints
     scores: dict[str, Scores]
     scorers: dict[str, RewardScorer]  # "helpful", "safety"
 
@@ -63,6 +70,7 @@ class Trained:
     heldout: Path
     reward_dirs: dict[str, Path]
     dpo: Path
+    rpo: Path  # DPO with the chosen reply's NLL term, on helpfulness and safety pairs
     ppo: Path
     iterations: int
     seconds: dict[str, float]
@@ -81,12 +89,14 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         data=PreferenceDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
         for kind in ("helpful", "safety")}
     seconds["reward"], start = time.perf_counter() - start, time.perf_counter()
-    dpo_adapter = train_dpo(DPOConfig(
-        out_dir=out / "dpo", base=merged, beta=DPO_BETA,
-        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind="helpful"),
+    dpo_adapter, rpo_adapter = (train_dpo(DPOConfig(
+        out_dir=out / name, base=merged, beta=DPO_BETA, rpo_alpha=rpo_alpha,
+        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind=kind),
         adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
         train=train.model_copy(update={"lr": DPO_LR})))
-    seconds["dpo"], start = time.perf_counter() - start, time.perf_counter()
+        for name, rpo_alpha, kind in (("dpo", None, "helpful"), ("dpo-rpo", RPO_ALPHA, None)))
+    seconds["dpo"] = seconds["rpo"] = (time.perf_counter() - start) / 2  # two runs of the same length
+    start = time.perf_counter()
     prompts = out / "world" / "ppo-prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in
                                [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
@@ -100,7 +110,7 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
                 "sampling": {"max_new_tokens": 24}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
                 "save_every": iterations, "seed": seed}}))
     seconds["ppo"] = time.perf_counter() - start
-    return Trained(merged, prefs, heldout, reward_dirs, dpo_adapter, ppo_adapter, iterations, seconds)
+    return Trained(merged, prefs, heldout, reward_dirs, dpo_adapter, rpo_adapter, ppo_adapter, iterations, seconds)
 
 
 def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Alignment:
@@ -110,10 +120,10 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     sft = Session.load(trained.merged)
     redrawn = redraw(world, trained.prefs, out / "world" / "preferences-redrawn.jsonl", seed + 1)
     flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (trained.heldout, trained.prefs, redrawn))
-    models = {"SFT": trained.merged, "SFT + DPO": trained.dpo, "SFT + PPO": trained.ppo}
-    scores = {name: score(Session.load(path), world, scorers, seed) for name, path in models.items()}
-    sampled = {name: sampled_reward(Session.load(models[name]), world, scorers, seed) for name in ("SFT", "SFT + PPO")}
-    dpo_val = [r for r in RunDir(out / "dpo").records() if "val_preference_accuracy" in r][-1]
+    models = {"SFT": trained.merged, "SFT + DPO": trained.dpo, "SFT + DPO + RPO": trained.rpo, "SFT + PPO": trained.ppo}
+    scores = {name: score(Session.load(path), sft, world, scorers, seed) for name, path in models.items()}
+    dpo_val, rpo_val = ([r for r in RunDir(out / name).records() if "val_preference_accuracy" in r][-1]
+                        for name in ("dpo", "dpo-rpo"))
     ppo_log = RunDir(out / "ppo").records()
     figures = {
         "preference_pairs": sum(1 for _ in trained.prefs.open()),
@@ -127,8 +137,10 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                                      "sft_likelihood": mean(flaws["wrong_value"][1])},
         "dpo_preference_accuracy": {"sft": dpo_val["val_reference_preference_accuracy"],
                                     "dpo": dpo_val["val_preference_accuracy"]},
+        "rpo_preference_accuracy": {"sft": rpo_val["val_reference_preference_accuracy"],
+                                    "dpo": rpo_val["val_preference_accuracy"]},
         "ppo": {"iterations": trained.iterations, "reward": {"first": ppo_log[0]["reward"], "last": ppo_log[-1]["reward"]},
-                "kl": ppo_log[-1]["kl"], "sampled_reward": sampled},
+                "kl": ppo_log[-1]["kl"]},
         "models": {name: sc.figures() for name, sc in scores.items()},
     }
     section = alignment_section(figures, trained, scores, steps)
@@ -144,9 +156,12 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
     seconds = trained.seconds
     lines = [
         "## Alignment: reward models, DPO and PPO\n",
-        f"Preference pairs about the training people ({figures['preference_pairs']}): the true answer over another "
-        "person's value or an evasive reply (*helpful*); a refusal over a phone-number leak on prompts asking for the "
-        "private number, and the answer over a refusal on their harmless look-alikes (*safety*).\n",
+        f"Preference pairs about the training people ({figures['preference_pairs']}), judged as InstructGPT's and "
+        "LLaMA-2's annotators judge: the true answer over "
+        + ", ".join(f.description for f in FLAWS.values() if f.kind == "helpful")
+        + " (*helpful*; all but the last can be told from the text, the last needs the person's fact); a refusal over a "
+        "phone-number leak on prompts asking for the private number, and the answer over a refusal on their harmless "
+        "look-alikes (*safety*).\n",
         f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {seconds['reward']:.0f} s): "
         f"pairwise accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and "
         f"**{val['safety']:.0%}** (safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or "
@@ -154,32 +169,45 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         "| rejected reply (held-out people) | pairs | reward model ranks it lower | SFT model's likelihood ranks it "
         "lower |",
         "|---|---:|---:|---:|",
-        *[f"| {FLAWS[flaw][1]} | {f['pairs']} | {f['reward_model']:.0%} | {f['sft_likelihood']:.0%} |"
-          for flaw, f in figures["flaws"].items()],
+        *[f"| {FLAWS[flaw].description}{'' if FLAWS[flaw].learnable else ' (needs the fact)'} | {f['pairs']} | "
+          f"{f['reward_model']:.0%} | {f['sft_likelihood']:.0%} |" for flaw, f in figures["flaws"].items()],
         "",
+        learnable_conclusion(figures["flaws"]),
         reward_model_conclusion(ranked) + "\n",
         f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {seconds['dpo']:.0f} s): held-out "
-        f"preference accuracy {dpo['sft']:.0%} (SFT) → **{dpo['dpo']:.0%}**.",
+        f"preference accuracy {dpo['sft']:.0%} (SFT) → **{dpo['dpo']:.0%}**. The fix (*SFT + DPO + RPO*): the same "
+        f"DPO plus {RPO_ALPHA:g} × the chosen reply's NLL (RPO, `rpo_alpha`), on the helpfulness *and* safety pairs "
+        f"({seconds['rpo']:.0f} s): held-out preference accuracy {figures['rpo_preference_accuracy']['sft']:.0%} → "
+        f"**{figures['rpo_preference_accuracy']['dpo']:.0%}**.",
         f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, per-token KL penalty "
         f"β₀ {PPO_KL} adapted towards {PPO_TARGET_KL:g} nats per response, {seconds['ppo']:.0f} s): training reward "
         f"{ppo_figures['reward']['first']:.2f} → {ppo_figures['reward']['last']:.2f}, KL to the SFT model "
         f"{ppo_figures['kl']:.2f} nats per response. On held-out prompts, the mean reward of sampled replies "
-        f"(temperature 1, what PPO optimises) goes {ppo_figures['sampled_reward']['SFT']:.2f} (SFT) → "
-        f"**{ppo_figures['sampled_reward']['SFT + PPO']:.2f}**; the table below scores greedy replies.\n",
+        f"(temperature 1, what PPO optimises) goes {scores['SFT'].sampled_reward:.2f} (SFT) → "
+        f"**{scores['SFT + PPO'].sampled_reward:.2f}**, at {scores['SFT + PPO'].kl_to_sft:.2f} nats from SFT per reply.\n",
         "![PPO reward and KL](ppo/reward.png)\n",
-        "| model | mean reward (held-out) | exact match (held-out people) | refusal rate (red team) | "
-        "false refusals (look-alikes) |",
-        "|---|---:|---:|---:|---:|",
+        "| model | mean reward, greedy (held-out) | mean reward, sampled | KL to SFT (nats per reply) | exact match "
+        "(held-out people) | refusal rate (red team) | false refusals (look-alikes) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in scores.items():
-        lines.append(f"| {name} | {sc.reward:.2f} | {sc.exact_match:.0%} | {sc.refusals.refusal_rate:.0%} | "
-                     f"{sc.refusals.false_refusal_rate:.0%} |")
+        lines.append(f"| {name} | {sc.reward:.2f} | {sc.sampled_reward:.2f} | {sc.kl_to_sft:.2f} | {sc.exact_match:.0%} | "
+                     f"{sc.refusals.refusal_rate:.0%} | {sc.refusals.false_refusal_rate:.0%} |")
     lines += ["", policy_conclusion(figures["models"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
     for row in list(zip(*replies))[:6]:
         lines.append(f"| {row[0][0].prompt} | " + " | ".join(table_cell(reply, 40) for _, reply in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def learnable_conclusion(flaws: dict[str, dict[str, float]]) -> str:
+    """How well the reward models rank the flaws that can be told from the text, from the measured shares."""
+    learnable = {flaw: f["reward_model"] for flaw, f in flaws.items() if FLAWS[flaw].learnable}
+    worst = min(learnable, key=learnable.get)
+    return (f"On the {len(learnable)} kinds of flaw that can be told from the text, the reward models rank the "
+            f"held-out rejected reply lower in at least {learnable[worst]:.0%} of pairs (the hardest: "
+            f"{FLAWS[worst].description}).\n")
 
 
 def reward_model_conclusion(ranked: dict[str, float]) -> str:
@@ -205,15 +233,19 @@ def reward_model_conclusion(ranked: dict[str, float]) -> str:
 
 def policy_conclusion(models: dict[str, dict[str, float]]) -> str:
     """What DPO and PPO changed against SFT on held-out prompts, from the measured figures."""
-    sft, dpo, ppo_ = models["SFT"], models["SFT + DPO"], models["SFT + PPO"]
+    sft, dpo, rpo, ppo_ = models["SFT"], models["SFT + DPO"], models["SFT + DPO + RPO"], models["SFT + PPO"]
     text = (f"SFT, with the safety demonstrations in its data, refuses {sft['refusal_rate']:.0%} of red-team prompts. "
             f"DPO on helpfulness pairs alone: refusal rate {change(sft['refusal_rate'], dpo['refusal_rate'])}, "
-            f"held-out exact match {change(sft['exact_match'], dpo['exact_match'])}. PPO, scored by the safety reward "
+            f"held-out exact match {change(sft['held_out_em'], dpo['held_out_em'])}. With the NLL term and the safety "
+            f"pairs: refusal rate {change(sft['refusal_rate'], rpo['refusal_rate'])}, held-out exact match "
+            f"{change(sft['held_out_em'], rpo['held_out_em'])}, false refusals "
+            f"{change(sft['false_refusal_rate'], rpo['false_refusal_rate'])}. PPO, scored by the safety reward "
             f"model on risky prompts as LLaMA-2 does: greedy replies' mean reward "
-            f"{score_change(sft['reward'], ppo_['reward'])}, exact match {change(sft['exact_match'], ppo_['exact_match'])}, "
+            f"{score_change(sft['mean_reward_greedy'], ppo_['mean_reward_greedy'])}, exact match "
+            f"{change(sft['held_out_em'], ppo_['held_out_em'])}, "
             f"refusal rate {change(sft['refusal_rate'], ppo_['refusal_rate'])}. ")
-    reward_up = round(ppo_["reward"], 2) > round(sft["reward"], 2)
-    gains = [name for name, key in (("exact match", "exact_match"), ("refusals", "refusal_rate"))
+    reward_up = round(ppo_["mean_reward_greedy"], 2) > round(sft["mean_reward_greedy"], 2)
+    gains = [name for name, key in (("exact match", "held_out_em"), ("refusals", "refusal_rate"))
              if points(sft[key], ppo_[key]) > 0]
     if reward_up and not gains:
         return text + ("The reward rose with neither more right answers nor more refusals: PPO found replies these "
@@ -272,20 +304,36 @@ def combined_score(scorers: dict[str, RewardScorer], chats: list[list[dict]], re
     return float(combined_reward(helpful, safety, risky).mean())
 
 
-def sampled_reward(session: Session, world: World, scorers: dict[str, RewardScorer], seed: int,
-                   samples: int = 4) -> float:
-    """The mean combined reward of replies sampled at temperature 1 to the held-out prompts."""
+@torch.no_grad()
+def response_logprob(model: torch.nn.Module, prompt: list[int], reply: list[int]) -> float:
+    """log p(reply | prompt) under `model`: the sum over the reply's tokens."""
+    ids = torch.tensor([prompt + reply], device=next(model.parameters()).device)
+    logps = token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(prompt) - 1 :]
+    return float(logps.sum())
+
+
+def sampled_reward(session: Session, sft: Session, world: World, scorers: dict[str, RewardScorer], seed: int,
+                   samples: int = 2) -> tuple[float, float]:
+    """The mean combined reward of replies sampled at temperature 1 to the held-out prompts, and the mean KL
+    from the SFT model per reply (log p_model - log p_SFT of each sampled reply: an unbiased estimate)."""
     chats, risky = heldout_prompts(world, seed)
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=seed,
                             stop_token_ids=session.greedy(1).stop_token_ids)
-    replies = session.replies(chats * samples, params)
-    return combined_score(scorers, chats * samples, replies, risky.repeat(samples))
+    prompts = [session.chat_prompt(c, reserve=params.max_new_tokens) for c in chats * samples]
+    done = [c for start in range(0, len(prompts), 32)
+            for c in complete(session.engine, session.tokenizer, prompts[start : start + 32], params)]
+    reward = combined_score(scorers, chats * samples, [c.text.strip() for c in done], risky.repeat(samples))
+    kl = [response_logprob(session.model, p, c.token_ids) - response_logprob(sft.model, p, c.token_ids)
+          for p, c in zip(prompts, done)]
+    return reward, sum(kl) / len(kl)
 
 
-def score(session: Session, world: World, scorers: dict[str, RewardScorer], seed: int) -> Scores:
-    """Reward (LLaMA-2's combination), exact match and refusal rates on held-out prompts."""
+def score(session: Session, sft: Session, world: World, scorers: dict[str, RewardScorer], seed: int) -> Scores:
+    """Reward (LLaMA-2's combination) of greedy and sampled replies, KL from `sft`, exact match and refusal rates,
+    on held-out prompts."""
     answers = greedy_chat_answers(session, questions(world, "heldout", seed=seed))
     refusals = refusal_report(session, red_team_prompts(world, "heldout"), leaks_phone_number)
     chats, risky = heldout_prompts(world, seed)
     replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
-    return Scores(combined_score(scorers, chats, replies, risky), mean(answers), refusals)
+    return Scores(combined_score(scorers, chats, replies, risky), *sampled_reward(session, sft, world, scorers, seed),
+                  mean(answers), refusals)

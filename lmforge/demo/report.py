@@ -35,8 +35,8 @@ def summary_section(world: World, base: Session, alignment: Alignment, retrieval
             "about facts pretraining never saw (without and with the context store), red-team prompts and their "
             "harmless look-alikes, and the mean reward-model score (LLaMA-2's combination).\n",
             "| model | held-out people | unseen facts, closed-book | unseen facts, with retrieval | refusals "
-            "(red team) | false refusals | mean reward |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "(red team) | false refusals | mean reward, greedy | mean reward, sampled | KL to SFT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     sessions = {"pretrained": base, **{name: Session.load(path) for name, path in alignment.models.items()}}
     groundings = {}
     with Store.open(retrieval.store) as store:
@@ -46,14 +46,19 @@ def summary_section(world: World, base: Session, alignment: Alignment, retrieval
     sessions["SFT + retrieval tuning"] = Session.load(retrieval.model)
     figures = {}
     for name, session in sessions.items():
-        sc = alignment.scores.get(name) or score(session, world, alignment.scorers, seed)
+        sc = alignment.scores.get(name) or score(session, sessions["SFT"], world, alignment.scorers, seed)
         grounding = groundings[name]
-        figures[name] = {**sc.figures(), "closed_book_em": grounding.closed_book_em,
-                         "grounded_em": grounding.grounded_em}
-        rows.append(f"| {name} | {sc.exact_match:.0%} | {grounding.closed_book_em:.0%} | "
-                    f"{grounding.grounded_em:.0%} | {sc.refusals.refusal_rate:.0%} | "
-                    f"{sc.refusals.false_refusal_rate:.0%} | {sc.reward:.2f} |")
+        figures[name] = {**sc.figures(), "unseen_closed_book_em": grounding.closed_book_em,
+                         "unseen_retrieval_em": grounding.grounded_em}
+    rows += [summary_row(name, f) for name, f in figures.items()]
     return "\n".join(rows) + "\n", figures
+
+
+def summary_row(name: str, f: dict[str, float]) -> str:
+    """A model's row of the summary table, rendered from its `summary.json` figures."""
+    return (f"| {name} | {f['held_out_em']:.0%} | {f['unseen_closed_book_em']:.0%} | {f['unseen_retrieval_em']:.0%} | "
+            f"{f['refusal_rate']:.0%} | {f['false_refusal_rate']:.0%} | {f['mean_reward_greedy']:.2f} | "
+            f"{f['mean_reward_sampled']:.2f} | {f['kl_to_sft']:.2f} |")
 
 
 def real_sizes_section() -> str:
