@@ -169,6 +169,11 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
             assert shares["pairs"] == n
             assert f"| {description} | {n} | {shares['reward_model']:.0%} | {shares['sft_likelihood']:.0%} |" in report
     assert learnable_conclusion(alignment["flaws"]) in report
+    rounds = records(out / "rejection" / "rounds.jsonl")
+    assert alignment["rejection_sampling"] == {k: rounds[-1][k] for k in ("samples", "mean_best_score", "mean_score",
+                                                                           "selection_gain")}
+    assert rounds[-1]["mean_best_score"] >= rounds[-1]["mean_score"]  # the best of K is at least the mean
+    assert (out / "rejection" / "round-1" / "sft" / "adapter" / "adapter_config.json").is_file()
     rpo = [r for r in records(out / "dpo-rpo" / "metrics.jsonl") if "val_preference_accuracy" in r][-1]
     assert alignment["rpo_preference_accuracy"] == {"sft": rpo["val_reference_preference_accuracy"],
                                                     "dpo": rpo["val_preference_accuracy"]}
@@ -212,14 +217,15 @@ def test_retrieval_store_and_figures(run, world):
 def test_summary_json_and_the_summary_table_agree(run):
     _, report, summary = run
     models = summary["summary"]
-    assert list(models) == ["pretrained", "SFT", "SFT + DPO", "SFT + DPO + RPO", "SFT + PPO", "SFT + retrieval tuning"]
+    assert list(models) == ["pretrained", "SFT", "SFT + rejection sampling", "SFT + DPO", "SFT + DPO + RPO",
+                            "SFT + PPO", "SFT + retrieval tuning"]
     for name, m in models.items():
         assert set(m) >= {"held_out_em", "unseen_closed_book_em", "unseen_retrieval_em", "refusal_rate",
                           "false_refusal_rate", "mean_reward_greedy", "mean_reward_sampled", "kl_to_sft"}
         assert (f"| {name} | {m['held_out_em']:.0%} | {m['unseen_closed_book_em']:.0%} | "
                 f"{m['unseen_retrieval_em']:.0%} | {m['refusal_rate']:.0%} | {m['false_refusal_rate']:.0%} | "
                 f"{m['mean_reward_greedy']:.2f} | {m['mean_reward_sampled']:.2f} | {m['kl_to_sft']:.2f} |") in report
-    for name in ("SFT", "SFT + DPO", "SFT + DPO + RPO", "SFT + PPO"):
+    for name in ("SFT", "SFT + rejection sampling", "SFT + DPO", "SFT + DPO + RPO", "SFT + PPO"):
         assert {k: models[name][k] for k in summary["alignment"]["models"][name]} == \
             summary["alignment"]["models"][name]
     assert models["SFT + retrieval tuning"]["unseen_retrieval_em"] == summary["retrieval"]["grounded_em"]

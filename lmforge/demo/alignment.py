@@ -19,6 +19,7 @@ from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, tr
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
+from lmforge.demo.rejection import SAMPLES, rejection_stage
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
@@ -69,6 +70,8 @@ class Trained:
     prefs: Path
     heldout: Path
     reward_dirs: dict[str, Path]
+    rejection: Path  # fine-tuned on the best of K sampled replies
+    rejection_round: dict[str, Any]  # its mean best score, mean score and selection gain
     dpo: Path
     rpo: Path  # DPO with the chosen reply's NLL term, on helpfulness and safety pairs
     ppo: Path
@@ -89,6 +92,13 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         data=PreferenceDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
         for kind in ("helpful", "safety")}
     seconds["reward"], start = time.perf_counter() - start, time.perf_counter()
+    prompts = out / "world" / "ppo-prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in
+                               [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
+                               [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
+    scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
+    rejection, rejection_round = rejection_stage(out, merged, prompts, scorers, reward_dirs["helpful"], steps, seed)
+    seconds["rejection"], start = time.perf_counter() - start, time.perf_counter()
     dpo_adapter, rpo_adapter = (train_dpo(DPOConfig(
         out_dir=out / name, base=merged, beta=DPO_BETA, rpo_alpha=rpo_alpha,
         data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind=kind),
@@ -97,10 +107,6 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         for name, rpo_alpha, kind in (("dpo", None, "helpful"), ("dpo-rpo", RPO_ALPHA, None)))
     seconds["dpo"] = seconds["rpo"] = (time.perf_counter() - start) / 2  # two runs of the same length
     start = time.perf_counter()
-    prompts = out / "world" / "ppo-prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in
-                               [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
-                               [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
     iterations = max(2, steps // 4)
     ppo_adapter = ppo(PPOConfig.model_validate({
         "out_dir": out / "ppo", "policy": merged, "reward": reward_dirs["helpful"],
@@ -110,7 +116,8 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
                 "sampling": {"max_new_tokens": 24}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
                 "save_every": iterations, "seed": seed}}))
     seconds["ppo"] = time.perf_counter() - start
-    return Trained(merged, prefs, heldout, reward_dirs, dpo_adapter, rpo_adapter, ppo_adapter, iterations, seconds)
+    return Trained(merged, prefs, heldout, reward_dirs, rejection, rejection_round, dpo_adapter, rpo_adapter,
+                   ppo_adapter, iterations, seconds)
 
 
 def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Alignment:
@@ -120,7 +127,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     sft = Session.load(trained.merged)
     redrawn = redraw(world, trained.prefs, out / "world" / "preferences-redrawn.jsonl", seed + 1)
     flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (trained.heldout, trained.prefs, redrawn))
-    models = {"SFT": trained.merged, "SFT + DPO": trained.dpo, "SFT + DPO + RPO": trained.rpo, "SFT + PPO": trained.ppo}
+    models = {"SFT": trained.merged, "SFT + rejection sampling": trained.rejection, "SFT + DPO": trained.dpo,
+              "SFT + DPO + RPO": trained.rpo, "SFT + PPO": trained.ppo}
     scores = {name: score(Session.load(path), sft, world, scorers, seed) for name, path in models.items()}
     dpo_val, rpo_val = ([r for r in RunDir(out / name).records() if "val_preference_accuracy" in r][-1]
                         for name in ("dpo", "dpo-rpo"))
@@ -139,6 +147,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                                     "dpo": dpo_val["val_preference_accuracy"]},
         "rpo_preference_accuracy": {"sft": rpo_val["val_reference_preference_accuracy"],
                                     "dpo": rpo_val["val_preference_accuracy"]},
+        "rejection_sampling": {k: trained.rejection_round[k] for k in ("samples", "mean_best_score", "mean_score",
+                                                                        "selection_gain")},
         "ppo": {"iterations": trained.iterations, "reward": {"first": ppo_log[0]["reward"], "last": ppo_log[-1]["reward"]},
                 "kl": ppo_log[-1]["kl"]},
         "models": {name: sc.figures() for name, sc in scores.items()},
@@ -179,6 +189,11 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         f"DPO plus {RPO_ALPHA:g} × the chosen reply's NLL (RPO, `rpo_alpha`), on the helpfulness *and* safety pairs "
         f"({seconds['rpo']:.0f} s): held-out preference accuracy {figures['rpo_preference_accuracy']['sft']:.0%} → "
         f"**{figures['rpo_preference_accuracy']['dpo']:.0%}**.",
+        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per training prompt, the best "
+        f"by the combined reward kept, the SFT model fine-tuned on them (LoRA, {steps} steps, "
+        f"{seconds['rejection']:.0f} s): the kept replies score {figures['rejection_sampling']['mean_best_score']:.2f} "
+        f"against {figures['rejection_sampling']['mean_score']:.2f} for all samples (selection gain "
+        f"{figures['rejection_sampling']['selection_gain']:+.2f}).",
         f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, per-token KL penalty "
         f"β₀ {PPO_KL} adapted towards {PPO_TARGET_KL:g} nats per response, {seconds['ppo']:.0f} s): training reward "
         f"{ppo_figures['reward']['first']:.2f} → {ppo_figures['reward']['last']:.2f}, KL to the SFT model "
