@@ -25,16 +25,15 @@ from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretra
 from lmforge.train.run_dir import RunDir, table_cell
 from lmforge.train.sft import SFTConfig, sft
 from lmforge.world.documents import write_jsonl
-from lmforge.world.people import Person, World, world_of_size
-from lmforge.world.seq2seq import qa_pairs, summarization_pairs
+from lmforge.world.people import Person, World
+from lmforge.world.seq2seq import summarization_pairs, write_seq2seq_data
 from lmforge.world.tasks import world_task
 
 T5_MODEL = dict(hidden_size=128, head_dim=32, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                 dropout_rate=0.0)
 VOCAB, SENTINELS, INPUT_TOKENS = 2000, 20, 64  # tokenizer; span-corruption inputs
 SOURCE_TOKENS, TARGET_TOKENS = 320, 48  # tuning pairs (the biographies are 150-300 tokens)
-BIOGRAPHIES = 2  # differently worded biographies of each tuning person to summarize
-TUNING_PEOPLE = 400  # a larger world's training people to tune on: too many to memorise, so the model must read
+BIOGRAPHIES = 6  # differently worded biographies of each training person to summarize
 WEIGHTS = {"summarize": 1.0, "qa": 1.0}  # the mixture's shares
 TASKS = {"summarize": "world-summarize-heldout", "qa": "world-qa-context-heldout"}
 METHODS = {  # name: (adapter, learning rate)
@@ -47,17 +46,6 @@ METHODS = {  # name: (adapter, learning rate)
 class Seq2Seq:
     section: str
     figures: dict[str, Any]  # for summary.json
-
-
-def tuning_data(world: World, out: Path, seed: int) -> dict[str, Path]:
-    """The mixture's pairs about the training people of a larger world (another seed), leaving out anyone who
-    shares a name with a person of the demo's world; their paths by task name."""
-    tuning = world_of_size(TUNING_PEOPLE, seed + 1)
-    names = {p.name for p in world.people}
-    pairs = {"summarize": summarization_pairs(tuning, "train", biographies=BIOGRAPHIES, seed=seed),
-             "qa": qa_pairs(tuning, "train", seed=seed)}
-    return {task: write_jsonl(out / f"{task}.jsonl", (p.record() for p in found if p.person not in names))
-            for task, found in pairs.items()}
 
 
 def pretrain_t5(out: Path, corpus: Path, data: dict[str, Path], steps: int, seed: int) -> tuple[Path, float]:
@@ -120,7 +108,7 @@ def scores(session: Session, world: World, seed: int) -> dict[str, dict[str, Any
 def seq2seq_stage(out: Path, world: World, corpus: Path, seed: int, steps: int, tune_steps: int) -> Seq2Seq:
     """Pretrain a T5 for `steps`, tune it fully and with LoRA for `tune_steps`, and compare on held-out people."""
     out = out / "t5"
-    data = tuning_data(world, out / "data", seed)
+    data = write_seq2seq_data(world, out / "data", "train", biographies=BIOGRAPHIES, seed=seed)
     pretrained, pretrain_seconds = pretrain_t5(out, corpus, data, steps, seed)
     base = Session.load(pretrained)
     total = base.model.num_parameters()
@@ -133,7 +121,7 @@ def seq2seq_stage(out: Path, world: World, corpus: Path, seed: int, steps: int, 
         rows[method] = (scores(session, world, seed), trainable, seconds)
     pretraining = [r for r in RunDir(out / "pretrain").records() if "val_loss" in r]
     tuning = {"examples": {task: sum(1 for _ in path.open()) for task, path in data.items()},
-              "steps": tune_steps}
+              "steps": tune_steps, "vocabulary": base.tokenizer.vocab_size}
     return Seq2Seq(*section(rows, total, steps, pretraining, tuning))
 
 
@@ -151,14 +139,14 @@ def section(rows: dict[str, tuple[dict[str, Any], int, float]], total: int, step
     lines = [
         "## Encoder-decoder: T5 instruction-tuned on summaries and questions\n",
         f"The course notes' FLAN-T5 recipe at the world's size: a T5 (v1.0 layout, {total:,} parameters, a Unigram "
-        f"tokenizer of {VOCAB} pieces with {SENTINELS} sentinels) pretrained with span corruption (15% of the tokens "
+        f"tokenizer of {tuning['vocabulary']:,} tokens, {SENTINELS} of them sentinels, trained on the corpus and the "
+        "tuning pairs' text) pretrained with span corruption (15% of the tokens "
         f"in spans of 3 on average, {INPUT_TOKENS}-token inputs) on the biographies for {steps} steps (validation loss "
         f"{pretraining[0]['val_loss']:.2f} → {pretraining[-1]['val_loss']:.2f}); then instruction-tuned for "
         f"{tuning['steps']} steps on a mixture with T5's task prefixes: `summarize: <biography>` → a one-line "
         f"summary ({tuning['examples']['summarize']} pairs) and `question: … context: <biography>` → the bare value "
-        f"({tuning['examples']['qa']} pairs), about the training people of a larger world of {TUNING_PEOPLE} "
-        "(too many to memorise: the model has to read the biography; none shares a name with this world's people). "
-        "Scored by greedy decoding on this world's *held-out* people's freshly worded biographies.\n",
+        f"({tuning['examples']['qa']} pairs), about the training people only. Scored by greedy decoding on the "
+        "*held-out* people's freshly worded biographies.\n",
         f"Full fine-tuning's summary ROUGE-L {score_change(before['summarize']['rougeL'], full['summarize']['rougeL'])}"
         f"; LoRA (rank {lora_config.r} on {targets}: {lora_trainable:,} parameters, "
         f"{lora_trainable / total:.1%} of the model) reached {lora['summarize']['rougeL']:.2f}"
