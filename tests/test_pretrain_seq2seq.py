@@ -82,7 +82,7 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(recipe, trained, tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step-000040")
     shutil.rmtree(resumed / "model")
     assert main(["pretrain", *recipe, f"out_dir={resumed}", "--resume"]) == 0
-    expected, got = load_file(trained / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    expected, got = (load_file(run / "model" / "model.safetensors") for run in (trained, resumed))
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)

@@ -19,7 +19,7 @@ from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, tr
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
-from lmforge.demo.rejection import SAMPLES, rejection_stage
+from lmforge.demo.rejection import SAMPLES, TEMPERATURE, TOP_P, rejection_stage
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
@@ -149,7 +149,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                                     "dpo": rpo_val["val_preference_accuracy"]},
         "rejection_sampling": {k: trained.rejection_round[k] for k in ("samples", "mean_best_score", "mean_score",
                                                                         "selection_gain")},
-        "ppo": {"iterations": trained.iterations, "reward": {"first": ppo_log[0]["reward"], "last": ppo_log[-1]["reward"]},
+        "ppo": {"iterations": trained.iterations,
+                "reward": {"first": ppo_log[0]["reward"], "last": ppo_log[-1]["reward"]},
                 "kl": ppo_log[-1]["kl"]},
         "models": {name: sc.figures() for name, sc in scores.items()},
     }
@@ -169,7 +170,8 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         f"Preference pairs about the training people ({figures['preference_pairs']}), judged as InstructGPT's and "
         "LLaMA-2's annotators judge: the true answer over "
         + ", ".join(f.description for f in FLAWS.values() if f.kind == "helpful")
-        + " (*helpful*; all but the last can be told from the text, the last needs the person's fact); a refusal over a "
+        + " (*helpful*; all but the last can be told from the text, the last needs the person's fact); a refusal over "
+        "a "
         "phone-number leak on prompts asking for the private number, and the answer over a refusal on their harmless "
         "look-alikes (*safety*).\n",
         f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {seconds['reward']:.0f} s): "
@@ -189,24 +191,29 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         f"DPO plus {RPO_ALPHA:g} × the chosen reply's NLL (RPO, `rpo_alpha`), on the helpfulness *and* safety pairs "
         f"({seconds['rpo']:.0f} s): held-out preference accuracy {figures['rpo_preference_accuracy']['sft']:.0%} → "
         f"**{figures['rpo_preference_accuracy']['dpo']:.0%}**.",
-        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per training prompt, the best "
-        f"by the combined reward kept, the SFT model fine-tuned on them (LoRA, {steps} steps, "
+        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per training prompt "
+        f"(temperature {TEMPERATURE:g}, top-p {TOP_P:g}), the best "
+        f"by the combined reward kept, the SFT model fine-tuned on them with its own SFT data replayed (LoRA, {steps} "
+        "steps, "
         f"{seconds['rejection']:.0f} s): the kept replies score {figures['rejection_sampling']['mean_best_score']:.2f} "
         f"against {figures['rejection_sampling']['mean_score']:.2f} for all samples (selection gain "
         f"{figures['rejection_sampling']['selection_gain']:+.2f}).",
-        f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, per-token KL penalty "
+        f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, per-token KL "
+        "penalty "
         f"β₀ {PPO_KL} adapted towards {PPO_TARGET_KL:g} nats per response, {seconds['ppo']:.0f} s): training reward "
         f"{ppo_figures['reward']['first']:.2f} → {ppo_figures['reward']['last']:.2f}, KL to the SFT model "
         f"{ppo_figures['kl']:.2f} nats per response. On held-out prompts, the mean reward of sampled replies "
         f"(temperature 1, what PPO optimises) goes {scores['SFT'].sampled_reward:.2f} (SFT) → "
-        f"**{scores['SFT + PPO'].sampled_reward:.2f}**, at {scores['SFT + PPO'].kl_to_sft:.2f} nats from SFT per reply.\n",
+        f"**{scores['SFT + PPO'].sampled_reward:.2f}**, at {scores['SFT + PPO'].kl_to_sft:.2f} nats from SFT per "
+        "reply.\n",
         "![PPO reward and KL](ppo/reward.png)\n",
         "| model | mean reward, greedy (held-out) | mean reward, sampled | KL to SFT (nats per reply) | exact match "
         "(held-out people) | refusal rate (red team) | false refusals (look-alikes) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in scores.items():
-        lines.append(f"| {name} | {sc.reward:.2f} | {sc.sampled_reward:.2f} | {sc.kl_to_sft:.2f} | {sc.exact_match:.0%} | "
+        lines.append(f"| {name} | {sc.reward:.2f} | {sc.sampled_reward:.2f} | {sc.kl_to_sft:.2f} | "
+                     f"{sc.exact_match:.0%} | "
                      f"{sc.refusals.refusal_rate:.0%} | {sc.refusals.false_refusal_rate:.0%} |")
     lines += ["", policy_conclusion(figures["models"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]

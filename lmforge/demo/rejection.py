@@ -16,8 +16,14 @@ from lmforge.align.reward import RewardScorer, combined_reward
 from lmforge.data.chat import Message
 from lmforge.peft.method import AdapterConfig
 from lmforge.train.loop import TrainConfig
+from lmforge.train.sft import DatasetSpec
 
 SAMPLES = 4  # K replies per prompt
+TEMPERATURE, TOP_P = 0.7, 0.9
+# The SFT data replayed beside the kept replies (which weigh 1): this small SFT model's first reply token to a
+# risky prompt is nearly uniform (the refusal's "I" about 1%), so sampled candidates hold almost no refusals and
+# fine-tuning on the best of them alone unlearns refusing.
+REPLAY = {"sft.jsonl": 0.5, "safety-sft.jsonl": 0.15}
 
 
 @dataclass
@@ -37,13 +43,14 @@ class CombinedScorer:
 def rejection_stage(out: Path, sft: Path, prompts: Path, scorers: dict[str, RewardScorer], reward: Path, steps: int,
                     seed: int) -> tuple[Path, dict[str, Any]]:
     """One round of best-of-`SAMPLES` sampling on `prompts` (JSONL with `risky` flags) and LoRA fine-tuning of
-    the SFT model on the kept replies for `steps`; the adapter and the round's record (mean best score, mean
-    score, selection gain)."""
+    the SFT model on the kept replies, with the SFT data (`out/world/`) replayed, for `steps`; the adapter and
+    the round's record (mean best score, mean score, selection gain)."""
     risky = {record["prompt"] for record in map(json.loads, prompts.read_text().splitlines()) if record.get("risky")}
     config = RejectionConfig(
         out_dir=out / "rejection", base=sft, prompts=prompts, reward=reward, rounds=1,
-        sampling=SamplingConfig(k=SAMPLES, max_new_tokens=24, temperature=1.0, seed=seed),
-        sft=RoundSFTConfig(data=RoundData(val_fraction=0.05, max_len=96),
+        sampling=SamplingConfig(k=SAMPLES, max_new_tokens=24, temperature=TEMPERATURE, top_p=TOP_P, seed=seed),
+        sft=RoundSFTConfig(data=RoundData(datasets=[DatasetSpec(path=out / "world" / name, weight=weight)
+                                                    for name, weight in REPLAY.items()], val_fraction=0.05, max_len=96),
                            adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
                            train=TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10,
                                              weight_decay=0.0, log_every=10, eval_every=steps, save_every=steps,

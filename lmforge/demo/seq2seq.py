@@ -70,7 +70,9 @@ def tune(out: Path, base: Path, data: dict[str, Path], method: str, steps: int, 
     adapter, lr = METHODS[method]
     config = SFTConfig(
         out_dir=out / method.split()[0].lower(), base=base,
-        data=Seq2SeqDataConfig(datasets=[Seq2SeqDatasetSpec(path=path, weight=WEIGHTS[task]) for task, path in data.items()], max_source_len=SOURCE_TOKENS,
+        data=Seq2SeqDataConfig(datasets=[Seq2SeqDatasetSpec(path=path, weight=WEIGHTS[task])
+                                         for task, path in data.items()],
+                               max_source_len=SOURCE_TOKENS,
                                max_target_len=TARGET_TOKENS, val_fraction=0.05),
         adapter=adapter.model_copy(update={"seed": seed}),
         train=TrainConfig(steps=steps, micro_batch_size=16, lr=lr, warmup_steps=10, weight_decay=0.0, log_every=10,
@@ -160,21 +162,24 @@ def section(rows: dict[str, tuple[dict[str, Any], int, float]], total: int, step
     for name, (found, trainable, seconds) in rows.items():
         summ, qa = found["summarize"], found["qa"]
         lines.append(f"| {name} | {trainable:,} | {seconds:.0f} s | {summ['rouge1']:.2f} | {summ['rouge2']:.2f} | "
-                     f"{summ['rougeL']:.2f} | {summ['exact_match']:.0%} | {qa['exact_match']:.0%} | {qa['rougeL']:.2f} |")
+                     f"{summ['rougeL']:.2f} | {summ['exact_match']:.0%} | {qa['exact_match']:.0%} | "
+                     f"{qa['rougeL']:.2f} |")
     stated = {name: found["summarize"]["facts_stated"] for name, (found, _, _) in rows.items()}
     ranked = sorted(stated[full_name].items(), key=lambda item: -item[1])
     lines += ["", "ROUGE rewards the summary's form as much as its facts. Which of the person's facts the held-out "
               "summaries state (after full fine-tuning: " + ", ".join(f"{field} {share:.0%}" for field, share in ranked)
               + "):\n", f"| fact | {before_name} | {full_name} | {lora_name} |", "|---|---:|---:|---:|"]
     lines += [f"| {field} | " + " | ".join(f"{stated[name][field]:.0%}" for name in rows) + " |" for field, _ in ranked]
-    lines += ["", f"| held-out input | {before_name} | {full_name} | {lora_name} | reference |", "|---|---|---|---|---|"]
+    lines += ["", f"| held-out input | {before_name} | {full_name} | {lora_name} | reference |",
+              "|---|---|---|---|---|"]
     for task in TASKS:
         for i, (text, answer, reference) in enumerate(before[task]["samples"][:2]):
             outputs = [found[task]["samples"][i][1] for found, _, _ in rows.values()]
             lines.append(f"| {table_cell(text, 60)} | " + " | ".join(table_cell(o, 50) for o in outputs)
                          + f" | {table_cell(reference, 50)} |")
     lines.append("\n![T5 span-corruption loss](t5/pretrain/loss.png)\n")
-    print(f"[demo] T5: summary ROUGE-L {before['summarize']['rougeL']:.2f} -> {full['summarize']['rougeL']:.2f} (full), "
+    print(f"[demo] T5: summary ROUGE-L {before['summarize']['rougeL']:.2f} -> {full['summarize']['rougeL']:.2f} "
+          "(full), "
           f"{lora['summarize']['rougeL']:.2f} (LoRA)")
     figures = {"parameters": total, "pretraining_steps": steps, "tuning_steps": tuning["steps"],
                "pretraining_val_loss": {"first": pretraining[0]["val_loss"], "last": pretraining[-1]["val_loss"]},
