@@ -5,7 +5,6 @@ ROUGE and exact match on held-out people before tuning and after each, with trai
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +23,13 @@ from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import DataConfig, ModelSpec, PretrainConfig, pretrain
 from lmforge.train.run_dir import RunDir, table_cell
 from lmforge.train.sft import SFTConfig, sft
-from lmforge.world.documents import write_jsonl
 from lmforge.world.people import Person, World
 from lmforge.world.seq2seq import summarization_pairs, write_seq2seq_data
 from lmforge.world.tasks import world_task
 
 T5_MODEL = dict(hidden_size=128, head_dim=32, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                 dropout_rate=0.0)
-VOCAB, SENTINELS, INPUT_TOKENS = 2000, 20, 64  # tokenizer; span-corruption inputs
+VOCAB, SENTINELS, INPUT_TOKENS = 1000, 20, 64  # tokenizer; span-corruption inputs
 SOURCE_TOKENS, TARGET_TOKENS = 320, 48  # tuning pairs (the biographies are 150-300 tokens)
 BIOGRAPHIES = 6  # differently worded biographies of each training person to summarize
 WEIGHTS = {"summarize": 1.0, "qa": 1.0}  # the mixture's shares
@@ -48,13 +46,9 @@ class Seq2Seq:
     figures: dict[str, Any]  # for summary.json
 
 
-def pretrain_t5(out: Path, corpus: Path, data: dict[str, Path], steps: int, seed: int) -> tuple[Path, float]:
-    """A T5 tokenizer (trained, as T5's on C4, on text that has the tuning data's words too: the corpus and the
-    tuning pairs) and span-corruption pretraining on the corpus; the model directory and seconds."""
-    pairs = out / "tokenizer-pairs.jsonl"
-    records = (json.loads(line) for path in data.values() for line in path.read_text(encoding="utf-8").splitlines())
-    write_jsonl(pairs, ({"text": f"{r['input']} {r['target']}"} for r in records))
-    train_t5_tokenizer([corpus, pairs], VOCAB, out / "tokenizer", extra_ids=SENTINELS)
+def pretrain_t5(out: Path, corpus: Path, steps: int, seed: int) -> tuple[Path, float]:
+    """A T5 tokenizer and span-corruption pretraining on the corpus; the model directory and seconds."""
+    train_t5_tokenizer([corpus], VOCAB, out / "tokenizer", extra_ids=SENTINELS)
     config = PretrainConfig(
         out_dir=out / "pretrain", model=ModelSpec(preset="t5-small", overrides=T5_MODEL),
         data=DataConfig(paths=[corpus], tokenizer=out / "tokenizer", seq_len=INPUT_TOKENS, val_fraction=0.05),
@@ -111,7 +105,7 @@ def seq2seq_stage(out: Path, world: World, corpus: Path, seed: int, steps: int, 
     """Pretrain a T5 for `steps`, tune it fully and with LoRA for `tune_steps`, and compare on held-out people."""
     out = out / "t5"
     data = write_seq2seq_data(world, out / "data", "train", biographies=BIOGRAPHIES, seed=seed)
-    pretrained, pretrain_seconds = pretrain_t5(out, corpus, data, steps, seed)
+    pretrained, pretrain_seconds = pretrain_t5(out, corpus, steps, seed)
     base = Session.load(pretrained)
     total = base.model.num_parameters()
     rows = {"pretrained (span corruption)": (scores(base, world, seed), total, pretrain_seconds)}
@@ -141,8 +135,8 @@ def section(rows: dict[str, tuple[dict[str, Any], int, float]], total: int, step
     lines = [
         "## Encoder-decoder: T5 instruction-tuned on summaries and questions\n",
         f"The course notes' FLAN-T5 recipe at the world's size: a T5 (v1.0 layout, {total:,} parameters, a Unigram "
-        f"tokenizer of {tuning['vocabulary']:,} tokens, {SENTINELS} of them sentinels, trained on the corpus and the "
-        "tuning pairs' text) pretrained with span corruption (15% of the tokens "
+        f"tokenizer of {tuning['vocabulary']:,} tokens, {SENTINELS} of them sentinels, trained on the corpus) "
+        "pretrained with span corruption (15% of the tokens "
         f"in spans of 3 on average, {INPUT_TOKENS}-token inputs) on the biographies for {steps} steps (validation loss "
         f"{pretraining[0]['val_loss']:.2f} → {pretraining[-1]['val_loss']:.2f}); then instruction-tuned for "
         f"{tuning['steps']} steps on a mixture with T5's task prefixes: `summarize: <biography>` → a one-line "
