@@ -146,8 +146,9 @@ def section(rows: dict[str, tuple[dict[str, Any], int, float]], total: int, step
         f"Full fine-tuning's summary ROUGE-L {score_change(before['summarize']['rougeL'], full['summarize']['rougeL'])}"
         f"; LoRA (rank {lora_config.r} on {targets}: {lora_trainable:,} parameters, "
         f"{lora_trainable / total:.1%} of the model) reached {lora['summarize']['rougeL']:.2f}"
-        + (f", {kept:.0%} of full fine-tuning's gain" if gain > 0 else "") +
-        f". Question answering's exact match went from {before['qa']['exact_match']:.0%} to "
+        + (f", {kept:.0%} of full fine-tuning's gain" if gain > 0 and kept > 0 else
+           ", no gain over the pretrained model" if lora["summarize"]["rougeL"] <= before["summarize"]["rougeL"] else "")
+        + f". Question answering's exact match went from {before['qa']['exact_match']:.0%} to "
         f"{full['qa']['exact_match']:.0%} (full) and {lora['qa']['exact_match']:.0%} (LoRA).\n",
         "| model | trainable parameters | time | summary ROUGE-1 | ROUGE-2 | ROUGE-L | exact match | QA exact match | "
         "QA ROUGE-L |",
