@@ -10,7 +10,7 @@ import transformers
 
 from lmforge.data.seq2seq import collate
 from lmforge.data.span_corruption import (
-    chunk_documents, corrupt, noise_counts, random_spans_noise_mask, sentinel_ids, span_corruption_examples,
+    corrupt, noise_counts, random_spans_noise_mask, sentinel_ids, span_corruption_examples,
     span_corruption_lengths,
 )
 from lmforge.tokenizer import Tokenizer, train_t5_tokenizer
@@ -129,6 +129,12 @@ def test_tokenizer_is_t5_style_and_transformers_agrees(t5_dir, tokenizer):
     assert tokenizer.token_to_id("<unk>") not in tokenizer.encode("What? 1987: (a) [b] {c} #5 & 10% @x")
     with pytest.raises(ValueError, match="no sentinel token <extra_id_8>"):
         sentinel_ids(tokenizer, 9)
+
+
+def chunk_documents(documents: list[list[int]], tokens_length: int, eos_id: int) -> list[list[int]]:
+    """The Flax example's `group_texts`: documents joined, each followed by </s>, cut into whole chunks."""
+    stream = [t for doc in documents for t in (*doc, eos_id)]
+    return [stream[i : i + tokens_length] for i in range(0, len(stream) - tokens_length + 1, tokens_length)]
 
 
 def test_examples_reconstruct_the_corpus_and_are_seeded(tokenizer):

@@ -112,13 +112,6 @@ def sentinel_ids(tokenizer: Tokenizer, count: int) -> list[int]:
     return [int(i) for i in ids]
 
 
-def chunk_documents(documents: Sequence[Sequence[int]], tokens_length: int, eos_id: int) -> list[list[int]]:
-    """The documents' ids, each followed by `</s>`, concatenated and cut into chunks of `tokens_length`
-    (the remainder dropped, as the Flax example's `group_texts`)."""
-    stream = [token for doc in documents for token in (*doc, eos_id)]
-    return [stream[start : start + tokens_length] for start in range(0, len(stream) - tokens_length + 1, tokens_length)]
-
-
 class SpanCorruptedChunks:
     """A token stream (documents back to back, each ending in `</s>`, as `lmforge.data.corpus` writes
     them) cut into chunks whose span-corrupted input is at most `inputs_length` tokens. Chunk i is
