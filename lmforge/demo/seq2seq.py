@@ -32,7 +32,6 @@ T5_MODEL = dict(hidden_size=128, head_dim=32, intermediate_size=512, num_hidden_
 VOCAB, SENTINELS, INPUT_TOKENS = 1000, 20, 64  # tokenizer; span-corruption inputs
 SOURCE_TOKENS, TARGET_TOKENS = 320, 48  # tuning pairs (the biographies are 150-300 tokens)
 BIOGRAPHIES = 6  # differently worded biographies of each training person to summarize
-WEIGHTS = {"summarize": 1.0, "qa": 1.0}  # the mixture's shares
 TASKS = {"summarize": "world-summarize-heldout", "qa": "world-qa-context-heldout"}
 METHODS = {  # name: (adapter, learning rate)
     "full fine-tuning": (AdapterConfig(method="full"), 3e-3),
@@ -64,8 +63,7 @@ def tune(out: Path, base: Path, data: dict[str, Path], method: str, steps: int, 
     adapter, lr = METHODS[method]
     config = SFTConfig(
         out_dir=out / method.split()[0].lower(), base=base,
-        data=Seq2SeqDataConfig(datasets=[Seq2SeqDatasetSpec(path=path, weight=WEIGHTS[task])
-                                         for task, path in data.items()],
+        data=Seq2SeqDataConfig(datasets=[Seq2SeqDatasetSpec(path=path) for path in data.values()],
                                max_source_len=SOURCE_TOKENS,
                                max_target_len=TARGET_TOKENS, val_fraction=0.05),
         adapter=adapter.model_copy(update={"seed": seed}),
