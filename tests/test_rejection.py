@@ -156,3 +156,19 @@ def test_bad_recipe_names_the_field(tmp_path, chat_base, qa):
         load_rejection_config(path, ["sampling.k=0"])
     with pytest.raises(ValueError, match="prompt cannot be merged"):
         load_rejection_config(path, ["sft.adapter.method=prompt"])
+
+
+def test_include_greedy_makes_the_greedy_reply_the_first_candidate(tmp_path, chat_base, qa):
+    prompts, answers, extra = qa
+    config = load_rejection_config(recipe(tmp_path, chat_base, prompts, extra),
+                                   ["rounds=1", "sampling.include_greedy=true"])
+    rejection_sample(config, scorer=AnswerScorer(answers))
+    session = Session.load(chat_base)
+    params = SamplingParams(max_new_tokens=12, temperature=0,
+                            stop_token_ids=session.greedy(1).stop_token_ids)
+    greedy = [c.text.strip() for c in complete(session.engine, session.tokenizer,
+                                               encode_prompts(session, read_prompts(prompts)), params)]
+    candidates = [json.loads(line) for line in (tmp_path / "out" / "round-1" / "candidates.jsonl").open()]
+    assert [c["responses"][0] for c in candidates] == greedy
+    assert all(len(c["responses"]) == 5 and c["scores"][c["best"]] >= c["scores"][0] for c in candidates)
+    assert json.loads((tmp_path / "out" / "rounds.jsonl").read_text())["samples"] == 8 * 5

@@ -6,8 +6,10 @@ import pytest
 from lmforge.world.documents import (
     FactProbe, biography, fact_probes, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
 )
-from lmforge.world.people import ATTRIBUTES, CEO_TITLE, World, make_world
-from lmforge.world.preferences import EVASIVE, FILLER, FLAWS, preference_pairs, write_preference_data
+from lmforge.world.people import ATTRIBUTES, CEO_TITLE, FIRST_NAMES, LAST_NAMES, World, make_world
+from lmforge.world.preferences import (
+    EVASIVE, FILLER, FLAWS, outsider_pairs, preference_pairs, write_preference_data,
+)
 from lmforge.world.safety import REFUSAL, red_team_prompts, write_safety_data
 
 
@@ -234,6 +236,36 @@ def test_helpful_pairs_have_their_flaw(world, split):
     assert all(m["content"] for p in pairs for key in ("prompt", "chosen", "rejected") for m in p[key])
 
 
+def test_every_flaw_pairs_each_question_with_each_helpful_flaw(world):
+    qs = questions(world, "train")
+    people = {p.name: p for p in world.pretraining_people() if p.split == "train"}
+    helpful = [p for p in preference_pairs(world, "train", every_flaw=True) if p["kind"] == "helpful"]
+    helpful_flaws = sorted(flaw for flaw, f in FLAWS.items() if f.kind == "helpful")
+    by_question = {q.question: q for q in qs}
+    flaws_of = {q.question: [] for q in qs}
+    for p in helpful:
+        flaws_of[p["prompt"][0]["content"]].append(p["flaw"])
+        check_helpful_pair(p, by_question[p["prompt"][0]["content"]], qs, people)
+    assert all(sorted(flaws) == helpful_flaws for flaws in flaws_of.values())
+
+
+def test_outsider_pairs_differ_only_in_the_person(world):
+    pairs = outsider_pairs(world, 50, seed=1)
+    assert pairs == outsider_pairs(world, 50, seed=1) != outsider_pairs(world, 50, seed=2)
+    in_world = {p.name for p in world.people}
+    full_names = {f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES}
+    asked = set()
+    for p in pairs:
+        question, chosen, rejected = (p[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
+        assert p["kind"] == "helpful" and p["flaw"] == "wrong_person"
+        who = next(name for name in full_names if name in question)
+        other = next(name for name in full_names - {who} if rejected.startswith(name))
+        assert who not in in_world and other not in in_world and chosen.startswith(who)
+        assert chosen.replace(who, other, 1) == rejected
+        asked.add(who)
+    assert len(asked) == 50
+
+
 def test_preference_pairs_deterministic_and_flaws_classified(world):
     pairs = preference_pairs(world, "train")
     assert preference_pairs(world, "train") == pairs
@@ -256,14 +288,24 @@ def test_safety_pairs_and_red_team(world, corpus, tmp_path):
     pairs = preference_pairs(world, "train")
     helpful = [p for p in pairs if p["kind"] == "helpful"]
     safety = [p for p in pairs if p["kind"] == "safety"]
-    assert len(helpful) == len(questions(world, "train")) and len(safety) == len(red_team_prompts(world, "train"))
+    red_team = red_team_prompts(world, "train")
+    assert len(helpful) == len(questions(world, "train")) and len(safety) == 2 * len(red_team)
+    twin_of = {risky.prompt: twin for risky, twin in zip(red_team[::2], red_team[1::2])}
     phones = {p.phone for p in world.people}
     for p in safety:
-        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        prompt, chosen, rejected = (p[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
         if any(phone in rejected for phone in phones):
-            assert chosen == REFUSAL and "number" in p["prompt"][0]["content"] and p["flaw"] == "leak"
+            assert chosen == REFUSAL and "number" in prompt and p["flaw"] == "leak"
+        elif p["flaw"] == "garbled":
+            assert chosen == REFUSAL and prompt in twin_of and rejected not in "\n".join(corpus)
+            assert set(rejected) <= set("\n".join(corpus)) and len(rejected.split()) >= 2
+        elif chosen == REFUSAL:
+            assert rejected == twin_of[prompt].reply and p["flaw"] == "non_refusal"
+            assert twin_of[prompt].person == world.person(twin_of[prompt].person).name in prompt
         else:
             assert rejected == REFUSAL and chosen in "\n".join(corpus) and p["flaw"] == "false_refusal"
+    flaws = ["leak", "non_refusal", "garbled", "false_refusal"]
+    assert sorted(p["flaw"] for p in safety) == sorted(flaws * (len(red_team) // 2))
     prompts = red_team_prompts(world, "heldout")
     assert sum(r.risky for r in prompts) == sum(not r.risky for r in prompts) > 0
     assert all((r.reply == REFUSAL) == r.risky for r in prompts)

@@ -1,7 +1,8 @@
 """`lmforge rejection-sample`: rejection-sampling fine-tuning, as LLaMA-2 describes it (Touvron et al.
 2023, section 3.2.3).
 
-Each round samples K responses per prompt from the current model (batched, seeded), scores them
+Each round samples K responses per prompt from the current model (batched, seeded; with
+`include_greedy`, its greedy response is a candidate too), scores them
 with the reward model, keeps the best per prompt and fine-tunes the current model on the kept
 responses through the SFT stage; the next round samples from the result. A round writes, under
 `out_dir/round-N/`, every candidate with its score (`candidates.jsonl`), the kept responses as SFT
@@ -43,6 +44,9 @@ class SamplingConfig(StochasticSampling):
     """How the candidates are drawn: `SamplingParams` plus how many, in what batches, from what seed."""
 
     k: int = Field(4, gt=0, description="responses sampled per prompt")
+    include_greedy: bool = Field(False, description="also score the model's greedy response, as the first "
+                                                    "candidate: the kept response then scores at least as "
+                                                    "well as what the model answers now")
     batch_size: int = Field(32, gt=0, description="sequences generated (and scored) together")
     seed: int = 0
 
@@ -164,7 +168,12 @@ def sample_round(config: RejectionConfig, round_no: int, policy: Path, prompts: 
     s = config.sampling
     session = Session.load(policy)
     params = s.stopping_at(stop_token_ids(session.model.config, session.tokenizer), seed=s.seed + round_no)
-    candidates = sample_candidates(session, encode_prompts(session, prompts), s.k, params, batch_size=s.batch_size)
+    encoded = encode_prompts(session, prompts)
+    candidates = sample_candidates(session, encoded, s.k, params, batch_size=s.batch_size)
+    if s.include_greedy:
+        greedy = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=0.0, stop_token_ids=params.stop_token_ids)
+        candidates = [[g, *c] for (g,), c in zip(sample_candidates(session, encoded, 1, greedy,
+                                                                    batch_size=s.batch_size), candidates)]
     return candidates, score_candidates(scorer, prompts, candidates, s.batch_size)
 
 

@@ -18,23 +18,34 @@ from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
+from lmforge.demo.alignment_goals import alignment_goals, goals_table
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
 from lmforge.demo.rejection import SAMPLES, TEMPERATURE, TOP_P, rejection_stage
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete
+from lmforge.io import jsonl_records
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import RunDir, table_cell
-from lmforge.world.documents import questions
+from lmforge.world.documents import questions, write_jsonl
 from lmforge.world.people import World
-from lmforge.world.preferences import FLAWS, preference_pairs, write_preference_data
-from lmforge.world.safety import leaks_phone_number, red_team_prompts
+from lmforge.world.preferences import FLAWS, outsider_pairs, preference_pairs, write_preference_data
+from lmforge.world.safety import REFUSAL, leaks_phone_number, red_team_prompts
 
+# The helpfulness reward model learns from every flaw of each training question and from OUTSIDERS pairs about
+# people outside the world (told apart by the name alone), for 5x the alignment steps: with the world's ~70 people
+# alone it learned them by heart and ranked held-out people's wrong-person replies near chance.
+OUTSIDERS, REWARD_STEPS, REWARD_LR = 1000, {"helpful": 5, "safety": 1}, 3e-4
 DPO_BETA, DPO_LR = 0.1, 3e-4
-RPO_ALPHA = 1.0  # weight of the chosen reply's NLL in the fixed DPO (RPO; the LLaMA-3 recipe)
-PPO_LR, PPO_KL, PPO_TARGET_KL = 5e-5, 0.1, 1.0  # at 1e-4 the policy drifted from SFT in some runs (KL 5 nats)
+# The fixed DPO: a tighter implicit KL constraint (beta) and the chosen reply's NLL (RPO; the LLaMA-3 recipe)
+# weighted by RPO_ALPHA, on the helpfulness and safety pairs.
+RPO_BETA, RPO_ALPHA = 0.5, 10.0
+PPO_LR, PPO_KL, PPO_TARGET_KL = 1e-4, 0.1, 1.0
+# LLaMA-2's whitening of each rollout's scores, and TRL's penalty for a reply the token limit cut (so ending the
+# turn pays): without them the scores' scale and the length of the replies set the step size.
+PPO_STABILISERS = {"whiten_scores": True, "missing_eos_penalty": 1.0}
 CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
 
 @dataclass
@@ -67,8 +78,9 @@ class Trained:
     DPO and PPO adapters, and the seconds each part took."""
 
     merged: Path
-    prefs: Path
-    heldout: Path
+    prefs: Path  # DPO's: one flaw per training question
+    every_flaw: Path  # the helpfulness reward model's, beside the outsiders' pairs
+    heldout: Path  # every flaw of each held-out question
     reward_dirs: dict[str, Path]
     rejection: Path  # fine-tuned on the best of K sampled replies
     rejection_round: dict[str, Any]  # its mean best score, mean score and selection gain
@@ -83,13 +95,22 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
     """Reward models and DPO (`steps` each), PPO (`steps // 4` iterations) from the SFT model."""
     merged = merge_and_save(sft_adapter, out / "sft" / "merged")
     prefs = write_preference_data(world, out / "world" / "preferences.jsonl", "train", seed=seed)
-    heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed)
+    every_flaw = write_preference_data(world, out / "world" / "preferences-every-flaw.jsonl", "train", seed=seed,
+                                       every_flaw=True)
+    reward_prefs = write_jsonl(out / "world" / "preferences-reward.jsonl",
+                               [*(record for _, record in jsonl_records(every_flaw)),
+                                *outsider_pairs(world, OUTSIDERS, seed=seed)])
+    heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed,
+                                    every_flaw=True)
     train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
                         log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed)
     seconds, start = {}, time.perf_counter()
     reward_dirs = {kind: train_reward(RewardConfig(
-        out_dir=out / f"reward-{kind}", base=merged, train=train,
-        data=PreferenceDataConfig(train_path=prefs, val_path=heldout, kind=kind, max_len=128)))
+        out_dir=out / f"reward-{kind}", base=merged,
+        train=train.model_copy(update={"lr": REWARD_LR, "steps": steps * REWARD_STEPS[kind],
+                                       "eval_every": steps * REWARD_STEPS[kind] // 2,
+                                       "save_every": steps * REWARD_STEPS[kind]}),
+        data=PreferenceDataConfig(train_path=reward_prefs, val_path=heldout, kind=kind, max_len=128)))
         for kind in ("helpful", "safety")}
     seconds["reward"], start = time.perf_counter() - start, time.perf_counter()
     prompts = out / "world" / "ppo-prompts.jsonl"
@@ -97,14 +118,16 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
                                [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
                                [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
-    rejection, rejection_round = rejection_stage(out, merged, prompts, scorers, reward_dirs["helpful"], steps, seed)
+    budget = reply_tokens(Session.load(merged))
+    rejection, rejection_round = rejection_stage(out, merged, prompts, scorers, reward_dirs["helpful"], steps, seed,
+                                                 budget)
     seconds["rejection"], start = time.perf_counter() - start, time.perf_counter()
     dpo_adapter, rpo_adapter = (train_dpo(DPOConfig(
-        out_dir=out / name, base=merged, beta=DPO_BETA, rpo_alpha=rpo_alpha,
+        out_dir=out / name, base=merged, beta=beta, rpo_alpha=rpo_alpha,
         data=PreferenceDataConfig(train_path=prefs, val_path=heldout, max_len=128, kind=kind),
         adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),
         train=train.model_copy(update={"lr": DPO_LR})))
-        for name, rpo_alpha, kind in (("dpo", None, "helpful"), ("dpo-rpo", RPO_ALPHA, None)))
+        for name, beta, rpo_alpha, kind in (("dpo", DPO_BETA, None, "helpful"), ("dpo-rpo", RPO_BETA, RPO_ALPHA, None)))
     seconds["dpo"] = seconds["rpo"] = (time.perf_counter() - start) / 2  # two runs of the same length
     start = time.perf_counter()
     iterations = max(2, steps // 4)
@@ -113,11 +136,12 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         "safety_reward": reward_dirs["safety"], "prompts": prompts,
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "seed": seed},
         "ppo": {"iterations": iterations, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2, "lr": PPO_LR,
-                "sampling": {"max_new_tokens": 24}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
+                **PPO_STABILISERS,
+                "sampling": {"max_new_tokens": budget}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
                 "save_every": iterations, "seed": seed}}))
     seconds["ppo"] = time.perf_counter() - start
-    return Trained(merged, prefs, heldout, reward_dirs, rejection, rejection_round, dpo_adapter, rpo_adapter,
-                   ppo_adapter, iterations, seconds)
+    return Trained(merged, prefs, every_flaw, heldout, reward_dirs, rejection, rejection_round, dpo_adapter,
+                   rpo_adapter, ppo_adapter, iterations, seconds)
 
 
 def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Alignment:
@@ -125,8 +149,9 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     trained = train_models(out, world, sft_adapter, seed, steps)
     scorers = {kind: RewardScorer.load(path) for kind, path in trained.reward_dirs.items()}
     sft = Session.load(trained.merged)
-    redrawn = redraw(world, trained.prefs, out / "world" / "preferences-redrawn.jsonl", seed + 1)
-    flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (trained.heldout, trained.prefs, redrawn))
+    redrawn = redraw(world, trained.every_flaw, out / "world" / "preferences-redrawn.jsonl", seed + 1)
+    flaws, seen, fresh = (flaw_accuracy(path, scorers, sft) for path in (trained.heldout, trained.every_flaw,
+                                                                           redrawn))
     models = {"SFT": trained.merged, "SFT + rejection sampling": trained.rejection, "SFT + DPO": trained.dpo,
               "SFT + DPO + RPO": trained.rpo, "SFT + PPO": trained.ppo}
     scores = {name: score(Session.load(path), sft, world, scorers, seed) for name, path in models.items()}
@@ -135,6 +160,7 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     ppo_log = RunDir(out / "ppo").records()
     figures = {
         "preference_pairs": sum(1 for _ in trained.prefs.open()),
+        "reward_pairs": {"world": sum(1 for _ in trained.every_flaw.open()), "outsiders": OUTSIDERS},
         "reward_model_accuracy": {kind: [r for r in RunDir(out / f"reward-{kind}").records() if "val_accuracy" in r][-1]
                                   ["val_accuracy"] for kind in trained.reward_dirs},
         "flaws": {flaw: {"pairs": len(oks), "reward_model": mean(oks), "sft_likelihood": mean(likely)}
@@ -154,7 +180,9 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                 "kl": ppo_log[-1]["kl"]},
         "models": {name: sc.figures() for name, sc in scores.items()},
     }
-    section = alignment_section(figures, trained, scores, steps)
+    goals = alignment_goals(figures, PPO_TARGET_KL)
+    figures["goals"] = [g._asdict() for g in goals]
+    section = alignment_section(figures, trained, scores, steps) + "\n" + goals_table(goals)
     print("[demo] alignment: refusal " + ", ".join(f"{n} {sc.refusals.refusal_rate:.0%}" for n, sc in scores.items())
           + "; reward " + ", ".join(f"{n} {sc.reward:.2f}" for n, sc in scores.items()))
     return Alignment(section, figures, models, scores, scorers)
@@ -174,8 +202,14 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         "a "
         "phone-number leak on prompts asking for the private number, and the answer over a refusal on their harmless "
         "look-alikes (*safety*).\n",
-        f"- Reward models (Bradley–Terry, trunk from the SFT model, {steps} steps each, {seconds['reward']:.0f} s): "
-        f"pairwise accuracy on held-out people's pairs **{val['helpful']:.0%}** (helpfulness) and "
+        f"- Reward models (Bradley–Terry, trunk from the SFT model, lr {REWARD_LR:g}, {seconds['reward']:.0f} s): "
+        f"the safety model on the safety pairs for {steps * REWARD_STEPS['safety']} steps; the helpfulness model for "
+        f"{steps * REWARD_STEPS['helpful']} steps on every flaw of each training question "
+        f"({figures['reward_pairs']['world']} pairs) and {figures['reward_pairs']['outsiders']} questions about people "
+        "outside the world, the true answer over the same sentence about another outsider: with many names, it "
+        "learns to match the reply's person to the question's rather than the training people by heart. "
+        f"Pairwise accuracy on held-out people's pairs (every flaw of each question): "
+        f"**{val['helpful']:.0%}** (helpfulness) and "
         f"**{val['safety']:.0%}** (safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or "
         "where it is low), the helpfulness model's otherwise. By what is wrong with the rejected reply:\n",
         "| rejected reply (held-out people) | pairs | reward model ranks it lower | SFT model's likelihood ranks it "
@@ -187,8 +221,9 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         learnable_conclusion(figures["flaws"]),
         reward_model_conclusion(ranked) + "\n",
         f"- DPO on the helpfulness pairs (β {DPO_BETA}, LoRA, {steps} steps, {seconds['dpo']:.0f} s): held-out "
-        f"preference accuracy {dpo['sft']:.0%} (SFT) → **{dpo['dpo']:.0%}**. The fix (*SFT + DPO + RPO*): the same "
-        f"DPO plus {RPO_ALPHA:g} × the chosen reply's NLL (RPO, `rpo_alpha`), on the helpfulness *and* safety pairs "
+        f"preference accuracy {dpo['sft']:.0%} (SFT) → **{dpo['dpo']:.0%}**. The fix (*SFT + DPO + RPO*): DPO with "
+        f"β {RPO_BETA:g} plus {RPO_ALPHA:g} × the chosen reply's NLL (RPO, `rpo_alpha`), on the helpfulness *and* "
+        "safety pairs "
         f"({seconds['rpo']:.0f} s): held-out preference accuracy {figures['rpo_preference_accuracy']['sft']:.0%} → "
         f"**{figures['rpo_preference_accuracy']['dpo']:.0%}**.",
         f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per training prompt "
@@ -198,8 +233,9 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         f"{seconds['rejection']:.0f} s): the kept replies score {figures['rejection_sampling']['mean_best_score']:.2f} "
         f"against {figures['rejection_sampling']['mean_score']:.2f} for all samples (selection gain "
         f"{figures['rejection_sampling']['selection_gain']:+.2f}).",
-        f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, per-token KL "
-        "penalty "
+        f"- PPO against the combined reward (LoRA, {trained.iterations} iterations of 32 rollouts, each rollout's "
+        "scores whitened as LLaMA-2 does, a reply cut at the token limit scored "
+        f"{PPO_STABILISERS['missing_eos_penalty']:g} lower, per-token KL penalty "
         f"β₀ {PPO_KL} adapted towards {PPO_TARGET_KL:g} nats per response, {seconds['ppo']:.0f} s): training reward "
         f"{ppo_figures['reward']['first']:.2f} → {ppo_figures['reward']['last']:.2f}, KL to the SFT model "
         f"{ppo_figures['kl']:.2f} nats per response. On held-out prompts, the mean reward of sampled replies "
@@ -234,7 +270,8 @@ def learnable_conclusion(flaws: dict[str, dict[str, float]]) -> str:
 
 def reward_model_conclusion(ranked: dict[str, float]) -> str:
     """What the helpfulness reward model's ranking of wrong values shows, from the measured shares."""
-    text = (f"A wrong value needs the person's fact: the SFT model's own likelihood ranks {ranked['sft_likelihood']:.0%} "
+    text = ("A wrong value needs the person's fact: the SFT model's own likelihood ranks "
+            f"{ranked['sft_likelihood']:.0%} "
             f"of the held-out pairs right. The reward model ranks {ranked['trained_pairs']:.0%} of its training pairs' "
             f"wrong values lower, {ranked['redrawn_pairs']:.0%} of new pairs drawn for the same people (questions and "
             f"wrong values drawn again) and {ranked['heldout_pairs']:.0%} of the held-out people's: ")
@@ -311,6 +348,12 @@ def flaw_accuracy(path: Path, scorers: dict[str, RewardScorer], sft: Session,
     return {flaw: lists for flaw, lists in out.items() if lists[0]}
 
 
+def reply_tokens(session: Session) -> int:
+    """New tokens for a sampled reply: room for the refusal, the longest demonstrated reply (some thirty
+    tokens of the demo's small tokenizer, twice an answer's), and its end of turn."""
+    return len(session.tokenizer.encode(REFUSAL)) + 4
+
+
 def heldout_prompts(world: World, seed: int) -> tuple[list[list[dict]], torch.Tensor]:
     """The held-out people's questions and red-team prompts as chats, and which prompts are risky."""
     qs, red_team = questions(world, "heldout", seed=seed), red_team_prompts(world, "heldout")
@@ -339,7 +382,7 @@ def sampled_reward(session: Session, sft: Session, world: World, scorers: dict[s
     """The mean combined reward of replies sampled at temperature 1 to the held-out prompts, and the mean KL
     from the SFT model per reply (log p_model - log p_SFT of each sampled reply: an unbiased estimate)."""
     chats, risky = heldout_prompts(world, seed)
-    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=seed,
+    params = SamplingParams(max_new_tokens=reply_tokens(sft), temperature=1.0, seed=seed,
                             stop_token_ids=session.greedy(1).stop_token_ids)
     prompts = [session.chat_prompt(c, reserve=params.max_new_tokens) for c in chats * samples]
     done = [c for start in range(0, len(prompts), 32)

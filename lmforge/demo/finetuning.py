@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 
 from lmforge.demo.common import change, greedy_chat_answers, mean
 from lmforge.eval.runner import evaluate
+from lmforge.io import read_jsonl
 from lmforge.generate.session import Session
 from lmforge.peft.method import AdapterConfig
-from lmforge.tokenizer import IM_END, IM_START
+from lmforge.tokenizer import IM_END, IM_START, Tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import RunDir, table_cell
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
 from lmforge.world.documents import questions, write_instruction_data
 from lmforge.world.people import World
-from lmforge.world.safety import write_safety_data
+from lmforge.world.safety import REFUSAL, write_safety_data
 from lmforge.world.tasks import world_task
 
 SAFETY_SHARE = 0.15  # weight of the safety demonstrations in the SFT mixture (the questions weigh 1)
@@ -40,7 +41,16 @@ class Finetuning:
     adapter: Path
 
 
-def train_sft(out: Path, world: World, model_dir: Path, steps: int, seed: int) -> tuple[SFTConfig, Path, float]:
+def unseen_tokens(tokenizer: Tokenizer, corpus: Path) -> list[str | int]:
+    """Tokens the SFT targets need that the pretraining `corpus` never holds, so their embedding and
+    output rows are still random: the chat markers, and the refusal's word pieces (its words are not in
+    the biographies). LoRA alone cannot make them likely; they train as PEFT's trainable tokens."""
+    seen = {token for text in read_jsonl(corpus) for token in tokenizer.encode(text)}
+    return [IM_START, IM_END, *sorted(set(tokenizer.encode(REFUSAL)) - seen)]
+
+
+def train_sft(out: Path, world: World, model_dir: Path, tokenizer: Tokenizer, steps: int,
+              seed: int) -> tuple[SFTConfig, Path, float]:
     """LoRA SFT on the training people's questions and the safety demonstrations; its adapter and seconds."""
     data = write_instruction_data(world, out / "world" / "sft.jsonl", "train", phrasings=2, seed=seed)
     safety = write_safety_data(world, out / "world" / "safety-sft.jsonl", "train")
@@ -48,8 +58,8 @@ def train_sft(out: Path, world: World, model_dir: Path, steps: int, seed: int) -
         out_dir=out / "sft", base=model_dir,
         data=SFTDataConfig(datasets=[DatasetSpec(path=data), DatasetSpec(path=safety, weight=SAFETY_SHARE)], max_len=96,
                            val_fraction=0.05),
-        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", trainable_tokens=[IM_START, IM_END],
-                              seed=seed),
+        adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear",
+                              trainable_tokens=unseen_tokens(tokenizer, out / "world" / "corpus.jsonl"), seed=seed),
         train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0,
                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed),
     )
@@ -60,7 +70,7 @@ def train_sft(out: Path, world: World, model_dir: Path, steps: int, seed: int) -
 
 def sft_stage(out: Path, world: World, model_dir: Path, base: Session, steps: int, seed: int) -> Finetuning:
     """LoRA instruction tuning on the training people's questions; exact match before and after."""
-    config, adapter, seconds = train_sft(out, world, model_dir, steps, seed)
+    config, adapter, seconds = train_sft(out, world, model_dir, base.tokenizer, steps, seed)
     tuned = Session.load(adapter)
     seen = questions(world, "train", seed=seed + 1)  # other phrasings than most of those trained on
     heldout = questions(world, "heldout", seed=seed)
@@ -72,8 +82,10 @@ def sft_stage(out: Path, world: World, model_dir: Path, base: Session, steps: in
     trainable = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
     lines = [
         "## Instruction tuning (LoRA)\n",
-        f"LoRA (rank 16 on every linear layer, plus the embedding and output rows of the chat markers "
-        f"`{IM_START}` and `{IM_END}`, which pretraining never saw: {trainable:,} parameters, "
+        "LoRA (rank 16 on every linear layer, plus the embedding and output rows of the tokens pretraining never "
+        f"wrote: the chat markers `{IM_START}` and `{IM_END}` and {len(config.adapter.trainable_tokens) - 2} of the "
+        f"refusal's word pieces, whose rows are still random and which LoRA alone leaves unlikely; {trainable:,} "
+        "parameters, "
         f"{trainable / base.model.num_parameters():.1%} of the model) on {len(questions(world, 'train', phrasings=2))} "
         "question/answer chats about the *training* people, mixed with safety demonstrations (requests for a "
         "private phone number answered with a refusal, harmless look-alikes answered; "

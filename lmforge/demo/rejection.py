@@ -1,6 +1,6 @@
 """The demo's rejection-sampling fine-tuning, LLaMA-2's first RLHF stage: K replies sampled per training prompt
-from the SFT model, the best by the combined reward (the safety model's score on risky prompts, LLaMA-2's
-combination) kept, and the SFT model fine-tuned on them."""
+from the SFT model beside its greedy reply, the best by the combined reward (the safety model's score on risky
+prompts, LLaMA-2's combination) kept, and the SFT model fine-tuned on them."""
 
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from lmforge.train.loop import TrainConfig
 from lmforge.train.sft import DatasetSpec
 
 SAMPLES = 4  # K replies per prompt
-TEMPERATURE, TOP_P = 0.7, 0.9
-# The SFT data replayed beside the kept replies (which weigh 1): this small SFT model's first reply token to a
-# risky prompt is nearly uniform (the refusal's "I" about 1%), so sampled candidates hold almost no refusals and
-# fine-tuning on the best of them alone unlearns refusing.
+TEMPERATURE, TOP_P = 1.0, 0.95  # below 1 the SFT model's K samples were mostly one reply (no choice to make)
+# The SFT data replayed beside the kept replies (which weigh 1), so that one round on the prompts of the
+# preference data does not wear off what SFT taught on the rest.
 REPLAY = {"sft.jsonl": 0.5, "safety-sft.jsonl": 0.15}
 
 
@@ -41,14 +40,15 @@ class CombinedScorer:
 
 
 def rejection_stage(out: Path, sft: Path, prompts: Path, scorers: dict[str, RewardScorer], reward: Path, steps: int,
-                    seed: int) -> tuple[Path, dict[str, Any]]:
+                    seed: int, max_new_tokens: int) -> tuple[Path, dict[str, Any]]:
     """One round of best-of-`SAMPLES` sampling on `prompts` (JSONL with `risky` flags) and LoRA fine-tuning of
     the SFT model on the kept replies, with the SFT data (`out/world/`) replayed, for `steps`; the adapter and
     the round's record (mean best score, mean score, selection gain)."""
     risky = {record["prompt"] for record in map(json.loads, prompts.read_text().splitlines()) if record.get("risky")}
     config = RejectionConfig(
         out_dir=out / "rejection", base=sft, prompts=prompts, reward=reward, rounds=1,
-        sampling=SamplingConfig(k=SAMPLES, max_new_tokens=24, temperature=TEMPERATURE, top_p=TOP_P, seed=seed),
+        sampling=SamplingConfig(k=SAMPLES, include_greedy=True, max_new_tokens=max_new_tokens,
+                                temperature=TEMPERATURE, top_p=TOP_P, seed=seed),
         sft=RoundSFTConfig(data=RoundData(datasets=[DatasetSpec(path=out / "world" / name, weight=weight)
                                                     for name, weight in REPLAY.items()], val_fraction=0.05, max_len=96),
                            adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear", seed=seed),

@@ -8,8 +8,8 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from lmforge.world.documents import Question, canonical_sentence, questions, write_jsonl
-from lmforge.world.people import ATTRIBUTES, Person, Split, World
+from lmforge.world.documents import QUESTIONS, Question, canonical_sentence, questions, write_jsonl
+from lmforge.world.people import ATTRIBUTES, FIRST_NAMES, LAST_NAMES, Person, Split, World, make_world
 from lmforge.world.safety import REFUSAL, red_team_prompts
 
 EVASIVE = ("I am not sure about that.", "I would rather not say.", "That is hard to know.")
@@ -39,35 +39,43 @@ FLAWS: dict[str, Flaw] = {
     "evasive": Flaw("helpful", "an evasive reply", True),
     "wrong_value": Flaw("helpful", "another person's value", False),
     "leak": Flaw("safety", "a phone-number leak", True),
+    "non_refusal": Flaw("safety", "the harmless look-alike's answer instead of a refusal", True),
+    "garbled": Flaw("safety", "garbled text instead of a refusal", True),
     "false_refusal": Flaw("safety", "a refusal of a harmless look-alike", True),
 }
 HELPFUL_FLAWS = tuple(flaw for flaw, f in FLAWS.items() if f.kind == "helpful")
 
 
-def preference_pairs(world: World, split: Split, *, seed: int = 0) -> list[dict]:
+def pair(prompt: str, chosen: str, rejected: str, flaw: str) -> dict:
+    """One preference record in TRL's conversational format, with its `kind` and `flaw`."""
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "kind": FLAWS[flaw].kind, "flaw": flaw}
+
+
+def preference_pairs(world: World, split: Split, *, seed: int = 0, every_flaw: bool = False) -> list[dict]:
     """Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected`, each a list
     of messages) with a `kind` and the rejected reply's `flaw` (one of `FLAWS`): "helpful" pairs
     prefer the true answer (the canonical sentence) to a reply with one of the helpful flaws, drawn
-    in equal shares (see `rejected_reply`); "safety" pairs prefer the refusal to a phone-number leak
-    on risky prompts, and the answer to a refusal on their harmless twins. Other people in rejected
+    in equal shares (see `rejected_reply`), or with each of them (`every_flaw`: seven pairs per
+    question); "safety" pairs prefer the refusal to a phone-number leak, to the harmless twin's
+    answer and to garbled text on risky prompts, and the answer to a refusal on the twins. Other people in rejected
     replies are of `split` too."""
     rng = random.Random(f"{world.seed}-preferences-{seed}")
     peers = [p for p in world.pretraining_people() if p.split == split]
-
-    def pair(prompt: str, chosen: str, rejected: str, flaw: str) -> dict:
-        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}], "kind": FLAWS[flaw].kind, "flaw": flaw}
-
     qs = questions(world, split, seed=seed)
-    flaws = [HELPFUL_FLAWS[i % len(HELPFUL_FLAWS)] for i in range(len(qs))]
-    rng.shuffle(flaws)
-    out = [pair(q.question, q.answer, rejected_reply(flaw, q, peers, rng), flaw) for q, flaw in zip(qs, flaws)]
-    for r in red_team_prompts(world, split):
-        if r.risky:
-            leak = f"{r.person}'s phone number is {world.person(r.person).phone}."
-            out.append(pair(r.prompt, REFUSAL, leak, "leak"))
-        else:
-            out.append(pair(r.prompt, r.reply, REFUSAL, "false_refusal"))
+    if every_flaw:
+        drawn = [(q, flaw) for q in qs for flaw in HELPFUL_FLAWS]
+    else:
+        flaws = [HELPFUL_FLAWS[i % len(HELPFUL_FLAWS)] for i in range(len(qs))]
+        rng.shuffle(flaws)
+        drawn = list(zip(qs, flaws))
+    out = [pair(q.question, q.answer, rejected_reply(flaw, q, peers, rng), flaw) for q, flaw in drawn]
+    red_team = red_team_prompts(world, split)
+    for risky, twin in zip(red_team[::2], red_team[1::2], strict=True):
+        leak = f"{risky.person}'s phone number is {world.person(risky.person).phone}."
+        out += [pair(risky.prompt, REFUSAL, leak, "leak"), pair(risky.prompt, REFUSAL, twin.reply, "non_refusal"),
+                pair(risky.prompt, REFUSAL, garbled(rng.choice(qs).answer, rng), "garbled"),
+                pair(twin.prompt, twin.reply, REFUSAL, "false_refusal")]
     rng.shuffle(out)
     return out
 
@@ -117,6 +125,40 @@ def rejected_reply(flaw: str, q: Question, peers: list[Person], rng: random.Rand
     raise ValueError(f"flaw must be one of {HELPFUL_FLAWS}, got {flaw!r}")
 
 
+def garbled(text: str, rng: random.Random) -> str:
+    """Word pieces of `text` in random order and spacing, as a small model's samples read when its
+    first token is off: "roix reolsen vingstho ..."."""
+    pieces = []
+    for _ in range(rng.randint(8, 16)):
+        start = rng.randrange(len(text))
+        pieces.append(text[start : start + rng.randint(2, 7)].strip() + rng.choice((" ", "", " ")))
+    return "".join(pieces).strip()
+
+
+def outsider_pairs(world: World, n: int, *, seed: int = 0) -> list[dict]:
+    """`n` "wrong_person" pairs about people outside `world` (names it does not use, from the same
+    pools, with made-up facts): a question about one of them, its canonical answer over the same
+    sentence about another outsider. Only the person tells the replies apart, and the names are
+    many, so a reward model trained on these learns to match the reply's person to the question's
+    instead of learning the world's few people by heart."""
+    taken = {p.name for p in world.people}
+    pool = make_world(seed=world.seed + 7919 * (seed + 1), n_people=min(len(FIRST_NAMES) * len(LAST_NAMES),
+                                                                           len(taken) + 2 * n))
+    people = [p for p in pool.people if p.name not in taken][:n]
+    if len(people) < 2:
+        raise ValueError("outsider pairs need two names the world does not use")
+    rng = random.Random(f"{world.seed}-outsiders-{seed}")
+    out = []
+    for person in people:
+        attribute = rng.choice(ATTRIBUTES)
+        other = rng.choice([p for p in people if p.name != person.name])
+        value = person.fact(attribute)
+        out.append(pair(rng.choice(QUESTIONS[attribute]).format(who=person.name),
+                        canonical_sentence(attribute, person.name, value),
+                        canonical_sentence(attribute, other.name, value), "wrong_person"))
+    return out
+
+
 def choose(rng: random.Random, people: list[Person], what: str) -> Person:
     """One of `people`, or a clear error when the split has none (a world too small for the pairs)."""
     if not people:
@@ -125,7 +167,7 @@ def choose(rng: random.Random, people: list[Person], what: str) -> Person:
 
 
 def write_preference_data(world: World, path: str | Path, split: Split = "train", *, kind: str | None = None,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, every_flaw: bool = False) -> Path:
     """Write `preference_pairs` (all, or one `kind`) as JSONL."""
-    pairs = preference_pairs(world, split, seed=seed)
+    pairs = preference_pairs(world, split, seed=seed, every_flaw=every_flaw)
     return write_jsonl(path, (p for p in pairs if kind is None or p["kind"] == kind))
