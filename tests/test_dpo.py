@@ -190,8 +190,8 @@ def test_dpo_raises_preference_accuracy_on_heldout_pairs(tmp_path, chat_base, wo
         "data": {"datasets": [{"path": str(qa)}], "max_len": MAX_LEN, "val_fraction": 0.0},
         "train": {"steps": 40, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 2, "log_every": 10,
                   "save_every": 1000}}))
-    path = recipe(tmp_path, sft_model, data, steps=100, micro_batch_size=8, grad_accum=1, eval_every=100,
-                  save_every=100, log_every=10)
+    path = recipe(tmp_path, sft_model, data, steps=200, micro_batch_size=8, grad_accum=1, eval_every=200,
+                  save_every=200, log_every=10)
     adapter = train_dpo(load_dpo_config(path, ["beta=0.05"]))
 
     tokenizer = Tokenizer.from_dir(sft_model)

@@ -240,8 +240,8 @@ def test_bad_recipes_name_the_field(tmp_path, chat_base):
 
 
 def test_held_out_pairwise_accuracy_on_the_world(tmp_path, chat_base):
-    """Train on the "train" people's pairs, score the "heldout" people's. Evasive answers and the
-    safety pairs need no knowledge of the people and are learned; a wrong value in place of the
+    """Train on the "train" people's pairs, score the "heldout" people's. Evasive answers, leaks and
+    false refusals need no knowledge of the people and are learned; a wrong value in place of the
     true one needs the person's facts, which this micro model (random weights) does not have."""
     world = make_world(0, n_people=30, n_companies=3, absent_fraction=0.0, heldout_fraction=0.3)
     train = write_preference_data(world, tmp_path / "train.jsonl", "train")
@@ -255,11 +255,11 @@ def test_held_out_pairwise_accuracy_on_the_world(tmp_path, chat_base):
     for pair, record in zip(read_pairs(heldout), map(json.loads, heldout.read_text().splitlines())):
         chosen_score, rejected_score = scorer.score([pair.prompt] * 2, [pair.chosen[0]["content"],
                                                                         pair.rejected[0]["content"]])
-        group = pair.kind if pair.kind == "safety" else record["flaw"]
+        group = record["flaw"]
         right.setdefault(group, []).append(chosen_score > rejected_score)
     accuracy = {group: sum(oks) / len(oks) for group, oks in right.items()}
     overall = sum(sum(oks) for oks in right.values()) / sum(map(len, right.values()))
     print(f"held-out pairwise accuracy {overall:.0%}: " + ", ".join(f"{g} {a:.0%} ({len(right[g])})"
                                                                for g, a in accuracy.items()))
-    assert accuracy["safety"] >= 0.95 and accuracy["evasive"] >= 0.95
+    assert min(accuracy[flaw] for flaw in ("leak", "false_refusal", "evasive")) >= 0.95
     assert metrics(tmp_path / "out")[-1]["val_accuracy"] == pytest.approx(overall)

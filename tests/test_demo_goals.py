@@ -1,0 +1,58 @@
+"""The demo's alignment goals are computed from the measured figures: each goal's `met` follows its
+threshold, checked here on figures made up at both sides of it."""
+
+from __future__ import annotations
+
+import copy
+
+from lmforge.demo.alignment_goals import alignment_goals, goals_table
+from lmforge.world.preferences import FLAWS
+
+MODEL = {"held_out_em": 0.20, "refusal_rate": 0.90, "false_refusal_rate": 0.0, "mean_reward_greedy": 0.0,
+         "mean_reward_sampled": -1.0, "kl_to_sft": 0.0}
+
+
+def figures() -> dict:
+    better = MODEL | {"mean_reward_greedy": 0.2, "mean_reward_sampled": -0.8, "kl_to_sft": 0.5}
+    return {"flaws": {flaw: {"reward_model": 0.5 if not f.learnable else 0.95} for flaw, f in FLAWS.items()},
+            "models": {"SFT": dict(MODEL), "SFT + DPO + RPO": dict(better), "SFT + PPO": dict(better),
+                       "SFT + rejection sampling": dict(better)},
+            "rpo_preference_accuracy": {"sft": 0.96, "dpo": 0.97}}
+
+
+def met(f: dict) -> dict[str, bool]:
+    return {g.goal: g.met for g in alignment_goals(f, target_kl=1.0)}
+
+
+def test_all_goals_met_on_figures_that_meet_them():
+    goals = alignment_goals(figures(), target_kl=1.0)
+    assert len(goals) == 11 and all(g.met for g in goals)
+    assert goals_table(goals).startswith("Goals met: 11 of 11.")
+
+
+def test_each_goal_fails_past_its_threshold():
+    base = met(figures())
+    cases = [
+        (("flaws", "wrong_person", "reward_model"), 0.89, "reward models"),
+        (("models", "SFT + DPO + RPO", "refusal_rate"), 0.84, "DPO + RPO: refusal rate"),
+        (("models", "SFT + PPO", "held_out_em"), 0.17, "PPO: held-out exact match"),
+        (("models", "SFT + DPO + RPO", "false_refusal_rate"), 0.06, "DPO + RPO: false refusals"),
+        (("rpo_preference_accuracy", "dpo"), 0.96, "DPO + RPO: held-out preference"),
+        (("models", "SFT + PPO", "mean_reward_sampled"), -0.96, "PPO: mean reward of sampled"),
+        (("models", "SFT + PPO", "kl_to_sft"), 2.1, "PPO: KL"),
+        (("models", "SFT + rejection sampling", "mean_reward_greedy"), 0.04, "rejection sampling"),
+    ]
+    for path, value, goal in cases:
+        f = copy.deepcopy(figures())
+        *parents, key = path
+        node = f
+        for p in parents:
+            node = node[p]
+        node[key] = value
+        failed = [g for g, ok in met(f).items() if not ok]
+        assert len(failed) == 1 and failed[0].startswith(goal), (path, failed)
+    assert all(base.values())
+    # the thresholds themselves are met: 5 points of refusals and 2 of exact match may be lost
+    f = copy.deepcopy(figures())
+    f["models"]["SFT + DPO + RPO"] |= {"refusal_rate": 0.85, "held_out_em": 0.18}
+    assert all(met(f).values())
