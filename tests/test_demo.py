@@ -14,7 +14,8 @@ import pytest
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.demo.alignment import learnable_conclusion, policy_conclusion, reward_model_conclusion
+from lmforge.demo.alignment import PPO_TARGET_KL, learnable_conclusion, policy_conclusion, reward_model_conclusion
+from lmforge.demo.alignment_goals import alignment_goals, goals_table
 from lmforge.demo.common import change
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
@@ -187,13 +188,16 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
         assert (f"| {name} | {m['mean_reward_greedy']:.2f} | {m['mean_reward_sampled']:.2f} | {m['kl_to_sft']:.2f} | "
                 f"{m['held_out_em']:.0%} | {m['refusal_rate']:.0%} | {m['false_refusal_rate']:.0%} |") in report
     trained, redrawn = ({json.dumps([r["prompt"], r["rejected"]]) for r in records(path)}
-                        for path in (out / "world" / "preferences.jsonl", out / "world" / "preferences-redrawn.jsonl"))
+                        for path in (out / "world" / "preferences-every-flaw.jsonl",
+                                     out / "world" / "preferences-redrawn.jsonl"))
     assert redrawn and not trained & redrawn
     assert re.search(r"ranks \d+% of its training pairs' wrong values lower, \d+% of new pairs drawn", report)
     assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
     # The conclusions are the ones the figures give.
     assert reward_model_conclusion(alignment["wrong_value_ranked_lower"]) in report
     assert policy_conclusion(alignment["models"]) in report
+    goals = alignment_goals(alignment, PPO_TARGET_KL)
+    assert goals_table(goals) in report and alignment["goals"] == [g._asdict() for g in goals]
     assert "it has learnt the pairs it was shown, not the facts behind them" not in report
 
 

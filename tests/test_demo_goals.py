@@ -14,7 +14,9 @@ MODEL = {"held_out_em": 0.20, "refusal_rate": 0.90, "false_refusal_rate": 0.0, "
 
 def figures() -> dict:
     better = MODEL | {"mean_reward_greedy": 0.2, "mean_reward_sampled": -0.8, "kl_to_sft": 0.5}
-    return {"flaws": {flaw: {"reward_model": 0.5 if not f.learnable else 0.95} for flaw, f in FLAWS.items()},
+    return {"flaws": {flaw: {"reward_model": 0.5 if not f.learnable else 0.95, "sft_likelihood": 0.9}
+                      for flaw, f in FLAWS.items()},
+            "ppo": {"reward": {"first": -1.0, "last": 0.5}}, "rejection_sampling": {"selection_gain": 1.0},
             "models": {"SFT": dict(MODEL), "SFT + DPO + RPO": dict(better), "SFT + PPO": dict(better),
                        "SFT + rejection sampling": dict(better)},
             "rpo_preference_accuracy": {"sft": 0.96, "dpo": 0.97}}
@@ -52,6 +54,9 @@ def test_each_goal_fails_past_its_threshold():
         failed = [g for g, ok in met(f).items() if not ok]
         assert len(failed) == 1 and failed[0].startswith(goal), (path, failed)
     assert all(base.values())
+    learnable = sum(f.learnable for f in FLAWS.values())
+    assert f"**no**: 1 of {learnable} kinds below" in goals_table(alignment_goals(
+        figures() | {"flaws": {**figures()["flaws"], "cut_off": {"reward_model": 0.8, "sft_likelihood": 1.0}}}, 1.0))
     # the thresholds themselves are met: 5 points of refusals and 2 of exact match may be lost
     f = copy.deepcopy(figures())
     f["models"]["SFT + DPO + RPO"] |= {"refusal_rate": 0.85, "held_out_em": 0.18}
