@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from chat_data import write_jsonl
 
+from lmforge.align.reward import RewardScorer
 from lmforge.cli import main
 from lmforge.world.documents import questions
 from lmforge.world.people import make_world
@@ -37,8 +38,13 @@ def test_align_journey(tmp_path, sharp_base):
     assert main(["reward", "--config", str(CONFIGS / "reward-tiny.yaml"), f"base={sharp_base}", f"out_dir={rm}",
                  f"data.train_path={pairs}", f"data.val_path={heldout}", "data.max_len=128", "train.steps=30",
                  "train.lr=1e-3", "train.eval_every=30", *train]) == 0
-    val = [r for r in records(rm / "metrics.jsonl") if "val_accuracy" in r][-1]
-    assert val["val_accuracy_safety"] >= 0.9  # refusals over leaks need no knowledge of the people
+    # refusals over leaks and over garbled text need no knowledge of the people (nor reading the prompt)
+    scorer = RewardScorer.load(rm / "model")
+    plain = [p for p in records(heldout) if p["flaw"] in ("leak", "garbled")]
+    chosen, rejected = (scorer.score([p["prompt"] for p in plain], [p[key][0]["content"] for p in plain])
+                        for key in ("chosen", "rejected"))
+    print("refusal ranked higher:", [(p["flaw"], c > r) for p, c, r in zip(plain, chosen, rejected)])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(plain) >= 0.9
 
     ppo = tmp_path / "ppo"
     assert main(["ppo", "--config", str(CONFIGS / "ppo-tiny.yaml"), f"policy={sharp_base}", f"reward={rm / 'model'}",
