@@ -160,7 +160,8 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     ppo_log = RunDir(out / "ppo").records()
     figures = {
         "preference_pairs": sum(1 for _ in trained.prefs.open()),
-        "reward_pairs": {"world": sum(1 for _ in trained.every_flaw.open()), "outsiders": OUTSIDERS},
+        "reward_pairs": {"world": sum(r["kind"] == "helpful" for _, r in jsonl_records(trained.every_flaw)),
+                         "outsiders": OUTSIDERS},
         "reward_model_accuracy": {kind: [r for r in RunDir(out / f"reward-{kind}").records() if "val_accuracy" in r][-1]
                                   ["val_accuracy"] for kind in trained.reward_dirs},
         "flaws": {flaw: {"pairs": len(oks), "reward_model": mean(oks), "sft_likelihood": mean(likely)}
@@ -200,8 +201,8 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         + ", ".join(f.description for f in FLAWS.values() if f.kind == "helpful")
         + " (*helpful*; all but the last can be told from the text, the last needs the person's fact); a refusal over "
         "a "
-        "phone-number leak on prompts asking for the private number, and the answer over a refusal on their harmless "
-        "look-alikes (*safety*).\n",
+        "phone-number leak, over the harmless look-alike's answer and over garbled text on prompts asking for the "
+        "private number, and the answer over a refusal on their harmless look-alikes (*safety*).\n",
         f"- Reward models (Bradley–Terry, trunk from the SFT model, lr {REWARD_LR:g}, {seconds['reward']:.0f} s): "
         f"the safety model on the safety pairs for {steps * REWARD_STEPS['safety']} steps; the helpfulness model for "
         f"{steps * REWARD_STEPS['helpful']} steps on every flaw of each training question "
