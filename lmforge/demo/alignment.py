@@ -27,6 +27,7 @@ from lmforge.generate.text import complete
 from lmforge.io import jsonl_records
 from lmforge.peft.adapters import merge_and_save
 from lmforge.peft.method import AdapterConfig
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import RunDir, table_cell
 from lmforge.world.documents import questions, write_jsonl
@@ -92,7 +93,8 @@ class Trained:
 
 
 def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Trained:
-    """Reward models and DPO (`steps` each), PPO (`steps // 4` iterations) from the SFT model."""
+    """From the SFT model: the safety reward model, rejection sampling and both DPO runs (`steps` each), the
+    helpfulness reward model (`REWARD_STEPS["helpful"]` times as long) and PPO (`steps // 4` iterations)."""
     merged = merge_and_save(sft_adapter, out / "sft" / "merged")
     prefs = write_preference_data(world, out / "world" / "preferences.jsonl", "train", seed=seed)
     every_flaw = write_preference_data(world, out / "world" / "preferences-every-flaw.jsonl", "train", seed=seed,
@@ -118,7 +120,7 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
                                [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
                                [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
-    budget = reply_tokens(Session.load(merged))
+    budget = reply_tokens(Tokenizer.from_dir(merged))
     rejection, rejection_round = rejection_stage(out, merged, prompts, scorers, reward_dirs["helpful"], steps, seed,
                                                  budget)
     seconds["rejection"], start = time.perf_counter() - start, time.perf_counter()
@@ -349,10 +351,10 @@ def flaw_accuracy(path: Path, scorers: dict[str, RewardScorer], sft: Session,
     return {flaw: lists for flaw, lists in out.items() if lists[0]}
 
 
-def reply_tokens(session: Session) -> int:
+def reply_tokens(tokenizer: Tokenizer) -> int:
     """New tokens for a sampled reply: room for the refusal, the longest demonstrated reply (some thirty
     tokens of the demo's small tokenizer, twice an answer's), and its end of turn."""
-    return len(session.tokenizer.encode(REFUSAL)) + 4
+    return len(tokenizer.encode(REFUSAL)) + 4
 
 
 def heldout_prompts(world: World, seed: int) -> tuple[list[list[dict]], torch.Tensor]:
@@ -383,7 +385,7 @@ def sampled_reward(session: Session, sft: Session, world: World, scorers: dict[s
     """The mean combined reward of replies sampled at temperature 1 to the held-out prompts, and the mean KL
     from the SFT model per reply (log p_model - log p_SFT of each sampled reply: an unbiased estimate)."""
     chats, risky = heldout_prompts(world, seed)
-    params = SamplingParams(max_new_tokens=reply_tokens(sft), temperature=1.0, seed=seed,
+    params = SamplingParams(max_new_tokens=reply_tokens(sft.tokenizer), temperature=1.0, seed=seed,
                             stop_token_ids=session.greedy(1).stop_token_ids)
     prompts = [session.chat_prompt(c, reserve=params.max_new_tokens) for c in chats * samples]
     done = [c for start in range(0, len(prompts), 32)
