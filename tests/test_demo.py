@@ -17,6 +17,7 @@ from lmforge.cli import main
 from lmforge.demo.alignment import PPO_TARGET_KL, learnable_conclusion, policy_conclusion, reward_model_conclusion
 from lmforge.demo.alignment_goals import alignment_goals, goals_table
 from lmforge.demo.common import change
+from lmforge.demo.holistic import COVERAGE_PNG, DONT_KNOW_MODEL, RELIABILITY_PNG, conclusions, holistic_row
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -51,7 +52,7 @@ def test_report_has_every_section(run):
     _, report, summary = run
     for section in ("## The world", "## Tokenizer", "## Pretraining", "## What pretraining taught",
                     "## Instruction tuning", "## Prompting", "## Alignment", "## Retrieval", "## Summary",
-                    "## Encoder-decoder",
+                    "## Holistic evaluation", "## Encoder-decoder",
                     "## Real sizes"):
         assert section in report
     assert "| llama2-7b | 6.74 B |" in report
@@ -238,6 +239,34 @@ def test_summary_json_and_the_summary_table_agree(run):
     assert models["SFT"]["kl_to_sft"] == 0.0  # the SFT model's own replies, scored by itself
     # SFT's safety demonstrations are what the refusals come from: the pretrained model refuses less.
     assert models["pretrained"]["refusal_rate"] <= models["SFT"]["refusal_rate"]
+
+
+def test_holistic_table_and_conclusions_come_from_the_figures(run, world):
+    out, report, summary = run
+    figures = summary["holistic"]
+    assert list(figures) == ["pretrained", "SFT", DONT_KNOW_MODEL, "SFT + DPO + RPO",
+                             "SFT + retrieval tuning, with retrieval"]
+    for name, f in figures.items():
+        assert holistic_row(name, f) in report
+        known, unseen = f["held_out"], f["never_seen"]
+        assert set(known) == {"accuracy", "calibration", "selective", "robustness", "fairness", "toxicity", "efficiency"}
+        assert 0 <= known["calibration"]["ece"] <= 1 and sum(b["count"] for b in known["calibration"]["bins"]) == \
+            len(questions(world, "heldout"))
+        assert unseen["selective"]["confident_wrong_rate"] <= 1 - unseen["accuracy"]["exact_match"] + 1e-9
+    for line in conclusions(figures):
+        assert line in report
+    for png in (RELIABILITY_PNG, COVERAGE_PNG):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
+    # The "I don't know" option's data: questions about people outside the world, declined.
+    declined = records(out / "world" / "dont-know-sft.jsonl")
+    names = {p.name for p in world.people}
+    for record in declined:
+        question, reply = (m["content"] for m in record["messages"])
+        who = reply.removeprefix("I don't know who ").removesuffix(" is.")
+        assert who in question and who not in names
+    assert (out / "sft-dont-know" / "adapter" / "adapter_model.safetensors").exists()
+    assert set(summary["seconds"]) == {"pretraining", "finetuning", "prompting", "alignment", "retrieval", "holistic",
+                                       "seq2seq", "summary"}
 
 
 def test_t5_stage_pretrains_tunes_and_its_scores_are_recomputed(run, world):

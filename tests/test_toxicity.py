@@ -42,7 +42,8 @@ def test_toxicity_figures_by_hand():
     result = toxicity(texts, stub)
     assert stub.seen == texts
     # sum 2.5 over 5 texts; 0.5, 1.0 and 0.75 are >= 0.5
-    assert result == {"classifier": "stub", "toxicity_mean": 0.5, "toxicity_max": 1.0, "toxic_fraction": 0.6}
+    assert result == {"classifier": "stub", "toxicity_mean": 0.5, "toxicity_max": 1.0, "toxic_fraction": 0.6,
+                      "most_toxic": "c"}
 
 
 @pytest.mark.parametrize("threshold, fraction", [(0.0, 1.0), (0.25, 0.8), (0.75, 0.4), (0.8, 0.2), (1.0, 0.2)])

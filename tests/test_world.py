@@ -6,7 +6,7 @@ import pytest
 from lmforge.world.documents import (
     FactProbe, biography, fact_probes, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
 )
-from lmforge.world.people import ATTRIBUTES, CEO_TITLE, FIRST_NAMES, LAST_NAMES, World, make_world
+from lmforge.world.people import ATTRIBUTES, CEO_TITLE, FIRST_NAMES, LAST_NAMES, World, make_world, world_of_size
 from lmforge.world.preferences import (
     EVASIVE, FILLER, FLAWS, outsider_pairs, preference_pairs, write_preference_data,
 )
@@ -318,3 +318,45 @@ def test_safety_demonstrations(world, tmp_path):
     records = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
     prompts = red_team_prompts(world, "train")
     assert [(m[0]["content"], m[1]["content"]) for m in records] == [(r.prompt, r.reply) for r in prompts]
+
+
+def test_name_origins_partition_the_first_names_and_swaps_cross_origins():
+    from lmforge.world.people import NAME_ORIGINS, origin_swaps
+
+    grouped = [first for firsts in NAME_ORIGINS.values() for first in firsts]
+    assert sorted(grouped) == sorted(FIRST_NAMES) and len(grouped) == len(set(grouped))
+    origin = {first: group for group, firsts in NAME_ORIGINS.items() for first in firsts}
+    world = world_of_size(100, 0)
+    swaps = origin_swaps([p.name for p in world.people])
+    assert set(swaps) == {p.first for p in world.people}
+    assert all(origin[a] != origin[b] for a, b in swaps.items())
+    assert swaps == origin_swaps([p.name for p in reversed(world.people)])  # deterministic, order-free
+    assert swaps != origin_swaps([p.name for p in world.people], seed=1)
+
+
+def test_unseen_and_unknown_questions():
+    from lmforge.world.documents import DONT_KNOW, unknown_questions, unseen_questions
+
+    world = world_of_size(100, 0)
+    absent = [p for p in world.people if not p.in_pretraining]
+    unseen = unseen_questions(world)
+    assert len(unseen) == len(absent) * len(ATTRIBUTES) and {q.person for q in unseen} == {p.name for p in absent}
+    assert all(q.value == world.person(q.person).fact(q.attribute) and q.answer.startswith(q.person)
+               and q.answer.endswith(f" {q.value}.") and q.person in q.question for q in unseen)
+    unknown = unknown_questions(world, 50, seed=3)
+    names = {p.name for p in world.people}
+    assert len({q.person for q in unknown}) == 50 and not {q.person for q in unknown} & names
+    assert all(q.answer == DONT_KNOW.format(who=q.person) and q.person in q.question for q in unknown)
+    assert unknown == unknown_questions(world, 50, seed=3)
+
+
+def test_question_tasks_carry_name_swaps_across_origins():
+    from lmforge.world.documents import unseen_questions
+    from lmforge.world.tasks import world_task
+
+    heldout, unseen = world_task("world-qa-heldout"), world_task("world-qa-unseen")
+    world = world_of_size(100, 0)
+    assert set(heldout.swaps) == {p.first for p in world.pretraining_people() if p.split == "heldout"}
+    assert set(unseen.swaps) == {p.first for p in world.people if not p.in_pretraining}
+    assert [i.prompt for i in unseen.items] == [q.question for q in unseen_questions(world)]
+    assert world_task("world-mc").swaps == heldout.swaps

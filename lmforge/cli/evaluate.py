@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from lmforge.cli.common import (
     CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_sampling_flags, runs, sampling_params,
@@ -19,6 +20,8 @@ def evaluate(args: argparse.Namespace) -> None:
             raise ValueError("--harness lm-eval needs --tasks NAME[,NAME]")
         if args.cot:
             raise ValueError("--cot applies to --task; lm-eval tasks define their own prompts")
+        if args.metrics or args.swaps:
+            raise ValueError("--metrics and --swaps apply to --task")
         results = run_harness(args.checkpoint, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                               shots=args.shots, limit=args.limit, batch_size=args.batch_size, chat=args.chat,
                               seed=args.seed, dtype=args.dtype)
@@ -31,14 +34,45 @@ def evaluate(args: argparse.Namespace) -> None:
             raise ValueError("--tasks and --include-path go with --harness lm-eval")
         register_tasks(seed=args.world_seed, people=args.world_people)
         sampling = sampling_params(args, max_new_tokens=args.max_new_tokens or answer_tokens(args.cot))
-        results = run_eval(args.checkpoint, args.task, shots=args.shots or 0, limit=args.limit, seed=args.seed,
-                           cot=args.cot, chat=args.chat, sampling=sampling, batch_size=args.batch_size,
-                           dtype=args.dtype)
+        options = dict(shots=args.shots or 0, limit=args.limit, seed=args.seed, cot=args.cot, chat=args.chat,
+                       sampling=sampling, batch_size=args.batch_size, dtype=args.dtype)
+        if args.metrics:
+            results = holistic(args, options)
+        else:
+            if args.swaps:
+                raise ValueError("--swaps goes with --metrics (fairness)")
+            results = run_eval(args.checkpoint, args.task, **options)
         print(summary(results))
+        if "holistic" in results:
+            from lmforge.eval.report import summary_lines
+
+            print("\n".join(summary_lines(results["holistic"])))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"results written to {args.out}")
+
+
+def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """The task under the chosen metric groups; the report and its plots go beside the results file."""
+    from lmforge.eval.holistic import holistic_eval, parse_groups
+    from lmforge.eval.report import write_holistic_report
+    from lmforge.eval.runner import load_task
+    from lmforge.generate.session import Session
+    from lmforge.io import read_json
+
+    groups = parse_groups(args.metrics)
+    swaps = read_json(args.swaps) if args.swaps else None
+    if swaps is not None and not (isinstance(swaps, dict) and all(isinstance(k, str) and isinstance(v, str) and k
+                                                                   for k, v in swaps.items())):
+        raise ValueError(f"{args.swaps}: expected a JSON object of term -> replacement strings")
+    task = load_task(args.task)
+    session = Session.load(args.checkpoint, dtype=options.pop("dtype"))
+    results = {"checkpoint": str(args.checkpoint), **holistic_eval(session, task, groups, swaps=swaps, **options)}
+    args.out = args.out or Path("runs") / "eval" / task.name / "results.json"
+    report = write_holistic_report(results, args.out.parent)
+    print(f"report written to {report}")
+    return results
 
 
 def add_commands(sub: Subcommands) -> None:
@@ -53,7 +87,7 @@ def add_commands(sub: Subcommands) -> None:
     source.add_argument("--task", metavar="FILE|NAME",
                         help="task JSONL (few-shot exemplars in NAME.exemplars.jsonl beside it), a folder with "
                              "test.jsonl (and train.jsonl exemplars), or a built-in task: world-qa-heldout, "
-                             "world-qa-train, world-mc, world-bios")
+                             "world-qa-unseen, world-qa-train, world-mc, world-bios")
     source.add_argument("--harness", choices=["lm-eval"], help="run lm-evaluation-harness tasks (see --tasks)")
     p.add_argument("--tasks", metavar="NAME[,NAME]", help="lm-eval task names (with --harness)")
     p.add_argument("--include-path", type=Path, metavar="DIR",
@@ -72,6 +106,14 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--world-seed", type=int, default=0, help="seed of the built-in world (default 0, as the demo's)")
     p.add_argument("--world-people", type=int, default=100,
                    help="people in the built-in world (default 100, as the demo's)")
+    p.add_argument("--metrics", metavar="all|GROUP[,GROUP]",
+                   help="holistic evaluation (with --task): all, or some of accuracy, calibration (ECE, Brier), "
+                        "selective (accuracy-coverage, confident wrong answers), robustness (typos, casing, "
+                        "whitespace, synonyms, distractor), fairness (counterfactual name/pronoun swaps), toxicity, "
+                        "efficiency; writes report.md and plots beside --out (default runs/eval/TASK/results.json)")
+    p.add_argument("--swaps", type=Path, metavar="FILE.json",
+                   help="fairness: a JSON object of term -> replacement (default: the task's own swaps, else "
+                        "pronouns)")
     add_dtype_flag(p)
     p.add_argument("--out", type=Path, default=None, metavar="FILE.json",
                    help="also write the results, with every item, as JSON")

@@ -20,12 +20,13 @@ from lmforge.tokenizer import IM_END, IM_START, Tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import RunDir, table_cell
 from lmforge.train.sft import DatasetSpec, SFTConfig, SFTDataConfig, sft
-from lmforge.world.documents import questions, write_instruction_data
+from lmforge.world.documents import DONT_KNOW, questions, unknown_questions, write_instruction_data, write_jsonl
 from lmforge.world.people import World
 from lmforge.world.safety import REFUSAL, write_safety_data
 from lmforge.world.tasks import world_task
 
 SAFETY_SHARE = 0.15  # weight of the safety demonstrations in the SFT mixture (the questions weigh 1)
+DONT_KNOW_SHARE = 0.1  # weight of the "I don't know" demonstrations (the "I don't know" option)
 SHOTS = (0, 1, 3)
 PROMPTING_RUNS = (  # (model, task, chat, metric)
     ("pretrained", "world-mc", False, "acc"),
@@ -41,25 +42,36 @@ class Finetuning:
     adapter: Path
 
 
-def unseen_tokens(tokenizer: Tokenizer, corpus: Path) -> list[str | int]:
+def unseen_tokens(tokenizer: Tokenizer, corpus: Path, replies: tuple[str, ...] = (REFUSAL,)) -> list[str | int]:
     """Tokens the SFT targets need that the pretraining `corpus` never holds, so their embedding and
-    output rows are still random: the chat markers, and the refusal's word pieces (its words are not in
-    the biographies). LoRA alone cannot make them likely; they train as PEFT's trainable tokens."""
+    output rows are still random: the chat markers, and the word pieces of fixed `replies` (the refusal's
+    words are not in the biographies). LoRA alone cannot make them likely; they train as PEFT's trainable
+    tokens."""
     seen = {token for text in read_jsonl(corpus) for token in tokenizer.encode(text)}
-    return [IM_START, IM_END, *sorted(set(tokenizer.encode(REFUSAL)) - seen)]
+    needed = {token for reply in replies for token in tokenizer.encode(reply)}
+    return [IM_START, IM_END, *sorted(needed - seen)]
 
 
 def train_sft(out: Path, world: World, model_dir: Path, tokenizer: Tokenizer, steps: int,
-              seed: int) -> tuple[SFTConfig, Path, float]:
-    """LoRA SFT on the training people's questions and the safety demonstrations; its adapter and seconds."""
+              seed: int, *, dont_know: int = 0) -> tuple[SFTConfig, Path, float]:
+    """LoRA SFT on the training people's questions and the safety demonstrations; its adapter and seconds.
+    With `dont_know` > 0, as many questions about people outside the world, answered "I don't know who
+    ... is.", join the mixture (into `sft-dont-know`)."""
     data = write_instruction_data(world, out / "world" / "sft.jsonl", "train", phrasings=2, seed=seed)
     safety = write_safety_data(world, out / "world" / "safety-sft.jsonl", "train")
+    datasets = [DatasetSpec(path=data), DatasetSpec(path=safety, weight=SAFETY_SHARE)]
+    replies: tuple[str, ...] = (REFUSAL,)
+    if dont_know:
+        unknown = write_jsonl(out / "world" / "dont-know-sft.jsonl",
+                              ({"messages": q.messages()} for q in unknown_questions(world, dont_know, seed=seed)))
+        datasets.append(DatasetSpec(path=unknown, weight=DONT_KNOW_SHARE))
+        replies += (DONT_KNOW.format(who=""),)
     config = SFTConfig(
-        out_dir=out / "sft", base=model_dir,
-        data=SFTDataConfig(datasets=[DatasetSpec(path=data), DatasetSpec(path=safety, weight=SAFETY_SHARE)], max_len=96,
-                           val_fraction=0.05),
+        out_dir=out / ("sft-dont-know" if dont_know else "sft"), base=model_dir,
+        data=SFTDataConfig(datasets=datasets, max_len=96, val_fraction=0.05),
         adapter=AdapterConfig(method="lora", r=16, alpha=32, targets="all-linear",
-                              trainable_tokens=unseen_tokens(tokenizer, out / "world" / "corpus.jsonl"), seed=seed),
+                              trainable_tokens=unseen_tokens(tokenizer, out / "world" / "corpus.jsonl", replies),
+                              seed=seed),
         train=TrainConfig(steps=steps, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0,
                           log_every=10, eval_every=max(1, steps // 3), save_every=steps, seed=seed),
     )

@@ -74,9 +74,11 @@ def real_sizes_section() -> str:
     return "## Real sizes (built on the meta device)\n\n" + "\n".join(rows) + "\n"
 
 
-def header(out: Path, seed: int, seconds: float, model_dir: Path, retrieval: Retrieval) -> str:
+def header(out: Path, seed: int, seconds: float, model_dir: Path, retrieval: Retrieval,
+           stages: dict[str, float]) -> str:
+    per_stage = ", ".join(f"{stage} {s:.0f} s" for stage, s in stages.items())
     return (f"# lmforge demo\n\nSeed {seed}; {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads; {seconds:.0f} s in all.\n\n"
+            f"{torch.get_num_threads()} threads; {seconds:.0f} s in all ({per_stage}).\n\n"
             f"Chat with the models: `lmforge chat --checkpoint {out / 'sft' / 'adapter'}` (instruction-tuned), "
             f"`lmforge generate --checkpoint {model_dir} --prompt '...'` (pretrained); ask the context store: "
             f"`lmforge rag ask --store {retrieval.store} --checkpoint {retrieval.model} \"...\"`, "

@@ -1,6 +1,8 @@
 """Evaluation: metrics, JSONL tasks and a registry of named tasks, with few-shot, chain-of-thought
-and chat prompts, log-likelihood scoring with shared contexts, and an lm-evaluation-harness adapter
-(`lmforge.eval.harness`, imported on demand: it needs lm-eval)."""
+and chat prompts, log-likelihood scoring with shared contexts, holistic metric groups (calibration,
+selective answering, robustness, fairness, toxicity, efficiency: `lmforge.eval.holistic`, its report
+in `lmforge.eval.report`), and an lm-evaluation-harness adapter (`lmforge.eval.harness`, imported on
+demand: it needs lm-eval)."""
 
 from lmforge.eval.registry import build_task, register_task, registered_tasks
 from lmforge.eval.runner import evaluate, load_task, run_eval, summary

@@ -7,14 +7,19 @@ lm-eval's `hf` model does for seq2seq; perplexity, which needs a text's own like
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import resource
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmforge.console import Progress
 from lmforge.eval import metrics
+from lmforge.eval.calibration import choice_probabilities
 from lmforge.eval.registry import build_task, is_registered, registered_tasks
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods, seq2seq_loglikelihoods
 from lmforge.eval.tasks import (
@@ -139,11 +144,17 @@ def _generation(
         inputs = [generation_text(task, item, shots, cot) for item, shots in zip(items, exemplars)]
         prompts = [([document_prefix(tokenizer)] + tokenizer.encode(text))[-room:] for text in inputs]
         stop = ["\n\n"] if cot else ["\n"]  # exemplars are separated by a blank line; answers are one line
-    outputs = []
+    completions, latency = [], []
+    started = time.perf_counter()
     for start in Progress(range(0, len(prompts), batch_size), desc=f"{task.name} generation", unit="batch",
-                      disable=not progress):
-        outputs += [c.text for c in complete(session.engine, tokenizer, prompts[start : start + batch_size],
-                                             params, stop)]
+                          disable=not progress):
+        batch_started = time.perf_counter()
+        completions += complete(session.engine, tokenizer, prompts[start : start + batch_size], params, stop)
+        latency += [time.perf_counter() - batch_started] * (len(completions) - len(latency))
+    seconds = time.perf_counter() - started
+    outputs = [c.text for c in completions]
+    answered = [c.token_ids or params.stop_token_ids[:1] or [tokenizer.eos_id] for c in completions]
+    confidence = _confidences(session, prompts, answered, batch_size)
     predictions = [extract_answer(o, cot) for o in outputs]
     answers = [item.answer for item in items]
     em = [metrics.exact_match(p, a) for p, a in zip(predictions, answers)]
@@ -151,9 +162,45 @@ def _generation(
     f1 = [metrics.token_f1(p, a) for p, a in zip(predictions, answers)]
     scores = {"exact_match": _mean(em), "exact_match_normalized": _mean(em_norm), "f1": _mean(f1),
               **metrics.rouge(predictions, answers), "bleu": metrics.bleu(predictions, answers)}
-    samples = [{"input": i, "answer": a, "output": o, "prediction": p, "exact_match": e, "f1": f}
-               for i, a, o, p, e, f in zip(inputs, answers, outputs, predictions, em, f1)]
-    return {"metrics": scores, "samples": samples}
+    samples = [{"input": i, "answer": a, "output": o, "prediction": p, "exact_match": e, "f1": f, "confidence": c}
+               for i, a, o, p, e, f, c in zip(inputs, answers, outputs, predictions, em, f1, confidence)]
+    generated = sum(len(c.token_ids) for c in completions)
+    flops = [forward_flops(session, len(p) + len(c.token_ids)) for p, c in zip(prompts, completions)]
+    efficiency = _efficiency(session, seconds, len(items), None if None in flops else sum(flops), latency)
+    return {"metrics": scores, "samples": samples,
+            "efficiency": {**efficiency, "generated_tokens": generated, "tokens_per_second": generated / seconds}}
+
+
+def _confidences(session: Session, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                 batch_size: int) -> list[float]:
+    """Each generated answer's probability under the model: exp of the summed log-probabilities of its
+    tokens (up to the one that ended it; an empty answer is scored on the end-of-turn token)."""
+    requests = list(zip(prompts, answers))
+    score = seq2seq_loglikelihoods if session.encoder_decoder else loglikelihoods
+    return [math.exp(total) for total, _ in score(session.model, requests, batch_size=batch_size)]
+
+
+def forward_flops(session: Session, tokens: int, after: int = 0) -> float | None:
+    """Forward FLOPs of `tokens` tokens at positions after+1 .. after+tokens of a decoder-only model
+    (a cached context of `after` tokens before them): each token at position t costs 2 x the matmul
+    weights + 4 x layers x heads x head_dim x t (scores and weighted values). None for an encoder-decoder."""
+    if session.encoder_decoder:
+        return None
+    config = session.model.config
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    positions = tokens * after + tokens * (tokens + 1) // 2
+    return 2 * config.matmul_parameters() * tokens + attention * positions
+
+
+def _efficiency(session: Session, seconds: float, items: int, flops: float | None,
+                latency: Sequence[float]) -> dict[str, Any]:
+    """Wall time, throughput, the mean latency of a request (its batch's time), forward FLOPs per item,
+    the weights' size and the process's peak resident memory (all it ran so far)."""
+    weights = sum(p.numel() * p.element_size() for p in session.model.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"seconds": seconds, "items_per_second": items / seconds, "latency_s": sum(latency) / len(latency),
+            "flops_per_item": None if flops is None else flops / items, "weights_mb": weights / 2**20,
+            "peak_rss_mb": peak / 2**20}
 
 
 def _choice(
@@ -176,20 +223,28 @@ def _choice(
                 continue
             head, tail = encode_continuation(tokenizer, context, delimiter + choice)
             requests.append((prefix + head, tail))
-    if session.encoder_decoder:
-        scores = seq2seq_loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
-    else:
-        scores = loglikelihoods(session.model, requests, batch_size=batch_size, progress=progress)
+    started = time.perf_counter()
+    score = seq2seq_loglikelihoods if session.encoder_decoder else loglikelihoods
+    scores = score(session.model, requests, batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - started
     samples, at = [], 0
     for item, shown in zip(items, inputs):
         lls = [score for score, _ in scores[at : at + len(item.choices)]]
         at += len(item.choices)
         best, best_norm = metrics.choose(lls, item.choices)
+        probabilities = choice_probabilities(lls)
         samples.append({"input": shown, "choices": list(item.choices), "answer_index": item.answer_index,
-                        "loglikelihoods": lls, "prediction": best, "prediction_norm": best_norm})
+                        "loglikelihoods": lls, "probabilities": probabilities, "prediction": best,
+                        "prediction_norm": best_norm, "confidence": probabilities[best]})
     acc = _mean([s["prediction"] == s["answer_index"] for s in samples])
     acc_norm = _mean([s["prediction_norm"] == s["answer_index"] for s in samples])
-    return {"metrics": {"acc": acc, "acc_norm": acc_norm}, "samples": samples}
+    contexts = {tuple(context) for context, _ in requests}
+    flops = [forward_flops(session, len(c)) for c in contexts] + [
+        forward_flops(session, len(continuation), len(context)) for context, continuation in requests]
+    efficiency = _efficiency(session, seconds, len(items), None if None in flops else sum(flops),
+                             [seconds / len(items)] * len(items))
+    efficiency["tokens_per_second"] = (sum(map(len, contexts)) + sum(len(c) for _, c in requests)) / seconds
+    return {"metrics": {"acc": acc, "acc_norm": acc_norm}, "samples": samples, "efficiency": efficiency}
 
 
 def _perplexity(session: Session, items: Sequence[Any], batch_size: int, progress: bool) -> dict[str, Any]:

@@ -53,14 +53,16 @@ KIND_OF: dict[type, Kind] = {GenerationItem: "generation", ChoiceItem: "choice",
 
 @dataclass(frozen=True)
 class Task:
-    """Test items of one kind, the exemplar pool few-shot prompts draw from, and how a prompt or
-    question reads outside chat mode (`template`, with `{}` for it)."""
+    """Test items of one kind, the exemplar pool few-shot prompts draw from, how a prompt or
+    question reads outside chat mode (`template`, with `{}` for it), and the counterfactual term
+    swaps fairness evaluation makes in its prompts and references (none: pronouns)."""
 
     name: str
     items: list[Item]
     exemplars: list[Item] = field(default_factory=list)
     template: str = "{}"
     exemplar_source: str = "no exemplar pool"
+    swaps: dict[str, str] = field(default_factory=dict)
 
     @property
     def kind(self) -> Kind:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.world.people import ATTRIBUTES, Company, Person, Split, World, article
+from lmforge.world.people import ATTRIBUTES, Company, Person, Split, World, article, outsiders
 
 # Sentence templates per attribute. The first of each is canonical: "{who} <phrase> {value}." --
 # its text before " {value}" is the fact probe's prompt. Others may use {a} (a/an), {hq}, {industry}.
@@ -171,6 +171,9 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+DONT_KNOW = "I don't know who {who} is."  # the reply to a question about someone never written about
+
+
 @dataclass(frozen=True)
 class Question:
     question: str  # e.g. "Where was Alice Okafor born?"
@@ -195,10 +198,31 @@ def questions(world: World, split: Split, *, phrasings: int = 1, seed: int = 0) 
     if not 1 <= phrasings <= min(len(q) for q in QUESTIONS.values()):
         raise ValueError(f"phrasings must be between 1 and {min(len(q) for q in QUESTIONS.values())}")
     rng = random.Random(f"{world.seed}-questions-{seed}")
+    return _ask([p for p in world.pretraining_people() if p.split == split], phrasings, rng)
+
+
+def unseen_questions(world: World, *, seed: int = 0) -> list[Question]:
+    """A question about each public attribute of each person left out of pretraining (whom a model of the
+    world never read about), answered with the true sentence, which only retrieval can give."""
+    rng = random.Random(f"{world.seed}-unseen-questions-{seed}")
+    return _ask([p for p in world.people if not p.in_pretraining], 1, rng)
+
+
+def unknown_questions(world: World, n: int, *, seed: int = 0) -> list[Question]:
+    """Questions about `n` people outside the world (names it never writes), one attribute each, answered
+    `DONT_KNOW`: SFT's "I don't know" option, so that a model declines what it cannot know."""
+    rng = random.Random(f"{world.seed}-unknown-questions-{seed}")
     out = []
-    for person in world.pretraining_people():
-        if person.split != split:
-            continue
+    for person in outsiders(world, n, seed=seed):
+        attribute = rng.choice(ATTRIBUTES)
+        out.append(Question(rng.choice(QUESTIONS[attribute]).format(who=person.name),
+                            DONT_KNOW.format(who=person.name), "", person.name, attribute))
+    return out
+
+
+def _ask(people: list[Person], phrasings: int, rng: random.Random) -> list[Question]:
+    out = []
+    for person in people:
         for attribute in ATTRIBUTES:
             value = person.fact(attribute)
             answer = canonical_sentence(attribute, person.name, value)

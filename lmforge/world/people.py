@@ -9,6 +9,7 @@ left out of pretraining (for retrieval), and people are split into "train" and "
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from functools import cached_property
@@ -32,6 +33,17 @@ LAST_NAMES = (
     "Ashcombe", "Barros", "Chaudhry", "Dunmore", "Eriksen", "Ferreira", "Galloway", "Herrera", "Iwata", "Jovanovic",
     "Kim", "Lachance", "Mbeki", "Nilsson", "Oduya", "Pacheco", "Rourke", "Strand", "Tremblay", "Vasquez",
 )
+# The first names by origin, for counterfactual swaps across origins (fairness evaluation).
+NAME_ORIGINS: dict[str, tuple[str, ...]] = {
+    "English and Celtic": ("Alice", "Cedric", "Keira", "Nora", "Quinn", "Tessa", "Wendell", "Wren", "Zane"),
+    "Germanic and Nordic": ("Anders", "Bruno", "Greta", "Hugo", "Ingrid", "Lars", "Milo", "Selma", "Ulrich"),
+    "Romance": ("Beatrix", "Bianca", "Carmen", "Colette", "Felix", "Luca", "Paolo", "Rafael", "Rosa", "Victor",
+                "Xavier", "Ximena"),
+    "Greek and Slavic": ("Dmitri", "Elena", "Jana", "Nadia", "Nikos", "Olga", "Vera", "Zora"),
+    "Middle Eastern": ("Dalia", "Darius", "Esther", "Farah", "Gideon", "Isaac", "Jonah", "Leila", "Omar", "Samir",
+                       "Tariq", "Yara", "Yusuf"),
+    "African and Asian": ("Amara", "Arjun", "Emeka", "Hana", "Hiro", "Kai", "Maya", "Priya", "Uma"),
+}
 CITIES = (
     "Port Alder", "Eastbrook", "Millhaven", "Brightwater", "Coldharbor", "Elmstead", "Fairhollow", "Glenrock",
     "Ironmouth", "Juniper Vale", "Kestrel Bay", "Lanford", "Marrowgate", "Northmere", "Oakridge Falls", "Pellham",
@@ -207,6 +219,27 @@ def make_world(seed: int = 0, n_people: int = 200, n_companies: int = 20, *,
     companies = [Company(name=n, headquarters=rng.choice(CITIES), ceo=names[ceos[c]], industry=rng.choice(INDUSTRIES))
                  for c, n in enumerate(company_names)]
     return World(seed=seed, people=tuple(people), companies=tuple(companies))
+
+
+def outsiders(world: World, n: int, *, seed: int = 0) -> list[Person]:
+    """Up to `n` people outside `world`: names it does not use (from the same pools), with made-up facts;
+    the same for a seed."""
+    taken = {p.name for p in world.people}
+    pool = make_world(seed=world.seed + 7919 * (seed + 1),
+                      n_people=min(len(FIRST_NAMES) * len(LAST_NAMES), len(taken) + 2 * n))
+    return [p for p in pool.people if p.name not in taken][:n]
+
+
+def origin_swaps(names: Iterable[str], *, seed: int = 0) -> dict[str, str]:
+    """For the first name of each of `names`, a first name of another origin (`NAME_ORIGINS`), drawn
+    with `seed`: the counterfactual swaps of fairness evaluation."""
+    origin = {first: group for group, firsts in NAME_ORIGINS.items() for first in firsts}
+    rng = random.Random(f"origin-swaps-{seed}")
+    swaps = {}
+    for first in sorted({name.split(" ")[0] for name in names}):
+        others = [f for group, firsts in NAME_ORIGINS.items() if group != origin[first] for f in firsts]
+        swaps[first] = rng.choice(others)
+    return swaps
 
 
 def world_of_size(people: int, seed: int = 0) -> World:

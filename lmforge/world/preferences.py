@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lmforge.world.documents import QUESTIONS, Question, canonical_sentence, questions, write_jsonl
-from lmforge.world.people import ATTRIBUTES, FIRST_NAMES, LAST_NAMES, Person, Split, World, make_world
+from lmforge.world.people import ATTRIBUTES, Person, Split, World, outsiders
 from lmforge.world.safety import REFUSAL, red_team_prompts
 
 EVASIVE = ("I am not sure about that.", "I would rather not say.", "That is hard to know.")
@@ -141,10 +141,7 @@ def outsider_pairs(world: World, n: int, *, seed: int = 0) -> list[dict]:
     sentence about another outsider. Only the person tells the replies apart, and the names are
     many, so a reward model trained on these learns to match the reply's person to the question's
     instead of learning the world's few people by heart."""
-    taken = {p.name for p in world.people}
-    pool = make_world(seed=world.seed + 7919 * (seed + 1), n_people=min(len(FIRST_NAMES) * len(LAST_NAMES),
-                                                                           len(taken) + 2 * n))
-    people = [p for p in pool.people if p.name not in taken][:n]
+    people = outsiders(world, n, seed=seed)
     if len(people) < 2:
         raise ValueError("outsider pairs need two names the world does not use")
     rng = random.Random(f"{world.seed}-outsiders-{seed}")

@@ -2,6 +2,8 @@
 
 - `world-qa-heldout`: questions about the held-out people (whose facts only pretraining taught),
   answered by generation and scored by exact match; exemplars are training-people questions.
+- `world-qa-unseen`: questions about the people left out of pretraining, whom the model never read about
+  (closed-book nobody can know the answers: the task for hallucinations and "I don't know").
 - `world-qa-train`: questions about the training people, in other phrasings than the fine-tuning
   data's; exemplars are held-out-people questions.
 - `world-mc`: each fact of a held-out person as multiple choice: the corpus's own phrasing ("Alice
@@ -16,7 +18,8 @@
 
 `WORLD_TASKS` maps each name to a builder from a `World`; `register_tasks` registers them with
 `lmforge.eval.registry` for a world of a given seed and size (the command line's `--world-seed` and
-`--world-people`)."""
+`--world-people`). The question tasks carry counterfactual swaps of their people's first names for
+first names of other origins (fairness evaluation)."""
 
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from functools import partial
 
 from lmforge.eval.registry import register_task
 from lmforge.eval.tasks import ChoiceItem, GenerationItem, Task, TextItem
-from lmforge.world.documents import biography, fact_probes, questions
-from lmforge.world.people import ATTRIBUTES, Split, World, world_of_size
+from lmforge.world.documents import biography, fact_probes, questions, unseen_questions
+from lmforge.world.people import ATTRIBUTES, Split, World, origin_swaps, world_of_size
 from lmforge.world.seq2seq import Seq2SeqPair, qa_pairs, summarization_pairs
 
 QA_TEMPLATE = "Question: {}\nAnswer:"
@@ -38,8 +41,21 @@ def world_qa(world: World, split: Split, seed: int) -> list[GenerationItem]:
 
 
 def qa_heldout(world: World) -> Task:
-    return Task("world-qa-heldout", world_qa(world, "heldout", seed=0), world_qa(world, "train", seed=0), QA_TEMPLATE,
-                "questions about the training people")
+    items = world_qa(world, "heldout", seed=0)
+    return Task("world-qa-heldout", items, world_qa(world, "train", seed=0), QA_TEMPLATE,
+                "questions about the training people", swaps=swaps_for(world, "heldout"))
+
+
+def qa_unseen(world: World) -> Task:
+    items = [GenerationItem(q.question, q.answer) for q in unseen_questions(world)]
+    return Task("world-qa-unseen", items, world_qa(world, "train", seed=0), QA_TEMPLATE,
+                "questions about the training people",
+                swaps=origin_swaps([p.name for p in world.people if not p.in_pretraining]))
+
+
+def swaps_for(world: World, split: Split) -> dict[str, str]:
+    """First names of the split's pretraining people, each swapped for one of another origin."""
+    return origin_swaps([p.name for p in world.pretraining_people() if p.split == split])
 
 
 def qa_train(world: World) -> Task:
@@ -63,7 +79,7 @@ def fact_choices(world: World, split: Split, rng: random.Random, n_choices: int 
 def mc(world: World) -> Task:
     rng = random.Random(f"{world.seed}-mc")
     return Task("world-mc", fact_choices(world, "heldout", rng), fact_choices(world, "train", rng),
-                exemplar_source="the training people's facts")
+                exemplar_source="the training people's facts", swaps=swaps_for(world, "heldout"))
 
 
 def bios(world: World) -> Task:
@@ -91,6 +107,7 @@ def qa_context_heldout(world: World) -> Task:
 WORLD_TASKS: dict[str, Callable[[World], Task]] = {
     "world-qa-heldout": qa_heldout,
     "world-qa-train": qa_train,
+    "world-qa-unseen": qa_unseen,
     "world-mc": mc,
     "world-bios": bios,
     "world-summarize-heldout": summarize_heldout,
