@@ -63,7 +63,10 @@ def test_coverage_curve_and_area_by_hand():
 def test_confident_wrong_rate_leaves_out_abstentions():
     confidence, correct = [0.9, 0.6, 0.4, 0.95, 0.7], [0, 0, 0, 1, 0]
     assert cal.confident_wrong_rate(confidence, correct, 0.5) == pytest.approx(3 / 5)
-    assert cal.confident_wrong_rate(confidence, correct, 0.5, [False, True, False, False, False]) == pytest.approx(2 / 5)
+    abstained = [False, True, False, False, False]
+    assert cal.confident_wrong_rate(confidence, correct, 0.5, abstained) == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="abstention flags"):
+        cal.confident_wrong_rate(confidence, correct, 0.5, abstained[:2])
     assert cal.confident_wrong_rate(confidence, correct, 0.65) == pytest.approx(2 / 5)
 
 

@@ -17,7 +17,9 @@ from lmforge.cli import main
 from lmforge.demo.alignment import PPO_TARGET_KL, learnable_conclusion, policy_conclusion, reward_model_conclusion
 from lmforge.demo.alignment_goals import alignment_goals, goals_table
 from lmforge.demo.common import change
-from lmforge.demo.holistic import COVERAGE_PNG, DONT_KNOW_MODEL, RELIABILITY_PNG, conclusions, holistic_row
+from lmforge.demo.holistic import (
+    DONT_KNOW_MODEL, HOLISTIC_COVERAGE_PNG, HOLISTIC_RELIABILITY_PNG, conclusions, holistic_row,
+)
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -249,13 +251,22 @@ def test_holistic_table_and_conclusions_come_from_the_figures(run, world):
     for name, f in figures.items():
         assert holistic_row(name, f) in report
         known, unseen = f["held_out"], f["never_seen"]
-        assert set(known) == {"accuracy", "calibration", "selective", "robustness", "fairness", "toxicity", "efficiency"}
+        assert set(known) == {"accuracy", "calibration", "selective", "robustness", "fairness", "toxicity",
+                              "efficiency"}
         assert 0 <= known["calibration"]["ece"] <= 1 and sum(b["count"] for b in known["calibration"]["bins"]) == \
             len(questions(world, "heldout"))
         assert unseen["selective"]["confident_wrong_rate"] <= 1 - unseen["accuracy"]["exact_match"] + 1e-9
     for line in conclusions(figures):
         assert line in report
-    for png in (RELIABILITY_PNG, COVERAGE_PNG):
+    ece = {n: f["held_out"]["calibration"]["ece"] for n, f in figures.items()}
+    if list(ece.values()).count(min(ece.values())) == 1:
+        assert f"- {min(ece, key=ece.get)} is the best calibrated on the held-out people" in report
+    wrong = {n: f["never_seen"]["selective"]["confident_wrong_rate"] for n, f in figures.items()}
+    tied = [n for n, w in wrong.items() if w == min(wrong.values())]
+    named = tied[0] if len(tied) == 1 else ", ".join(tied[:-1]) + " and " + tied[-1]
+    assert f"- {named} give" in report and f"wrong answers about the people left out of pretraining: " \
+        f"{min(wrong.values()):.0%}" in report
+    for png in (HOLISTIC_RELIABILITY_PNG, HOLISTIC_COVERAGE_PNG):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
     # The "I don't know" option's data: questions about people outside the world, declined.
     declined = records(out / "world" / "dont-know-sft.jsonl")

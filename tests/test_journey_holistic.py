@@ -37,25 +37,28 @@ def hf(checkpoint):
 
 
 def greedy(hf, prompt: str) -> tuple[str, float, int, int]:
-    """transformers' greedy answer to `prompt` (its first line), the probability of the tokens generated up
-    to the one ending that line (or before EOS), and the prompt's and those tokens' lengths."""
+    """transformers' greedy answer to `prompt` (its first line); the probability of the tokens generated up
+    to and including the one that ends it (the one holding the line break, or an end-of-text/turn token);
+    the prompt's length and the number of answer tokens before any end token."""
     model, tokenizer = hf
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     ids = [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS)[0, len(ids):].tolist()
-    kept = []
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                             eos_token_id=sorted(stops))[0, len(ids):].tolist()
+    kept, answer = [], 0
     for token in out:
-        if token == tokenizer.eos_token_id:
-            break
         kept.append(token)
+        if token in stops:
+            break
+        answer += 1
         if "\n" in tokenizer.decode(kept):
             break
-    kept = kept or [tokenizer.eos_token_id]
     with torch.no_grad():
         logits = model(torch.tensor([ids + kept])).logits[0].log_softmax(-1)
     logp = sum(logits[len(ids) - 1 + i, t].item() for i, t in enumerate(kept))
     text = tokenizer.decode(kept, skip_special_tokens=True).split("\n")[0].strip()
-    return text, math.exp(logp), len(ids), len(kept)
+    return text, math.exp(logp), len(ids), answer
 
 
 def ece_by_hand(confidence: list[float], correct: list[bool], bins: int = 10) -> float:
@@ -138,7 +141,7 @@ def test_eval_metrics_all_on_a_generation_task(tmp_path, capsys, checkpoint, hf)
     lengths = [prompt + generated for *_, prompt, generated in oracle]
     flops = sum(2 * matmul * n + 4 * layers * heads * head_dim * n * (n + 1) // 2 for n in lengths) / len(lengths)
     assert holistic["efficiency"]["flops_per_item"] == pytest.approx(flops)
-    assert holistic["efficiency"]["tokens_per_second"] > 0
+    assert holistic["efficiency"]["generated_tokens"] == sum(generated for *_, generated in oracle)
 
     report = (out.parent / "report.md").read_text()
     assert "**Calibration**" in report and "![reliability diagram](reliability.png)" in report

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from lmforge.presets import preset
 from lmforge.model import Transformer
-from lmforge.data.chat import IGNORE
+from lmforge.data.chat import IGNORE, length_groups
 from lmforge.train.loop import Trainer, TrainConfig, TrainingDiverged
 from lmforge.train.losses import causal_lm_loss
 from lmforge.train.optim import clip_gradients, lr_at, param_groups
@@ -130,6 +130,42 @@ def test_accumulation_gives_the_same_update_as_one_batch(tmp_path):
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=0)
     assert not torch.equal(results[0], flat_params(tiny_model()))  # training changed something
+
+
+def padded_data(rows: int = 16, width: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded rows of very different lengths (2 long, the rest short), labels IGNORE past each row."""
+    data = lm_data(rows, width, seed)
+    for r in range(rows):
+        end = width if r in (3, 11) else 4 + r % 5
+        data["input_ids"][r, end:] = 0
+        data["labels"][r, end:] = IGNORE
+    return data
+
+
+def test_length_groups_split_by_length_and_cut_after_the_last_label():
+    data = padded_data()
+    groups = length_groups(data)
+    assert [g["input_ids"].shape for g in groups] == [(14, 8), (2, 24)]
+    assert sorted(len(g["labels"]) for g in groups) == [2, 14]
+    # Every labelled token is kept, each row once.
+    assert sum(int((g["labels"] != IGNORE).sum()) for g in groups) == int((data["labels"] != IGNORE).sum())
+    # Rows of one length: no split, only the padding after the last label cut.
+    same = {k: v[:4].clone() for k, v in lm_data(4, 16).items()}
+    same["labels"][:, 12:] = IGNORE
+    assert [g["input_ids"].shape for g in length_groups(same)] == [(4, 12)]
+
+
+def test_length_groups_give_the_same_update_as_the_padded_batch(tmp_path):
+    results = []
+    for split in (None, length_groups):
+        model = tiny_model()
+        trainer = Trainer(model, config(lr=1e-3, micro_batch_size=16), ListSource(padded_data(), 16), causal_lm_loss,
+                          tmp_path / str(split is None), split=split)
+        trainer.run()
+        results.append((flat_params(model), [r["loss"] for r in trainer.history if "loss" in r]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    assert len(results[0][1]) == 4 and results[1][1] == pytest.approx(results[0][1], rel=1e-5)
+    assert not torch.equal(results[0][0], flat_params(tiny_model()))
 
 
 def test_overfits_a_handful_of_sequences(tmp_path):

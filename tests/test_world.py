@@ -330,6 +330,9 @@ def test_name_origins_partition_the_first_names_and_swaps_cross_origins():
     swaps = origin_swaps([p.name for p in world.people])
     assert set(swaps) == {p.first for p in world.people}
     assert all(origin[a] != origin[b] for a, b in swaps.items())
+    assert len(set(swaps.values())) == len(swaps)  # no two people become one
+    with pytest.raises(ValueError, match="Zebulon"):
+        origin_swaps(["Zebulon Okafor"])
     assert swaps == origin_swaps([p.name for p in reversed(world.people)])  # deterministic, order-free
     assert swaps != origin_swaps([p.name for p in world.people], seed=1)
 

@@ -56,6 +56,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """The task under the chosen metric groups; the report and its plots go beside the results file."""
     from lmforge.eval.holistic import holistic_eval, parse_groups
+    from lmforge.eval.perturb import swap_terms
     from lmforge.eval.report import write_holistic_report
     from lmforge.eval.runner import load_task
     from lmforge.generate.session import Session
@@ -63,9 +64,13 @@ def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
 
     groups = parse_groups(args.metrics)
     swaps = read_json(args.swaps) if args.swaps else None
-    if swaps is not None and not (isinstance(swaps, dict) and all(isinstance(k, str) and isinstance(v, str) and k
-                                                                   for k, v in swaps.items())):
-        raise ValueError(f"{args.swaps}: expected a JSON object of term -> replacement strings")
+    if swaps is not None:
+        if not (isinstance(swaps, dict) and swaps and all(isinstance(v, str) for v in swaps.values())):
+            raise ValueError(f"{args.swaps}: expected a non-empty JSON object of term -> replacement strings")
+        try:
+            swap_terms("", swaps)  # checks the keys
+        except ValueError as e:
+            raise ValueError(f"{args.swaps}: {e}") from None
     task = load_task(args.task)
     session = Session.load(args.checkpoint, dtype=options.pop("dtype"))
     results = {"checkpoint": str(args.checkpoint), **holistic_eval(session, task, groups, swaps=swaps, **options)}

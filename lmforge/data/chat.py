@@ -135,6 +135,24 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels}
 
 
+def length_groups(batch: dict[str, torch.Tensor], min_saving: float = 0.25) -> list[dict[str, torch.Tensor]]:
+    """A right-padded causal batch as two sub-batches of rows of similar length, each cut after its last
+    labelled position, when that computes at least `min_saving` fewer positions than the whole batch so
+    cut; else the whole batch so cut. Exact for a causal model: a logit depends only on the tokens up to
+    it, so the positions after a row's last label change none of its loss terms."""
+    labels = batch["labels"]
+    positions = torch.arange(1, labels.shape[1] + 1).expand_as(labels)
+    lengths = (positions * (labels != IGNORE)).amax(dim=1).clamp(min=1).tolist()
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    longest = lengths[order[-1]]
+    cost = {k: k * lengths[order[k - 1]] + (len(order) - k) * longest for k in range(1, len(order))}
+    split = min(cost, key=cost.get, default=None)
+    if split is not None and cost[split] <= (1 - min_saving) * len(order) * longest:
+        groups = [sorted(order[:split]), sorted(order[split:])]
+        return [{k: v[rows][:, : max(lengths[r] for r in rows)] for k, v in batch.items()} for rows in groups]
+    return [{k: v[:, :longest] for k, v in batch.items()}]
+
+
 def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
     """Concatenate examples into rows of exactly `seq_len` (the last partial row dropped). Examples
     attend to the ones before them in a row, as in TRL's classic packing; no loss crosses a boundary."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lmforge.demo.common import change
+from lmforge.demo.common import change, points
 from lmforge.demo.finetuning import train_sft
 from lmforge.demo.retrieval import K
 from lmforge.eval import calibration as cal
@@ -25,7 +25,7 @@ from lmforge.world.tasks import qa_heldout, qa_unseen
 
 DONT_KNOW_QUESTIONS = 1000  # questions about people outside the world, answered "I don't know who ... is."
 PRETRAINED_SHOTS = 3
-RELIABILITY_PNG, COVERAGE_PNG = "holistic-reliability.png", "holistic-coverage.png"
+HOLISTIC_RELIABILITY_PNG, HOLISTIC_COVERAGE_PNG = "holistic-reliability.png", "holistic-coverage.png"
 DONT_KNOW_MODEL = 'SFT + "I don\'t know"'
 
 
@@ -71,9 +71,9 @@ def holistic_stage(out: Path, world: World, seed: int, pretrained: Session, mode
                 "SFT + DPO + RPO": Row(Session.load(models["SFT + DPO + RPO"])),
                 "SFT + retrieval tuning, with retrieval": Row(Session.load(retrieval_model), prepare=grounded(store))}
         figures = {name: evaluate_row(row, world, seed) for name, row in rows.items()}
-    plot_reliability({n: f["held_out"]["calibration"]["bins"] for n, f in figures.items()}, out / RELIABILITY_PNG,
-                     "held-out people")
-    plot_coverage({n: f["both"]["curve"] for n, f in figures.items()}, out / COVERAGE_PNG,
+    plot_reliability({n: f["held_out"]["calibration"]["bins"] for n, f in figures.items()},
+                     out / HOLISTIC_RELIABILITY_PNG, "held-out people")
+    plot_coverage({n: f["both"]["curve"] for n, f in figures.items()}, out / HOLISTIC_COVERAGE_PNG,
                   "held-out and never-seen people")
     print(f"[demo] holistic: {conclusions(figures)[0]}")
     return section(figures), figures
@@ -81,11 +81,9 @@ def holistic_stage(out: Path, world: World, seed: int, pretrained: Session, mode
 
 def conclusions(figures: dict[str, Any]) -> list[str]:
     """The sentences the numbers support: best calibrated, fewest hallucinations, the "I don't know"
-    option's effect, the perturbation that hurts most, what name swaps change."""
+    option's effect, the perturbation that hurts most, what name swaps change, what toxicity flags."""
     ece = {n: f["held_out"]["calibration"]["ece"] for n, f in figures.items()}
     wrong = {n: f["never_seen"]["selective"]["confident_wrong_rate"] for n, f in figures.items()}
-    best, worst = min(ece, key=ece.get), max(ece, key=ece.get)
-    least = min(wrong, key=wrong.get)
     em = {n: f["held_out"]["accuracy"]["exact_match"] for n, f in figures.items()}
     sft, idk = figures["SFT"], figures[DONT_KNOW_MODEL]
 
@@ -96,37 +94,52 @@ def conclusions(figures: dict[str, Any]) -> list[str]:
                 "em": lambda f: f[people]["accuracy"]["exact_match"]}[what]
         return change(pick(sft), pick(idk))
 
-    drops = sft["held_out"]["robustness"]["drops"]
-    hardest = max(drops, key=drops.get)
-    fair = {n: f["held_out"]["fairness"] for n, f in figures.items() if f["held_out"]["fairness"]["items"]}
-    steadiest = min(fair, key=lambda n: fair[n]["change_rate"]) if fair else None
-    unsteadiest = max(fair, key=lambda n: fair[n]["change_rate"]) if fair else None
+    best, worst = leaders(ece, min), leaders(ece, max)
+    least = leaders(wrong, min)
+    weak = [n for n in least if em[n] < max(em.values()) / 2]
     lines = [
-        f"{best} is the best calibrated on the held-out people (ECE {ece[best]:.3f}); {worst} the worst "
-        f"({ece[worst]:.3f}).",
-        f"{least} hallucinates least about people it never saw: {wrong[least]:.0%} of its answers about them are "
-        "confident (probability ≥ 0.5) and wrong" + (
-            f", but it also answers only {em[least]:.0%} of the held-out questions right "
-            f"(best: {max(em.values()):.0%})." if em[least] < max(em.values()) / 2 else "."),
+        f"{names(best)} {'is' if len(best) == 1 else 'are'} the best calibrated on the held-out people (ECE "
+        f"{ece[best[0]]:.3f}); {names(worst)} the worst ({ece[worst[0]]:.3f}).",
+        f"{names(least)} {'gives' if len(least) == 1 else 'give'} the fewest confident (probability ≥ 0.5) wrong "
+        f"answers about the people left out of pretraining: {wrong[least[0]]:.0%}" + (
+            f"; but {names(weak)} also {'answers' if len(weak) == 1 else 'answer'} only "
+            f"{', '.join(f'{em[n]:.0%}' for n in weak)} of the held-out questions right (best: "
+            f"{max(em.values()):.0%})." if weak else "."),
         f"The \"I don't know\" option: confident wrong answers about never-seen people {moved('never_seen', 'wrong')} "
         f"and \"I don't know\" replies to them {moved('never_seen', 'abstained')}; exact match on the held-out "
         f"people {moved('held_out', 'em')}, \"I don't know\" replies to them {moved('held_out', 'abstained')}.",
-        f"Of the perturbations, {hardest} costs SFT the most exact match ({points(-drops[hardest])}).",
     ]
+    drops = sft["held_out"]["robustness"]["drops"]
+    hardest = leaders(drops, max)
+    lines.append(f"Of the perturbations, {names(hardest)} {'costs' if len(hardest) == 1 else 'cost'} SFT the most "
+                 f"exact match ({shift(-drops[hardest[0]])})." if drops[hardest[0]] > 0 else
+                 "No perturbation lowered SFT's exact match.")
+    fair = {n: f["held_out"]["fairness"]["change_rate"] for n, f in figures.items()
+            if f["held_out"]["fairness"]["items"]}
+    if fair:
+        lines.append(f"Swapping first names for names of another origin changes the fewest answers for "
+                     f"{names(leaders(fair, min))} ({min(fair.values()):.0%} of the swapped questions), the most for "
+                     f"{names(leaders(fair, max))} ({max(fair.values()):.0%}).")
     tox = {n: f["held_out"]["toxicity"] for n, f in figures.items()}
-    flagged = max(tox, key=lambda n: tox[n]["toxicity_max"])
-    lines.append(f"The toxicity classifier's highest score, {tox[flagged]['toxicity_max']:.2f}, goes to "
-                 f"{flagged}'s \"{tox[flagged]['most_toxic']}\" (the classifier is {tox[flagged]['classifier']}).")
-    if steadiest:
-        lines.append(f"Swapping first names for names of another origin changes the fewest answers for {steadiest} "
-                     f"({fair[steadiest]['change_rate']:.0%} of the swapped questions), the most for {unsteadiest} "
-                     f"({fair[unsteadiest]['change_rate']:.0%}).")
+    flagged = leaders({n: t["toxicity_max"] for n, t in tox.items()}, max)[0]
+    lines.append(f"The toxicity classifier ({tox[flagged]['classifier']}) scores highest, "
+                 f"{tox[flagged]['toxicity_max']:.2f}, {flagged}'s \"{tox[flagged]['most_toxic']}\".")
     return lines
 
 
-def points(share: float) -> str:
+def leaders(values: dict[str, float], pick: Callable[..., float]) -> list[str]:
+    """The names whose value is the `pick` (min or max) of all, in order (several on a tie)."""
+    top = pick(values.values())
+    return [n for n, v in values.items() if v == top]
+
+
+def names(models: list[str]) -> str:
+    return models[0] if len(models) == 1 else ", ".join(models[:-1]) + " and " + models[-1]
+
+
+def shift(share: float) -> str:
     """A change of a share in signed percentage points, e.g. "-14 pts", "+0 pts"."""
-    return f"{round(100 * share):+d} pts"
+    return f"{points(0, share):+d} pts"
 
 
 def section(figures: dict[str, Any]) -> str:
@@ -134,7 +147,9 @@ def section(figures: dict[str, Any]) -> str:
         "## Holistic evaluation\n",
         "HELM's metric groups (`lmforge eval --metrics all`) for each stage's model, on the held-out people's "
         "questions (what pretraining stored) and on questions about the people left out of pretraining (whom no "
-        "model here read about, so a confident answer is a hallucination). Confidence is the greedy answer's "
+        "model here was trained on, so a confident wrong answer about them is a hallucination; the retrieval-tuned "
+        "model can find them in the store, and its reference cites the source, as it was trained to answer). "
+        "Confidence is the greedy answer's "
         "probability (exp of its summed token log-probabilities); calibration over 10 equal-mass bins. Robustness: "
         "exact match under typos, lower case, extra spaces, synonyms and a distractor sentence (mean and worst drop). "
         "Fairness: every first name swapped for one of another origin, in the prompt and the reference; closed-book, "
@@ -145,20 +160,22 @@ def section(figures: dict[str, Any]) -> str:
         f"({PRETRAINED_SHOTS} exemplars); the retrieval-tuned model reads the store's best source first.\n",
         "| model | held-out EM | ECE | Brier | never-seen: confident wrong | never-seen: \"I don't know\" | "
         "perturbed: mean change | worst change | right under all | names swapped: answers changed | toxicity (max) | "
-        "tokens/s | GFLOPs per answer |",
+        "generated tokens/s | GFLOPs per answer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [holistic_row(name, f) for name, f in figures.items()]
-    lines += ["", "The \"I don't know\" option, question by question:\n",
+    lines += ["", "The \"I don't know\" option in detail:\n",
               "| model | held-out: exact match | held-out: \"I don't know\" | held-out: right when answering | "
               "never-seen: \"I don't know\" | never-seen: confident wrong |", "|---|---:|---:|---:|---:|---:|"]
     for name in ("SFT", DONT_KNOW_MODEL):
         known, unseen = figures[name]["held_out"], figures[name]["never_seen"]
         em, declined = known["accuracy"]["exact_match"], known["selective"]["abstention_rate"]
         lines.append(f"| {name} | {em:.0%} | {declined:.0%} | {em / (1 - declined) if declined < 1 else 0:.0%} | "
-                     f"{unseen['selective']['abstention_rate']:.0%} | {unseen['selective']['confident_wrong_rate']:.0%} |")
+                     f"{unseen['selective']['abstention_rate']:.0%} | "
+                     f"{unseen['selective']['confident_wrong_rate']:.0%} |")
     lines += ["", *(f"- {s}" for s in conclusions(figures)), "",
-              f"![reliability diagram]({RELIABILITY_PNG}) ![accuracy-coverage curve]({COVERAGE_PNG})", ""]
+              f"![reliability diagram]({HOLISTIC_RELIABILITY_PNG}) "
+              f"![accuracy-coverage curve]({HOLISTIC_COVERAGE_PNG})", ""]
     return "\n".join(lines)
 
 
@@ -166,11 +183,11 @@ def holistic_row(name: str, f: dict[str, Any]) -> str:
     """A model's row of the holistic table, rendered from its `summary.json` figures."""
     known, unseen = f["held_out"], f["never_seen"]
     rob, fair, eff = known["robustness"], known["fairness"], known["efficiency"]
-    swapped = f"{fair['change_rate']:.0%} ({points(-fair['gap'])} EM)" if fair["items"] else "—"
+    swapped = f"{fair['change_rate']:.0%} ({shift(-fair['gap'])} EM)" if fair["items"] else "—"
     flops = "—" if eff["flops_per_item"] is None else f"{eff['flops_per_item'] / 1e9:.3f}"
     return (f"| {name} | {known['accuracy']['exact_match']:.0%} | {known['calibration']['ece']:.3f} | "
             f"{known['calibration']['brier']:.3f} | {unseen['selective']['confident_wrong_rate']:.0%} | "
-            f"{unseen['selective']['abstention_rate']:.0%} | {points(-rob['mean_drop'])} | "
-            f"{points(-rob['worst_drop'])} | "
+            f"{unseen['selective']['abstention_rate']:.0%} | {shift(-rob['mean_drop'])} | "
+            f"{shift(-rob['worst_drop'])} | "
             f"{rob['worst_case']:.0%} | {swapped} | {known['toxicity']['toxicity_max']:.2f} | "
-            f"{eff['tokens_per_second']:.0f} | {flops} |")
+            f"{eff['generated_tokens_per_second']:.0f} | {flops} |")

@@ -112,12 +112,13 @@ def selective_area(confidence: Sequence[float], correct: Sequence[bool | float])
 
 
 def accuracy_at_coverage(confidence: Sequence[float], correct: Sequence[bool | float], coverage: float) -> float:
-    """Accuracy on the most confident `coverage` share of the items (at least one item)."""
+    """Accuracy on the most confident `coverage` share of the items (rounded up, at least one item; among
+    equally confident items, the first in order)."""
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     _check(confidence, correct)
     order = sorted(range(len(confidence)), key=lambda i: -confidence[i])
-    kept = order[: max(1, round(coverage * len(order)))]
+    kept = order[: max(1, math.ceil(coverage * len(order) - 1e-9))]
     return sum(float(correct[i]) for i in kept) / len(kept)
 
 
@@ -126,7 +127,9 @@ def confident_wrong_rate(confidence: Sequence[float], correct: Sequence[bool | f
     """The share of items answered wrongly with confidence >= `threshold` (hallucinations); an item the
     model abstained on ("I don't know") is not an answer."""
     _check(confidence, correct)
-    abstained = abstained or [False] * len(correct)
+    abstained = [False] * len(correct) if abstained is None else abstained
+    if len(abstained) != len(correct):
+        raise ValueError(f"{len(abstained)} abstention flags for {len(correct)} items")
     return sum(c >= threshold and not y and not a for c, y, a in zip(confidence, correct, abstained)) / len(correct)
 
 

@@ -128,7 +128,7 @@ def holistic_eval(session: Session, task: Task, groups: Sequence[str] = GROUPS, 
                      for kind in PERTURBATIONS}
         figures["robustness"] = robustness_figures(results, perturbed)
     if "fairness" in groups:
-        swaps = dict(swaps or task.swaps or PRONOUN_SWAPS)
+        swaps = dict(swaps if swaps is not None else task.swaps or PRONOUN_SWAPS)
         changed = [i for i in swapped_items(task, swaps) if i < len(results["samples"])]
         # The whole task again (not only the changed items), so each item gets the same few-shot exemplars.
         swapped = evaluate(session, counterfactual_task(task, swaps), **options) if changed else None

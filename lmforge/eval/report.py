@@ -94,11 +94,16 @@ def group_tables(holistic: Mapping[str, Any]) -> list[str]:
                   f"\nScored highest: \"{tox['most_toxic']}\"."]
     if eff := holistic.get("efficiency"):
         flops = eff["flops_per_item"]
-        lines += ["", "**Efficiency**\n", "| seconds | items/s | tokens/s | latency per request | FLOPs per item | "
-                  "weights | peak memory (process) |", "|---:|---:|---:|---:|---:|---:|---:|",
+        latency, peak = eff["latency_s"], eff["process_peak_rss_mb"]
+        generated = eff.get("generated_tokens_per_second")
+        lines += ["", "**Efficiency**\n", "| seconds | items/s | tokens/s (processed) | tokens/s (generated) | "
+                  "latency per request | forward FLOPs per item | weights | peak memory (whole process so far) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {eff['seconds']:.2f} | {eff['items_per_second']:.1f} | {eff['tokens_per_second']:.0f} | "
-                  f"{eff['latency_s'] * 1000:.0f} ms | {'—' if flops is None else f'{flops:.3g}'} | "
-                  f"{eff['weights_mb']:.1f} MiB | {eff['peak_rss_mb']:.0f} MiB |"]
+                  f"{'—' if generated is None else f'{generated:.0f}'} | "
+                  f"{'—' if latency is None else f'{latency * 1000:.0f} ms'} | "
+                  f"{'—' if flops is None else f'{flops:.3g}'} | {eff['weights_mb']:.1f} MiB | "
+                  f"{'—' if peak is None else f'{peak:.0f} MiB'} |"]
     return lines
 
 
@@ -119,8 +124,8 @@ def summary_lines(holistic: Mapping[str, Any]) -> list[str]:
     if tox := holistic.get("toxicity"):
         lines.append(f"  toxicity      mean {tox['toxicity_mean']:.3f}, max {tox['toxicity_max']:.3f}")
     if eff := holistic.get("efficiency"):
-        lines.append(f"  efficiency    {eff['tokens_per_second']:.0f} tokens/s, {eff['latency_s'] * 1000:.0f} ms per "
-                     "request")
+        latency = "" if eff["latency_s"] is None else f", {eff['latency_s'] * 1000:.0f} ms per request"
+        lines.append(f"  efficiency    {eff['tokens_per_second']:.0f} tokens/s processed{latency}")
     return lines
 
 

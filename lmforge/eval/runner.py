@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import re
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -153,7 +152,7 @@ def _generation(
         latency += [time.perf_counter() - batch_started] * (len(completions) - len(latency))
     seconds = time.perf_counter() - started
     outputs = [c.text for c in completions]
-    answered = [c.token_ids or params.stop_token_ids[:1] or [tokenizer.eos_id] for c in completions]
+    answered = [c.token_ids + ([] if c.stop_token is None else [c.stop_token]) for c in completions]
     confidence = _confidences(session, prompts, answered, batch_size)
     predictions = [extract_answer(o, cot) for o in outputs]
     answers = [item.answer for item in items]
@@ -168,22 +167,30 @@ def _generation(
     flops = [forward_flops(session, len(p) + len(c.token_ids)) for p, c in zip(prompts, completions)]
     efficiency = _efficiency(session, seconds, len(items), None if None in flops else sum(flops), latency)
     return {"metrics": scores, "samples": samples,
-            "efficiency": {**efficiency, "generated_tokens": generated, "tokens_per_second": generated / seconds}}
+            "efficiency": {**efficiency, "generated_tokens": generated,
+                           "generated_tokens_per_second": generated / seconds,
+                           "tokens_per_second": (generated + sum(map(len, prompts))) / seconds}}
 
 
 def _confidences(session: Session, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                  batch_size: int) -> list[float]:
     """Each generated answer's probability under the model: exp of the summed log-probabilities of its
-    tokens (up to the one that ended it; an empty answer is scored on the end-of-turn token)."""
-    requests = list(zip(prompts, answers))
+    tokens, up to and including the one that ended it (a stop token, or the one holding a stop string).
+    An answer cut at the token limit has no ending to score; one with no tokens at all has probability 1."""
+    scored = [i for i, answer in enumerate(answers) if answer]
+    requests = [(prompts[i], answers[i]) for i in scored]
     score = seq2seq_loglikelihoods if session.encoder_decoder else loglikelihoods
-    return [math.exp(total) for total, _ in score(session.model, requests, batch_size=batch_size)]
+    confidence = [1.0] * len(answers)
+    for i, (total, _) in zip(scored, score(session.model, requests, batch_size=batch_size) if requests else []):
+        confidence[i] = math.exp(total)
+    return confidence
 
 
 def forward_flops(session: Session, tokens: int, after: int = 0) -> float | None:
     """Forward FLOPs of `tokens` tokens at positions after+1 .. after+tokens of a decoder-only model
-    (a cached context of `after` tokens before them): each token at position t costs 2 x the matmul
-    weights + 4 x layers x heads x head_dim x t (scores and weighted values). None for an encoder-decoder."""
+    (a cached context of `after` tokens before them), the usual estimate: each token at position t costs
+    2 x the matmul weights (output head included) + 4 x layers x heads x head_dim x t (scores and weighted
+    values). None for an encoder-decoder."""
     if session.encoder_decoder:
         return None
     config = session.model.config
@@ -193,14 +200,24 @@ def forward_flops(session: Session, tokens: int, after: int = 0) -> float | None
 
 
 def _efficiency(session: Session, seconds: float, items: int, flops: float | None,
-                latency: Sequence[float]) -> dict[str, Any]:
-    """Wall time, throughput, the mean latency of a request (its batch's time), forward FLOPs per item,
-    the weights' size and the process's peak resident memory (all it ran so far)."""
+                latency: Sequence[float] | None) -> dict[str, Any]:
+    """Wall time, throughput, the mean latency of a request (the time of the batch it was in; None where
+    requests are not batched as such), forward FLOPs per item, the weights' size, and the peak resident
+    memory of the whole process so far (None where the platform does not report it)."""
     weights = sum(p.numel() * p.element_size() for p in session.model.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"seconds": seconds, "items_per_second": items / seconds, "latency_s": sum(latency) / len(latency),
+    return {"seconds": seconds, "items_per_second": items / seconds,
+            "latency_s": sum(latency) / len(latency) if latency else None,
             "flops_per_item": None if flops is None else flops / items, "weights_mb": weights / 2**20,
-            "peak_rss_mb": peak / 2**20}
+            "process_peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _choice(
@@ -238,12 +255,12 @@ def _choice(
                         "prediction_norm": best_norm, "confidence": probabilities[best]})
     acc = _mean([s["prediction"] == s["answer_index"] for s in samples])
     acc_norm = _mean([s["prediction_norm"] == s["answer_index"] for s in samples])
+    # Fed through the model: each distinct context once, then every continuation but its last token.
     contexts = {tuple(context) for context, _ in requests}
     flops = [forward_flops(session, len(c)) for c in contexts] + [
-        forward_flops(session, len(continuation), len(context)) for context, continuation in requests]
-    efficiency = _efficiency(session, seconds, len(items), None if None in flops else sum(flops),
-                             [seconds / len(items)] * len(items))
-    efficiency["tokens_per_second"] = (sum(map(len, contexts)) + sum(len(c) for _, c in requests)) / seconds
+        forward_flops(session, len(continuation) - 1, len(context)) for context, continuation in requests]
+    efficiency = _efficiency(session, seconds, len(items), None if None in flops else sum(flops), None)
+    efficiency["tokens_per_second"] = (sum(map(len, contexts)) + sum(len(c) - 1 for _, c in requests)) / seconds
     return {"metrics": {"acc": acc, "acc_norm": acc_norm}, "samples": samples, "efficiency": efficiency}
 
 

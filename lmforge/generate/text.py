@@ -75,6 +75,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
+    stop_token: int | None = None  # the stop token that ended it (not in `token_ids`), if one did
 
 
 def stream_completions(
@@ -113,12 +114,13 @@ def _run(
     rows = [Detokenizer(tokenizer, stop, min_tokens=params.min_tokens) for _ in prompts]
     stop_ids = set(params.stop_token_ids)
     ended = [False] * len(prompts)
+    stopped_by: list[int | None] = [None] * len(prompts)
     for step in engine.stream(prompts, params):
         for row, token in enumerate(step):
             if token is None or ended[row]:
                 continue
             if token in stop_ids:
-                ended[row] = True
+                ended[row], stopped_by[row] = True, token
                 continue
             delta = rows[row].push(token)
             ended[row] = rows[row].stopped
@@ -129,7 +131,8 @@ def _run(
     for row, detok in enumerate(rows):
         if delta := detok.flush():
             yield row, delta
-        results.append(Completion(detok.text, detok.ids, "stop" if ended[row] else "length", len(prompts[row])))
+        results.append(Completion(detok.text, detok.ids, "stop" if ended[row] else "length", len(prompts[row]),
+                                  stopped_by[row]))
 
 
 @lru_cache(maxsize=1)

@@ -123,8 +123,10 @@ class Trainer:
         tokenizer: Any = None,
         flops_per_token: float | None = None,
         files: ModelFiles | None = None,
+        split: Callable[[Batch], list[Batch]] | None = None,
     ) -> None:
         self.config, self.source, self.loss_fn, self.env = config, source, loss_fn, env
+        self.split = split  # a micro-batch into sub-batches the loss sums over exactly (e.g. by length)
         self.files = files or ModelFiles()
         torch.set_flush_denormal(True)  # denormal floats (e.g. in attention backward) slow x86 CPUs several-fold
         self.run_dir = RunDir(out_dir)
@@ -159,13 +161,16 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             part = {k: v[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size].to(env.device)
                     for k, v in mine.items()}
-            with gradient_sync(self.model, micro == cfg.grad_accum - 1), self._autocast():
-                total, n, *more = self.loss_fn(self.forward, part)
-                total.backward()
-            loss_sum += total.detach().double().cpu()
-            count += float(n)
-            for name, value in (more[0] if more else {}).items():
-                extra[name] = extra.get(name, 0.0) + value.detach().double().cpu()
+            pieces = self.split(part) if self.split else [part]
+            for i, piece in enumerate(pieces):
+                last = micro == cfg.grad_accum - 1 and i == len(pieces) - 1
+                with gradient_sync(self.model, last), self._autocast():
+                    total, n, *more = self.loss_fn(self.forward, piece)
+                    total.backward()
+                loss_sum += total.detach().double().cpu()
+                count += float(n)
+                for name, value in (more[0] if more else {}).items():
+                    extra[name] = extra.get(name, 0.0) + value.detach().double().cpu()
         names = sorted(extra)
         stats = all_reduce_sum(torch.stack([loss_sum, count, *(extra[k] for k in names)]).to(env.device), env).cpu()
         loss_sum, count = float(stats[0]), float(stats[1])

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
-from lmforge.data.chat import Example, SFTData, collate, pack, padding_id, response_prompts
+from lmforge.data.chat import Example, SFTData, collate, length_groups, pack, padding_id, response_prompts
 from lmforge.data.sampling import MixtureSource, holdout_split
 from lmforge.data.seq2seq import Seq2SeqDataConfig
 from lmforge.peft.adapters import load_adapter, save_adapter
@@ -153,7 +153,8 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
     model = wrap(model, cfg.strategy, env)
     evaluate = validation_loss(val_batches, env.device, loss_fn) if val_batches else None
     trainer = Trainer(model, cfg, source, loss_fn, config.out_dir, env=env, tokenizer=tokenizer,
-                      flops_per_token=flops, files=files, evaluate=evaluate)
+                      flops_per_token=flops, files=files, evaluate=evaluate,
+                      split=None if seq2seq or data.packing else length_groups)
     trainer.run(resume=resume)
     finish_run(trainer, config, "Supervised fine-tuning", started, sample_prompts=prompts)
     return config.out_dir / ("adapter" if adapter else "model")

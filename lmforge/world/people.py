@@ -232,12 +232,20 @@ def outsiders(world: World, n: int, *, seed: int = 0) -> list[Person]:
 
 def origin_swaps(names: Iterable[str], *, seed: int = 0) -> dict[str, str]:
     """For the first name of each of `names`, a first name of another origin (`NAME_ORIGINS`), drawn
-    with `seed`: the counterfactual swaps of fairness evaluation."""
+    with `seed`, no two the same (so no two people become one): the counterfactual swaps of fairness
+    evaluation."""
     origin = {first: group for group, firsts in NAME_ORIGINS.items() for first in firsts}
+    firsts = sorted({name.split(" ")[0] for name in names})
+    unknown = [f for f in firsts if f not in origin]
+    if unknown:
+        raise ValueError(f"first names without an origin in NAME_ORIGINS: {', '.join(unknown)}")
     rng = random.Random(f"origin-swaps-{seed}")
-    swaps = {}
-    for first in sorted({name.split(" ")[0] for name in names}):
-        others = [f for group, firsts in NAME_ORIGINS.items() if group != origin[first] for f in firsts]
+    swaps: dict[str, str] = {}
+    for first in firsts:
+        others = [f for group, names_ in NAME_ORIGINS.items() if group != origin[first] for f in names_
+                  if f not in swaps.values()]
+        if not others:
+            raise ValueError(f"too many first names to swap ({len(firsts)}) for distinct names of other origins")
         swaps[first] = rng.choice(others)
     return swaps
 
