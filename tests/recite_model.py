@@ -33,6 +33,14 @@ def facts(indices: range) -> list[tuple[str, str]]:
             for i in indices for attribute, template in TEMPLATES.items()]
 
 
+def transformers_model(checkpoint: Path) -> tuple:
+    """The checkpoint as transformers reads it: (model in fp32, eval mode; tokenizer)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).float().eval()
+    return model, transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
 def recite_checkpoint(chat_base: Path, out: Path) -> Path:
     """A micro llama (256-token context) trained on few-shot documents of the TRAINED people's facts."""
     tokenizer = Tokenizer.from_dir(chat_base)

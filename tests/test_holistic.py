@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lmforge.eval.holistic import GROUPS, fairness_figures, parse_groups, robustness_figures
+from lmforge.eval.holistic import GROUPS, fairness_figures, parse_groups, robustness_figures, selective_figures
 from lmforge.eval.runner import forward_flops
 
 
@@ -59,3 +59,14 @@ def test_forward_flops_by_hand():
     # 2 tokens after a cached context of 5: positions 6 and 7.
     assert forward_flops(session, 2, after=5) == 4000 + 256 * 13
     assert forward_flops(SimpleNamespace(encoder_decoder=True), 3) is None
+
+
+def test_selective_answering_ranks_a_declined_question_last():
+    results = generation(["a", "I don't know who X is.", "x", "d"], ["a", "b", "c", "d"])
+    for sample, confidence in zip(results["samples"], [0.6, 0.99, 0.9, 0.3]):
+        sample["confidence"] = confidence
+    figures = selective_figures(results, threshold=0.5)
+    # Ranked by confidence, the declined reply last: x (0.9, wrong), a (0.6), d (0.3), the declined one.
+    assert figures["curve"] == [(0.25, 0.0), (0.5, 0.5), (0.75, pytest.approx(2 / 3)), (1.0, 0.5)]
+    assert figures["abstention_rate"] == 0.25
+    assert figures["confident_wrong_rate"] == 0.25  # x; the confident "I don't know" is not an answer

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from chat_data import write_jsonl
 from recite_model import (
     EXEMPLAR_PEOPLE, TEMPLATES, TEST_TRAINED, TEST_UNSEEN, TRAINED, facts, people, recite_checkpoint,
+    transformers_model,
 )
 
 from lmforge.cli import main
@@ -37,11 +38,7 @@ def checkpoint(tmp_path_factory, chat_base) -> Path:
 
 @pytest.fixture(scope="module")
 def hf(checkpoint):
-    """The checkpoint as transformers reads it: (model, tokenizer)."""
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).float().eval()
-    return model, transformers.AutoTokenizer.from_pretrained(checkpoint)
+    return transformers_model(checkpoint)
 
 
 def printed_metrics(text: str) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from chat_data import write_jsonl
-from recite_model import TEST_TRAINED, TEST_UNSEEN, facts, people, recite_checkpoint
+from recite_model import TEST_TRAINED, TEST_UNSEEN, facts, people, recite_checkpoint, transformers_model
 
 from lmforge.cli import main
 from lmforge.eval.perturb import PERTURBATIONS, perturb, swap_terms
@@ -30,10 +30,7 @@ def checkpoint(tmp_path_factory, chat_base) -> Path:
 
 @pytest.fixture(scope="module")
 def hf(checkpoint):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).float().eval()
-    return model, transformers.AutoTokenizer.from_pretrained(checkpoint)
+    return transformers_model(checkpoint)
 
 
 def greedy(hf, prompt: str) -> tuple[str, float, int, int]:

@@ -30,7 +30,7 @@ def alignment_goals(figures: dict[str, Any], target_kl: float) -> list[Goal]:
     worst = min(learnable, key=learnable.get)
     goals = [Goal(f"reward models rank the flawed reply lower in ≥ {REWARD_ACCURACY:.0%} of held-out pairs, for "
                   "every kind of flaw that shows in the text",
-                  f"lowest {learnable[worst]:.0%} ({FLAWS[worst].description})", learnable[worst] >= REWARD_ACCURACY,
+                  f"lowest {learnable[worst]:.1%} ({FLAWS[worst].description})", learnable[worst] >= REWARD_ACCURACY,
                   f"{sum(a < REWARD_ACCURACY for a in learnable.values())} of {len(learnable)} kinds below; the SFT "
                   f"model's likelihood ranks {flaws[worst]['sft_likelihood']:.0%} of these pairs right")]
     for name, model in (("DPO + RPO", rpo), ("PPO", ppo)):

@@ -14,7 +14,7 @@ from lmforge.demo.common import change, points
 from lmforge.demo.finetuning import train_sft
 from lmforge.demo.retrieval import K
 from lmforge.eval import calibration as cal
-from lmforge.eval.holistic import GROUPS, holistic_eval
+from lmforge.eval.holistic import GROUPS, abstentions, answering_confidence, holistic_eval, outcomes
 from lmforge.eval.report import plot_coverage, plot_reliability
 from lmforge.eval.tasks import GenerationItem, Task
 from lmforge.generate.session import Session
@@ -54,8 +54,9 @@ def evaluate_row(row: Row, world: World, seed: int) -> dict[str, Any]:
     options = dict(chat=row.chat, shots=row.shots, seed=seed, progress=False, prepare=row.prepare)
     known = holistic_eval(row.session, qa_heldout(world), GROUPS, **options)
     unseen = holistic_eval(row.session, qa_unseen(world), ("accuracy", "calibration", "selective"), **options)
-    confidence = [s["confidence"] for s in known["samples"] + unseen["samples"]]
-    correct = [bool(s["exact_match"]) for s in known["samples"] + unseen["samples"]]
+    confidence = answering_confidence(outcomes(known)[0] + outcomes(unseen)[0],
+                                      abstentions(known) + abstentions(unseen))
+    correct = outcomes(known)[1] + outcomes(unseen)[1]
     return {"held_out": known["holistic"], "never_seen": unseen["holistic"],
             "both": {"curve": cal.coverage_curve(confidence, correct), "area": cal.selective_area(confidence, correct)}}
 
@@ -122,8 +123,8 @@ def conclusions(figures: dict[str, Any]) -> list[str]:
                      f"{names(leaders(fair, max))} ({max(fair.values()):.0%}).")
     tox = {n: f["held_out"]["toxicity"] for n, f in figures.items()}
     flagged = leaders({n: t["toxicity_max"] for n, t in tox.items()}, max)[0]
-    lines.append(f"The toxicity classifier ({tox[flagged]['classifier']}) scores highest, "
-                 f"{tox[flagged]['toxicity_max']:.2f}, {flagged}'s \"{tox[flagged]['most_toxic']}\".")
+    lines.append(f"The toxicity classifier ({tox[flagged]['classifier']}) scores {flagged}'s "
+                 f"\"{tox[flagged]['most_toxic']}\" highest ({tox[flagged]['toxicity_max']:.2f}).")
     return lines
 
 

@@ -60,13 +60,27 @@ def calibration_figures(results: dict[str, Any], bins: int = cal.BINS) -> dict[s
     return figures
 
 
+def abstentions(results: dict[str, Any]) -> list[bool]:
+    """Whether each item's reply declines to answer ("I don't know"); never for multiple choice."""
+    if results["kind"] != "generation":
+        return [False] * len(results["samples"])
+    return [cal.abstains(s["output"]) for s in results["samples"]]
+
+
+def answering_confidence(confidence: Sequence[float], abstained: Sequence[bool]) -> list[float]:
+    """The confidence selective answering ranks by: a reply that declines ranks below every answer."""
+    return [0.0 if a else c for c, a in zip(confidence, abstained)]
+
+
 def selective_figures(results: dict[str, Any], threshold: float = CONFIDENT) -> dict[str, Any]:
+    """The accuracy-coverage curve, its area and points (a declined question ranks last), the share of
+    confident wrong answers and of replies that decline."""
     confidence, correct = outcomes(results)
-    abstained = [cal.abstains(s["output"]) for s in results["samples"]] if results["kind"] == "generation" \
-        else [False] * len(correct)
-    return {"area": cal.selective_area(confidence, correct),
-            "accuracy_at_coverage": {f"{c:g}": cal.accuracy_at_coverage(confidence, correct, c) for c in COVERAGES},
-            "curve": cal.coverage_curve(confidence, correct),
+    abstained = abstentions(results)
+    ranked = answering_confidence(confidence, abstained)
+    return {"area": cal.selective_area(ranked, correct),
+            "accuracy_at_coverage": {f"{c:g}": cal.accuracy_at_coverage(ranked, correct, c) for c in COVERAGES},
+            "curve": cal.coverage_curve(ranked, correct),
             "abstention_rate": sum(abstained) / len(abstained),
             "confident_wrong_rate": cal.confident_wrong_rate(confidence, correct, threshold, abstained),
             "threshold": threshold}

@@ -28,7 +28,7 @@ def plot_reliability(bins: Mapping[str, list[dict[str, float]]], path: Path, tit
     for name, cut in bins.items():
         ax.plot([b["confidence"] for b in cut], [b["accuracy"] for b in cut], marker="o", label=name)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (bin mean)", ylabel="accuracy", title=title or "reliability")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -42,9 +42,9 @@ def plot_coverage(curves: Mapping[str, list[tuple[float, float]]], path: Path, t
     for name, curve in curves.items():
         ax.plot([0.0, *(c for c, _ in curve)], [curve[0][1], *(a for _, a in curve)], drawstyle="steps-pre",
                 label=name)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="coverage (share answered)", ylabel="accuracy",
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="coverage (share answered, most confident first)", ylabel="accuracy",
            title=title or "selective answering")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
