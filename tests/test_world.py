@@ -363,3 +363,13 @@ def test_question_tasks_carry_name_swaps_across_origins():
     assert set(unseen.swaps) == {p.first for p in world.people if not p.in_pretraining}
     assert [i.prompt for i in unseen.items] == [q.question for q in unseen_questions(world)]
     assert world_task("world-mc").swaps == heldout.swaps
+    # Each counterfactual question and answer differs from its original in the swapped first name only.
+    from lmforge.eval.perturb import counterfactual_task
+
+    for before, after in zip(heldout.items, counterfactual_task(heldout, heldout.swaps).items):
+        for a, b in ((before.prompt, after.prompt), (before.answer, after.answer)):
+            changed = [(x, y) for x, y in zip(a.split(), b.split()) if x != y]
+            assert len(a.split()) == len(b.split()) and len(changed) == 1
+            (x, y), = changed
+            first = x.removesuffix("'s")
+            assert first in heldout.swaps and y == x.replace(first, heldout.swaps[first])
