@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from lmforge.cli.common import (
     CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_generation_flags, runs, sampling_params,
@@ -30,9 +32,38 @@ def generate(args: argparse.Namespace) -> None:
         prompt = session.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
         prompt = session.encode(args.prompt)
+    speculative = speculative_engine(args, session)
     for delta in session.stream(prompt, params, args.stop):
         print(delta, end="", flush=True)
     print()
+    if speculative is not None:
+        stats = speculative.stats
+        print(f"speculative decoding: {stats.accepted} of {stats.drafted} drafted tokens kept "
+              f"({stats.acceptance_rate:.0%}), {stats.generated} tokens in {stats.verifications} forward passes",
+              file=sys.stderr)
+
+
+def speculative_engine(args: argparse.Namespace, session: Any) -> Any:
+    """With --prompt-lookup or --draft, the session decodes speculatively (its engine replaced); else None."""
+    if args.prompt_lookup is None and args.draft is None:
+        return None
+    if args.prompt_lookup is not None and args.draft is not None:
+        raise ValueError("--prompt-lookup and --draft are two kinds of drafter: choose one")
+    if session.encoder_decoder or args.compile:
+        raise ValueError("speculative decoding runs a decoder-only model, without --compile")
+    from lmforge.generate.session import Session
+    from lmforge.generate.speculative import DraftModel, PromptLookup, SpeculativeEngine
+
+    if args.prompt_lookup is not None:
+        drafter: Any = PromptLookup(k=args.prompt_lookup)
+    else:
+        draft = Session.load(args.draft, dtype=args.dtype)
+        if draft.tokenizer.vocab_size != session.tokenizer.vocab_size or draft.encoder_decoder:
+            raise ValueError(f"{args.draft}: a draft model needs the same tokenizer as {args.checkpoint} "
+                             f"({draft.tokenizer.vocab_size} tokens vs {session.tokenizer.vocab_size})")
+        drafter = DraftModel(draft.model, k=args.draft_tokens)
+    session.engine = SpeculativeEngine(session.model, drafter)
+    return session.engine
 
 
 def chat(args: argparse.Namespace) -> None:
@@ -79,6 +110,14 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
                    help="structured output: the reply is JSON valid against the JSON schema in FILE")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                   help="speculative decoding with prompt lookup: draft up to K tokens that followed the latest "
+                        "n-gram's earlier occurrence in the prompt and the text so far (pays off when the answer "
+                        "copies from the prompt); greedy output is unchanged, sampling keeps its distribution")
+    p.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
+                   help="speculative decoding with a smaller draft model of the same tokenizer")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft model proposes per "
+                                                                             "check (default 4)")
     add_generation_flags(p)
 
     p = runs(sub.add_parser("chat", help="chat in the terminal, streamed",
