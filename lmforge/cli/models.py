@@ -43,6 +43,17 @@ def generate(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                   help="speculative decoding with prompt lookup: draft up to K tokens that followed the latest "
+                        "n-gram's earlier occurrence in the prompt and the text so far (pays off when the answer "
+                        "copies from the prompt); greedy output is unchanged, sampling keeps its distribution")
+    p.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
+                   help="speculative decoding with a smaller draft model of the same tokenizer")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="tokens the draft model proposes per check (default 4)")
+
+
 def speculative_engine(args: argparse.Namespace, session: Any) -> Any:
     """With --prompt-lookup or --draft, the session decodes speculatively (its engine replaced); else None."""
     if args.prompt_lookup is None and args.draft is None:
@@ -70,6 +81,7 @@ def chat(args: argparse.Namespace) -> None:
     from lmforge.generate.session import Session
 
     session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    speculative_engine(args, session)
     session.chat_loop(session.sampling(sampling_params(args)), system=args.system, stop=args.stop)
 
 
@@ -110,14 +122,7 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
                    help="structured output: the reply is JSON valid against the JSON schema in FILE")
-    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
-                   help="speculative decoding with prompt lookup: draft up to K tokens that followed the latest "
-                        "n-gram's earlier occurrence in the prompt and the text so far (pays off when the answer "
-                        "copies from the prompt); greedy output is unchanged, sampling keeps its distribution")
-    p.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
-                   help="speculative decoding with a smaller draft model of the same tokenizer")
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft model proposes per "
-                                                                             "check (default 4)")
+    add_speculative_flags(p)
     add_generation_flags(p)
 
     p = runs(sub.add_parser("chat", help="chat in the terminal, streamed",
@@ -125,6 +130,7 @@ def add_commands(sub: Subcommands) -> None:
                                         "Commands: /reset clears the history, /exit (or Ctrl-D) quits."), chat)
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--system", default=None, help="system prompt")
+    add_speculative_flags(p)
     add_generation_flags(p)
 
     add_serve_command(sub)

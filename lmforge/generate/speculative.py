@@ -184,6 +184,7 @@ class SpeculativeEngine:
 
     def __init__(self, model: Transformer, drafter: PromptLookup | DraftModel) -> None:
         self.model, self.drafter, self.stats = model, drafter, SpeculativeStats()
+        self.grammars = None  # as `Engine`'s: a session may set it; speculative decoding refuses grammars
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
         if len(prompts) != 1:
