@@ -6,7 +6,10 @@ Prints a table, one `RESULT` line per case, and a profile of one lmforge decode 
 adds the cost of a JSON-schema token mask: greedy decoding with every row inside a schema's open
 string (so that both runs generate the same tokens' count) against the same rows unconstrained.
 `--family NAME` (gemma2, qwen3, phi3, falcon, bloom, ...) times that family instead of the Llama-family
-default: a transformers model of the family at the same size (`FAMILIES`), saved and loaded by both."""
+default: a transformers model of the family at the same size (`FAMILIES`), saved and loaded by both. At the
+default size, llama.cpp (through llama-cpp-python) decodes the same weights at batch 1 from the GGUF files
+`lmforge export gguf` writes (f32, f16) and llama.cpp quantizes (Q8_0, Q4_0), with each engine's share of the
+memory-bandwidth limit."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.checkpoint import load_model, save_model
@@ -142,6 +146,8 @@ def main() -> None:
     print()
     for name, a, b in rows:
         print(f"RESULT {name} lmforge={a:.1f} reference={b:.1f} unit=tok/s ratio={a / b:.2f}")
+    if not args.structured and args.family is None:
+        llama_cpp_rows(config, workdir, args, {name: a for name, a, _ in rows})
 
     if args.profile:
         profile_decode_step(Engine(load_model(workdir + "/model", dtype=torch.float32)), config.vocab_size)
@@ -176,6 +182,72 @@ def structured_rows(config: ModelConfig, workdir: str, args: argparse.Namespace)
         rows.append((f"json_schema_mask_b{batch}_fp32", with_mask, without))
     print("(structured: 'lmforge' is with the JSON-schema mask, 'reference' the same engine without it)")
     return rows
+
+
+def read_bandwidth(mib: int = 512) -> float:
+    """Bytes per second a reduction over a large tensor reads (what a decode step does to the weights),
+    best of five."""
+    src = torch.ones(mib * 2**20 // 4)
+    return src.numel() * 4 / min(time_call(lambda: src.sum(), 1) for _ in range(5))
+
+
+def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, ours: dict[str, float]) -> None:
+    """llama.cpp (llama-cpp-python) greedy batch-1 decoding of the same weights, exported by `lmforge export
+    gguf` as f32 and f16 and quantized by llama.cpp to Q8_0 and Q4_0, against lmforge's fp32 and bf16 rows;
+    and each engine's share of the memory-bandwidth limit (weight bytes read per token x tok/s / the bandwidth a
+    reduction over a large tensor reads)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("(llama.cpp rows need llama-cpp-python: pip install -e '.[test]')")
+        return
+    from lmforge.export.gguf import export_gguf
+    from lmforge.tokenizer import train_tokenizer
+
+    corpus = Path(workdir) / "words.txt"
+    corpus.write_text(" ".join(f"w{i % 9973} x{i % 7919}" for i in range(200_000)))
+    tokenizer = train_tokenizer([corpus], config.vocab_size, Path(workdir) / "tok", show_progress=False)
+    tokenizer.save(workdir + "/model")
+    files = {"f32": export_gguf(workdir + "/model", Path(workdir) / "f32.gguf", dtype="f32"),
+             "f16": export_gguf(workdir + "/model", Path(workdir) / "f16.gguf", dtype="f16")}
+    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        files[name] = Path(workdir) / f"{name}.gguf"
+        llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(files[name]).encode(), params)
+    prompt = torch.randint(3, config.vocab_size, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(1)).tolist()
+    threads = torch.get_num_threads()
+
+    def decode(llm: Any) -> None:  # greedy: the argmax of the last position's logits, fed back
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(args.new_tokens):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            llm.eval([int(logits.argmax())])
+
+    speed = {}
+    for name, path in files.items():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=threads,
+                              n_batch=args.prompt_len, verbose=False)
+        speed[name] = args.new_tokens / time_call(lambda llm=llm: decode(llm), args.repeats)
+    bandwidth = read_bandwidth()
+    weights = {name: path.stat().st_size for name, path in files.items()}
+    weights |= {"lmforge fp32": weights["f32"], "lmforge bf16": weights["f16"]}
+    measured = {**{f"llama.cpp {k}": v for k, v in speed.items()},
+                "lmforge fp32": ours.get("decode_b1_fp32"), "lmforge bf16": ours.get("decode_b1_bf16")}
+    print(f"\nBatch 1, {args.new_tokens} greedy tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    print(f"{'engine':<20}{'tok/s':>10}{'MB read per token':>20}{'share of bandwidth limit':>26}")
+    for name, tok_s in measured.items():
+        if tok_s is None:
+            continue
+        size = weights[name.removeprefix("llama.cpp ")] if name.startswith("llama.cpp") else weights[name]
+        print(f"{name:<20}{tok_s:>10.1f}{size / 1e6:>20.1f}{tok_s * size / bandwidth:>26.0%}")
+    for ours_name, theirs in (("lmforge fp32", "f32"), ("lmforge bf16", "f16"), ("lmforge fp32", "q8_0"),
+                              ("lmforge fp32", "q4_0")):
+        if measured[ours_name] is not None:
+            print(f"RESULT llamacpp_{theirs}_b1 lmforge={measured[ours_name]:.1f} reference={speed[theirs]:.1f} "
+                  f"unit=tok/s ratio={measured[ours_name] / speed[theirs]:.2f} ({ours_name} vs llama.cpp {theirs})")
 
 
 def profile_decode_step(engine: Engine, vocab: int) -> None:
