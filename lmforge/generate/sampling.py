@@ -90,6 +90,12 @@ def sample(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    probs = logits.softmax(dim=-1)
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, *, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> Tensor:
+    """The distribution tokens are drawn from: softmax of the logits over `temperature` (> 0), after the
+    top-k and top-p filters."""
+    return top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p).softmax(dim=-1)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmforge.generate.sampling import SamplingParams, top_k_filter, top_p_filter
+from lmforge.generate.sampling import SamplingParams, sampling_probs
 from lmforge.kv_cache import KVCache
 from lmforge.model import Transformer
 
@@ -39,8 +39,8 @@ class SpeculativeStats:
 
 
 def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
-    """The sampling distribution (…, V) of `logits` under temperature, top-k and top-p (temperature > 0)."""
-    return top_p_filter(top_k_filter(logits.float() / params.temperature, params.top_k), params.top_p).softmax(-1)
+    """The sampling distribution (…, V) of `logits` under `params`' temperature (> 0), top-k and top-p."""
+    return sampling_probs(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
 
 
 class PromptLookup:
