@@ -32,7 +32,7 @@ def generate_reply(checkpoint: Path, text: str, capsys) -> str:
 def peft_reply(model: torch.nn.Module, tokenizer, text: str) -> str:
     ids = tokenizer(text, return_tensors="pt").input_ids
     out = model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()  # as `generate_reply` reads the CLI's line
 
 
 def test_t5_finetune_journey(tmp_path, capsys):
