@@ -60,16 +60,16 @@ def resolve_checkpoint(reference: str | Path, revision: str | None = None) -> Pa
     if parsed is None:
         return Path(reference)
     repo_id, revision = parsed[0], parsed[1] or revision
-    options = _hub_options()
+    options = hub_options()
     key = (repo_id, revision, options["cache_dir"], options["endpoint"], options["local_files_only"])
     if key in _resolved and _resolved[key].is_dir():
         return _resolved[key]
-    with _explained(str(reference), repo_id, revision, options), _quiet_unless_terminal():
+    with explained(str(reference), repo_id, revision, options), quiet_unless_terminal():
         _resolved[key] = _download(repo_id, revision, options)
     return _resolved[key]
 
 
-def _hub_options() -> dict[str, Any]:
+def hub_options() -> dict[str, Any]:
     """Cache, endpoint and offline mode from the environment as it is now (huggingface_hub reads
     its own copies once, at import)."""
     from huggingface_hub import constants
@@ -106,7 +106,7 @@ def weight_names(folder: Path) -> list[str]:
 
 
 @contextmanager
-def _quiet_unless_terminal() -> Iterator[None]:
+def quiet_unless_terminal() -> Iterator[None]:
     """huggingface_hub's download bars on a terminal only."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -121,7 +121,7 @@ def _quiet_unless_terminal() -> Iterator[None]:
 
 
 @contextmanager
-def _explained(reference: str, repo_id: str, revision: str | None, options: dict[str, Any]) -> Iterator[None]:
+def explained(reference: str, repo_id: str, revision: str | None, options: dict[str, Any]) -> Iterator[None]:
     """huggingface_hub's errors as one line naming `reference` and what to do."""
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,

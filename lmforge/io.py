@@ -1,6 +1,6 @@
 """Reading input files: JSONL records with errors that name file, line and field, JSON files, and
 the texts of corpus files (`.txt` split on blank lines, the `text` field of `.jsonl` records, the
-`text` column of `.parquet`), found in files and folders."""
+`text` column of `.parquet`, or another field or column by name), found in files and folders."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ PathLike = str | Path
 class RecordError(ValueError):
     """A malformed record: `path:line: field 'name': problem`."""
 
-    def __init__(self, path: Path, line: int, field: str, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int, field: str, problem: str) -> None:
         super().__init__(f"{path}:{line}: field '{field}': {problem}")
 
 
@@ -69,13 +69,16 @@ def find_files(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     return files
 
 
-def read_texts(path: PathLike) -> Iterator[str]:
-    """The texts (documents) of one `.txt`, `.jsonl` or `.parquet` file, in file order."""
+def read_texts(path: PathLike, column: str = "text") -> Iterator[str]:
+    """The texts (documents) of one `.txt`, `.jsonl` or `.parquet` file (its field or column `column`), in
+    file order."""
     path = Path(path)
-    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
+    if path.suffix == ".txt":
+        return read_txt(path)
+    readers = {".jsonl": read_jsonl, ".parquet": read_parquet}
     if path.suffix not in readers:
         raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(TEXT_SUFFIXES)})")
-    return readers[path.suffix](path)
+    return readers[path.suffix](path, column)
 
 
 def iter_texts(paths: PathLike | Iterable[PathLike]) -> Iterator[str]:
@@ -109,8 +112,8 @@ def read_txt(path: PathLike) -> Iterator[str]:
         yield "".join(lines).removesuffix("\n")
 
 
-def read_jsonl(path: PathLike) -> Iterator[str]:
-    """The string field `text` of each record of a JSON Lines file; blank lines are skipped."""
+def read_jsonl(path: PathLike, field: str = "text") -> Iterator[str]:
+    """The string field `field` of each record of a JSON Lines file; blank lines are skipped."""
     for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
@@ -118,14 +121,14 @@ def read_jsonl(path: PathLike) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); "
-                             "expected an object with a string field 'text'") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}, line {lineno}: field 'text' is missing or not a string")
-        yield record["text"]
+                             f"expected an object with a string field '{field}'") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{path}, line {lineno}: field '{field}' is missing or not a string")
+        yield record[field]
 
 
-def read_parquet(path: PathLike) -> Iterator[str]:
-    """The `text` column of a Parquet file (needs pyarrow)."""
+def read_parquet(path: PathLike, column: str = "text") -> Iterator[str]:
+    """The string column `column` of a Parquet file (needs pyarrow)."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -134,12 +137,12 @@ def read_parquet(path: PathLike) -> Iterator[str]:
         parquet = pq.ParquetFile(path)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowIOError / ArrowInvalid
         raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
-    if "text" not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {parquet.schema_arrow.names})")
-    values = (v for batch in parquet.iter_batches(columns=["text"]) for v in batch.column(0).to_pylist())
+    if column not in parquet.schema_arrow.names:
+        raise ValueError(f"{path}: no '{column}' column (columns: {parquet.schema_arrow.names})")
+    values = (v for batch in parquet.iter_batches(columns=[column]) for v in batch.column(0).to_pylist())
     for row, value in enumerate(values, start=1):
         if not isinstance(value, str):
-            raise ValueError(f"{path}, row {row}: field 'text' is not a string")
+            raise ValueError(f"{path}, row {row}: field '{column}' is not a string")
         yield value
 
 

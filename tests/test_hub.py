@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,26 +17,10 @@ from lmforge.cli import main
 from lmforge.peft.adapters import save_adapter
 from lmforge.peft.lora import add_lora, lora_layers
 from lmforge.tokenizer import Tokenizer
+from hub_cache import cache_repo
 
 REV1, REV2 = hashlib.sha1(b"first").hexdigest(), hashlib.sha1(b"second").hexdigest()
 PROMPT = ["--prompt", "Nora Yilmaz was born in", "--temperature", "0", "--max-new-tokens", "8"]
-
-
-def cache_repo(cache: Path, repo_id: str, folder: Path, revision: str, refs: tuple[str, ...] = ("main",)) -> Path:
-    """`folder`'s files as the snapshot `revision` of `repo_id` in a Hub cache, as huggingface_hub lays it
-    out: content-addressed blobs, snapshot entries linking to them, refs naming the revision."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-        shutil.copyfile(file, blob)
-        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
-    for ref in refs:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(revision)
-    return snapshot
 
 
 def sharpened(path: Path, out: Path, seed: int) -> Path:

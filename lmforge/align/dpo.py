@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from lmforge.config import load_recipe
 from lmforge.console import Progress
 from lmforge.data.chat import IGNORE, collate, padding_id
 from lmforge.data.preference import EncodedPair, PreferenceDataConfig, encode_pair, read_pairs
+from lmforge.data.hub_datasets import label
 from lmforge.data.sampling import SampledSource, holdout_split
 from lmforge.peft.adapters import is_adapter_dir, merge_and_save
 from lmforge.peft.lora import disable_adapters
@@ -73,23 +74,27 @@ class DPOConfig(BaseModel):
 # ---- data ----------------------------------------------------------------------------------------
 
 
-def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int, kind: str | None) -> list[EncodedPair]:
-    """The pairs of one file (of `kind`, if given), encoded; reports how many responses were cut."""
-    pairs = [p for p in read_pairs(path) if kind is None or p.kind == kind]
+def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int, kind: str | None, *, split: str = "train",
+               columns: Mapping[str, str] | None = None) -> list[EncodedPair]:
+    """The pairs of one file or Hub dataset split (of `kind`, if given), encoded; reports how many responses
+    were cut."""
+    pairs = [p for p in read_pairs(path, split=split, columns=columns) if kind is None or p.kind == kind]
     if not pairs:
-        raise ValueError(f"{path}: no preference records of kind {kind!r}")
+        raise ValueError(f"{label(path, split)}: no preference records of kind {kind!r}")
     encoded = [encode_pair(tokenizer, p, max_len) for p in pairs]
     cut = sum(e.chosen.truncated or e.rejected.truncated for e in encoded)
     if cut:
-        tqdm.write(f"{path}: {cut} of {len(encoded)} pairs have a response cut to fit {max_len} tokens")
+        tqdm.write(f"{label(path, split)}: {cut} of {len(encoded)} pairs have a response cut to fit {max_len} tokens")
     return encoded
 
 
 def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair]]:
     """Training and validation pairs (validation held out of the training file without `val_path`)."""
-    train = load_pairs(config.train_path, tokenizer, config.max_len, config.kind)
+    train = load_pairs(config.train_path, tokenizer, config.max_len, config.kind, split=config.split,
+                       columns=config.columns)
     if config.val_path is not None:
-        return train, load_pairs(config.val_path, tokenizer, config.max_len, config.kind)
+        return train, load_pairs(config.val_path, tokenizer, config.max_len, config.kind, split=config.val_split,
+                                 columns=config.columns)
     return holdout_split(train, config.val_fraction, seed)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ from lmforge.align.losses import bradley_terry_loss, whiten
 from lmforge.checkpoint import atomic_dir, instantiate, load_model, read_tensors, to_disk, to_ours, write_weights
 from lmforge.config import ModelConfig, load_recipe
 from lmforge.data.chat import IGNORE, Example, padding_id
+from lmforge.data.hub_datasets import label
 from lmforge.data.preference import (
     EncodedPair, PreferenceDataConfig, PreferencePair, encode_pair, read_pairs, response_example,
 )
 from lmforge.data.sampling import SampledSource, holdout_split
 from lmforge.families import FAMILY_ARCHITECTURE
 from lmforge.hub import resolve_checkpoint
-from lmforge.io import RecordError, jsonl_records, read_json
+from lmforge.io import read_json
 from lmforge.model import Decoder, Transformer
 from lmforge.peft.adapters import is_adapter_dir
 from lmforge.tokenizer import Message, Tokenizer
@@ -242,34 +244,21 @@ class PairIds:
     kind: str | None = None
 
 
-def record_margins(path: Path) -> dict[int, float]:
-    """The `margin` field of each record that has one, by line (read_pairs has checked the JSON)."""
-    margins = {}
-    for line_no, record in jsonl_records(path):
-        if (value := record.get("margin")) is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RecordError(path, line_no, "margin", f"must be a number, got {value!r}")
-        margins[line_no] = float(value)
-    return margins
-
-
-def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int, *, kind: str | None = None,
-               margin: float = 0.0) -> list[PairIds]:
-    """The pairs of a preference file (only those of `kind`, if given), tokenized for scoring;
-    reports how many had a response cut to fit `max_len`."""
-    pairs = read_pairs(path)
+def load_pairs(path: Path, tokenizer: Tokenizer, max_len: int, *, kind: str | None = None, margin: float = 0.0,
+               split: str = "train", columns: Mapping[str, str] | None = None) -> list[PairIds]:
+    """The pairs of a preference file or Hub dataset split (only those of `kind`, if given), tokenized for
+    scoring, each with its record's margin or `margin`; reports how many had a response cut to fit `max_len`."""
+    pairs = read_pairs(path, split=split, columns=columns)
     if kind is not None:
         kinds = sorted({str(p.kind) for p in pairs})
         pairs = [p for p in pairs if p.kind == kind]
         if not pairs:
-            raise ValueError(f"{path}: no records of kind {kind!r} (kinds found: {', '.join(kinds)})")
-    margins = record_margins(path)
+            raise ValueError(f"{label(path, split)}: no records of kind {kind!r} (kinds found: {', '.join(kinds)})")
     encoded = [encode_pair(tokenizer, p, max_len) for p in pairs]
     cut = sum(e.chosen.truncated or e.rejected.truncated for e in encoded)
     if cut:
-        tqdm.write(f"{path}: {cut} of {len(pairs)} pairs have a response cut to fit {max_len} tokens")
-    return [pair_ids(p, e, max_len, margins.get(p.line, margin)) for p, e in zip(pairs, encoded)]
+        tqdm.write(f"{label(path, split)}: {cut} of {len(pairs)} pairs have a response cut to fit {max_len} tokens")
+    return [pair_ids(p, e, max_len, margin if p.margin is None else p.margin) for p, e in zip(pairs, encoded)]
 
 
 def pair_ids(pair: PreferencePair, encoded: EncodedPair, max_len: int, margin: float) -> PairIds:
@@ -368,9 +357,11 @@ class RewardFiles(ModelFiles):
 def load_data(config: PreferenceDataConfig, tokenizer: Tokenizer, margin: float,
               seed: int) -> tuple[list[PairIds], list[PairIds]]:
     """Training and validation pairs (validation from val_path, or a seeded share of the training file)."""
-    train = load_pairs(config.train_path, tokenizer, config.max_len, kind=config.kind, margin=margin)
+    train = load_pairs(config.train_path, tokenizer, config.max_len, kind=config.kind, margin=margin,
+                       split=config.split, columns=config.columns)
     if config.val_path is not None:
-        return train, load_pairs(config.val_path, tokenizer, config.max_len, kind=config.kind, margin=margin)
+        return train, load_pairs(config.val_path, tokenizer, config.max_len, kind=config.kind, margin=margin,
+                                 split=config.val_split, columns=config.columns)
     return holdout_split(train, config.val_fraction, seed)
 
 

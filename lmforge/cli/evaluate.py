@@ -35,7 +35,8 @@ def evaluate(args: argparse.Namespace) -> None:
         register_tasks(seed=args.world_seed, people=args.world_people)
         sampling = sampling_params(args, max_new_tokens=args.max_new_tokens or answer_tokens(args.cot))
         options = dict(shots=args.shots or 0, limit=args.limit, seed=args.seed, cot=args.cot, chat=args.chat,
-                       sampling=sampling, batch_size=args.batch_size, dtype=args.dtype)
+                       sampling=sampling, batch_size=args.batch_size, dtype=args.dtype, split=args.split,
+                       columns=args.columns)
         if args.metrics:
             results = holistic(args, options)
         else:
@@ -51,6 +52,14 @@ def evaluate(args: argparse.Namespace) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"results written to {args.out}")
+
+
+def field_mapping(text: str) -> dict[str, str]:
+    """`prompt=question,answer=label` as {"prompt": "question", "answer": "label"}."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not field.strip() or not eq or not column.strip() for field, eq, column in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=COLUMN[,FIELD=COLUMN]")
+    return {field.strip(): column.strip() for field, _, column in pairs}
 
 
 def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
             swap_terms("", swaps)  # checks the keys
         except ValueError as e:
             raise ValueError(f"{args.swaps}: {e}") from None
-    task = load_task(args.task)
+    task = load_task(args.task, split=options.pop("split"), columns=options.pop("columns"))
     session = Session.load(args.checkpoint, dtype=options.pop("dtype"))
     results = {"checkpoint": str(args.checkpoint), **holistic_eval(session, task, groups, swaps=swaps, **options)}
     args.out = args.out or Path("runs") / "eval" / task.name / "results.json"
@@ -97,6 +106,11 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--tasks", metavar="NAME[,NAME]", help="lm-eval task names (with --harness)")
     p.add_argument("--include-path", type=Path, metavar="DIR",
                    help="folder of extra lm-eval task YAML files (with --harness)")
+    p.add_argument("--split", default="test",
+                   help="with --task hf:org/name[:config][@revision] (a Hub dataset): the split to evaluate "
+                        "(default test; few-shot exemplars come from its train split)")
+    p.add_argument("--columns", type=field_mapping, default={}, metavar="FIELD=COLUMN[,FIELD=COLUMN]",
+                   help="read a task's fields from columns of other names, e.g. prompt=question,answer=label")
     p.add_argument("--shots", type=int, default=None,
                    help="few-shot exemplars per item (default 0; with --harness: the task's own)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (of each task)")

@@ -14,26 +14,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.io import RecordError, jsonl_records
+from lmforge.data.hub_datasets import label, read_records
+from lmforge.io import RecordError
 from lmforge.tokenizer import Message, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the label of a position that takes no loss (PyTorch's cross-entropy ignore_index)
 
 
-def read_messages(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
-    """(line number, conversation) for each record of an SFT JSONL file; blank lines are skipped."""
-    path = Path(path)
-    for line_no, record in jsonl_records(path):
-        messages = to_messages(record, lambda field, problem: RecordError(path, line_no, field, problem))
+def read_messages(path: str | Path, *, split: str = "train", columns: Mapping[str, str] | None = None,
+                  ) -> Iterator[tuple[int, list[Message]]]:
+    """(line or row number, conversation) for each record of an SFT JSONL file (blank lines skipped) or a
+    Hub dataset's split, fields renamed by `columns`."""
+    name = label(path, split)
+    for line_no, record in read_records(path, split=split, columns=columns):
+        messages = to_messages(record, partial(RecordError, name, line_no))
         if not any(m["role"] == "assistant" for m in messages):
-            raise RecordError(path, line_no, "messages", "no assistant turn to learn from")
+            raise RecordError(name, line_no, "messages", "no assistant turn to learn from")
         yield line_no, messages
 
 
@@ -42,6 +46,8 @@ def to_messages(record: Mapping[str, Any], error: Any) -> list[Message]:
     the exception to raise."""
     if "messages" in record:
         return check_messages(record["messages"], "messages", error)
+    if "conversations" in record:
+        return check_messages(record["conversations"], "conversations", error)
     if "instruction" in record or "output" in record:
         for field in ("instruction", "output"):
             if not isinstance(record.get(field), str):
@@ -63,18 +69,31 @@ def to_messages(record: Mapping[str, Any], error: Any) -> list[Message]:
 
 
 def check_messages(messages: Any, field: str, error: Any) -> list[Message]:
+    """A list of `{"role", "content"}` messages (ShareGPT's `{"from", "value"}` read as such), checked."""
     if not isinstance(messages, list) or not messages:
         raise error(field, "must be a non-empty list of messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise error(f"{field}[{i}]", "must be an object with 'role' and 'content'")
+        if "from" in m and "role" not in m:
+            m = sharegpt_message(m, f"{field}[{i}]", error)
         if m.get("role") not in ROLES:
             raise error(f"{field}[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
             raise error(f"{field}[{i}].content", "must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def sharegpt_message(message: Mapping[str, Any], field: str, error: Any) -> Message:
+    """ShareGPT's `{"from": "human"|"gpt"|"system", "value": ...}` as a `{"role", "content"}` message."""
+    if message["from"] not in SHAREGPT_ROLES:
+        raise error(f"{field}.from", f"must be one of {', '.join(SHAREGPT_ROLES)}, got {message['from']!r}")
+    return {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
 
 
 @dataclass
@@ -102,16 +121,16 @@ def encode(tokenizer: Tokenizer, messages: Sequence[Message], max_len: int) -> E
 class SFTData:
     """The tokenized examples of one file, and how many were cut or dropped to fit `max_len`."""
 
-    path: Path
+    path: str  # the file, or the Hub dataset and split
     examples: list[Example]
     truncated: int
     dropped: int
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: Tokenizer, max_len: int) -> SFTData:
-        path = Path(path)
+    def load(cls, path: str | Path, tokenizer: Tokenizer, max_len: int, *, split: str = "train",
+             columns: Mapping[str, str] | None = None) -> SFTData:
         examples, truncated, dropped = [], 0, 0
-        for _, messages in read_messages(path):
+        for _, messages in read_messages(path, split=split, columns=columns):
             example = encode(tokenizer, messages, max_len)
             if example is None:
                 dropped += 1  # its assistant turns lie wholly beyond max_len
@@ -119,9 +138,9 @@ class SFTData:
             truncated += example.truncated
             examples.append(example)
         if not examples:
-            raise ValueError(f"{path}: no usable examples (dropped {dropped} whose answers lie beyond "
+            raise ValueError(f"{label(path, split)}: no usable examples (dropped {dropped} whose answers lie beyond "
                              f"{max_len} tokens)")
-        return cls(path, examples, truncated, dropped)
+        return cls(label(path, split), examples, truncated, dropped)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -195,22 +214,17 @@ class Prompt:
     line: int | None = None
 
 
-def read_prompts(path: str | Path, *, sft_records: bool = False) -> list[Prompt]:
-    """Prompts from JSONL: `{"prompt": text | messages}` (prompt files, preference pairs) or
-    `{"messages": ...}` (up to its last user turn), with an optional `risky` flag; with
-    `sft_records`, any SFT record too (its conversation before the last assistant turn). Blank
+def read_prompts(path: str | Path, *, sft_records: bool = False, split: str = "train") -> list[Prompt]:
+    """Prompts from JSONL (or a Hub dataset's `split`): `{"prompt": text | messages}` (prompt files,
+    preference pairs) or `{"messages": ...}` (up to its last user turn), with an optional `risky` flag;
+    with `sft_records`, any SFT record too (its conversation before the last assistant turn). Blank
     lines are skipped."""
-    path = Path(path)
     prompts = []
-    for line_no, record in jsonl_records(path):
-
-        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-            return RecordError(path, line_no, field, problem)
-
-        messages = prompt_messages(record, error, sft_records)
-        prompts.append(Prompt(messages, bool(record.get("risky", False)), path, line_no))
+    for line_no, record in read_records(path, split=split):
+        messages = prompt_messages(record, partial(RecordError, label(path, split), line_no), sft_records)
+        prompts.append(Prompt(messages, bool(record.get("risky", False)), Path(path), line_no))
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{label(path, split)}: no prompts")
     return prompts
 
 

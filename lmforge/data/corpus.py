@@ -1,6 +1,7 @@
 """Pretraining corpora: token files and packed samples.
 
-Documents are the texts of corpus files (`lmforge.io.find_files`, `read_texts`).
+Documents are the texts of corpus files (`lmforge.io.find_files`, `read_texts`) and Hub datasets
+(`lmforge.data.hub_datasets`); `lmforge.data.streaming` reads them without token files.
 `tokenize_corpus` writes them, each followed by EOS, into two flat token files `train.bin` and
 `val.bin` (raw uint16 or uint32 arrays, as nanoGPT does) beside `meta.json`. `PackedSequences`
 reads such a file through a memory map as fixed-length (input, target) samples, and `get_batch`
@@ -14,7 +15,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.console import Progress
+from lmforge.data.hub_datasets import is_hub_dataset, texts
 from lmforge.io import PathLike, chunks, find_files, read_texts
 from lmforge.tokenizer import Tokenizer
 
@@ -50,6 +52,8 @@ class CorpusInfo:
     tokenizer_dir: str
     val_fraction: float
     seed: int
+    split: str = "train"  # of the Hub datasets among the sources
+    column: str = "text"
 
     @classmethod
     def load(cls, out_dir: PathLike) -> CorpusInfo:
@@ -71,10 +75,32 @@ def in_validation(seed: int, index: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
+def source_names(paths: PathLike | Sequence[PathLike]) -> list[str]:
+    """The corpus's sources as `CorpusInfo` records them: each file (folders searched, see `find_files`) by its
+    absolute path, each Hub dataset by its reference; a missing file is an error here, before any reading."""
+    names: list[str] = []
+    for source in [paths] if isinstance(paths, (str, Path)) else paths:
+        names += [str(source)] if is_hub_dataset(source) else [str(f.resolve()) for f in find_files(source)]
+    return names
+
+
+def corpus_documents(paths: PathLike | Sequence[PathLike], *, split: str = "train", column: str = "text",
+                     streaming: bool = False) -> Iterator[str]:
+    """The documents of corpus files, folders and Hub datasets (`split`, the string column `column`), in order;
+    `streaming` reads a Hub dataset's rows as they are needed instead of preparing it on disk first."""
+    for source in [paths] if isinstance(paths, (str, Path)) else paths:
+        if is_hub_dataset(source):
+            yield from texts(source, split=split, column=column, streaming=streaming)
+        else:
+            for file in find_files(source):
+                yield from read_texts(file, column)
+
+
 def tokenize_corpus(paths: PathLike | Sequence[PathLike], tokenizer_dir: PathLike, out_dir: PathLike, *,
-                    val_fraction: float = 0.05, seed: int = 0, workers: int = 2,
-                    show_progress: bool = True) -> CorpusInfo:
-    """Tokenize the documents of `paths` into `out_dir/train.bin`, `val.bin` and `meta.json`.
+                    val_fraction: float = 0.05, seed: int = 0, workers: int = 2, split: str = "train",
+                    column: str = "text", show_progress: bool = True) -> CorpusInfo:
+    """Tokenize the documents of `paths` (files, folders, Hub datasets: see `corpus_documents`) into
+    `out_dir/train.bin`, `val.bin` and `meta.json`.
 
     Each document's tokens are followed by the tokenizer's EOS; documents keep their corpus order
     within each split whatever the number of `workers` (processes, one tokenizer thread each).
@@ -87,7 +113,7 @@ def tokenize_corpus(paths: PathLike | Sequence[PathLike], tokenizer_dir: PathLik
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    files = find_files(paths)
+    sources = source_names(paths)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if tokenizer.eos_id is None:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has no eos_token; documents must be separated by one")
@@ -98,13 +124,14 @@ def tokenize_corpus(paths: PathLike | Sequence[PathLike], tokenizer_dir: PathLik
     writer = _SplitWriter(temp, dtype, seed, val_fraction)
     try:
         with Progress(desc="tokenizing", unit="tok", unit_scale=True, disable=not show_progress) as bar:
-            for tokens, lengths in _encode_in_workers(writer.documents(files), tokenizer_dir, dtype, workers):
+            documents = writer.non_empty(corpus_documents(paths, split=split, column=column))
+            for tokens, lengths in _encode_in_workers(documents, tokenizer_dir, dtype, workers):
                 writer.write(tokens, lengths)
                 bar.update(len(tokens))
                 bar.set_postfix(docs=sum(writer.num_documents.values()), refresh=False)
         writer.close()
         if not any(writer.num_documents.values()):
-            raise ValueError(f"empty corpus: no non-empty documents in {[str(f) for f in files]}")
+            raise ValueError(f"empty corpus: no non-empty documents in {sources}")
         writer.ensure_both_splits()
     except BaseException:
         writer.close()
@@ -114,8 +141,8 @@ def tokenize_corpus(paths: PathLike | Sequence[PathLike], tokenizer_dir: PathLik
     info = CorpusInfo(
         dtype=dtype.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
         num_tokens=writer.num_tokens, num_documents=writer.num_documents, skipped_empty_documents=writer.skipped,
-        sources=[str(f.resolve()) for f in files], tokenizer_dir=str(Path(tokenizer_dir).resolve()),
-        val_fraction=val_fraction, seed=seed,
+        sources=sources, tokenizer_dir=str(Path(tokenizer_dir).resolve()),
+        val_fraction=val_fraction, seed=seed, split=split, column=column,
     )
     (out_dir / "meta.json").unlink(missing_ok=True)  # no stale meta beside new token files, even after a crash
     for split in SPLITS:
@@ -137,14 +164,13 @@ class _SplitWriter:
         self.last_length = dict.fromkeys(SPLITS, 0)  # tokens of each split's last document
         self.skipped = 0
 
-    def documents(self, files: list[Path]) -> Iterator[str]:
-        """The corpus's documents, less the empty ones (counted in `skipped`)."""
-        for path in files:
-            for text in read_texts(path):
-                if text.strip():
-                    yield text
-                else:
-                    self.skipped += 1
+    def non_empty(self, documents: Iterable[str]) -> Iterator[str]:
+        """`documents` less the empty ones (counted in `skipped`)."""
+        for text in documents:
+            if text.strip():
+                yield text
+            else:
+                self.skipped += 1
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         first = sum(self.num_documents.values())

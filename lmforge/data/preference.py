@@ -8,14 +8,18 @@ file, the line and the field."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.data.chat import IGNORE, Example, check_messages
-from lmforge.io import RecordError, jsonl_records
+from lmforge.data.hub_datasets import label, read_records
+from lmforge.io import RecordError
 from lmforge.tokenizer import Message, Tokenizer
 
 
@@ -24,8 +28,13 @@ class PreferenceDataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    train_path: Path = Field(description="preference JSONL: {'prompt', 'chosen', 'rejected'}")
-    val_path: Path | None = None
+    train_path: Path = Field(description="preference JSONL: {'prompt', 'chosen', 'rejected'}, or a Hub dataset "
+                                         "hf:org/name[:config][@revision]")
+    val_path: Path | None = Field(None, description="validation pairs: a JSONL file or a Hub dataset")
+    split: str = Field("train", description="the split of a Hub dataset train_path")
+    val_split: str = Field("test", description="the split of a Hub dataset val_path")
+    columns: dict[str, str] = Field({}, description="field lmforge reads -> the column that holds it (e.g. "
+                                                    "{chosen: good}), where the names differ")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of train_path without val_path")
     max_len: int = Field(512, gt=1, description="longest prompt + response in tokens (responses are cut)")
     kind: str | None = Field(None, description="keep only records whose 'kind' is this (e.g. helpful, safety)")
@@ -37,28 +46,33 @@ class PreferencePair:
     chosen: list[Message]
     rejected: list[Message]
     kind: str | None = None  # e.g. "helpful" or "safety" in the built-in world
-    path: Path | None = None
+    path: str | None = None  # the file, or the Hub dataset and split
     line: int = 0
+    margin: float | None = None  # the record's own reward margin, if it has one (LLaMA-2's margin loss)
 
 
-def read_pairs(path: str | Path) -> list[PreferencePair]:
-    """Every record of a preference JSONL file (blank lines skipped)."""
-    path = Path(path)
+def read_pairs(path: str | Path, *, split: str = "train", columns: Mapping[str, str] | None = None,
+               ) -> list[PreferencePair]:
+    """Every record of a preference JSONL file (blank lines skipped) or a Hub dataset's split, fields renamed
+    by `columns`."""
+    name = label(path, split)
     pairs = []
-    for line_no, record in jsonl_records(path):
-
-        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-            return RecordError(path, line_no, field, problem)
-
+    for line_no, record in read_records(path, split=split, columns=columns):
+        error = partial(RecordError, name, line_no)
         prompt = _turns(record, "prompt", "user", error)
         chosen = _turns(record, "chosen", "assistant", error)
         rejected = _turns(record, "rejected", "assistant", error)
         if chosen == rejected:
             raise error("rejected", "identical to 'chosen': the pair expresses no preference")
         kind = record.get("kind")
-        pairs.append(PreferencePair(prompt, chosen, rejected, kind if isinstance(kind, str) else None, path, line_no))
+        margin = record.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not math.isfinite(margin)):
+            raise error("margin", f"must be a number, got {margin!r}")
+        pairs.append(PreferencePair(prompt, chosen, rejected, kind if isinstance(kind, str) else None, name, line_no,
+                                    None if margin is None else float(margin)))
     if not pairs:
-        raise ValueError(f"{path}: no preference records")
+        raise ValueError(f"{name}: no preference records")
     return pairs
 
 

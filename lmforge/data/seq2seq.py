@@ -33,17 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.data.chat import IGNORE, to_messages
 from lmforge.data.sampling import MixtureSource, holdout_split
-from lmforge.io import RecordError, jsonl_records
+from lmforge.data.hub_datasets import DataSource, label, read_records
+from lmforge.io import RecordError
 from lmforge.tokenizer import Message, Tokenizer
 
 SFT_FIELDS = ("messages", "instruction", "output", "prompt", "completion")
 
 
-class Seq2SeqDatasetSpec(BaseModel):
+class Seq2SeqDatasetSpec(DataSource):
     model_config = ConfigDict(extra="forbid")
 
-    path: Path
-    weight: float = Field(1.0, gt=0, description="share of the training examples drawn from this file")
+    weight: float = Field(1.0, gt=0, description="share of the training examples drawn from this dataset")
     prefix: str = Field("", description="task prefix put before every input, e.g. 'summarize: '")
 
 
@@ -53,7 +53,9 @@ class Seq2SeqDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     datasets: list[Seq2SeqDatasetSpec] = Field(min_length=1)
-    val_path: Path | None = Field(None, description="validation pairs (with the first dataset's prefix)")
+    val_path: Path | None = Field(None, description="validation pairs: a JSONL file or a Hub dataset (its "
+                                                    "val_split; the first dataset's prefix and columns)")
+    val_split: str = Field("test", description="the split of a Hub dataset val_path")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of the first dataset without val_path")
     max_source_len: int = Field(512, gt=1, description="longest input in tokens, </s> included (longer ones are cut)")
     max_target_len: int = Field(128, gt=1, description="longest target in tokens, </s> included (longer ones are cut)")
@@ -73,19 +75,16 @@ class Pair:
     line: int = 0
 
 
-def read_pairs(path: str | Path, prefix: str = "") -> list[Pair]:
-    """Every record of a JSONL file as a pair, `prefix` put before each input; blank lines are skipped."""
-    path = Path(path)
+def read_pairs(path: str | Path, prefix: str = "", *, split: str = "train",
+               columns: Mapping[str, str] | None = None) -> list[Pair]:
+    """Every record of a JSONL file (blank lines skipped) or a Hub dataset's split as a pair, `prefix` put
+    before each input, fields renamed by `columns`."""
     pairs = []
-    for line_no, record in jsonl_records(path):
-
-        def error(field: str, problem: str, line_no: int = line_no) -> RecordError:
-            return RecordError(path, line_no, field, problem)
-
-        source, target = record_pair(record, error)
-        pairs.append(Pair(prefix + source, target, path, line_no))
+    for line_no, record in read_records(path, split=split, columns=columns):
+        source, target = record_pair(record, partial(RecordError, label(path, split), line_no))
+        pairs.append(Pair(prefix + source, target, Path(path), line_no))
     if not pairs:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{label(path, split)}: no records")
     return pairs
 
 
@@ -147,19 +146,23 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[Pair], max_source_len: in
     return examples
 
 
-def load_examples(path: str | Path, tokenizer: Tokenizer, config: Seq2SeqDataConfig,
-                  prefix: str = "") -> list[Seq2SeqExample]:
-    """The tokenized pairs of one file."""
-    return encode_pairs(tokenizer, read_pairs(path, prefix), config.max_source_len, config.max_target_len)
+def load_examples(path: str | Path, tokenizer: Tokenizer, config: Seq2SeqDataConfig, prefix: str = "", *,
+                  split: str = "train", columns: Mapping[str, str] | None = None) -> list[Seq2SeqExample]:
+    """The tokenized pairs of one file or Hub dataset split."""
+    pairs = read_pairs(path, prefix, split=split, columns=columns)
+    return encode_pairs(tokenizer, pairs, config.max_source_len, config.max_target_len)
 
 
 def load_data(config: Seq2SeqDataConfig, tokenizer: Tokenizer,
               seed: int) -> tuple[list[list[Seq2SeqExample]], list[Seq2SeqExample]]:
     """Training examples per dataset and validation examples (`val_path`, or `val_fraction` of the
     first dataset held out), as `train.sft.load_data` splits chat data."""
-    train = [load_examples(d.path, tokenizer, config, d.prefix) for d in config.datasets]
+    train = [load_examples(d.path, tokenizer, config, d.prefix, split=d.split, columns=d.columns)
+             for d in config.datasets]
     if config.val_path is not None:
-        val = load_examples(config.val_path, tokenizer, config, config.datasets[0].prefix)
+        first = config.datasets[0]
+        val = load_examples(config.val_path, tokenizer, config, first.prefix, split=config.val_split,
+                            columns=first.columns)
     else:
         train[0], val = holdout_split(train[0], config.val_fraction, seed)
     return train, val

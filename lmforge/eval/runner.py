@@ -12,18 +12,19 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lmforge.console import Progress
+from lmforge.data.hub_datasets import is_hub_dataset
 from lmforge.eval import metrics
 from lmforge.eval.calibration import choice_probabilities
 from lmforge.eval.registry import build_task, is_registered, registered_tasks
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods, seq2seq_loglikelihoods
 from lmforge.eval.tasks import (
     ChoiceItem, GenerationItem, Task, check_shots, choice_context, choice_messages, draw_exemplars, extract_answer,
-    generation_messages, generation_text, load_task_file,
+    generation_messages, generation_text, load_hub_task, load_task_file,
 )
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
@@ -38,21 +39,25 @@ def answer_tokens(cot: bool) -> int:
     return COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
 
 
-def load_task(spec: str | Path) -> Task:
-    """A registered task by name (see `lmforge.eval.registry`), or a task file or directory (see
-    `lmforge.eval.tasks`)."""
+def load_task(spec: str | Path, *, split: str = "test", columns: Mapping[str, str] | None = None) -> Task:
+    """A registered task by name (see `lmforge.eval.registry`), a task file or directory (see
+    `lmforge.eval.tasks`), or a Hub dataset `hf:org/name[:config][@revision]` (its `split`, fields renamed
+    by `columns`; exemplars from its train split)."""
     if is_registered(str(spec)):
         return build_task(str(spec))
+    if is_hub_dataset(spec):
+        return load_hub_task(str(spec), split=split, columns=columns)
     if not Path(spec).exists():
         raise FileNotFoundError(f"no task file or directory {spec}, and no built-in task of that name "
                                 f"(built-in: {', '.join(registered_tasks()) or 'none registered'})")
     return load_task_file(spec)
 
 
-def run_eval(checkpoint: str | Path, task: str | Path, *, dtype: str | None = None, **options: Any) -> dict[str, Any]:
-    """Load the checkpoint (weights in `dtype`) and the task, evaluate with `options` (those of
-    `evaluate`), and return the results (metrics, settings, samples)."""
-    loaded = load_task(task)
+def run_eval(checkpoint: str | Path, task: str | Path, *, dtype: str | None = None, split: str = "test",
+             columns: Mapping[str, str] | None = None, **options: Any) -> dict[str, Any]:
+    """Load the checkpoint (weights in `dtype`) and the task (see `load_task`), evaluate with `options` (those
+    of `evaluate`), and return the results (metrics, settings, samples)."""
+    loaded = load_task(task, split=split, columns=columns)
     session = Session.load(checkpoint, dtype=dtype)
     return {"checkpoint": str(checkpoint), **evaluate(session, loaded, **options)}
 

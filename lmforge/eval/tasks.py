@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.io import RecordError, jsonl_records
+from lmforge.data.hub_datasets import label, parse_hub_dataset, read_records, split_names
+from lmforge.io import RecordError
 from lmforge.tokenizer import Message
 
 Kind = Literal["generation", "choice", "perplexity"]
@@ -72,19 +74,17 @@ class Task:
 # ---- reading task files ------------------------------------------------------------------------
 
 
-def read_task_file(path: str | Path) -> list[Item]:
-    """The records of a task JSONL file, all of the kind of its first record."""
-    path = Path(path)
+def read_task_file(path: str | Path, *, split: str = "test", columns: Mapping[str, str] | None = None) -> list[Item]:
+    """The records of a task JSONL file (or a Hub dataset's `split`, fields renamed by `columns`), all of the
+    kind of its first record."""
     items: list[Item] = []
     kind: Kind | None = None
-    for line_no, record in jsonl_records(path):
-        def error(field: str, problem: str, line: int = line_no) -> RecordError:
-            return RecordError(path, line, field, problem)
-
+    for line_no, record in read_records(path, split=split, columns=columns):
+        error = partial(RecordError, label(path, split), line_no)
         kind = kind or _detect(record, error)
         items.append(PARSERS[kind](record, error))
     if not items:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{label(path, split)}: no records")
     return items
 
 
@@ -105,10 +105,27 @@ def load_task_file(path: str | Path) -> Task:
     test, pool = task_files(path)
     items = read_task_file(test)
     exemplars = read_task_file(pool) if pool.is_file() else []
-    if exemplars and KIND_OF[type(exemplars[0])] != KIND_OF[type(items[0])]:
-        raise ValueError(f"{pool}: {KIND_OF[type(exemplars[0])]} exemplars for a {KIND_OF[type(items[0])]} task")
+    check_exemplar_kind(items, exemplars, pool)
     name = Path(path).name.removesuffix(".jsonl")
     return Task(name, items, exemplars, exemplar_source=str(pool) if pool.is_file() else f"no {pool}")
+
+
+def load_hub_task(source: str, *, split: str = "test", columns: Mapping[str, str] | None = None,
+                  exemplar_split: str = "train") -> Task:
+    """A task from a Hub dataset: the items of `split`, few-shot exemplars from `exemplar_split` if it has one."""
+    items = read_task_file(source, split=split, columns=columns)
+    pool = exemplar_split != split and exemplar_split in split_names(source)
+    exemplars = read_task_file(source, split=exemplar_split, columns=columns) if pool else []
+    check_exemplar_kind(items, exemplars, label(source, exemplar_split))
+    name = parse_hub_dataset(source).repo_id.split("/")[-1]
+    return Task(name, items, exemplars, exemplar_source=label(source, exemplar_split) if pool else
+                f"no {exemplar_split} split")
+
+
+def check_exemplar_kind(items: list[Item], exemplars: list[Item], where: str | Path) -> None:
+    """Exemplars of a task must be of its items' kind."""
+    if exemplars and KIND_OF[type(exemplars[0])] != KIND_OF[type(items[0])]:
+        raise ValueError(f"{where}: {KIND_OF[type(exemplars[0])]} exemplars for a {KIND_OF[type(items[0])]} task")
 
 
 def _detect(record: dict[str, Any], error: Any) -> Kind:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lmforge.checkpoint import load_model
 from lmforge.config import load_recipe
 from lmforge.data.chat import Example, SFTData, collate, length_groups, pack, padding_id, response_prompts
+from lmforge.data.hub_datasets import DataSource, label
 from lmforge.data.sampling import MixtureSource, holdout_split
 from lmforge.data.seq2seq import Seq2SeqDataConfig
 from lmforge.peft.adapters import load_adapter, save_adapter
@@ -44,18 +45,17 @@ def check_fsdp_method(adapter: AdapterConfig, train: TrainConfig) -> None:
         raise ValueError("train.strategy fsdp shards full fine-tuning only; use ddp with adapters")
 
 
-class DatasetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: Path
-    weight: float = Field(1.0, gt=0, description="share of the training examples drawn from this file")
+class DatasetSpec(DataSource):
+    weight: float = Field(1.0, gt=0, description="share of the training examples drawn from this dataset")
 
 
 class SFTDataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     datasets: list[DatasetSpec] = Field(min_length=1)
-    val_path: Path | None = None
+    val_path: Path | None = Field(None, description="validation conversations: a JSONL file or a Hub dataset "
+                                                    "(its val_split, read with the first dataset's columns)")
+    val_split: str = Field("test", description="the split of a Hub dataset val_path")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held out of the first dataset without val_path")
     max_len: int = Field(512, gt=1, description="longest example in tokens (longer ones are cut)")
     packing: bool = False
@@ -110,14 +110,16 @@ def validation_batches(examples: list[Example], batch_size: int, batches: int, p
 
 def load_data(config: SFTDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[list[list[Example]], list[Example]]:
     """Training examples per dataset (packed if asked) and validation examples."""
-    loaded = [SFTData.load(d.path, tokenizer, config.max_len) for d in config.datasets]
+    loaded = [SFTData.load(d.path, tokenizer, config.max_len, split=d.split, columns=d.columns)
+              for d in config.datasets]
     for data in loaded:
         if data.truncated or data.dropped:
             tqdm.write(f"{data.path}: {data.truncated} examples cut to {config.max_len} tokens, "
                        f"{data.dropped} dropped (no assistant token within {config.max_len})")
     train = [data.examples for data in loaded]
     if config.val_path is not None:
-        val = SFTData.load(config.val_path, tokenizer, config.max_len).examples
+        val = SFTData.load(config.val_path, tokenizer, config.max_len, split=config.val_split,
+                           columns=config.datasets[0].columns).examples
     else:
         train[0], val = holdout_split(train[0], config.val_fraction, seed)
     if config.packing:
@@ -167,7 +169,7 @@ def causal_batches(data: SFTDataConfig, tokenizer: Tokenizer, cfg: TrainConfig,
     train, val = load_data(data, tokenizer, cfg.seed)
     for spec, examples in zip(data.datasets, train):
         if not examples:
-            raise ValueError(f"{spec.path}: no training examples left (packing needs at least {data.max_len} "
+            raise ValueError(f"{label(spec.path, spec.split)}: no training examples left (packing needs at least {data.max_len} "
                              "tokens)")
     source = MixtureSource(train, [d.weight for d in data.datasets], partial(collate, pad_id=pad_id),
                            cfg.global_batch_size(world_size), cfg.seed)
