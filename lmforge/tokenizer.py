@@ -163,14 +163,15 @@ class Tokenizer:
 
 
 def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, out_dir: str | Path, *,
-                    min_frequency: int = 2, show_progress: bool = True,
-                    model_max_length: int = 4096) -> Tokenizer:
+                    min_frequency: int = 2, show_progress: bool = True, model_max_length: int = 4096,
+                    texts: Iterable[str] | None = None) -> Tokenizer:
     """Train a byte-level BPE tokenizer on text files and save it to `out_dir` in HF format.
 
     `paths` are `.txt` files (all text), `.jsonl` (the `text` field of each record), `.parquet`
-    (the `text` column; needs pyarrow) or directories searched recursively for those.
+    (the `text` column; needs pyarrow) or directories searched recursively for those; or, with
+    `paths` empty, the documents `texts` (e.g. a Hub dataset's, see `lmforge.data.corpus.corpus_documents`).
     """
-    files = find_files(paths)
+    texts = training_texts(paths, texts)
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
@@ -181,7 +182,7 @@ def train_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, o
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((text for f in files for text in _training_texts(f)), trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": None,
@@ -201,7 +202,8 @@ def sentinel_token(index: int) -> str:
 
 
 def train_t5_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int, out_dir: str | Path, *,
-                       extra_ids: int = 100, model_max_length: int = 512) -> Tokenizer:
+                       extra_ids: int = 100, model_max_length: int = 512,
+                       texts: Iterable[str] | None = None) -> Tokenizer:
     """Train a T5-style Unigram tokenizer (SentencePiece's model, as T5's `spiece.model` converted by
     transformers) on text files and save it to `out_dir` in HF format, loadable as transformers' `T5Tokenizer`.
 
@@ -210,8 +212,9 @@ def train_t5_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int
     (T5's `WhitespaceSplit` + `Metaspace`); printable ASCII is always in the vocabulary. The
     post-processor appends `</s>` (T5's `$A </s>`) when special tokens are asked for. `vocab_size`
     counts neither the specials nor the sentinels and is an upper bound: a small corpus yields fewer pieces.
+    `paths` and `texts` as `train_tokenizer` reads them.
     """
-    files = find_files(paths)
+    texts = training_texts(paths, texts)
     if vocab_size < 128:
         raise ValueError(f"vocab_size must be at least 128 (printable ASCII and word pieces), got {vocab_size}")
     if extra_ids < 0:
@@ -223,7 +226,7 @@ def train_t5_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size + len(T5_SPECIAL_TOKENS), show_progress=False,
                                       special_tokens=list(T5_SPECIAL_TOKENS), unk_token=UNK_TOKEN,
                                       initial_alphabet=[chr(c) for c in range(33, 127)])
-    trained.train_from_iterator((text for f in files for text in _training_texts(f)), trainer=trainer)
+    trained.train_from_iterator(texts, trainer=trainer)
     pieces = [tuple(piece) for piece in json.loads(trained.to_str())["model"]["vocab"]]
     sentinels = [sentinel_token(i) for i in range(extra_ids)]
     backend = tokenizers.Tokenizer(models.Unigram([*pieces, *((s, 0.0) for s in reversed(sentinels))],
@@ -244,6 +247,16 @@ def train_t5_tokenizer(paths: str | Path | Sequence[str | Path], vocab_size: int
     tokenizer = Tokenizer(backend, config)
     tokenizer.save(out_dir)
     return tokenizer
+
+
+def training_texts(paths: str | Path | Sequence[str | Path], texts: Iterable[str] | None) -> Iterable[str]:
+    """What a tokenizer trains on: the files of `paths` (checked now, read later) or else `texts`."""
+    if texts is not None:
+        if paths:
+            raise ValueError("give a tokenizer's training text as paths or as texts, not both")
+        return texts
+    files = find_files(paths)
+    return (text for f in files for text in _training_texts(f))
 
 
 def _training_texts(path: Path) -> Iterator[str]:

@@ -15,12 +15,18 @@ def model_or_adapter(out: Path) -> str:
 
 
 def tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.data.corpus import corpus_documents, source_names
+    from lmforge.data.hub_datasets import is_hub_dataset
     from lmforge.tokenizer import train_t5_tokenizer, train_tokenizer
 
+    paths, texts = args.input, None
+    if any(is_hub_dataset(p) for p in args.input) or args.text_column != "text":
+        source_names(args.input)  # a missing file is an error before any reading
+        paths, texts = [], corpus_documents(args.input, split=args.split, column=args.text_column)
     if args.kind == "t5":
-        tokenizer = train_t5_tokenizer(args.input, args.vocab_size, args.out, extra_ids=args.extra_ids)
+        tokenizer = train_t5_tokenizer(paths, args.vocab_size, args.out, extra_ids=args.extra_ids, texts=texts)
     else:
-        tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
+        tokenizer = train_tokenizer(paths, args.vocab_size, args.out, min_frequency=args.min_frequency, texts=texts)
     print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
 
 
@@ -123,7 +129,11 @@ def add_commands(sub: Subcommands) -> None:
                                                 "encoder-decoders (span-corruption pretraining)."),
                  tokenizer_train)
     train.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
-                       help=".txt, .jsonl (text field) or .parquet (text column) files, or folders of them")
+                       help=".txt, .jsonl (text field) or .parquet (text column) files, folders of them, or Hub "
+                            "datasets hf:org/name[:config][@revision]")
+    train.add_argument("--split", default="train", help="the split of the Hub datasets (default train)")
+    train.add_argument("--text-column", default="text",
+                       help="the JSONL field, Parquet or Hub dataset column holding the text (default text)")
     train.add_argument("--kind", choices=("bpe", "t5"), default="bpe",
                        help="bpe: byte-level BPE (default); t5: SentencePiece-style Unigram as T5's, <pad> </s> <unk> "
                             "first and --extra-ids sentinels <extra_id_N> last")
