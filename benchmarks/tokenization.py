@@ -20,50 +20,69 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.corpus import CorpusInfo, token_dtype, tokenize_corpus
-from lmforge.io import iter_texts
+from lmforge.io import chunks, iter_texts
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 
-def make_corpus(root: Path, megabytes: float, files: int, seed: int) -> list[Path]:
-    """Write about `megabytes` of synthetic documents into `files` text files under `root`."""
+def make_documents(megabytes: float, seed: int) -> list[str]:
+    """About `megabytes` of synthetic documents: random words with Zipf-like frequencies, in sentences
+    and paragraphs of varied length, some with numbers."""
     rng = random.Random(seed)
     letters = "etaoinshrdlcumwfgypbvkjxqz"
     weights = [13, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
     words = ["".join(rng.choices(letters, weights, k=rng.randint(1, 11))) for _ in range(30000)]
     cumulative = np.cumsum(1 / np.arange(1, len(words) + 1)).tolist()  # Zipf's law
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        sentences = []
+        for _ in range(max(1, int(rng.lognormvariate(2.0, 1.0)))):
+            sentence = rng.choices(words, cum_weights=cumulative, k=rng.randint(4, 25))
+            if rng.random() < 0.2:
+                sentence.insert(rng.randrange(len(sentence)), str(rng.randint(0, 10**rng.randint(1, 6))))
+            sentences.append(" ".join(sentence).capitalize() + rng.choice(".....?!;"))
+        docs.append(" ".join(sentences) if rng.random() < 0.7 else "\n".join(sentences))
+        size += len(docs[-1]) + 2
+    return docs
+
+
+def make_corpus(root: Path, megabytes: float, files: int, seed: int, pool_megabytes: float = 50.0) -> list[Path]:
+    """Write about `megabytes` of documents into `files` text files under `root`, blank lines between
+    documents. Beyond `pool_megabytes` the documents are drawn again, in random order, from a pool of
+    that size (a large corpus is written in seconds, and tokenizes as fast as fresh text would)."""
+    pool = make_documents(min(megabytes, pool_megabytes), seed)
+    rng = random.Random(seed)
     budget = int(megabytes * 1e6 / files)
     paths = []
     for f in range(files):
-        docs, size = [], 0
-        while size < budget:
-            sentences = []
-            for _ in range(max(1, int(rng.lognormvariate(2.0, 1.0)))):
-                sentence = rng.choices(words, cum_weights=cumulative, k=rng.randint(4, 25))
-                if rng.random() < 0.2:
-                    sentence.insert(rng.randrange(len(sentence)), str(rng.randint(0, 10**rng.randint(1, 6))))
-                sentences.append(" ".join(sentence).capitalize() + rng.choice(".....?!;"))
-            doc = " ".join(sentences) if rng.random() < 0.7 else "\n".join(sentences)
-            docs.append(doc)
-            size += len(doc) + 2
         path = root / f"part{f}.txt"
-        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        with path.open("w", encoding="utf-8") as out:
+            size, first = 0, f * len(pool) // files
+            while size < budget:
+                order = range(first, len(pool)) if first else rng.sample(range(len(pool)), len(pool))
+                first = 0
+                for i in order:
+                    out.write(pool[i] + "\n\n")
+                    size += len(pool[i]) + 2
+                    if size >= budget:
+                        break
         paths.append(path)
     return paths
 
 
 def reference(files: list[Path], tokenizer_dir: Path, out: Path, batch_docs: int, method: str) -> np.ndarray:
     """What a user would write with `tokenizers` alone: `method` ("encode_batch" or "encode_batch_fast",
-    which skips character offsets) over batches of documents, EOS after each document."""
+    which skips character offsets) over batches of documents as they are read, EOS after each document,
+    tokens appended to one file. Returns the token counts per id (to compare with lmforge's files)."""
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     encode, eos, dtype = getattr(tokenizer.backend, method), tokenizer.eos_id, token_dtype(tokenizer.vocab_size)
-    docs = list(iter_texts(files))
-    parts = []
-    for start in range(0, len(docs), batch_docs):
-        for encoding in encode(docs[start : start + batch_docs], add_special_tokens=False):
-            parts.append(np.array(encoding.ids + [eos], dtype=dtype))
-    tokens = np.concatenate(parts)
-    tokens.tofile(out)
-    return tokens
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    with out.open("wb") as f:
+        for batch in chunks(iter_texts(files), batch_docs * 600):  # ~600 characters a document
+            ids = [encoding.ids + [eos] for encoding in encode(batch, add_special_tokens=False)]
+            tokens = np.fromiter((t for x in ids for t in x), dtype=dtype, count=sum(map(len, ids)))
+            counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
+            f.write(tokens.tobytes())
+    return counts
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:

@@ -21,6 +21,8 @@ def hide_third_party_noise() -> None:
     """Silence other libraries' warnings and log messages below ERROR; lmforge's own warnings still show.
     Called by the command line's entry point (never at import), unless `--verbose`."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers configures its logger
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # read when mlflow configures its loggers (and alembic's)
+    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banners, run links and sync hints
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="(?!lmforge)")

@@ -294,7 +294,7 @@ def train_dpo(config: DPOConfig, *, resume: bool = False) -> Path:
                           config.loss_type, config.rpo_alpha)
     trainer = Trainer(
         model, cfg, pair_source(train, ref_train, global_batch, cfg.seed, pad_id), loss_fn, config.out_dir, env=env,
-        tokenizer=tokenizer, files=files,
+        tokenizer=tokenizer, files=files, run_config=config,
         evaluate=validation(val, ref_val, config, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)

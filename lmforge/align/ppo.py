@@ -18,9 +18,9 @@ the reward. Everything else (rollouts, clipping, the KL controller, checkpoints)
 
 The policy is the SFT model with LoRA adapters; the frozen reference is the same model with its
 adapters disabled, so no second copy of the weights is held. The run directory is the training
-loop's (`lmforge.train.run_dir`): metrics logged per iteration as `step`, and checkpoints at
-iteration boundaries (adapter, value head, optimizer, KL coefficient, running score statistics,
-random state) that resume to the uninterrupted result."""
+loop's (`lmforge.train.run_dir`): metrics logged per iteration as `step` (to the trackers of
+`ppo.loggers` too), and checkpoints at iteration boundaries (adapter, value head, optimizer, KL
+coefficient, running score statistics, random state) that resume to the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -342,24 +342,25 @@ class PPOTrainer:
         if resume:
             self.resume()
         bar = Progress(total=s.iterations, initial=self.iteration, desc="ppo", unit="it")
-        while self.iteration < s.iterations:
-            start = time.perf_counter()
-            rollout = self.rollout(self.batch_indices())
-            rollout_seconds = time.perf_counter() - start
-            losses = self.update(rollout)
-            if s.adaptive_kl:
-                self.kl.update(rollout.stats["kl"], len(rollout.ids))
-            self.iteration += 1
-            record = {"step": self.iteration, **rollout.stats, **losses, "rollout_s": rollout_seconds,
-                      "update_s": time.perf_counter() - start - rollout_seconds,
-                      "samples": [{"prompt": p, "response": r, "score": sc} for p, r, sc in rollout.samples]}
-            if self.eval_ids and (self.iteration % s.eval_every == 0 or self.iteration == s.iterations):
-                record |= self.evaluate()
-            self.run_dir.log(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{rollout.stats['reward']:.3f}", kl=f"{rollout.stats['kl']:.3f}")
-            if self.iteration % s.save_every == 0 or self.iteration == s.iterations:
-                self.save_checkpoint()
+        with self.run_dir.tracking(s.loggers, self.config, self.iteration if resume else None):
+            while self.iteration < s.iterations:
+                start = time.perf_counter()
+                rollout = self.rollout(self.batch_indices())
+                rollout_seconds = time.perf_counter() - start
+                losses = self.update(rollout)
+                if s.adaptive_kl:
+                    self.kl.update(rollout.stats["kl"], len(rollout.ids))
+                self.iteration += 1
+                record = {"step": self.iteration, **rollout.stats, **losses, "rollout_s": rollout_seconds,
+                          "update_s": time.perf_counter() - start - rollout_seconds,
+                          "samples": [{"prompt": p, "response": r, "score": sc} for p, r, sc in rollout.samples]}
+                if self.eval_ids and (self.iteration % s.eval_every == 0 or self.iteration == s.iterations):
+                    record |= self.evaluate()
+                self.run_dir.log(record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{rollout.stats['reward']:.3f}", kl=f"{rollout.stats['kl']:.3f}")
+                if self.iteration % s.save_every == 0 or self.iteration == s.iterations:
+                    self.save_checkpoint()
         bar.close()
 
     def save_checkpoint(self) -> Path:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmforge.generate.sampling import StochasticSampling
 from lmforge.peft.method import AdapterConfig
+from lmforge.train.loggers import LOGGERS_HELP, Loggers
 
 
 class PPOSettings(BaseModel):
@@ -62,6 +63,7 @@ class PPOSettings(BaseModel):
     save_every: int = Field(5, gt=0)
     keep_last: int = Field(2, gt=0)
     seed: int = 0
+    loggers: Loggers = Field(["jsonl"], description=LOGGERS_HELP)
 
     @model_validator(mode="after")
     def _check(self) -> PPOSettings:

@@ -385,7 +385,7 @@ def train_reward(config: RewardConfig, resume: bool = False) -> Path:
                            cfg.global_batch_size(env.world_size), cfg.seed)
     trainer = Trainer(
         model, cfg, source, pairwise_loss, config.out_dir, env=env, tokenizer=tokenizer, files=RewardFiles(),
-        evaluate=pairwise_metrics(val, cfg.micro_batch_size, pad_id, env.device) if val else None,
+        run_config=config, evaluate=pairwise_metrics(val, cfg.micro_batch_size, pad_id, env.device) if val else None,
     )
     trainer.run(resume=resume)
     finish_run(trainer, config, "Reward model", started, samples=scored_samples(unwrap(model), tokenizer, val[:4]))

@@ -3,7 +3,8 @@
 Per optimizer step: a global batch is cut into this process's rows and then into micro-batches;
 each micro-batch's summed loss is backpropagated, and the summed gradients are divided by the
 global count of loss terms, so batch x accumulation x processes splits give the same update.
-Then clipping, AdamW, the schedule, logging, evaluation and atomic checkpoints (resumable)."""
+Then clipping, AdamW, the schedule, logging (metrics.jsonl and the experiment trackers of
+`train.loggers`, see `lmforge.train.loggers`), evaluation and atomic checkpoints (resumable)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from lmforge.console import Progress
 from lmforge.train.distributed import (
     Dist, all_reduce_sum, barrier, full_state, gradient_sync, load_full_state, unwrap,
 )
+from lmforge.train.loggers import LOGGERS_HELP, Loggers
 from lmforge.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from lmforge.train.run_dir import STATE_FILE, RunDir, sample_generations
 
@@ -57,6 +59,7 @@ class TrainConfig(BaseModel):
     keep_last: int = Field(2, gt=0)
     seed: int = 0
     peak_flops: float | None = Field(None, gt=0, description="per-device matmul peak for MFU; measured if unset")
+    loggers: Loggers = Field(["jsonl"], description=LOGGERS_HELP)
 
     @model_validator(mode="after")
     def _floor(self) -> TrainConfig:
@@ -124,8 +127,10 @@ class Trainer:
         flops_per_token: float | None = None,
         files: ModelFiles | None = None,
         split: Callable[[Batch], list[Batch]] | None = None,
+        run_config: BaseModel | None = None,
     ) -> None:
         self.config, self.source, self.loss_fn, self.env = config, source, loss_fn, env
+        self.run_config = run_config or config  # what the trackers record as the run's hyperparameters
         self.split = split  # a micro-batch into sub-batches the loss sums over exactly (e.g. by length)
         self.files = files or ModelFiles()
         torch.set_flush_denormal(True)  # denormal floats (e.g. in attention backward) slow x86 CPUs several-fold
@@ -210,28 +215,30 @@ class Trainer:
         peak = cfg.peak_flops or (measure_peak_flops() if self.flops_per_token else None)
         bar = Progress(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not env.is_main)
         window_tokens, window_seconds = 0.0, 0.0  # training steps only: evaluation and saving excluded
-        while self.step < cfg.steps:
-            set_lr(self.optimizer, lr := lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr,
-                                              warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
-            start = time.perf_counter()
-            result = self.train_step(self.source.next_batch())
-            window_seconds += time.perf_counter() - start
-            window_tokens += result["tokens"]
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                tokens_per_s = window_tokens / window_seconds
-                record = {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
-                          "tokens_per_s": tokens_per_s,
-                          **{k: v for k, v in result.items() if k not in ("loss", "grad_norm", "tokens")}}
-                if self.flops_per_token and peak:
-                    record["mfu"] = tokens_per_s * self.flops_per_token / (peak * env.world_size)
-                self.log(record)
-                bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{lr:.2e}")
-                window_tokens, window_seconds = 0.0, 0.0
-            if self.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                self.log({"step": self.step, **self.evaluate(self.model)})
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
+        loggers = cfg.loggers if env.is_main else []
+        with self.run_dir.tracking(loggers, self.run_config, self.step if resume else None):
+            while self.step < cfg.steps:
+                set_lr(self.optimizer, lr := lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr,
+                                                  warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
+                start = time.perf_counter()
+                result = self.train_step(self.source.next_batch())
+                window_seconds += time.perf_counter() - start
+                window_tokens += result["tokens"]
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    tokens_per_s = window_tokens / window_seconds
+                    record = {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+                              "tokens_per_s": tokens_per_s,
+                              **{k: v for k, v in result.items() if k not in ("loss", "grad_norm", "tokens")}}
+                    if self.flops_per_token and peak:
+                        record["mfu"] = tokens_per_s * self.flops_per_token / (peak * env.world_size)
+                    self.log(record)
+                    bar.set_postfix(loss=f"{result['loss']:.3f}", lr=f"{lr:.2e}")
+                    window_tokens, window_seconds = 0.0, 0.0
+                if self.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self.log({"step": self.step, **self.evaluate(self.model)})
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
         bar.close()
         return self.history[-1] if self.history else {}
 

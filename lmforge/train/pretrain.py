@@ -146,7 +146,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False) -> Path:
         tokens = cfg.steps * global_batch * data.seq_len
     model = wrap(model, cfg.strategy, env)
     trainer = Trainer(model, cfg, source, loss_fn, out, env=env, tokenizer=tokenizer, flops_per_token=flops,
-                      evaluate=validation_loss(val_batches, env.device, loss_fn) if val_batches else None, files=files)
+                      evaluate=validation_loss(val_batches, env.device, loss_fn) if val_batches else None,
+                      files=files, run_config=config)
     trainer.run(resume=resume)
     finish_run(trainer, config, "Pretraining", started, tokens=tokens, sample_prompts=prompts)
     return out / "model"

@@ -2,7 +2,8 @@
 (`metrics.jsonl`, one JSON record per line with its `step`), rotated atomic checkpoints
 (`checkpoints/step-N/`, resumable), plots of the metrics, and the final `report.md`: what ran
 (configuration, hardware, time, tokens, parameters), how it went (the last training record, the
-curve and every validation record) and what came out (sample generations)."""
+curve and every validation record) and what came out (sample generations). While a run is
+`tracking`, each record and plot also goes to its experiment trackers (`lmforge.train.loggers`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 import platform
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import atomic_dir
+from lmforge.train.loggers import LoggerName, Tracker, open_trackers, scalars
 
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"  # beside the model's files in a checkpoint: optimizer, data position, RNG
@@ -29,10 +32,20 @@ T = TypeVar("T")
 
 
 class RunDir:
-    """The files of one run under `path`."""
+    """The files of one run under `path` (and, while `tracking`, its experiment trackers)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.trackers: list[Tracker] = []
+
+    @contextmanager
+    def tracking(self, names: list[LoggerName], config: BaseModel, resumed_at: int | None = None) -> Iterator[None]:
+        """Send records and plots to the trackers `names` too while the context lasts (see `open_trackers`)."""
+        with open_trackers(names, self.path, config, resumed_at) as self.trackers:
+            try:
+                yield
+            finally:
+                self.trackers = []
 
     # ---- the metrics log ---------------------------------------------------------------------
 
@@ -41,10 +54,13 @@ class RunDir:
         return self.path / METRICS_FILE
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to the metrics log."""
+        """Append one record to the metrics log (and send its metrics to the trackers)."""
         self.path.mkdir(parents=True, exist_ok=True)
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        metrics = scalars(record)
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics, record["step"])
 
     def records(self) -> list[dict[str, Any]]:
         """Every record of the metrics log, in order (none before the first is logged)."""
@@ -103,7 +119,7 @@ class RunDir:
 
     def plot(self, name: str, panels: dict[str, tuple[str, ...]] = LOSS_PANELS) -> Path:
         """The metrics against steps as the PNG `name`: one panel per entry of `panels` (its y label),
-        one line per metric key logged (losses on a log scale)."""
+        one line per metric key logged (losses on a log scale); the trackers get it at the last record's step."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -126,6 +142,8 @@ class RunDir:
         fig.tight_layout()
         fig.savefig(self.path / name, dpi=100)
         plt.close(fig)
+        for tracker in self.trackers:
+            tracker.log_image(self.path / name, records[-1]["step"] if records else 0)
         return self.path / name
 
     def write_report(self, *, title: str, config: BaseModel, model: nn.Module, seconds: float,

@@ -156,7 +156,7 @@ def sft(config: SFTConfig, *, resume: bool = False) -> Path:
     evaluate = validation_loss(val_batches, env.device, loss_fn) if val_batches else None
     trainer = Trainer(model, cfg, source, loss_fn, config.out_dir, env=env, tokenizer=tokenizer,
                       flops_per_token=flops, files=files, evaluate=evaluate,
-                      split=None if seq2seq or data.packing else length_groups)
+                      split=None if seq2seq or data.packing else length_groups, run_config=config)
     trainer.run(resume=resume)
     finish_run(trainer, config, "Supervised fine-tuning", started, sample_prompts=prompts)
     return config.out_dir / ("adapter" if adapter else "model")
