@@ -11,8 +11,12 @@ All times include reading and writing. Prints a table, then one `RESULT` line pe
 """
 
 import argparse
+import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +99,34 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def peak_rss(command: list[str]) -> tuple[float, float]:
+    """Run `command` in a fresh process; its wall time and the peak resident memory (MB) of the largest
+    process it started (itself or a worker)."""
+    probe = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
+    out = subprocess.run([sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True)
+    seconds, kilobytes = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, kilobytes / 1024
+
+
+def memory_rows(root: Path, files: list[Path], steps: list[int]) -> list[tuple[str, float, float]]:
+    """Peak memory of `tokenize_corpus` over the whole corpus, and of streamed pretraining (a micro model)
+    for each number of `steps`: flat memory means the same peak whatever the corpus size or the steps."""
+    tokenize = ("from lmforge.data.corpus import tokenize_corpus; import sys; "
+                "tokenize_corpus(sys.argv[1:-2], sys.argv[-2], sys.argv[-1], workers=2, show_progress=False)")
+    rows = [("tokenize_corpus, 2 workers", *peak_rss([sys.executable, "-c", tokenize, *map(str, files),
+                                                       str(root / "tok"), str(root / "memory-tokens")]))]
+    config = Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml"
+    for n in steps:
+        command = [sys.executable, "-m", "lmforge.cli", "pretrain", "--config", str(config), f"out_dir={root}/run-{n}",
+                   f"data.paths=[{root / 'corpus'}]", f"data.tokenizer={root / 'tok'}", "data.streaming=true",
+                   "model.preset=micro", "model.overrides={}", f"train.steps={n}", "train.warmup_steps=1",
+                   f"train.eval_every={n}", f"train.save_every={n}", "train.log_every=10", "data.seq_len=128"]
+        rows.append((f"pretrain, streamed, {n} steps (micro model)", *peak_rss(command)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=float, default=20.0, help="size of the synthetic corpus in MB of text")
@@ -105,42 +137,56 @@ def main() -> None:
     parser.add_argument("--batch-docs", type=int, default=1024,
                         help="documents per encode_batch call in the references")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (the best is kept)")
+    parser.add_argument("--memory-steps", type=int, nargs="*", default=[20, 80],
+                        help="also measure peak memory: of tokenize_corpus, and of streamed pretraining for "
+                             "these numbers of steps (none: skip)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where to write the corpus (default a temporary folder; a large one needs the disk)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
+        (root / "corpus").mkdir()
         start = time.perf_counter()
-        files = make_corpus(root, args.megabytes, args.files, args.seed)
+        files = make_corpus(root / "corpus", args.megabytes, args.files, args.seed)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         print(f"corpus: {megabytes:.1f} MB in {len(files)} files ({time.perf_counter() - start:.1f} s to write)")
         start = time.perf_counter()
-        train_tokenizer(files, args.vocab_size, root / "tok", show_progress=False)
-        print(f"tokenizer: vocab {args.vocab_size} trained in {time.perf_counter() - start:.1f} s\n")
+        train_tokenizer(files[0], args.vocab_size, root / "tok", show_progress=False)
+        print(f"tokenizer: vocab {args.vocab_size} trained on {files[0].name} in {time.perf_counter() - start:.1f} s\n")
 
         rows = []
         for method in ("encode_batch", "encode_batch_fast"):  # the first is the reference of the RESULT lines
-            seconds, tokens = best_time(
+            seconds, counts = best_time(
                 lambda: reference(files, root / "tok", root / "reference.bin", args.batch_docs, method), args.repeats)
             rows.append((f"tokenizers {method} ({os.cpu_count()} threads)", "-", seconds))
-        ref_seconds, ref_tokens = rows[0][2], tokens
+        ref_seconds, ref_counts = rows[0][2], counts
         results = []
         for workers in args.workers:
             out = root / f"w{workers}"
             seconds, info = best_time(lambda: tokenize_corpus(files, root / "tok", out, workers=workers,
                                                               show_progress=False), args.repeats)
             assert isinstance(info, CorpusInfo)
-            mine = np.concatenate([np.fromfile(out / f"{s}.bin", dtype=info.dtype) for s in ("train", "val")])
-            if not np.array_equal(np.bincount(mine), np.bincount(ref_tokens)):
+            mine = sum(np.bincount(np.fromfile(out / f"{s}.bin", dtype=info.dtype), minlength=len(ref_counts))
+                       for s in ("train", "val"))
+            if not np.array_equal(mine, ref_counts):
                 raise SystemExit(f"workers={workers}: tokens differ from the reference's")
             rows.append(("lmforge tokenize_corpus", str(workers), seconds))
             results.append((workers, seconds))
+            shutil.rmtree(out)
+        (root / "reference.bin").unlink()
+        memory = memory_rows(root, files, args.memory_steps) if args.memory_steps else []
 
-    n = len(ref_tokens)
+    n = int(ref_counts.sum())
     print(f"{n:,} tokens ({megabytes / n * 1e6:.2f} bytes/token)")
     print(f"{'implementation':<40} {'workers':>7} {'seconds':>8} {'tok/s':>12} {'MB/s':>7}")
     for name, workers, seconds in rows:
         print(f"{name:<40} {workers:>7} {seconds:>8.2f} {n / seconds:>12,.0f} {megabytes / seconds:>7.2f}")
+    if memory:
+        print(f"\n{'peak memory of the largest process':<48} {'seconds':>8} {'peak RSS MB':>12}")
+        for name, seconds, rss in memory:
+            print(f"{name:<48} {seconds:>8.1f} {rss:>12,.0f}")
     print()
     for workers, seconds in results:
         ours, ref = n / seconds, n / ref_seconds

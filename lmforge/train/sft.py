@@ -169,8 +169,8 @@ def causal_batches(data: SFTDataConfig, tokenizer: Tokenizer, cfg: TrainConfig,
     train, val = load_data(data, tokenizer, cfg.seed)
     for spec, examples in zip(data.datasets, train):
         if not examples:
-            raise ValueError(f"{label(spec.path, spec.split)}: no training examples left (packing needs at least {data.max_len} "
-                             "tokens)")
+            raise ValueError(f"{label(spec.path, spec.split)}: no training examples left (packing needs at least "
+                             f"{data.max_len} tokens)")
     source = MixtureSource(train, [d.weight for d in data.datasets], partial(collate, pad_id=pad_id),
                            cfg.global_batch_size(world_size), cfg.seed)
     batches = validation_batches(val, cfg.micro_batch_size, data.eval_batches, pad_id) if val else []
