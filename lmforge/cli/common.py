@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lmforge.generate.quantize import Quantization
     from lmforge.generate.sampling import SamplingParams
+    from lmforge.generate.session import Session
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns; argparse names no public type for it
@@ -17,6 +19,7 @@ VERBOSE_HELP = "also show other libraries' warnings and log messages (hidden by 
 CHECKPOINT_HELP = ("HF-format model directory (with tokenizer) or PEFT adapter directory, or a Hugging Face Hub id "
                    "(org/name or org/name@revision; downloaded into the Hub cache)")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_METHODS = ("int8", "int4")
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -37,6 +40,34 @@ def add_dtype_flag(p: argparse.ArgumentParser, help: str = "weight dtype (defaul
     p.add_argument("--dtype", default=None, choices=DTYPES, help=help)
 
 
+def add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    """--quantize and --group-size: weight-only int8/int4 linear layers (`lmforge.generate.quantize`)."""
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_METHODS,
+                   help="weight-only quantization of a decoder-only model's linear layers, on the CPU: int8 with one "
+                        "scale per output feature, or int4 in groups of --group-size (its output head int8); "
+                        "embeddings and norms stay in float; computes in bfloat16 unless --dtype says otherwise")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="with --quantize int4: input features per scale and zero, 32, 64 or 128 (default 32)")
+
+
+def quantization(args: argparse.Namespace) -> Quantization | None:
+    """--quantize and --group-size as a `Quantization`; None without --quantize."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size goes with --quantize int4 (int8 has one scale per output feature)")
+    if args.quantize is None:
+        return None
+    from lmforge.generate.quantize import DEFAULT_GROUP_SIZE, Quantization
+
+    return Quantization(args.quantize, DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size)
+
+
+def load_session(args: argparse.Namespace) -> Session:
+    """--checkpoint loaded as the generation flags ask: --dtype, --compile, --quantize."""
+    from lmforge.generate.session import Session
+
+    return Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile, quantize=quantization(args))
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float,
                        max_new_tokens: int | None = 128, length_help: str = "(default 128)") -> None:
     """The flags of `SamplingParams`: --max-new-tokens, --temperature, --top-k, --top-p."""
@@ -48,13 +79,15 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float,
 
 
 def add_generation_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
-    """The sampling flags and what generating from a checkpoint also takes: seed, stop texts, dtype, compile."""
+    """The sampling flags and what generating from a checkpoint also takes: seed, stop texts, dtype, compile,
+    quantization."""
     add_sampling_flags(p, temperature)
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     add_dtype_flag(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow first call; pays off on long or GPU runs)")
+    add_quantize_flags(p)
 
 
 def sampling_params(args: argparse.Namespace, **fields: Any) -> SamplingParams:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.cli.common import (
-    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_sampling_flags, runs, sampling_params,
+    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_quantize_flags, add_sampling_flags, quantization, runs,
+    sampling_params,
 )
 
 
@@ -24,7 +25,7 @@ def evaluate(args: argparse.Namespace) -> None:
             raise ValueError("--metrics and --swaps apply to --task")
         results = run_harness(args.checkpoint, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                               shots=args.shots, limit=args.limit, batch_size=args.batch_size, chat=args.chat,
-                              seed=args.seed, dtype=args.dtype)
+                              seed=args.seed, dtype=args.dtype, quantize=quantization(args))
         print(harness_table(results))
     else:
         from lmforge.eval.runner import answer_tokens, run_eval, summary
@@ -35,8 +36,8 @@ def evaluate(args: argparse.Namespace) -> None:
         register_tasks(seed=args.world_seed, people=args.world_people)
         sampling = sampling_params(args, max_new_tokens=args.max_new_tokens or answer_tokens(args.cot))
         options = dict(shots=args.shots or 0, limit=args.limit, seed=args.seed, cot=args.cot, chat=args.chat,
-                       sampling=sampling, batch_size=args.batch_size, dtype=args.dtype, split=args.split,
-                       columns=args.columns)
+                       sampling=sampling, batch_size=args.batch_size, dtype=args.dtype,
+                       quantize=quantization(args), split=args.split, columns=args.columns)
         if args.metrics:
             results = holistic(args, options)
         else:
@@ -81,7 +82,7 @@ def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
         except ValueError as e:
             raise ValueError(f"{args.swaps}: {e}") from None
     task = load_task(args.task, split=options.pop("split"), columns=options.pop("columns"))
-    session = Session.load(args.checkpoint, dtype=options.pop("dtype"))
+    session = Session.load(args.checkpoint, dtype=options.pop("dtype"), quantize=options.pop("quantize"))
     results = {"checkpoint": str(args.checkpoint), **holistic_eval(session, task, groups, swaps=swaps, **options)}
     args.out = args.out or Path("runs") / "eval" / task.name / "results.json"
     report = write_holistic_report(results, args.out.parent)
@@ -134,5 +135,6 @@ def add_commands(sub: Subcommands) -> None:
                    help="fairness: a JSON object of term -> replacement (default: the task's own swaps, else "
                         "pronouns)")
     add_dtype_flag(p)
+    add_quantize_flags(p)
     p.add_argument("--out", type=Path, default=None, metavar="FILE.json",
                    help="also write the results, with every item, as JSON")

@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.cli.common import (
-    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_generation_flags, runs, sampling_params,
+    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_generation_flags, add_quantize_flags, load_session, quantization,
+    runs, sampling_params,
 )
 
 
 def generate(args: argparse.Namespace) -> None:
-    from lmforge.generate.session import Session
-
     grammar = None
     if args.json_schema is not None:
         from lmforge.generate.grammar import Grammar, GrammarError
         from lmforge.io import read_json
 
         grammar = Grammar.json_schema(read_json(args.json_schema))
-    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    session = load_session(args)
     if grammar is not None:
         try:
             session.grammars.compile(grammar)
@@ -49,7 +48,8 @@ def add_speculative_flags(p: argparse.ArgumentParser) -> None:
                         "n-gram's earlier occurrence in the prompt and the text so far (pays off when the answer "
                         "copies from the prompt); greedy output is unchanged, sampling keeps its distribution")
     p.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
-                   help="speculative decoding with a smaller draft model of the same tokenizer")
+                   help="speculative decoding with a smaller draft model of the same tokenizer (loaded with the "
+                        "same --dtype and --quantize)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="tokens the draft model proposes per check (default 4)")
 
@@ -68,7 +68,7 @@ def speculative_engine(args: argparse.Namespace, session: Any) -> Any:
     if args.prompt_lookup is not None:
         drafter: Any = PromptLookup(k=args.prompt_lookup)
     else:
-        draft = Session.load(args.draft, dtype=args.dtype)
+        draft = Session.load(args.draft, dtype=args.dtype, quantize=quantization(args))
         if draft.tokenizer.vocab_size != session.tokenizer.vocab_size or draft.encoder_decoder:
             raise ValueError(f"{args.draft}: a draft model needs the same tokenizer as {args.checkpoint} "
                              f"({draft.tokenizer.vocab_size} tokens vs {session.tokenizer.vocab_size})")
@@ -78,9 +78,7 @@ def speculative_engine(args: argparse.Namespace, session: Any) -> Any:
 
 
 def chat(args: argparse.Namespace) -> None:
-    from lmforge.generate.session import Session
-
-    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    session = load_session(args)
     speculative_engine(args, session)
     session.chat_loop(session.sampling(sampling_params(args)), system=args.system, stop=args.stop)
 
@@ -89,8 +87,8 @@ def serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import serve
 
     serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          dtype=args.dtype, max_batch_size=args.max_batch_size, store=args.store, rag_k=args.rag_k,
-          max_request_bytes=args.max_request_bytes, embedding_model=args.embedding_model)
+          dtype=args.dtype, quantize=quantization(args), max_batch_size=args.max_batch_size, store=args.store,
+          rag_k=args.rag_k, max_request_bytes=args.max_request_bytes, embedding_model=args.embedding_model)
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -163,6 +161,7 @@ def add_serve_command(sub: Subcommands) -> None:
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="most sequences decoded together; later requests wait for a free row (default 16)")
     add_dtype_flag(p)
+    add_quantize_flags(p)
     p.add_argument("--store", type=Path, default=None,
                    help="answer chat requests from this context store (`lmforge rag index`): the last user "
                         "message is searched for and the response lists its sources")

@@ -7,7 +7,9 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from lmforge.cli.common import CHECKPOINT_HELP, Subcommands, add_generation_flags, runs, sampling_params
+from lmforge.cli.common import (
+    CHECKPOINT_HELP, Subcommands, add_generation_flags, load_session, runs, sampling_params,
+)
 
 MODES = ("dense", "bm25", "hybrid")
 
@@ -61,11 +63,10 @@ def search(args: argparse.Namespace) -> None:
 
 
 def ask(args: argparse.Namespace) -> None:
-    from lmforge.generate.session import Session
     from lmforge.rag.answer import answer_questions
     from lmforge.rag.store import Store
 
-    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    session = load_session(args)
     params = session.sampling(sampling_params(args))
     with Store.open(args.store) as store:
         [answer] = answer_questions(session, store, [args.question], params, k=args.k, mode=args.mode, hops=args.hops)
@@ -94,9 +95,7 @@ def agent(args: argparse.Namespace) -> None:
 
 
 def checkpoint_completer(args: argparse.Namespace) -> Callable[[list[list[dict[str, str]]]], list[str]]:
-    from lmforge.generate.session import Session
-
-    session = Session.load(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    session = load_session(args)
     params = session.sampling(sampling_params(args))
     return lambda chats: session.replies(chats, params, stop=args.stop)
 

@@ -22,6 +22,7 @@ except ImportError as e:
 
 from lmforge.console import Progress
 from lmforge.eval.scoring import loglikelihoods, rolling_loglikelihoods
+from lmforge.generate.quantize import Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -43,12 +44,14 @@ class LMForgeLM(TemplateLM):
         dtype: str | None = None,
         device: str = "cpu",
         prefix_token_id: int | None = None,
+        quantize: Quantization | None = None,
     ) -> None:
         super().__init__()
         if isinstance(pretrained, Session):
             self.session, self.name = pretrained, "session"
         else:
-            self.session, self.name = Session.load(pretrained, dtype=dtype, device=device), str(pretrained)
+            self.session, self.name = (Session.load(pretrained, dtype=dtype, device=device, quantize=quantize),
+                                      str(pretrained))
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = int(batch_size)
@@ -160,6 +163,7 @@ def run_harness(
     chat: bool = False,
     seed: int = 0,
     dtype: str | None = None,
+    quantize: Quantization | None = None,
     bootstrap_iters: int = 100_000,
 ) -> dict[str, Any]:
     """Run lm-evaluation-harness tasks (its own, and those in `include_path`) on an lmforge
@@ -176,9 +180,10 @@ def run_harness(
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     results = lm_eval.simple_evaluate(
-        model=LMForgeLM(checkpoint, batch_size=batch_size, dtype=dtype), tasks=list(tasks), num_fewshot=shots,
-        limit=limit, task_manager=manager, log_samples=False, apply_chat_template=chat, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
+        model=LMForgeLM(checkpoint, batch_size=batch_size, dtype=dtype, quantize=quantize), tasks=list(tasks),
+        num_fewshot=shots, limit=limit, task_manager=manager, log_samples=False, apply_chat_template=chat,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters)
     return results
 
 

@@ -26,6 +26,7 @@ from lmforge.eval.tasks import (
     ChoiceItem, GenerationItem, Task, check_shots, choice_context, choice_messages, draw_exemplars, extract_answer,
     generation_messages, generation_text, load_hub_task, load_task_file,
 )
+from lmforge.generate.quantize import Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.generate.text import complete, stop_token_ids
@@ -53,12 +54,14 @@ def load_task(spec: str | Path, *, split: str = "test", columns: Mapping[str, st
     return load_task_file(spec)
 
 
-def run_eval(checkpoint: str | Path, task: str | Path, *, dtype: str | None = None, split: str = "test",
-             columns: Mapping[str, str] | None = None, **options: Any) -> dict[str, Any]:
-    """Load the checkpoint (weights in `dtype`) and the task (see `load_task`), evaluate with `options` (those
-    of `evaluate`), and return the results (metrics, settings, samples)."""
+def run_eval(checkpoint: str | Path, task: str | Path, *, dtype: str | None = None,
+             quantize: Quantization | None = None, split: str = "test", columns: Mapping[str, str] | None = None,
+             **options: Any) -> dict[str, Any]:
+    """Load the checkpoint (weights in `dtype`, linear layers quantized by `quantize`) and the task (see
+    `load_task`), evaluate with `options` (those of `evaluate`), and return the results (metrics, settings,
+    samples)."""
     loaded = load_task(task, split=split, columns=columns)
-    session = Session.load(checkpoint, dtype=dtype)
+    session = Session.load(checkpoint, dtype=dtype, quantize=quantize)
     return {"checkpoint": str(checkpoint), **evaluate(session, loaded, **options)}
 
 

@@ -17,6 +17,7 @@ from lmforge.checkpoint import load_model
 from lmforge.generate.continuous import DecodeBatch, Seq2SeqBatch
 from lmforge.generate.engine import Engine
 from lmforge.generate.grammar import GrammarCompiler
+from lmforge.generate.quantize import DECODER_ONLY, Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.seq2seq import Seq2SeqEngine
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
@@ -49,23 +50,31 @@ class Session:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool = False
+        cls, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu", compile: bool = False,
+        quantize: Quantization | None = None,
     ) -> Session:
         """Load an HF-format model directory and the tokenizer beside its weights, or a PEFT adapter
         directory: its base model with the adapter (LoRA merged in), and the adapter's tokenizer
-        if it has one, else the base's. `path` may be a Hub id (`org/name[@revision]`, `lmforge.hub`)."""
+        if it has one, else the base's. `path` may be a Hub id (`org/name[@revision]`, `lmforge.hub`).
+        `quantize` turns a decoder-only model's linear layers into int8/int4 ones, quantized from float32 weights,
+        computing in `dtype` (default bfloat16; see `lmforge.generate.quantize`)."""
         from lmforge.peft.adapters import adapter_base, is_adapter_dir, load_with_adapter
 
         path = resolve_checkpoint(path)
+        weights_dtype = dtype if quantize is None else torch.float32
         if is_adapter_dir(path):
-            model = load_with_adapter(path, dtype=dtype, device=device, merge=True)
+            model = load_with_adapter(path, dtype=weights_dtype, device=device, merge=True)
             tokenizer_dir = path if (path / "tokenizer.json").is_file() else adapter_base(path)
-            if isinstance(model, Seq2SeqLM):
-                return Seq2SeqSession.of(model, Tokenizer.from_dir(tokenizer_dir), adapter_base(path), compile=compile)
         elif (path / "config.json").is_file() and is_seq2seq(path):
+            if quantize is not None:
+                raise ValueError(f"{path}: {DECODER_ONLY}")
             return Seq2SeqSession.from_dir(path, dtype=dtype, device=device, compile=compile)
         else:
-            model, tokenizer_dir = load_model(path, dtype=dtype, device=device), path
+            model, tokenizer_dir = load_model(path, dtype=weights_dtype, device=device), path
+        if quantize is not None:
+            quantize.apply(model, dtype)
+        if isinstance(model, Seq2SeqLM):
+            return Seq2SeqSession.of(model, Tokenizer.from_dir(tokenizer_dir), adapter_base(path), compile=compile)
         return cls(model, Tokenizer.from_dir(tokenizer_dir), Engine(model, compile=compile))
 
     @property

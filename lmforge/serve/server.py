@@ -31,6 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from lmforge.generate.grammar import Grammar
+from lmforge.generate.quantize import Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
 from lmforge.hub import hub_id
@@ -422,14 +423,16 @@ async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) 
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
+          model_name: str | None = None, dtype: str | None = None, quantize: Quantization | None = None,
+          max_batch_size: int = 16,
           store: str | None = None, rag_k: int = 3, max_request_bytes: int = MAX_REQUEST_BYTES,
           embedding_model: str | None = None) -> None:
     """Load a checkpoint (and a context store, and an embedding model) and serve it with uvicorn until
-    interrupted. The default encoder is loaded by the first embeddings request, not here."""
+    interrupted (`quantize`: weight-only int8/int4 linear layers). The default encoder is loaded by the first
+    embeddings request, not here."""
     import uvicorn
 
-    session = Session.load(checkpoint, dtype=dtype)
+    session = Session.load(checkpoint, dtype=dtype, quantize=quantize)
     hub = hub_id(checkpoint)
     name = model_name or (hub[0] if hub else Path(checkpoint).resolve().name)
     embedder = load_embedder(embedding_model) if embedding_model else None
