@@ -9,7 +9,10 @@ string (so that both runs generate the same tokens' count) against the same rows
 default: a transformers model of the family at the same size (`FAMILIES`), saved and loaded by both. At the
 default size, llama.cpp (through llama-cpp-python) decodes the same weights at batch 1 from the GGUF files
 `lmforge export gguf` writes (f32, f16) and llama.cpp quantizes (Q8_0, Q4_0), with each engine's share of the
-memory-bandwidth limit."""
+memory-bandwidth limit. lmforge's weight-only int8 and int4 engines (`--quantize`, bfloat16 activations) decode the
+same weights at batch 1 beside llama.cpp's Q8_0 and Q4_0, with the share of their greedy tokens that float32's
+engine also chose (random weights: small logit margins, so a low share says little; tests/test_quantize.py
+measures agreement and perplexity on a trained model)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfig
 from lmforge.generate.engine import Engine
+from lmforge.generate.quantize import METHODS, Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.presets import preset
@@ -99,6 +103,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a profile of one decode step")
     parser.add_argument("--structured", action="store_true",
                         help="only measure structured output: tok/s with a JSON-schema mask vs without (fp32)")
+    parser.add_argument("--quantize", nargs="*", choices=METHODS, default=list(METHODS),
+                        help="weight-only methods timed at batch 1 beside llama.cpp's Q8_0/Q4_0 (default both; "
+                             "none given: skip)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
                         help="time a transformers model of this family at the same size (default: lmforge's tiny)")
     args = parser.parse_args()
@@ -147,7 +154,8 @@ def main() -> None:
     for name, a, b in rows:
         print(f"RESULT {name} lmforge={a:.1f} reference={b:.1f} unit=tok/s ratio={a / b:.2f}")
     if not args.structured and args.family is None:
-        llama_cpp_rows(config, workdir, args, {name: a for name, a, _ in rows})
+        quantized = quantized_rows(config, workdir, args)
+        llama_cpp_rows(config, workdir, args, {name: a for name, a, _ in rows}, quantized)
 
     if args.profile:
         profile_decode_step(Engine(load_model(workdir + "/model", dtype=torch.float32)), config.vocab_size)
@@ -184,6 +192,35 @@ def structured_rows(config: ModelConfig, workdir: str, args: argparse.Namespace)
     return rows
 
 
+def batch1_prompt(config: ModelConfig, args: argparse.Namespace) -> list[int]:
+    """The batch-1 prompt every engine decodes after."""
+    return torch.randint(3, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def quantized_rows(config: ModelConfig, workdir: str, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
+    """method -> (tok/s at batch 1, bytes of parameters and buffers) of lmforge's weight-only quantized engines;
+    prints these with the share of greedy tokens equal to float32's at the same position, and of next tokens
+    equal to float32's given float32's sequence (a divergence no longer shifts what follows)."""
+    prompt = [batch1_prompt(config, args)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
+    reference = Engine(load_model(workdir + "/model", dtype=torch.float32)).generate(prompt, params)[0]
+    rows = {}
+    for method in args.quantize:
+        model = load_model(workdir + "/model", dtype=torch.float32)
+        Quantization(method).apply(model)
+        engine = Engine(model)
+        same = sum(a == b for a, b in zip(engine.generate(prompt, params)[0], reference)) / len(reference)
+        with torch.inference_mode():  # each next token given float32's text so far
+            logits = model(torch.tensor([prompt[0] + reference]))[0, len(prompt[0]) - 1 : -1]
+        forced = (logits.argmax(-1) == torch.tensor(reference)).float().mean().item()
+        tok_s = args.new_tokens / time_call(lambda: engine.generate(prompt, params), args.repeats)
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        rows[method] = (tok_s, size)
+        print(f"lmforge {method} (bfloat16 activations), batch 1: {tok_s:.1f} tok/s, {size / 1e6:.1f} MB; of "
+              f"{len(reference)} greedy tokens {same:.0%} as float32's, {forced:.0%} given float32's prefix")
+    return rows
+
+
 def read_bandwidth(mib: int = 512) -> float:
     """Bytes per second a reduction over a large tensor reads (what a decode step does to the weights),
     best of five."""
@@ -191,11 +228,12 @@ def read_bandwidth(mib: int = 512) -> float:
     return src.numel() * 4 / min(time_call(lambda: src.sum(), 1) for _ in range(5))
 
 
-def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, ours: dict[str, float]) -> None:
+def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, ours: dict[str, float],
+                   quantized: dict[str, tuple[float, int]]) -> None:
     """llama.cpp (llama-cpp-python) greedy batch-1 decoding of the same weights, exported by `lmforge export
-    gguf` as f32 and f16 and quantized by llama.cpp to Q8_0 and Q4_0, against lmforge's fp32 and bf16 rows;
-    and each engine's share of the memory-bandwidth limit (weight bytes read per token x tok/s / the bandwidth a
-    reduction over a large tensor reads)."""
+    gguf` as f32 and f16 and quantized by llama.cpp to Q8_0 and Q4_0, against lmforge's fp32 and bf16 rows and
+    its `quantized` ones (method -> tok/s, bytes); and each engine's share of the memory-bandwidth limit (weight
+    bytes read per token x tok/s / the bandwidth a reduction over a large tensor reads)."""
     try:
         import llama_cpp
     except ImportError:
@@ -215,8 +253,7 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
         params.ftype = ftype
         files[name] = Path(workdir) / f"{name}.gguf"
         llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(files[name]).encode(), params)
-    prompt = torch.randint(3, config.vocab_size, (args.prompt_len,),
-                           generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = batch1_prompt(config, args)
     threads = torch.get_num_threads()
 
     def decode(llm: Any) -> None:  # greedy: the argmax of the last position's logits, fed back
@@ -234,8 +271,10 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
     bandwidth = read_bandwidth()
     weights = {name: path.stat().st_size for name, path in files.items()}
     weights |= {"lmforge fp32": weights["f32"], "lmforge bf16": weights["f16"]}
+    weights |= {f"lmforge {method}": size for method, (_, size) in quantized.items()}
     measured = {**{f"llama.cpp {k}": v for k, v in speed.items()},
-                "lmforge fp32": ours.get("decode_b1_fp32"), "lmforge bf16": ours.get("decode_b1_bf16")}
+                "lmforge fp32": ours.get("decode_b1_fp32"), "lmforge bf16": ours.get("decode_b1_bf16"),
+                **{f"lmforge {method}": tok_s for method, (tok_s, _) in quantized.items()}}
     print(f"\nBatch 1, {args.new_tokens} greedy tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print(f"{'engine':<20}{'tok/s':>10}{'MB read per token':>20}{'share of bandwidth limit':>26}")
     for name, tok_s in measured.items():
@@ -248,6 +287,11 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
         if measured[ours_name] is not None:
             print(f"RESULT llamacpp_{theirs}_b1 lmforge={measured[ours_name]:.1f} reference={speed[theirs]:.1f} "
                   f"unit=tok/s ratio={measured[ours_name] / speed[theirs]:.2f} ({ours_name} vs llama.cpp {theirs})")
+    for method, theirs in (("int8", "q8_0"), ("int4", "q4_0")):
+        if method in quantized:
+            tok_s = quantized[method][0]
+            print(f"RESULT {method}_b1 lmforge={tok_s:.1f} reference={speed[theirs]:.1f} unit=tok/s "
+                  f"ratio={tok_s / speed[theirs]:.2f} (lmforge {method} vs llama.cpp {theirs})")
 
 
 def profile_decode_step(engine: Engine, vocab: int) -> None:

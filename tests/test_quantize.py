@@ -171,6 +171,24 @@ def test_eval_perplexity_int8_and_int4_near_float32(tmp_path, checkpoint):
     assert abs(ppl["int4"] / ppl["fp32"] - 1) < 0.3
 
 
+def test_served_completion_is_the_quantized_sessions(checkpoint):
+    """`serve`'s batcher decodes a quantized model as its session does (the server loads it as `serve --quantize`
+    does, through `Session.load`)."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.generate.session import Session
+    from lmforge.generate.text import complete
+    from lmforge.serve.server import create_app
+
+    session = Session.load(checkpoint, quantize=Quantization("int4"))
+    prompt = "\n\n".join(f"{q} {a}" for q, a in facts(TRAINED)[:2]) + "\n\n"
+    [expected] = complete(session.engine, session.tokenizer, [session.encode(prompt)], session.greedy(16))
+    with TestClient(create_app(session, model_name="q")) as client:
+        body = {"model": "q", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        reply = client.post("/v1/completions", json=body).json()
+    assert reply["choices"][0]["text"] == expected.text
+
+
 # ---- what cannot be quantized ----------------------------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ def add_quantize_flags(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of a decoder-only model's linear layers, on the CPU: int8 with one "
                         "scale per output feature, or int4 in groups of --group-size (its output head int8); "
                         "embeddings and norms stay in float; computes in bfloat16 unless --dtype says otherwise")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="with --quantize int4: input features per scale and zero, 32, 64 or 128 (default 32)")
 
 
