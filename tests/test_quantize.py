@@ -108,7 +108,7 @@ def test_dequantized_weights_within_half_a_step(method, group_size):
         if isinstance(layer, Int8Linear):  # symmetric: the largest weight of a row uses the whole int8 range
             assert layer.qweight.float().abs().amax(dim=1).min() >= 127
         kinds[name] = type(layer).__name__
-    assert kinds["lm_head"] == "Int8Linear"  # the head stays int8 under int4, as llama.cpp's Q4_0 keeps it finer
+    assert kinds["lm_head"] == "Int8Linear"  # int8 under int4 too, as llama.cpp's Q4_0 keeps the head finer
     assert set(kinds.values()) == ({"Int8Linear"} if method == "int8" else {"Int8Linear", "Int4Linear"})
 
 

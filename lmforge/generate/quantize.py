@@ -13,8 +13,8 @@ a quantized model is built where it runs, never saved.
 Quantized: every linear layer of the decoder (attention, MLP, experts) and the output head. Kept in float: the
 embeddings (a decode step reads one row per token: quantizing them would save memory, not time), norms, and a mixture
 of experts' router (a few rows whose rounding would change which experts run). Under int4 the head is int8, as
-llama.cpp's Q4_0 keeps its output tensor at higher precision (Q6_K): the logits take the quantization error
-directly. A layer int4 cannot pack (output features not a multiple of 16, input features not a multiple of the group
+llama.cpp's Q4_0 keeps its output tensor finer (Q6_K, or Q8_0 where rows are no multiple of 256): the logits take
+the quantization error directly. A layer int4 cannot pack (output features not a multiple of 16, input features not a multiple of the group
 size) is int8.
 """
 
