@@ -12,7 +12,9 @@ default size, llama.cpp (through llama-cpp-python) decodes the same weights at b
 memory-bandwidth limit. lmforge's weight-only int8 and int4 engines (`--quantize`, bfloat16 activations) decode the
 same weights at batch 1 beside llama.cpp's Q8_0 and Q4_0, with the share of their greedy tokens that float32's
 engine also chose (random weights: small logit margins, so a low share says little; tests/test_quantize.py
-measures agreement and perplexity on a trained model)."""
+measures agreement and perplexity on a trained model). lmforge's engines are the ones a `Session` serves with (q/k/v
+and gate/up projections fused), eager and compiled (`--no-compile` skips the compiled ones). `--preset NAME` times
+another size, e.g. the bandwidth-bound qwen2.5-0.5b."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from lmforge.config import ModelConfig
 from lmforge.generate.engine import Engine
 from lmforge.generate.quantize import METHODS, Quantization
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import Transformer
+from lmforge.model import Transformer, fuse_projections
 from lmforge.presets import preset
 
 
@@ -62,11 +64,18 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def write_model(family: str | None, max_len: int, path: str) -> ModelConfig:
-    """Write the benchmark's model to `path`: lmforge's `tiny` preset, or a random transformers model of
-    `family` at the same size; returns its config as lmforge reads it."""
+def serving_engine(path: str, dtype: torch.dtype, *, compile: bool = False) -> Engine:
+    """The engine a `Session` serves with: the model's q/k/v and gate/up projections fused."""
+    model = load_model(path, dtype=dtype)
+    fuse_projections(model)
+    return Engine(model, compile=compile)
+
+
+def write_model(family: str | None, max_len: int, path: str, size: str = "tiny") -> ModelConfig:
+    """Write the benchmark's model to `path`: lmforge's preset `size` (random weights), or a random transformers
+    model of `family` at the tiny size; returns its config as lmforge reads it."""
     if family is None:
-        model = Transformer(preset("tiny", max_position_embeddings=max_len))
+        model = Transformer(preset(size, max_position_embeddings=max_len))
         model.init_weights(seed=0)
         save_model(model, path)
         return model.config
@@ -98,8 +107,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="weight dtypes to measure")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure lmforge with a torch.compile'd decode step (compiles once per case)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure lmforge with a torch.compile'd decode step (compiles once per case; "
+                             "default on, --no-compile to skip)")
+    parser.add_argument("--preset", default="tiny",
+                        help="lmforge preset of the model (random weights; default tiny). A bandwidth-bound size: "
+                             "qwen2.5-0.5b with --new-tokens 32 --batch-sizes 1 8 --dtypes float32")
     parser.add_argument("--profile", action="store_true", help="print a profile of one decode step")
     parser.add_argument("--structured", action="store_true",
                         help="only measure structured output: tok/s with a JSON-schema mask vs without (fp32)")
@@ -115,8 +128,8 @@ def main() -> None:
     import transformers
 
     workdir = tempfile.mkdtemp()
-    config = write_model(args.family, args.prompt_len + args.new_tokens + 8, workdir + "/model")
-    prefix = f"{args.family}_" if args.family else ""
+    config = write_model(args.family, args.prompt_len + args.new_tokens + 8, workdir + "/model", args.preset)
+    prefix = f"{args.family}_" if args.family else "" if args.preset == "tiny" else f"{args.preset}_"
 
     if args.structured:
         rows = structured_rows(config, workdir, args)
@@ -125,9 +138,9 @@ def main() -> None:
         rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        engines = {"lmforge": Engine(load_model(workdir + "/model", dtype=dtype))}
+        engines = {"lmforge": serving_engine(workdir + "/model", dtype)}
         if args.compile:
-            engines["lmforge compiled"] = Engine(load_model(workdir + "/model", dtype=dtype), compile=True)
+            engines["lmforge compiled"] = serving_engine(workdir + "/model", dtype, compile=True)
         ref = transformers.AutoModelForCausalLM.from_pretrained(workdir + "/model", dtype=dtype).eval()
         for batch in args.batch_sizes:
             prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
@@ -158,7 +171,7 @@ def main() -> None:
         llama_cpp_rows(config, workdir, args, {name: a for name, a, _ in rows}, quantized)
 
     if args.profile:
-        profile_decode_step(Engine(load_model(workdir + "/model", dtype=torch.float32)), config.vocab_size)
+        profile_decode_step(serving_engine(workdir + "/model", torch.float32), config.vocab_size)
 
 
 def structured_rows(config: ModelConfig, workdir: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -203,10 +216,11 @@ def quantized_rows(config: ModelConfig, workdir: str, args: argparse.Namespace) 
     equal to float32's given float32's sequence (a divergence no longer shifts what follows)."""
     prompt = [batch1_prompt(config, args)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
-    reference = Engine(load_model(workdir + "/model", dtype=torch.float32)).generate(prompt, params)[0]
+    reference = serving_engine(workdir + "/model", torch.float32).generate(prompt, params)[0]
     rows = {}
     for method in args.quantize:
         model = load_model(workdir + "/model", dtype=torch.float32)
+        fuse_projections(model)
         Quantization(method).apply(model)
         engine = Engine(model)
         same = sum(a == b for a, b in zip(engine.generate(prompt, params)[0], reference)) / len(reference)
@@ -272,8 +286,11 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
     weights = {name: path.stat().st_size for name, path in files.items()}
     weights |= {"lmforge fp32": weights["f32"], "lmforge bf16": weights["f16"]}
     weights |= {f"lmforge {method}": size for method, (_, size) in quantized.items()}
+    weights |= {"lmforge fp32 compiled": weights["f32"], "lmforge bf16 compiled": weights["f16"]}
     measured = {**{f"llama.cpp {k}": v for k, v in speed.items()},
                 "lmforge fp32": ours.get("decode_b1_fp32"), "lmforge bf16": ours.get("decode_b1_bf16"),
+                "lmforge fp32 compiled": ours.get("decode_b1_fp32_compiled"),
+                "lmforge bf16 compiled": ours.get("decode_b1_bf16_compiled"),
                 **{f"lmforge {method}": tok_s for method, (tok_s, _) in quantized.items()}}
     print(f"\nBatch 1, {args.new_tokens} greedy tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print(f"{'engine':<20}{'tok/s':>10}{'MB read per token':>20}{'share of bandwidth limit':>26}")
@@ -282,10 +299,11 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
             continue
         size = weights[name.removeprefix("llama.cpp ")] if name.startswith("llama.cpp") else weights[name]
         print(f"{name:<20}{tok_s:>10.1f}{size / 1e6:>20.1f}{tok_s * size / bandwidth:>26.0%}")
-    for ours_name, theirs in (("lmforge fp32", "f32"), ("lmforge bf16", "f16"), ("lmforge fp32", "q8_0"),
-                              ("lmforge fp32", "q4_0")):
+    for ours_name, theirs in (("lmforge fp32", "f32"), ("lmforge bf16", "f16"), ("lmforge fp32 compiled", "f32"),
+                              ("lmforge bf16 compiled", "f16"), ("lmforge fp32", "q8_0"), ("lmforge fp32", "q4_0")):
         if measured[ours_name] is not None:
-            print(f"RESULT llamacpp_{theirs}_b1 lmforge={measured[ours_name]:.1f} reference={speed[theirs]:.1f} "
+            compiled = "_compiled" if ours_name.endswith("compiled") else ""
+            print(f"RESULT llamacpp_{theirs}_b1{compiled} lmforge={measured[ours_name]:.1f} reference={speed[theirs]:.1f} "
                   f"unit=tok/s ratio={measured[ours_name] / speed[theirs]:.2f} ({ours_name} vs llama.cpp {theirs})")
     for method, theirs in (("int8", "q8_0"), ("int4", "q4_0")):
         if method in quantized:

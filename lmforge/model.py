@@ -104,6 +104,28 @@ def softcapped_attention(
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
+def stacked_linear(*parts: nn.Linear) -> nn.Linear:
+    """One linear layer computing `parts` (of the same input) at once: their outputs side by side."""
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight.data = weight
+    if fused.bias is not None:
+        fused.bias.data = torch.cat([p.bias.detach() for p in parts])
+    fused.requires_grad_(parts[0].weight.requires_grad)
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse every attention's q/k/v and every gated MLP's gate/up projections whose layers are plain linears
+    (not adapters or quantized layers): fewer, larger matrix-vector products when decoding. Inference only."""
+    for module in model.modules():
+        names = ("q_proj", "k_proj", "v_proj") if isinstance(module, Attention) else \
+            ("gate_proj", "up_proj") if isinstance(module, SwiGLU) else ()
+        if names and all(type(getattr(module, n, None)) is nn.Linear for n in names):
+            module.fuse_projections()
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V heads, through scaled_dot_product_attention."""
 
@@ -122,14 +144,25 @@ class Attention(nn.Module):
         self.scale, self.softcap, self.qk_norm = scalar**-0.5, config.attn_logit_softcapping, config.qk_norm
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one (`fuse_projections`), for inference
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one linear `qkv_proj` of their stacked weights: one matrix-vector
+        product instead of three per decoding step. For inference: checkpoints and adapters name q, k and v."""
+        self.qkv_proj = stacked_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split((self.n_heads * self.head_dim, *(2 * [self.n_kv * self.head_dim])), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -158,8 +191,18 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = GATE_ACTIVATIONS[act]
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one (`fuse_projections`), for inference
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one linear `gate_up_proj` of their stacked weights (see
+        `Attention.fuse_projections`)."""
+        self.gate_up_proj = stacked_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -16,6 +16,7 @@ from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams, sample, top_k_filter, top_p_filter
 from lmforge.generate.session import Session
 from lmforge.generate.text import Detokenizer, complete
+from lmforge.model import fuse_projections
 from lmforge.tokenizer import train_tokenizer
 
 NEG = float("-inf")
@@ -283,9 +284,27 @@ def test_static_cache_equals_growing_cache(family, tmp_path):
     torch.testing.assert_close(outs[StaticKVCache], outs[KVCache], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])  # qkv biases, GeGLU, partial rotary
+def test_fused_projections_compute_what_the_separate_ones_do(family, tmp_path):
+    sharp_hf_model(family).save_pretrained(tmp_path)
+    model, fused = load_model(tmp_path), load_model(tmp_path)
+    fuse_projections(fused)
+    attention = fused.model.layers[0].self_attn
+    assert attention.qkv_proj is not None and not hasattr(attention, "q_proj")
+    ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fused(ids), model(ids), atol=1e-5, rtol=1e-5)
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    assert Engine(fused).generate(PROMPTS, params) == Engine(model).generate(PROMPTS, params)
+
+
 @pytest.mark.slow
-def test_compiled_engine_matches_eager(tmp_path):
+def test_compiled_fused_engine_matches_eager_without_recompiling(tmp_path):
     sharp_hf_model("mistral").save_pretrained(tmp_path)
     params = SamplingParams(max_new_tokens=20, temperature=0)
     eager = Engine(load_model(tmp_path)).generate(PROMPTS, params)
-    assert Engine(load_model(tmp_path), compile=True).generate(PROMPTS, params) == eager
+    model = load_model(tmp_path)
+    fuse_projections(model)
+    engine = Engine(model, compile=True)
+    assert engine.generate(PROMPTS, params) == eager
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the same batch size again: the same graph
+        assert engine.generate(PROMPTS, params) == eager

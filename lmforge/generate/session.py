@@ -23,7 +23,7 @@ from lmforge.generate.seq2seq import Seq2SeqEngine
 from lmforge.generate.text import complete, stop_token_ids, stream_completions
 from lmforge.hub import resolve_checkpoint
 from lmforge.io import read_json
-from lmforge.model import Transformer
+from lmforge.model import Transformer, fuse_projections
 from lmforge.seq2seq import Seq2SeqLM
 from lmforge.seq2seq_checkpoint import is_seq2seq, load_seq2seq
 from lmforge.tokenizer import Message, Tokenizer
@@ -71,6 +71,8 @@ class Session:
             return Seq2SeqSession.from_dir(path, dtype=dtype, device=device, compile=compile)
         else:
             model, tokenizer_dir = load_model(path, dtype=weights_dtype, device=device), path
+        if isinstance(model, Transformer):
+            fuse_projections(model)  # this model only serves: one q/k/v and one gate/up product per layer
         if quantize is not None:
             quantize.apply(model, dtype)
         if isinstance(model, Seq2SeqLM):
