@@ -168,7 +168,7 @@ def main() -> None:
         print(f"RESULT {name} lmforge={a:.1f} reference={b:.1f} unit=tok/s ratio={a / b:.2f}")
     if not args.structured and args.family is None:
         quantized = quantized_rows(config, workdir, args)
-        llama_cpp_rows(config, workdir, args, {name: a for name, a, _ in rows}, quantized)
+        llama_cpp_rows(config, workdir, args, {name.removeprefix(prefix): a for name, a, _ in rows}, quantized)
 
     if args.profile:
         profile_decode_step(serving_engine(workdir + "/model", torch.float32), config.vocab_size)
