@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hub_cache import cache_repo
-from lmforge.data.chat import SFTData, read_messages
+from lmforge.data.chat import SFTData, read_messages, read_prompts
 from lmforge.data.corpus import PackedSequences, corpus_documents, tokenize_corpus
 from lmforge.data.hub_datasets import HubDataset, parse_hub_dataset, read_records
 from lmforge.data.preference import read_pairs
@@ -161,6 +161,12 @@ def test_preference_columns_are_mapped_and_bad_rows_named(offline_hub):
         read_pairs("hf:org/prefs", columns={**columns, "chosen": "answer"})
     with pytest.raises(ValueError, match=r"hf:org/prefs\[train\]:1: field 'prompt'"):
         read_pairs("hf:org/prefs")
+
+
+def test_prompts_by_name_are_the_conversations_before_the_reply(offline_hub):
+    prompts = read_prompts("hf:org/chats", sft_records=True, split="test")
+    assert [p.messages for p in prompts] == [[{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": f"Question test {i}?"}] for i in range(3)]
 
 
 def test_an_eval_task_by_name_takes_exemplars_from_its_train_split(offline_hub):

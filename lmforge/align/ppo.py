@@ -419,9 +419,10 @@ def ppo(config: PPOConfig, *, resume: bool = False, scorer: Scorer | None = None
         scorer = scorer or RewardScorer.load(config.reward)
         if safety is None and config.safety_reward is not None:
             safety = RewardScorer.load(config.safety_reward)
-    eval_prompts = read_prompts(config.eval_prompts) if config.eval_prompts is not None else []
-    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(config.prompts), safety=safety,
-                         eval_prompts=eval_prompts)
+    eval_prompts = [] if config.eval_prompts is None else read_prompts(config.eval_prompts,
+                                                                         split=config.eval_prompts_split)
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, read_prompts(config.prompts, split=config.prompts_split),
+                         safety=safety, eval_prompts=eval_prompts)
     started = time.perf_counter()
     trainer.run(resume=resume)
     out = config.out_dir / "adapter"

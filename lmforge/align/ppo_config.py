@@ -91,9 +91,12 @@ class PPOConfig(BaseModel):
     reward: Path = Field(description="reward model directory or Hub id (sequence-classification layout)")
     safety_reward: Path | None = Field(None, description="a safety reward model, combined as LLaMA-2 does")
     safety_threshold: float = 0.15
-    prompts: Path = Field(description="JSONL of prompts: {'prompt': text | messages, 'risky': bool (optional)}")
+    prompts: Path = Field(description="JSONL of prompts: {'prompt': text | messages, 'risky': bool (optional)}, "
+                                      "or a Hub dataset hf:org/name[:config][@revision]")
+    prompts_split: str = Field("train", description="the split of a Hub dataset prompts")
     eval_prompts: Path | None = Field(None, description="held-out prompts in the same JSONL, scored every "
                                                         "ppo.eval_every iterations: eval_reward_sampled, "
                                                         "eval_reward_greedy, eval_kl")
+    eval_prompts_split: str = Field("test", description="the split of a Hub dataset eval_prompts")
     adapter: AdapterConfig = AdapterConfig(method="lora")
     ppo: PPOSettings = PPOSettings()

@@ -72,7 +72,9 @@ class RejectionConfig(BaseModel):
 
     out_dir: Path
     base: Path = Field(description="the model to start from: an HF directory, a LoRA adapter directory, or a Hub id")
-    prompts: Path = Field(description="JSONL: {'prompt': text | messages}, preference pairs, or SFT records")
+    prompts: Path = Field(description="JSONL: {'prompt': text | messages}, preference pairs, or SFT records; or a Hub "
+                                      "dataset hf:org/name[:config][@revision]")
+    prompts_split: str = Field("train", description="the split of a Hub dataset prompts")
     reward: Path = Field(description="reward model directory or Hub id (RewardScorer.load)")
     rounds: int = Field(1, gt=0, description="sample, select and fine-tune this many times")
     sampling: SamplingConfig = SamplingConfig()
@@ -186,7 +188,7 @@ def load_scorer(path: Path) -> ResponseScorer:
 def rejection_sample(config: RejectionConfig, *, scorer: ResponseScorer | None = None) -> Path:
     """Run the rounds; returns the last round's fine-tuned adapter or model directory. `scorer`
     stands in for the reward model at `config.reward`."""
-    prompts = read_prompts(config.prompts, sft_records=True)
+    prompts = read_prompts(config.prompts, sft_records=True, split=config.prompts_split)
     scorer = scorer or load_scorer(config.reward)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     report = config.out_dir / "rounds.jsonl"
