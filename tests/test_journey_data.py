@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +27,7 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.train.run_dir import STATE_FILE, RunDir
 from lmforge.world.documents import pretraining_corpus
 from lmforge.world.people import make_world
+from test_journey_pretrain import finish, kill_after_first_checkpoint
 from test_loggers import assert_tensorboard_scalars_are_the_metrics_log
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -96,12 +95,6 @@ def pretrain(tok: Path, out: Path, *extra: str, stderr: int = subprocess.PIPE) -
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def finish(process: subprocess.Popen) -> str:
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
-    return stderr
-
-
 @pytest.mark.slow
 def test_a_hub_corpus_streamed_is_killed_and_resumes_to_the_same_model(hub, tmp_path):
     _, docs = hub
@@ -123,14 +116,7 @@ def test_a_hub_corpus_streamed_is_killed_and_resumes_to_the_same_model(hub, tmp_
     assert losses[-1] < losses[0]
 
     killed = tmp_path / "killed"
-    run = pretrain(tok, killed, stderr=subprocess.DEVNULL)  # unread: a full pipe would stall it
-    deadline = time.monotonic() + 300
-    while not RunDir(killed).checkpoints() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert run.returncode == -signal.SIGKILL
-    assert RunDir(killed).checkpoints()[-1].name != "step-000012"  # it died before the end
+    kill_after_first_checkpoint(pretrain(tok, killed, stderr=subprocess.DEVNULL), killed, "step-000012")
     finish(pretrain(tok, killed, "--resume"))
 
     a, b = (load_file(run_dir / "model" / "model.safetensors") for run_dir in (straight, killed))

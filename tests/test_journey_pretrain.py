@@ -57,6 +57,18 @@ def finish(process: subprocess.Popen) -> str:
     return stderr
 
 
+def kill_after_first_checkpoint(run: subprocess.Popen, out: Path, last: str) -> None:
+    """SIGKILL a training run (its stderr unread: a full pipe would stall it) once `out` holds a checkpoint, and
+    check that it died before its `last` checkpoint."""
+    deadline = time.monotonic() + 300
+    while not RunDir(out).checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL
+    assert RunDir(out).checkpoints() and RunDir(out).checkpoints()[-1].name != last
+
+
 def held_out_perplexity(model_dir: Path, texts: list[str]) -> float:
     """exp(mean token NLL) by transformers: each text scored after the EOS that separates
     pretraining documents (the tokenizer adds no BOS)."""
@@ -95,14 +107,7 @@ def test_pretrain_journey(tmp_path, capsys):
     assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     killed = tmp_path / "killed"
-    run = pretrain(corpus, tok, killed, stderr=subprocess.DEVNULL)  # unread: a full pipe would stall it
-    deadline = time.monotonic() + 300
-    while not RunDir(killed).checkpoints() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert run.returncode == -signal.SIGKILL
-    assert RunDir(killed).checkpoints() and RunDir(killed).checkpoints()[-1].name != "step-000012"  # it died before the end
+    kill_after_first_checkpoint(pretrain(corpus, tok, killed, stderr=subprocess.DEVNULL), killed, "step-000012")
     finish(pretrain(corpus, tok, killed, "--resume"))
 
     a, b = (load_file(run_dir / "model" / "model.safetensors") for run_dir in (straight, killed))
