@@ -226,3 +226,16 @@ def test_a_stream_resumes_where_it_stopped_across_epochs(offline_hub, tokenizer)
     empty = StreamedSequences(lambda: iter(["", "  "]), tokenizer, 8, 2)
     with pytest.raises(ValueError, match="no training documents"):
         empty.next_batch()
+
+
+def test_lmforge_eval_reads_a_task_by_name_with_its_columns(offline_hub, chat_base, tmp_path, capsys):
+    from lmforge.cli import main
+
+    out = tmp_path / "results.json"
+    assert main(["eval", "--checkpoint", str(chat_base), "--task", "hf:org/qa", "--columns",
+                 "prompt=question,answer=label", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    samples = json.loads(out.read_text())["samples"]
+    assert [(s["input"], s["answer"]) for s in samples] == [(r["question"], r["label"]) for r in QA["test"]]
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--checkpoint", str(chat_base), "--task", "hf:org/qa", "--columns", "prompt"])
+    assert exit_.value.code == 2 and "FIELD=COLUMN" in capsys.readouterr().err
