@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_pretrain import MODEL, recipe  # noqa: F401 (recipe: a fixture)
 from test_ppo import QueuedScorer, recipe as ppo_recipe
-from test_train import ListSource, config, lm_data, tiny_model
+from test_train import Killed, ListSource, config, lm_data, tiny_model
 
 from lmforge.align.ppo import ppo
 from lmforge.align.ppo_config import PPOSettings
@@ -185,12 +185,6 @@ def test_resumed_run_purges_tensorboard_after_the_checkpoint_and_continues_the_t
 
     cfg = config(steps=6, save_every=3, loggers=["tensorboard", "wandb", "mlflow"])
     out = tmp_path / "run"
-
-    class Killed(ListSource):  # dies when asked for the 5th batch: step 4 was logged, step 3 saved
-        def next_batch(self):
-            if self.position == 4:
-                raise KeyboardInterrupt
-            return super().next_batch()
 
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_model(), cfg, Killed(lm_data(), 8), causal_lm_loss, out).run()

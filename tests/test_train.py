@@ -197,17 +197,20 @@ def test_overfits_a_handful_of_sequences(tmp_path):
     assert float(total / count) < 0.05
 
 
+class Killed(ListSource):
+    """Dies when asked for the 5th batch: with save_every=3, step 4 was logged and step 3 saved."""
+
+    def next_batch(self):
+        if self.position == 4:
+            raise KeyboardInterrupt
+        return super().next_batch()
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     cfg = config(steps=6, save_every=3, micro_batch_size=4, grad_accum=2)
     straight_model = tiny_model()
     straight = Trainer(straight_model, cfg, ListSource(lm_data(), 8), causal_lm_loss, tmp_path / "straight")
     straight.run()
-
-    class Killed(ListSource):  # dies when asked for the 5th batch: step 4 was logged, step 3 saved
-        def next_batch(self):
-            if self.position == 4:
-                raise KeyboardInterrupt
-            return super().next_batch()
 
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_model(), cfg, Killed(lm_data(), 8), causal_lm_loss, tmp_path / "resumed").run()
