@@ -9,7 +9,10 @@ Greedy decoding keeps exactly the model's greedy tokens. Sampling keeps the mode
 (Leviathan et al. 2023, Chen et al. 2023): a drafted token x is kept with probability min(1, p(x)/q(x)),
 p the model's and q the drafter's distribution after temperature, top-k and top-p (q is one-hot for
 prompt lookup); on a rejection the token is drawn from norm(max(0, p - q)); when every draft is kept,
-one more token is drawn from p. Other logit processing (grammars, penalties, bias) is refused."""
+one more token is drawn from p. Other logit processing (grammars, penalties, bias) is refused.
+
+`SpeculativeDecoding` advances one sequence a verification at a time (the server interleaves such sequences
+with its batch); `speculative_stream` and `SpeculativeEngine` run it to the end."""
 
 from __future__ import annotations
 
@@ -67,6 +70,10 @@ class PromptLookup:
     def reset(self) -> None:
         """Forget the sequence (nothing kept here)."""
 
+    def fork(self) -> PromptLookup:
+        """A drafter for another sequence decoded at the same time: this one (it keeps nothing per sequence)."""
+        return self
+
 
 class DraftModel:
     """Drafts with a smaller model sharing the tokenizer, greedily or by sampling from its own
@@ -110,51 +117,82 @@ class DraftModel:
         """Forget the sequence: a new one starts with an empty cache."""
         self.cache, self.cached = None, 0
 
+    def fork(self) -> DraftModel:
+        """A drafter for another sequence decoded at the same time: the same weights, its own cache."""
+        return DraftModel(self.model, self.k)
 
-@torch.inference_mode()
-def speculative_stream(model: Transformer, prompt: Sequence[int], params: SamplingParams,
-                       drafter: PromptLookup | DraftModel, stats: SpeculativeStats | None = None) -> Iterator[int]:
+
+Drafter = PromptLookup | DraftModel
+
+
+class SpeculativeDecoding:
+    """One sequence decoded speculatively, one verification (one forward pass of the model) per `step`, so
+    that a caller can interleave it with other work; the prompt is prefilled here. `stats` (if given)
+    counts drafts and acceptances."""
+
+    @torch.inference_mode()
+    def __init__(self, model: Transformer, prompt: Sequence[int], params: SamplingParams, drafter: Drafter,
+                 stats: SpeculativeStats | None = None) -> None:
+        if params.processes_logits:
+            raise ValueError("speculative decoding supports temperature, top-k and top-p; not grammars, penalties, "
+                             "logit bias or min_tokens")
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        limit = model.config.max_position_embeddings
+        if len(prompt) >= limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {limit} tokens")
+        self.model, self.params, self.drafter, self.limit = model, params, drafter, limit
+        self.stats = stats if stats is not None else SpeculativeStats()
+        drafter.reset()
+        param = next(model.parameters())
+        self.device = param.device
+        self.generator = torch.Generator(param.device).manual_seed(params.seed) if params.seed is not None else None
+        if isinstance(drafter, DraftModel) and drafter.generator is None:
+            drafter.generator = self.generator
+        self.stops = set(params.stop_token_ids)
+        self.max_new = min(params.max_new_tokens, limit - len(prompt))
+        self.cache = KVCache(model.config, 1, min(limit, len(prompt) + self.max_new + drafter.k + 1),
+                             dtype=param.dtype, device=param.device)
+        if len(prompt) > 1:
+            model(torch.tensor([list(prompt[:-1])], device=param.device), cache=self.cache, last_only=True)
+        self.sequence, self.emitted = list(prompt), 0  # the last token of `sequence` is not in the cache yet
+        self.done = False
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """Check one draft: the new tokens (the kept drafts and the model's own next one; cut after a stop
+        token, which is then the last); [] once done."""
+        if self.done:
+            return []
+        room = min(self.drafter.k, self.max_new - self.emitted - 1, self.limit - len(self.sequence) - 1)
+        drafted, q = self.drafter.propose(self.sequence, room, self.params) if room > 0 else ([], None)
+        fed = torch.tensor([[self.sequence[-1], *drafted]], device=self.device)
+        logits = self.model(fed, cache=self.cache)[0].float()  # row i predicts the token after fed[i]
+        self.stats.verifications += 1
+        self.stats.drafted += len(drafted)
+        kept, token = verify(logits, drafted, q, self.params, self.generator)
+        self.stats.accepted += kept
+        self.cache.length = len(self.sequence) + kept  # the model's cache: the sequence and the kept drafts
+        self.drafter.kept(len(self.sequence) + kept)
+        new = []
+        for token in [*drafted[:kept], token]:
+            self.sequence.append(token)
+            self.emitted += 1
+            self.stats.generated += 1
+            new.append(token)
+            if token in self.stops or self.emitted == self.max_new:
+                self.done = True
+                break
+        return new
+
+
+def speculative_stream(model: Transformer, prompt: Sequence[int], params: SamplingParams, drafter: Drafter,
+                       stats: SpeculativeStats | None = None) -> Iterator[int]:
     """Yield the model's new tokens for `prompt` (one sequence), checking the drafter's proposals; the last
     is a stop token if one was produced. `stats` (if given) counts drafts and acceptances."""
-    if params.processes_logits:
-        raise ValueError("speculative decoding supports temperature, top-k and top-p; not grammars, penalties, "
-                         "logit bias or min_tokens")
-    if not prompt:
-        raise ValueError("empty prompt: give at least one token")
-    limit = model.config.max_position_embeddings
-    if len(prompt) >= limit:
-        raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {limit} tokens")
-    stats = stats if stats is not None else SpeculativeStats()
-    drafter.reset()
-    param = next(model.parameters())
-    generator = torch.Generator(param.device).manual_seed(params.seed) if params.seed is not None else None
-    if isinstance(drafter, DraftModel) and drafter.generator is None:
-        drafter.generator = generator
-    stops = set(params.stop_token_ids)
-    max_new = min(params.max_new_tokens, limit - len(prompt))
-    cache = KVCache(model.config, 1, min(limit, len(prompt) + max_new + drafter.k + 1), dtype=param.dtype,
-                    device=param.device)
-    if len(prompt) > 1:
-        model(torch.tensor([list(prompt[:-1])], device=param.device), cache=cache, last_only=True)
-    sequence, emitted = list(prompt), 0  # the last token of `sequence` is not in the cache yet
-    while emitted < max_new:
-        room = min(drafter.k, max_new - emitted - 1, limit - len(sequence) - 1)
-        drafted, q = drafter.propose(sequence, room, params) if room > 0 else ([], None)
-        fed = torch.tensor([[sequence[-1], *drafted]], device=param.device)
-        logits = model(fed, cache=cache)[0].float()  # row i predicts the token after fed[i]
-        stats.verifications += 1
-        stats.drafted += len(drafted)
-        kept, token = verify(logits, drafted, q, params, generator)
-        stats.accepted += kept
-        cache.length = len(sequence) + kept  # the model's cache: the sequence and the kept drafts
-        drafter.kept(len(sequence) + kept)
-        for new in [*drafted[:kept], token]:
-            sequence.append(new)
-            emitted += 1
-            stats.generated += 1
-            yield new
-            if new in stops or emitted == max_new:
-                return
+    decoding = SpeculativeDecoding(model, prompt, params, drafter, stats)
+    while not decoding.done:
+        yield from decoding.step()
 
 
 def verify(logits: Tensor, drafted: list[int], q: Tensor | None, params: SamplingParams,
@@ -182,7 +220,7 @@ class SpeculativeEngine:
     """`Engine.stream`'s interface, one prompt at a time, over speculative decoding: text streaming,
     sessions and the command line use it as they use the engine."""
 
-    def __init__(self, model: Transformer, drafter: PromptLookup | DraftModel) -> None:
+    def __init__(self, model: Transformer, drafter: Drafter) -> None:
         self.model, self.drafter, self.stats = model, drafter, SpeculativeStats()
         self.grammars = None  # as `Engine`'s: a session may set it; speculative decoding refuses grammars
 

@@ -10,6 +10,7 @@ from lmforge.config import ModelConfig
 from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.seq2seq import Seq2SeqEngine
+from lmforge.generate.speculative import SpeculativeEngine
 from lmforge.tokenizer import Tokenizer
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -90,13 +91,19 @@ def stream_completions(
 
 
 def complete(
-    engine: Engine | Seq2SeqEngine,
+    engine: Engine | Seq2SeqEngine | SpeculativeEngine,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     stop: Sequence[str] = (),
 ) -> list[Completion]:
-    """Generate for every prompt in one batch; stop at a stop token or stop string."""
+    """Generate for every prompt in one batch; stop at a stop token or stop string. A speculative engine
+    decodes the prompts one after another, a seeded one with the seed counted up per prompt (as a batch's
+    rows draw different samples)."""
+    if isinstance(engine, SpeculativeEngine) and len(prompts) > 1:
+        seeds = [None if params.seed is None else (params.seed + i) % 2**64 for i in range(len(prompts))]
+        return [complete(engine, tokenizer, [prompt], params.model_copy(update={"seed": seed}), stop)[0]
+                for prompt, seed in zip(prompts, seeds)]
     results: list[Completion] = []
     for _ in _run(engine, tokenizer, prompts, params, stop, results):
         pass
