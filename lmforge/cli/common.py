@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +13,7 @@ if TYPE_CHECKING:
     from lmforge.generate.quantize import Quantization
     from lmforge.generate.sampling import SamplingParams
     from lmforge.generate.session import Session
+    from lmforge.generate.speculative import Drafter, SpeculativeEngine
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns; argparse names no public type for it
@@ -102,6 +105,69 @@ def sampling_params(args: argparse.Namespace, **fields: Any) -> SamplingParams:
                                  "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed} | fields)
     except ValidationError as e:
         raise ValueError(explain(e, SamplingParams)) from None
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    """--prompt-lookup K, or --draft CHECKPOINT with --draft-tokens K: speculative decoding's drafter."""
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                   help="speculative decoding with prompt lookup: draft up to K tokens that followed the latest "
+                        "n-gram's earlier occurrence in the prompt and the text so far (pays off when the answer "
+                        "copies from the prompt); greedy output is unchanged, sampling keeps its distribution")
+    p.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
+                   help="speculative decoding with a smaller draft model of the same tokenizer (loaded with the "
+                        "same --dtype and --quantize)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="with --draft: tokens the draft model proposes per check (default 4)")
+
+
+def speculating(args: argparse.Namespace) -> bool:
+    """Whether --prompt-lookup or --draft asks for speculative decoding (a bad combination: a `ValueError`)."""
+    if args.prompt_lookup is not None and args.draft is not None:
+        raise ValueError("--prompt-lookup and --draft are two kinds of drafter: choose one")
+    if args.draft_tokens is not None and args.draft is None:
+        raise ValueError("--draft-tokens goes with --draft (--prompt-lookup K sets its own draft length)")
+    return args.prompt_lookup is not None or args.draft is not None
+
+
+def drafter(args: argparse.Namespace, session: Session) -> Drafter | None:
+    """The drafter --prompt-lookup or --draft asks for, checked against `session`'s model; None without them."""
+    if not speculating(args):
+        return None
+    if session.encoder_decoder or getattr(args, "compile", False):
+        raise ValueError("speculative decoding runs a decoder-only model, without --compile")
+    from lmforge.generate.session import Session
+    from lmforge.generate.speculative import DraftModel, PromptLookup
+
+    if args.prompt_lookup is not None:
+        return PromptLookup(k=args.prompt_lookup)
+    draft = Session.load(args.draft, dtype=args.dtype, quantize=quantization(args))
+    if draft.tokenizer.vocab_size != session.tokenizer.vocab_size or draft.encoder_decoder:
+        raise ValueError(f"{args.draft}: a draft model needs the same tokenizer as {args.checkpoint} "
+                         f"({draft.tokenizer.vocab_size} tokens vs {session.tokenizer.vocab_size})")
+    if draft.context < session.context:
+        raise ValueError(f"{args.draft}: a draft model needs at least the context of {args.checkpoint} "
+                         f"({draft.context} tokens vs {session.context})")
+    return DraftModel(draft.model, k=4 if args.draft_tokens is None else args.draft_tokens)
+
+
+def speculative_engine(args: argparse.Namespace, session: Session) -> SpeculativeEngine | None:
+    """With --prompt-lookup or --draft, the session decodes speculatively (its engine replaced); else None."""
+    if (chosen := drafter(args, session)) is None:
+        return None
+    from lmforge.generate.speculative import SpeculativeEngine
+
+    engine = SpeculativeEngine(session.model, chosen)
+    session.engine = engine  # type: ignore[assignment]  # `Engine.stream`'s interface, which sessions use
+    return engine
+
+
+def report_speculation(engine: SpeculativeEngine) -> dict[str, Any]:
+    """Speculative decoding's figures, printed on stderr and returned."""
+    stats = engine.stats
+    print(f"speculative decoding: {stats.accepted} of {stats.drafted} drafted tokens kept "
+          f"({stats.acceptance_rate:.0%}), {stats.generated} tokens in {stats.verifications} forward passes",
+          file=sys.stderr)
+    return {**dataclasses.asdict(stats), "acceptance_rate": stats.acceptance_rate}
 
 
 def add_recipe_flags(p: argparse.ArgumentParser, example: str, overrides: str, resumable: bool = True) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any
 
 from lmforge.cli.common import (
-    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_generation_flags, add_quantize_flags, load_session, quantization,
-    runs, sampling_params,
+    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_generation_flags, add_quantize_flags, add_speculative_flags,
+    drafter, load_session, quantization, report_speculation, runs, sampling_params, speculating,
+    speculative_engine,
 )
 
 
@@ -36,45 +35,7 @@ def generate(args: argparse.Namespace) -> None:
         print(delta, end="", flush=True)
     print()
     if speculative is not None:
-        stats = speculative.stats
-        print(f"speculative decoding: {stats.accepted} of {stats.drafted} drafted tokens kept "
-              f"({stats.acceptance_rate:.0%}), {stats.generated} tokens in {stats.verifications} forward passes",
-              file=sys.stderr)
-
-
-def add_speculative_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
-                   help="speculative decoding with prompt lookup: draft up to K tokens that followed the latest "
-                        "n-gram's earlier occurrence in the prompt and the text so far (pays off when the answer "
-                        "copies from the prompt); greedy output is unchanged, sampling keeps its distribution")
-    p.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
-                   help="speculative decoding with a smaller draft model of the same tokenizer (loaded with the "
-                        "same --dtype and --quantize)")
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
-                   help="tokens the draft model proposes per check (default 4)")
-
-
-def speculative_engine(args: argparse.Namespace, session: Any) -> Any:
-    """With --prompt-lookup or --draft, the session decodes speculatively (its engine replaced); else None."""
-    if args.prompt_lookup is None and args.draft is None:
-        return None
-    if args.prompt_lookup is not None and args.draft is not None:
-        raise ValueError("--prompt-lookup and --draft are two kinds of drafter: choose one")
-    if session.encoder_decoder or args.compile:
-        raise ValueError("speculative decoding runs a decoder-only model, without --compile")
-    from lmforge.generate.session import Session
-    from lmforge.generate.speculative import DraftModel, PromptLookup, SpeculativeEngine
-
-    if args.prompt_lookup is not None:
-        drafter: Any = PromptLookup(k=args.prompt_lookup)
-    else:
-        draft = Session.load(args.draft, dtype=args.dtype, quantize=quantization(args))
-        if draft.tokenizer.vocab_size != session.tokenizer.vocab_size or draft.encoder_decoder:
-            raise ValueError(f"{args.draft}: a draft model needs the same tokenizer as {args.checkpoint} "
-                             f"({draft.tokenizer.vocab_size} tokens vs {session.tokenizer.vocab_size})")
-        drafter = DraftModel(draft.model, k=args.draft_tokens)
-    session.engine = SpeculativeEngine(session.model, drafter)
-    return session.engine
+        report_speculation(speculative)
 
 
 def chat(args: argparse.Namespace) -> None:
@@ -86,9 +47,11 @@ def chat(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import serve
 
+    speculating(args)  # a bad combination of the flags fails before anything loads
     serve(str(args.checkpoint), host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           dtype=args.dtype, quantize=quantization(args), max_batch_size=args.max_batch_size, store=args.store,
-          rag_k=args.rag_k, max_request_bytes=args.max_request_bytes, embedding_model=args.embedding_model)
+          rag_k=args.rag_k, max_request_bytes=args.max_request_bytes, embedding_model=args.embedding_model,
+          drafter=lambda session: drafter(args, session))
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -149,7 +112,14 @@ def add_serve_command(sub: Subcommands) -> None:
     p = runs(sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
                             description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models "
                                         "and /health (FastAPI on uvicorn); concurrent requests are decoded in "
-                                        "batches."), serve)
+                                        "batches. With --prompt-lookup or --draft, a request for one completion "
+                                        "(n=1, one prompt) sampled with temperature, top_p, top_k alone is decoded "
+                                        "speculatively, on its own beside the batch (greedy replies unchanged, "
+                                        "sampled ones from the same distribution); requests with response_format, "
+                                        "tool_choice required or named, logit_bias, penalties, min_tokens, "
+                                        "logprobs, n > 1 or several prompts are decoded in the batch as without a "
+                                        "drafter. "
+                                        "GET /metrics counts both kinds and the drafted and kept tokens."), serve)
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; use 0.0.0.0 to accept other machines)")
@@ -171,3 +141,4 @@ def add_serve_command(sub: Subcommands) -> None:
     p.add_argument("--embedding-model", default=None,
                    help="sentence-transformers directory for /v1/embeddings (and --store's searches; default: the "
                         "store's model, else all-MiniLM-L6-v2, loaded on the first embeddings request)")
+    add_speculative_flags(p)

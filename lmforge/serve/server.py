@@ -2,7 +2,8 @@
 
 Endpoints: `GET /` (the chat page), `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 (both with `stream: true` as server-sent events ending in `data: [DONE]`). Concurrent requests
-are decoded together by one `Batcher` worker thread that owns the engine. `POST /v1/embeddings`
+are decoded together by one `Batcher` worker thread that owns the engine (with a drafter, those speculative
+decoding serves are decoded speculatively there; `GET /metrics` counts them). `POST /v1/embeddings`
 embeds with the retrieval encoder (`embeddings.py`). Every route's bodies and error statuses are
 declared (`schema.py`) in `/openapi.json`, which `/docs` shows.
 
@@ -20,7 +21,7 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from lmforge.generate.grammar import Grammar
 from lmforge.generate.quantize import Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.session import Session
+from lmforge.generate.speculative import Drafter
 from lmforge.hub import hub_id
 from lmforge.rag.answer import grounded_chat_prompt
 from lmforge.rag.store import Store
@@ -41,9 +43,8 @@ from lmforge.rag.embed import Embedder, load_embedder
 from lmforge.serve.batcher import Batcher, Job
 from lmforge.serve.embeddings import EmbeddingBody, Embeddings, EncoderSource
 from lmforge.serve.logprobs import LogprobWriter
-from lmforge.serve.options import (
-    check_encoder_decoder, checked, logprob_counts, processing_fields, stop_strings,
-)
+from lmforge.serve.metrics import metrics_route
+from lmforge.serve.options import check_encoder_decoder, checked, logprob_counts, processing_fields, stop_strings
 from lmforge.serve.protocol import MAX_REQUEST_BYTES, APIError, ChatBody, CompletionBody, parse, sse
 from lmforge.serve.schema import (
     BODY_ERRORS, MODEL_ERRORS, READ_ERRORS, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
@@ -67,12 +68,14 @@ API_DESCRIPTION = ("OpenAI's API over one model (`/v1/chat/completions`, `/v1/co
 
 def create_app(session: Session, *, api_key: str | None = None, model_name: str = "lmforge",
                max_batch_size: int = 16, store: Store | None = None, rag_k: int = 3,
-               max_request_bytes: int = MAX_REQUEST_BYTES, embedder: Embedder | None = None) -> FastAPI:
+               max_request_bytes: int = MAX_REQUEST_BYTES, embedder: Embedder | None = None,
+               drafter: Drafter | None = None) -> FastAPI:
     """The FastAPI app serving `session` under the model id `model_name`; chat answers are grounded
     in the `rag_k` best chunks of `store` when one is given. Bodies over `max_request_bytes` are
     refused unread. `/v1/embeddings` uses `embedder`, else the store's, else the default encoder
-    (loaded on its first request)."""
-    api = Endpoints(session, Batcher(session, max_batch_size=max_batch_size), api_key=api_key,
+    (loaded on its first request). With `drafter`, requests speculative decoding serves are decoded
+    speculatively (see `Batcher`)."""
+    api = Endpoints(session, Batcher(session, max_batch_size=max_batch_size, drafter=drafter), api_key=api_key,
                     model_name=model_name, store=store, rag_k=rag_k, max_request_bytes=max_request_bytes)
     encoder = EncoderSource(embedder or (store.embedder if store is not None else None))
     embeddings = Embeddings(encoder, authorize=api.authorize, served_model=model_name,
@@ -87,6 +90,7 @@ def create_app(session: Session, *, api_key: str | None = None, model_name: str 
     app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], response_model=None,
                       responses=responses(Health, READ_ERRORS))
+    app.add_api_route("/metrics", metrics_route(api.batcher, model_name), methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/models", api.models, methods=["GET"], response_model=None,
                       responses=responses(ModelList, MODEL_ERRORS))
     app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"], response_model=None,
@@ -424,20 +428,23 @@ async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.05) 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, dtype: str | None = None, quantize: Quantization | None = None,
-          max_batch_size: int = 16,
-          store: str | None = None, rag_k: int = 3, max_request_bytes: int = MAX_REQUEST_BYTES,
-          embedding_model: str | None = None) -> None:
+          max_batch_size: int = 16, store: str | None = None, rag_k: int = 3,
+          max_request_bytes: int = MAX_REQUEST_BYTES, embedding_model: str | None = None,
+          drafter: Callable[[Session], Drafter | None] | None = None) -> None:
     """Load a checkpoint (and a context store, and an embedding model) and serve it with uvicorn until
-    interrupted (`quantize`: weight-only int8/int4 linear layers). The default encoder is loaded by the first
-    embeddings request, not here."""
+    interrupted (`quantize`: weight-only int8/int4 linear layers; `drafter`: the speculative drafter for
+    the loaded session, or None). The default encoder is loaded by the first embeddings request, not here."""
     import uvicorn
 
     session = Session.load(checkpoint, dtype=dtype, quantize=quantize)
+    draft = drafter(session) if drafter is not None else None
     hub = hub_id(checkpoint)
     name = model_name or (hub[0] if hub else Path(checkpoint).resolve().name)
     embedder = load_embedder(embedding_model) if embedding_model else None
     app = create_app(session, api_key=api_key, model_name=name, max_batch_size=max_batch_size,
                      store=Store.open(store, embedder) if store else None, rag_k=rag_k,
-                     max_request_bytes=max_request_bytes, embedder=embedder)
+                     max_request_bytes=max_request_bytes, embedder=embedder, drafter=draft)
     print(f"serving '{name}' on http://{host}:{port}/v1", flush=True)
+    if draft is not None:
+        print(f"speculative decoding ({type(draft).__name__}, k={draft.k}): figures at /metrics", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
