@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.cli.common import (
-    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_quantize_flags, add_sampling_flags, quantization, runs,
-    sampling_params,
+    CHECKPOINT_HELP, Subcommands, add_dtype_flag, add_quantize_flags, add_sampling_flags, add_speculative_flags,
+    quantization, report_speculation, runs, sampling_params, speculating, speculative_engine,
 )
+
+if TYPE_CHECKING:
+    from lmforge.eval.tasks import Task
+    from lmforge.generate.session import Session
+    from lmforge.generate.speculative import SpeculativeEngine
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    speculative: SpeculativeEngine | None = None
     if args.harness:
         from lmforge.eval.harness import harness_table, run_harness
 
@@ -23,12 +29,18 @@ def evaluate(args: argparse.Namespace) -> None:
             raise ValueError("--cot applies to --task; lm-eval tasks define their own prompts")
         if args.metrics or args.swaps:
             raise ValueError("--metrics and --swaps apply to --task")
-        results = run_harness(args.checkpoint, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+        model: Any = args.checkpoint
+        if speculating(args):  # generate_until requests decode speculatively; log-likelihoods are scored as always
+            from lmforge.generate.session import Session
+
+            model = Session.load(args.checkpoint, dtype=args.dtype, quantize=quantization(args))
+            speculative = speculative_engine(args, model)
+        results = run_harness(model, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                               shots=args.shots, limit=args.limit, batch_size=args.batch_size, chat=args.chat,
                               seed=args.seed, dtype=args.dtype, quantize=quantization(args))
         print(harness_table(results))
     else:
-        from lmforge.eval.runner import answer_tokens, run_eval, summary
+        from lmforge.eval.runner import answer_tokens, evaluate as evaluate_task, summary
         from lmforge.world.tasks import register_tasks
 
         if args.tasks or args.include_path:
@@ -39,16 +51,19 @@ def evaluate(args: argparse.Namespace) -> None:
                        sampling=sampling, batch_size=args.batch_size, dtype=args.dtype,
                        quantize=quantization(args), split=args.split, columns=args.columns)
         if args.metrics:
-            results = holistic(args, options)
+            results, speculative = holistic(args, options)
         else:
             if args.swaps:
                 raise ValueError("--swaps goes with --metrics (fairness)")
-            results = run_eval(args.checkpoint, args.task, **options)
+            task, session, speculative = task_and_session(args, options)
+            results = {"checkpoint": str(args.checkpoint), **evaluate_task(session, task, **options)}
         print(summary(results))
         if "holistic" in results:
             from lmforge.eval.report import summary_lines
 
             print("\n".join(summary_lines(results["holistic"])))
+    if speculative is not None:
+        results["speculative_decoding"] = report_speculation(speculative)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -63,13 +78,12 @@ def field_mapping(text: str) -> dict[str, str]:
     return {field.strip(): column.strip() for field, _, column in pairs}
 
 
-def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
-    """The task under the chosen metric groups; the report and its plots go beside the results file."""
+def holistic(args: argparse.Namespace, options: dict[str, Any]) -> tuple[dict[str, Any], SpeculativeEngine | None]:
+    """The task under the chosen metric groups, and the speculative engine it was decoded with (None without);
+    the report and its plots go beside the results file."""
     from lmforge.eval.holistic import holistic_eval, parse_groups
     from lmforge.eval.perturb import swap_terms
     from lmforge.eval.report import write_holistic_report
-    from lmforge.eval.runner import load_task
-    from lmforge.generate.session import Session
     from lmforge.io import read_json
 
     groups = parse_groups(args.metrics)
@@ -81,13 +95,28 @@ def holistic(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
             swap_terms("", swaps)  # checks the keys
         except ValueError as e:
             raise ValueError(f"{args.swaps}: {e}") from None
-    task = load_task(args.task, split=options.pop("split"), columns=options.pop("columns"))
-    session = Session.load(args.checkpoint, dtype=options.pop("dtype"), quantize=options.pop("quantize"))
+    task, session, speculative = task_and_session(args, options)
     results = {"checkpoint": str(args.checkpoint), **holistic_eval(session, task, groups, swaps=swaps, **options)}
     args.out = args.out or Path("runs") / "eval" / task.name / "results.json"
     report = write_holistic_report(results, args.out.parent)
     print(f"report written to {report}")
-    return results
+    return results, speculative
+
+
+def task_and_session(args: argparse.Namespace,
+                     options: dict[str, Any]) -> tuple[Task, Session, SpeculativeEngine | None]:
+    """--task and --checkpoint loaded as `options` ask (their loading options taken out of them), and the
+    speculative engine the session decodes with under --prompt-lookup or --draft (None without), which only
+    generation tasks take."""
+    from lmforge.eval.runner import load_task
+    from lmforge.generate.session import Session
+
+    task = load_task(args.task, split=options.pop("split"), columns=options.pop("columns"))
+    if speculating(args) and task.kind != "generation":
+        raise ValueError(f"--prompt-lookup and --draft speed up generation; {task.name} is a {task.kind} task, "
+                         "scored by log-likelihood without generating")
+    session = Session.load(args.checkpoint, dtype=options.pop("dtype"), quantize=options.pop("quantize"))
+    return task, session, speculative_engine(args, session)
 
 
 def add_commands(sub: Subcommands) -> None:
@@ -96,7 +125,10 @@ def add_commands(sub: Subcommands) -> None:
         description="Score a checkpoint on a JSONL task -- {prompt, answer}: exact match, F1, ROUGE, BLEU; "
                     "{question, choices, answer_index}: acc and acc_norm by log-likelihood; {text}: perplexity and "
                     "bits per byte -- or a built-in world task; or, with --harness lm-eval, on lm-evaluation-harness "
-                    "tasks."), evaluate)
+                    "tasks. With --prompt-lookup or --draft, answers are generated speculatively, one prompt after "
+                    "another (greedy answers unchanged): a --task that is scored by log-likelihood (multiple choice, "
+                    "perplexity) is refused with them; with --harness they apply to the tasks' generate_until "
+                    "requests."), evaluate)
     p.add_argument("--checkpoint", type=Path, required=True, help=CHECKPOINT_HELP)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", metavar="FILE|NAME",
@@ -134,6 +166,7 @@ def add_commands(sub: Subcommands) -> None:
     p.add_argument("--swaps", type=Path, metavar="FILE.json",
                    help="fairness: a JSON object of term -> replacement (default: the task's own swaps, else "
                         "pronouns)")
+    add_speculative_flags(p)
     add_dtype_flag(p)
     add_quantize_flags(p)
     p.add_argument("--out", type=Path, default=None, metavar="FILE.json",

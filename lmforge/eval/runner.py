@@ -1,5 +1,5 @@
 """Run a task against a loaded checkpoint: generation through the engine, multiple choice and
-perplexity by log-likelihood. `run_eval` is `lmforge eval --task`.
+perplexity by log-likelihood. `run_eval` loads a checkpoint and a task and evaluates, as `lmforge eval --task` does.
 
 An encoder-decoder model (a `Seq2SeqSession`) takes each prompt as its encoder's input, with no chat template,
 and scores a choice as the decoder's log-likelihood of it (then `</s>`) given the context as input, as
