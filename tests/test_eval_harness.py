@@ -128,3 +128,16 @@ def test_run_harness_on_local_tasks(workdir, reference):
         run_harness(workdir / "model", ["toy_nope"], include_path=workdir / "tasks", include_defaults=False)
     with pytest.raises(FileNotFoundError, match="no task folder"):
         run_harness(workdir / "model", ["toy_mc"], include_path=workdir / "missing")
+
+
+def test_adapter_generates_speculatively_with_transformers_greedy_replies(workdir, reference):
+    """With prompt lookup (one prompt after another), generate_until still replies with transformers' greedy text."""
+    from lmforge.eval.harness import LMForgeLM
+    from lmforge.generate.session import Session
+    from lmforge.generate.speculative import PromptLookup, SpeculativeEngine
+
+    session = Session.load(workdir / "model")
+    session.engine = engine = SpeculativeEngine(session.model, PromptLookup(k=3))
+    ours = evaluate(LMForgeLM(session, batch_size=8, max_length=MAX_LENGTH), workdir)
+    assert responses(ours, "toy_gen") == responses(reference, "toy_gen")
+    assert engine.stats.drafted > 0 and engine.stats.verifications < engine.stats.generated
