@@ -10,7 +10,8 @@ import torch
 from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import (
-    DraftModel, PromptLookup, SpeculativeEngine, SpeculativeStats, distribution, speculative_stream, verify,
+    DraftModel, PromptLookup, SpeculativeDecoding, SpeculativeEngine, SpeculativeStats, distribution,
+    speculative_stream, verify,
 )
 from lmforge.model import Transformer
 from lmforge.presets import preset
@@ -51,6 +52,24 @@ def test_greedy_speculative_decoding_equals_plain_greedy(drafter):
     assert stats.generated == sum(map(len, plain)) and stats.verifications < stats.generated
     if drafter == "self":  # the model drafting for itself: every draft is kept
         assert stats.acceptance_rate == 1.0
+
+
+def test_the_first_step_returns_the_prefill_prediction_without_a_verification():
+    """The prefill predicts the first token (as plain decoding's does): the first step checks no draft."""
+    model = tiny(0)
+    prompt = PROMPTS[0]
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    with torch.inference_mode():
+        expected_first = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    stats = SpeculativeStats()
+    decoding = SpeculativeDecoding(model, prompt, params, PromptLookup(k=4), stats)
+    assert decoding.step() == [expected_first]
+    assert (stats.verifications, stats.drafted, stats.generated) == (0, 0, 1)
+    assert len(decoding.step()) >= 1 and stats.verifications == 1
+    one = SamplingParams(max_new_tokens=1, temperature=0)
+    stats = SpeculativeStats()
+    assert list(speculative_stream(model, prompt, one, PromptLookup(k=4), stats)) == [expected_first]
+    assert stats.verifications == 0
 
 
 def test_the_engine_interface_and_refusals():

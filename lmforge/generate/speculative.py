@@ -127,8 +127,8 @@ Drafter = PromptLookup | DraftModel
 
 class SpeculativeDecoding:
     """One sequence decoded speculatively, one verification (one forward pass of the model) per `step`, so
-    that a caller can interleave it with other work; the prompt is prefilled here. `stats` (if given)
-    counts drafts and acceptances."""
+    that a caller can interleave it with other work; the prompt is prefilled here, and the first `step`
+    returns the token the prefill predicted. `stats` (if given) counts drafts and acceptances."""
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, prompt: Sequence[int], params: SamplingParams, drafter: Drafter,
@@ -153,17 +153,20 @@ class SpeculativeDecoding:
         self.max_new = min(params.max_new_tokens, limit - len(prompt))
         self.cache = KVCache(model.config, 1, min(limit, len(prompt) + self.max_new + drafter.k + 1),
                              dtype=param.dtype, device=param.device)
-        if len(prompt) > 1:
-            model(torch.tensor([list(prompt[:-1])], device=param.device), cache=self.cache, last_only=True)
-        self.sequence, self.emitted = list(prompt), 0  # the last token of `sequence` is not in the cache yet
+        # The prefill predicts the first token, as plain decoding's does; verifications check drafts after it.
+        logits = model(torch.tensor([list(prompt)], device=param.device), cache=self.cache, last_only=True)
+        self.first = verify(logits[0].float(), [], None, params, self.generator)[1]
+        self.sequence, self.emitted = list(prompt), 0  # from the first token on, the last is not in the cache yet
         self.done = False
 
     @torch.inference_mode()
     def step(self) -> list[int]:
         """Check one draft: the new tokens (the kept drafts and the model's own next one; cut after a stop
-        token, which is then the last); [] once done."""
+        token, which is then the last); [] once done. The first step returns the prefill's token."""
         if self.done:
             return []
+        if not self.emitted:
+            return self._emit([self.first])
         room = min(self.drafter.k, self.max_new - self.emitted - 1, self.limit - len(self.sequence) - 1)
         drafted, q = self.drafter.propose(self.sequence, room, self.params) if room > 0 else ([], None)
         fed = torch.tensor([[self.sequence[-1], *drafted]], device=self.device)
@@ -174,8 +177,12 @@ class SpeculativeDecoding:
         self.stats.accepted += kept
         self.cache.length = len(self.sequence) + kept  # the model's cache: the sequence and the kept drafts
         self.drafter.kept(len(self.sequence) + kept)
+        return self._emit([*drafted[:kept], token])
+
+    def _emit(self, tokens: list[int]) -> list[int]:
+        """Append `tokens` to the sequence up to the first stop token or the length limit; return those kept."""
         new = []
-        for token in [*drafted[:kept], token]:
+        for token in tokens:
             self.sequence.append(token)
             self.emitted += 1
             self.stats.generated += 1
