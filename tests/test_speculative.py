@@ -36,6 +36,24 @@ def test_prompt_lookup_drafts_what_followed_the_last_ngram():
         PromptLookup(k=0)
 
 
+def test_prompt_lookup_equals_a_search_of_each_ngram_length():
+    """Against the definition, n-gram length by length from the longest, latest occurrence first, on random
+    sequences over small vocabularies (many repeats, overlapping occurrences)."""
+    def reference(tokens, k, max_ngram):
+        for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start : start + n] == tokens[-n:]:
+                    return tokens[start + n : start + n + k]
+        return []
+
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0)
+    for _ in range(2000):
+        length, vocab, max_ngram, k = (int(torch.randint(1, hi, (), generator=g)) for hi in (30, 6, 5, 6))
+        tokens = torch.randint(vocab, (length,), generator=g).tolist()
+        assert PromptLookup(k, max_ngram).propose(tokens, k, params) == (reference(tokens, k, max_ngram), None)
+
+
 PROMPTS = [[3, 9, 4, 11, 9, 4, 11, 9], [5], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4]]
 
 

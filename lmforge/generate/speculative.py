@@ -57,12 +57,18 @@ class PromptLookup:
 
     def propose(self, tokens: Sequence[int], k: int, params: SamplingParams) -> tuple[list[int], Tensor | None]:
         """Up to `k` drafted tokens after `tokens`; no distribution (the draft is certain)."""
-        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
-            tail = list(tokens[-n:])
-            for start in range(len(tokens) - n - 1, -1, -1):
-                if list(tokens[start : start + n]) == tail:
-                    return list(tokens[start + n : start + n + k]), None
-        return [], None
+        last, best, after = len(tokens) - 1, 0, 0
+        for end in range(last - 1, -1, -1):  # earlier occurrences, latest first, by the position of their last token
+            if tokens[end] != tokens[last]:
+                continue
+            n = 1  # how many of the last tokens this occurrence matches (at most max_ngram)
+            while n < self.max_ngram and n <= end and tokens[end - n] == tokens[last - n]:
+                n += 1
+            if n > best:
+                best, after = n, end + 1
+                if n == self.max_ngram:
+                    break
+        return (list(tokens[after : after + k]) if best else []), None
 
     def kept(self, length: int) -> None:
         """The first `length` tokens of the sequence are final (nothing to undo here)."""
