@@ -90,6 +90,23 @@ def test_the_first_step_returns_the_prefill_prediction_without_a_verification():
     assert stats.verifications == 0
 
 
+class NoDrafts(PromptLookup):
+    """Prompt lookup that never finds a match."""
+
+    def propose(self, tokens, k, params):
+        return [], None
+
+
+def test_without_drafts_every_verification_is_a_plain_decoding_step():
+    model = tiny(0)
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    plain = Engine(model).generate(PROMPTS, params)
+    for prompt, expected in zip(PROMPTS, plain):
+        stats = SpeculativeStats()
+        assert list(speculative_stream(model, prompt, params, NoDrafts(), stats)) == expected
+        assert (stats.verifications, stats.drafted) == (len(expected) - 1, 0)  # the prefill predicted the first
+
+
 def test_the_engine_interface_and_refusals():
     model = tiny(0)
     engine = SpeculativeEngine(model, PromptLookup(k=4))
