@@ -162,7 +162,7 @@ class SpeculativeDecoding:
         # The prefill predicts the first token, as plain decoding's does; verifications check drafts after it.
         logits = model(torch.tensor([list(prompt)], device=param.device), cache=self.cache, last_only=True)
         self.first = verify(logits[0].float(), [], None, params, self.generator)[1]
-        self.sequence, self.emitted = list(prompt), 0  # from the first token on, the last is not in the cache yet
+        self.sequence, self.emitted = list(prompt), 0  # once tokens follow the prompt, the last is not in the cache
         self.done = False
 
     @torch.inference_mode()
