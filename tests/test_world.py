@@ -4,9 +4,12 @@ import random
 import pytest
 
 from lmforge.world.documents import (
-    FactProbe, biography, fact_probes, pretraining_corpus, questions, write_instruction_data, write_pretraining_corpus,
+    QUESTIONS, FactProbe, biography, canonical_sentence, fact_probes, pretraining_corpus, questions,
+    write_instruction_data, write_pretraining_corpus,
 )
-from lmforge.world.people import ATTRIBUTES, CEO_TITLE, FIRST_NAMES, LAST_NAMES, World, make_world, world_of_size
+from lmforge.world.people import (
+    ATTRIBUTES, CEO_TITLE, FIRST_NAMES, LAST_NAMES, World, make_world, outsiders, world_of_size,
+)
 from lmforge.world.preferences import (
     EVASIVE, FILLER, FLAWS, outsider_pairs, preference_pairs, write_preference_data,
 )
@@ -249,21 +252,28 @@ def test_every_flaw_pairs_each_question_with_each_helpful_flaw(world):
     assert all(sorted(flaws) == helpful_flaws for flaws in flaws_of.values())
 
 
-def test_outsider_pairs_differ_only_in_the_person(world):
+def test_outsider_pairs_name_the_wrong_person(world):
     pairs = outsider_pairs(world, 50, seed=1)
     assert pairs == outsider_pairs(world, 50, seed=1) != outsider_pairs(world, 50, seed=2)
-    in_world = {p.name for p in world.people}
+    outside = {p.name: p for p in outsiders(world, 50, seed=1)}
+    training = {p.name: p for p in world.pretraining_people() if p.split == "train"}
     full_names = {f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES}
-    asked = set()
+    asked, known = set(), 0
     for p in pairs:
         question, chosen, rejected = (p[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
         assert p["kind"] == "helpful" and p["flaw"] == "wrong_person"
         who = next(name for name in full_names if name in question)
+        attribute = next(a for a in ATTRIBUTES if question in {q.format(who=who) for q in QUESTIONS[a]})
+        assert who in outside and chosen == canonical_sentence(attribute, who, outside[who].fact(attribute))
         other = next(name for name in full_names - {who} if rejected.startswith(name))
-        assert who not in in_world and other not in in_world and chosen.startswith(who)
-        assert chosen.replace(who, other, 1) == rejected
+        if other in training:  # a training person's true sentence of the asked attribute
+            assert rejected == canonical_sentence(attribute, other, training[other].fact(attribute))
+            known += 1
+        else:  # the same sentence about another outsider
+            assert other in outside and chosen.replace(who, other, 1) == rejected
         asked.add(who)
     assert len(asked) == 50
+    assert 15 <= known <= 35  # about half
 
 
 def test_preference_pairs_deterministic_and_flaws_classified(world):

@@ -137,21 +137,28 @@ def garbled(text: str, rng: random.Random) -> str:
 
 def outsider_pairs(world: World, n: int, *, seed: int = 0) -> list[dict]:
     """`n` "wrong_person" pairs about people outside `world` (names it does not use, from the same
-    pools, with made-up facts): a question about one of them, its canonical answer over the same
-    sentence about another outsider. Only the person tells the replies apart, and the names are
-    many, so a reward model trained on these learns to match the reply's person to the question's
-    instead of learning the world's few people by heart."""
+    pools, with made-up facts): a question about one of them, its canonical answer over, in half of
+    the pairs, the same sentence about another outsider (only the person tells the replies apart) and,
+    in the other half, a training person's true sentence of the same attribute. The names are many, so
+    a reward model trained on these learns to match the reply's person to the question's instead of
+    learning the world's few people by heart; the true sentences teach it that a fact the trunk knows
+    is still the wrong reply about someone else (held-out people are in the pretraining corpus, and a
+    reward model without these pairs rated true sentences about another of them above the answer)."""
     people = outsiders(world, n, seed=seed)
     if len(people) < 2:
         raise ValueError("outsider pairs need two names the world does not use")
+    known = [p for p in world.pretraining_people() if p.split == "train"]
     rng = random.Random(f"{world.seed}-outsiders-{seed}")
     out = []
     for person in people:
         attribute = rng.choice(ATTRIBUTES)
         other = rng.choice([p for p in people if p.name != person.name])
         value = person.fact(attribute)
+        if known and rng.random() < 0.5:
+            other = rng.choice(known)
+            value = other.fact(attribute)
         out.append(pair(rng.choice(QUESTIONS[attribute]).format(who=person.name),
-                        canonical_sentence(attribute, person.name, value),
+                        canonical_sentence(attribute, person.name, person.fact(attribute)),
                         canonical_sentence(attribute, other.name, value), "wrong_person"))
     return out
 
