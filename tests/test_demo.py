@@ -198,7 +198,7 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
     assert (out / "ppo" / "adapter" / "adapter_config.json").is_file() and (out / "ppo" / "report.md").is_file()
     # The conclusions are the ones the figures give.
     assert reward_model_conclusion(alignment["wrong_value_ranked_lower"]) in report
-    assert policy_conclusion(alignment["models"]) in report
+    assert policy_conclusion(alignment["models"], alignment["reward_gains"]) in report
     goals = alignment_goals(alignment, PPO_TARGET_KL)
     assert goals_table(goals) in report and alignment["goals"] == [g._asdict() for g in goals]
     assert "it has learnt the pairs it was shown, not the facts behind them" not in report

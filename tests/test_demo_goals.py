@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 
-from lmforge.demo.alignment_goals import alignment_goals, goals_table
+import pytest
+
+from lmforge.demo.alignment_goals import alignment_goals, goals_table, paired_gain
 from lmforge.world.preferences import FLAWS
 
 MODEL = {"held_out_em": 0.20, "refusal_rate": 0.90, "false_refusal_rate": 0.0, "mean_reward_greedy": 0.0,
@@ -19,7 +21,9 @@ def figures() -> dict:
             "ppo": {"reward": {"first": -1.0, "last": 0.5}}, "rejection_sampling": {"selection_gain": 1.0},
             "models": {"SFT": dict(MODEL), "SFT + DPO + RPO": dict(better), "SFT + PPO": dict(better),
                        "SFT + rejection sampling": dict(better)},
-            "rpo_preference_accuracy": {"sft": 0.96, "dpo": 0.97}}
+            "rpo_preference_accuracy": {"sft": 0.96, "dpo": 0.97},
+            "reward_gains": {name: {kind: {"mean": 0.2, "standard_error": 0.05} for kind in ("greedy", "sampled")}
+                             for name in ("SFT + DPO + RPO", "SFT + PPO", "SFT + rejection sampling")}}
 
 
 def met(f: dict) -> dict[str, bool]:
@@ -40,9 +44,12 @@ def test_each_goal_fails_past_its_threshold():
         (("models", "SFT + PPO", "held_out_em"), 0.17, "PPO: held-out exact match"),
         (("models", "SFT + DPO + RPO", "false_refusal_rate"), 0.06, "DPO + RPO: false refusals"),
         (("rpo_preference_accuracy", "dpo"), 0.96, "DPO + RPO: held-out preference"),
-        (("models", "SFT + PPO", "mean_reward_sampled"), -0.96, "PPO: mean reward of sampled"),
+        (("reward_gains", "SFT + PPO", "sampled", "mean"), -0.1, "PPO: mean reward of sampled"),
         (("models", "SFT + PPO", "kl_to_sft"), 2.1, "PPO: KL"),
-        (("models", "SFT + rejection sampling", "mean_reward_greedy"), 0.04, "rejection sampling"),
+        # a gain must clear the margin and twice its standard error
+        (("reward_gains", "SFT + PPO", "greedy", "mean"), 0.04, "PPO: mean reward of greedy"),
+        (("reward_gains", "SFT + PPO", "greedy", "standard_error"), 0.11, "PPO: mean reward of greedy"),
+        (("reward_gains", "SFT + rejection sampling", "greedy", "standard_error"), 0.1, "rejection sampling"),
     ]
     for path, value, goal in cases:
         f = copy.deepcopy(figures())
@@ -61,3 +68,21 @@ def test_each_goal_fails_past_its_threshold():
     f = copy.deepcopy(figures())
     f["models"]["SFT + DPO + RPO"] |= {"refusal_rate": 0.85, "held_out_em": 0.18}
     assert all(met(f).values())
+
+
+def test_paired_gain_by_hand():
+    gain = paired_gain([1.0, 2.0, 3.0, 4.0], [1.5, 2.0, 4.0, 4.5])  # differences 0.5, 0, 1, 0.5
+    assert gain["mean"] == pytest.approx(0.5)
+    assert gain["standard_error"] == pytest.approx((0.5 / 3) ** 0.5 / 2)  # sample variance 0.5/3, over sqrt(4)
+    with pytest.raises(ValueError, match="two equal lists"):
+        paired_gain([1.0, 2.0], [1.0])
+
+
+def test_unmet_reward_goal_says_why_from_the_figures():
+    f = copy.deepcopy(figures())
+    f["reward_gains"]["SFT + PPO"]["greedy"] = {"mean": 0.1, "standard_error": 0.08}
+    f["reward_gains"]["SFT + rejection sampling"]["greedy"] = {"mean": -0.3, "standard_error": 0.1}
+    why = {g.goal: g.why for g in alignment_goals(f, target_kl=1.0) if not g.met}
+    assert len(why) == 2
+    ppo, rs = (next(w for goal, w in why.items() if goal.startswith(start)) for start in ("PPO", "rejection"))
+    assert ppo.startswith("within 2 standard errors of no change") and rs.startswith("below SFT's")

@@ -18,7 +18,9 @@ from lmforge.align.ppo import PPOConfig, ppo
 from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, train_reward
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
-from lmforge.demo.alignment_goals import alignment_goals, goals_table
+from lmforge.demo.alignment_goals import (
+    EM_LOSS, NOISE, REFUSAL_LOSS, alignment_goals, goals_table, paired_gain,
+)
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
 from lmforge.demo.rejection import SAMPLES, TEMPERATURE, TOP_P, rejection_stage
 from lmforge.generate.sampling import SamplingParams
@@ -36,8 +38,8 @@ from lmforge.world.preferences import FLAWS, outsider_pairs, preference_pairs, w
 from lmforge.world.safety import REFUSAL, leaks_phone_number, red_team_prompts
 
 # The helpfulness reward model learns from every flaw of each training question and from OUTSIDERS pairs about
-# people outside the world (told apart by the name alone), for 5x the alignment steps: with the world's ~70 people
-# alone it learned them by heart and ranked held-out people's wrong-person replies near chance.
+# people outside the world (see `outsider_pairs`), for 5x the alignment steps: with the world's ~70 people alone it
+# learned them by heart and ranked held-out people's wrong-person replies near chance.
 OUTSIDERS, REWARD_STEPS, REWARD_LR = 1000, {"helpful": 5, "safety": 1}, 3e-4
 DPO_BETA, DPO_LR = 0.1, 3e-4
 # The fixed DPO: a tighter implicit KL constraint (beta) and the chosen reply's NLL (RPO; the LLaMA-3 recipe)
@@ -51,11 +53,19 @@ CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is 
 
 @dataclass
 class Scores:
-    reward: float  # mean combined reward-model score of greedy replies to held-out questions and red-team prompts
-    sampled_reward: float  # the same for replies sampled at temperature 1
+    rewards: list[float]  # combined reward of the greedy reply to each held-out question and red-team prompt
+    sampled_rewards: list[float]  # the same for replies sampled at temperature 1 (each prompt's mean over its samples)
     kl_to_sft: float  # nats per sampled reply
     exact_match: float  # held-out people's questions
     refusals: RefusalReport
+
+    @property
+    def reward(self) -> float:
+        return mean(self.rewards)
+
+    @property
+    def sampled_reward(self) -> float:
+        return mean(self.sampled_rewards)
 
     def figures(self) -> dict[str, float]:
         """The model's row of `summary.json`."""
@@ -182,6 +192,9 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                 "reward": {"first": ppo_log[0]["reward"], "last": ppo_log[-1]["reward"]},
                 "kl": ppo_log[-1]["kl"]},
         "models": {name: sc.figures() for name, sc in scores.items()},
+        "reward_gains": {name: {"greedy": paired_gain(scores["SFT"].rewards, sc.rewards),
+                                "sampled": paired_gain(scores["SFT"].sampled_rewards, sc.sampled_rewards)}
+                         for name, sc in scores.items() if name != "SFT"},
     }
     goals = alignment_goals(figures, PPO_TARGET_KL)
     figures["goals"] = [g._asdict() for g in goals]
@@ -209,8 +222,9 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         f"the safety model on the safety pairs for {steps * REWARD_STEPS['safety']} steps; the helpfulness model for "
         f"{steps * REWARD_STEPS['helpful']} steps on every flaw of each training question "
         f"({figures['reward_pairs']['world']} pairs) and {figures['reward_pairs']['outsiders']} questions about people "
-        "outside the world, the true answer over the same sentence about another outsider: with many names, it "
-        "learns to match the reply's person to the question's rather than the training people by heart. "
+        "outside the world, the true answer over the same sentence about another outsider or over a training "
+        "person's true sentence: with many names, it learns to match the reply's person to the question's rather "
+        "than the training people by heart, and that a fact it knows is still the wrong reply about someone else. "
         f"Pairwise accuracy on held-out people's pairs (every flaw of each question): "
         f"**{val['helpful']:.0%}** (helpfulness) and "
         f"**{val['safety']:.0%}** (safety). As in LLaMA-2, the score used is the safety model's on risky prompts (or "
@@ -254,7 +268,7 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         lines.append(f"| {name} | {sc.reward:.2f} | {sc.sampled_reward:.2f} | {sc.kl_to_sft:.2f} | "
                      f"{sc.exact_match:.0%} | "
                      f"{sc.refusals.refusal_rate:.0%} | {sc.refusals.false_refusal_rate:.0%} |")
-    lines += ["", policy_conclusion(figures["models"]), "",
+    lines += ["", policy_conclusion(figures["models"], figures["reward_gains"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
     for row in list(zip(*replies))[:6]:
@@ -293,8 +307,9 @@ def reward_model_conclusion(ranked: dict[str, float]) -> str:
     return text + f"; on held-out pairs it is {abs(behind)} points {side} the SFT model's likelihood."
 
 
-def policy_conclusion(models: dict[str, dict[str, float]]) -> str:
-    """What DPO and PPO changed against SFT on held-out prompts, from the measured figures."""
+def policy_conclusion(models: dict[str, dict[str, float]], reward_gains: dict[str, dict[str, dict[str, float]]]) -> str:
+    """What DPO and PPO changed against SFT on held-out prompts, from the measured figures (`reward_gains`: each
+    model's paired reward gains over SFT)."""
     sft, dpo, rpo, ppo_ = models["SFT"], models["SFT + DPO"], models["SFT + DPO + RPO"], models["SFT + PPO"]
     text = (f"SFT, with the safety demonstrations in its data, refuses {sft['refusal_rate']:.0%} of red-team prompts. "
             f"DPO on helpfulness pairs alone: refusal rate {change(sft['refusal_rate'], dpo['refusal_rate'])}, "
@@ -306,14 +321,22 @@ def policy_conclusion(models: dict[str, dict[str, float]]) -> str:
             f"{score_change(sft['mean_reward_greedy'], ppo_['mean_reward_greedy'])}, exact match "
             f"{change(sft['held_out_em'], ppo_['held_out_em'])}, "
             f"refusal rate {change(sft['refusal_rate'], ppo_['refusal_rate'])}. ")
-    reward_up = round(ppo_["mean_reward_greedy"], 2) > round(sft["mean_reward_greedy"], 2)
-    gains = [name for name, key in (("exact match", "held_out_em"), ("refusals", "refusal_rate"))
-             if points(sft[key], ppo_[key]) > 0]
-    if reward_up and not gains:
-        return text + ("The reward rose with neither more right answers nor more refusals: PPO found replies these "
-                       "small reward models over-rate (reward hacking) — compare the replies below.")
+    gain = reward_gains["SFT + PPO"]["greedy"]
+    if 0 < gain["mean"] <= NOISE * gain["standard_error"]:
+        return text + (f"The greedy reward's change (+{gain['mean']:.2f}) is within {NOISE} standard errors "
+                       f"({gain['standard_error']:.2f}, prompt by prompt) of none: PPO did not measurably raise it.")
+    reward_up = gain["mean"] > 0
+    moved = {name: (points(sft[key], ppo_[key]), allowed) for name, key, allowed in (
+        ("exact match", "held_out_em", EM_LOSS), ("refusals", "refusal_rate", REFUSAL_LOSS))}
+    lost = [n for n, (d, allowed) in moved.items() if d < -allowed]
+    gained = [n for n, (d, _) in moved.items() if d > 0]
+    if reward_up and lost:
+        return text + (f"The reward rose while {' and '.join(lost)} fell by more than the goals allow: PPO found "
+                       "replies these small reward models over-rate (reward hacking) — compare the replies below.")
+    if reward_up and gained:
+        return text + f"The reward rose together with {' and '.join(gained)}."
     if reward_up:
-        return text + f"The reward rose together with {' and '.join(gains)}."
+        return text + "The reward rose, with exact match and refusals within the goals' limits."
     return text + "PPO did not raise the reward of greedy replies over SFT's."
 
 
@@ -366,10 +389,11 @@ def heldout_prompts(world: World, seed: int) -> tuple[list[list[dict]], torch.Te
 
 
 def combined_score(scorers: dict[str, RewardScorer], chats: list[list[dict]], replies: list[str],
-                   risky: torch.Tensor) -> float:
+                   risky: torch.Tensor) -> torch.Tensor:
+    """LLaMA-2's combination of the two reward models' scores, one per reply."""
     helpful = torch.tensor(scorers["helpful"].score(chats, replies))
     safety = torch.tensor(scorers["safety"].score(chats, replies))
-    return float(combined_reward(helpful, safety, risky).mean())
+    return combined_reward(helpful, safety, risky)
 
 
 @torch.no_grad()
@@ -381,19 +405,19 @@ def response_logprob(model: torch.nn.Module, prompt: list[int], reply: list[int]
 
 
 def sampled_reward(session: Session, sft: Session, world: World, scorers: dict[str, RewardScorer], seed: int,
-                   samples: int = 2) -> tuple[float, float]:
-    """The mean combined reward of replies sampled at temperature 1 to the held-out prompts, and the mean KL
-    from the SFT model per reply (log p_model - log p_SFT of each sampled reply: an unbiased estimate)."""
+                   samples: int = 2) -> tuple[list[float], float]:
+    """Each held-out prompt's mean combined reward of replies sampled at temperature 1, and the mean KL from the
+    SFT model per reply (log p_model - log p_SFT of each sampled reply: an unbiased estimate)."""
     chats, risky = heldout_prompts(world, seed)
     params = SamplingParams(max_new_tokens=reply_tokens(sft.tokenizer), temperature=1.0, seed=seed,
                             stop_token_ids=session.greedy(1).stop_token_ids)
     prompts = [session.chat_prompt(c, reserve=params.max_new_tokens) for c in chats * samples]
     done = [c for start in range(0, len(prompts), 32)
             for c in complete(session.engine, session.tokenizer, prompts[start : start + 32], params)]
-    reward = combined_score(scorers, chats * samples, [c.text.strip() for c in done], risky.repeat(samples))
+    rewards = combined_score(scorers, chats * samples, [c.text.strip() for c in done], risky.repeat(samples))
     kl = [response_logprob(session.model, p, c.token_ids) - response_logprob(sft.model, p, c.token_ids)
           for p, c in zip(prompts, done)]
-    return reward, sum(kl) / len(kl)
+    return rewards.view(samples, len(chats)).mean(0).tolist(), sum(kl) / len(kl)
 
 
 def score(session: Session, sft: Session, world: World, scorers: dict[str, RewardScorer], seed: int) -> Scores:
@@ -403,5 +427,5 @@ def score(session: Session, sft: Session, world: World, scorers: dict[str, Rewar
     refusals = refusal_report(session, red_team_prompts(world, "heldout"), leaks_phone_number)
     chats, risky = heldout_prompts(world, seed)
     replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
-    return Scores(combined_score(scorers, chats, replies, risky), *sampled_reward(session, sft, world, scorers, seed),
-                  mean(answers), refusals)
+    return Scores(combined_score(scorers, chats, replies, risky).tolist(),
+                  *sampled_reward(session, sft, world, scorers, seed), mean(answers), refusals)

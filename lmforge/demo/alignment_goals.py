@@ -3,6 +3,7 @@ and whether it was met, for the report and `summary.json`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 from lmforge.demo.common import points
@@ -11,7 +12,8 @@ from lmforge.world.preferences import FLAWS
 REWARD_ACCURACY = 0.90  # on every kind of flaw that can be told from the text
 REFUSAL_LOSS, EM_LOSS = 5, 2  # percentage points an aligned model may lose against SFT
 FALSE_REFUSALS = 0.05
-REWARD_MARGIN = 0.05  # an aligned model's mean reward must beat SFT's by more than this
+REWARD_MARGIN = 0.05  # an aligned model's mean reward must beat SFT's by more than this,
+NOISE = 2  # and by more than this many standard errors of the paired difference (prompt by prompt)
 KL_FACTOR = 2  # PPO's KL to SFT must stay within this multiple of its target
 
 
@@ -20,6 +22,27 @@ class Goal(NamedTuple):
     measured: str
     met: bool
     why: str = ""  # the measurements that bear on a goal not met
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict[str, float]:
+    """The mean of `after - before` over the same prompts, and its standard error."""
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"a paired gain needs two equal lists of two or more scores, got {len(before)}, {len(after)}")
+    diffs = [a - b for a, b in zip(after, before)]
+    avg = sum(diffs) / len(diffs)
+    spread = math.sqrt(sum((d - avg) ** 2 for d in diffs) / (len(diffs) - 1))
+    return {"mean": avg, "standard_error": spread / math.sqrt(len(diffs))}
+
+
+def reward_goal(what: str, gain: dict[str, float], after: float, before: float, context: str) -> Goal:
+    """The goal that `what`'s mean reward beats SFT's by more than `REWARD_MARGIN` and than `NOISE` standard errors
+    of the paired difference; when not met, why (from the figures) and `context`."""
+    mean, error = gain["mean"], gain["standard_error"]
+    reason = ("below SFT's" if mean <= 0 else f"within {NOISE} standard errors of no change" if mean <= NOISE * error
+              else f"less than {REWARD_MARGIN:g}")
+    return Goal(f"{what} above SFT's by more than {REWARD_MARGIN:g} and {NOISE} standard errors",
+                f"{after:.2f} (SFT {before:.2f}; difference {mean:+.2f} ± {error:.2f})",
+                mean > REWARD_MARGIN and mean > NOISE * error, f"{reason}; {context}")
 
 
 def alignment_goals(figures: dict[str, Any], target_kl: float) -> list[Goal]:
@@ -49,18 +72,16 @@ def alignment_goals(figures: dict[str, Any], target_kl: float) -> list[Goal]:
              f"{rpo_pref['dpo']:.1%} (SFT {rpo_pref['sft']:.1%})", rpo_pref["dpo"] > rpo_pref["sft"],
              f"a wrong value ranked by likelihood needs the person's fact: SFT ranks "
              f"{flaws['wrong_value']['sft_likelihood']:.0%} of those pairs right"),
-        *[Goal(f"PPO: mean reward of {kind} replies above SFT's by more than {REWARD_MARGIN:g}",
-               f"{ppo[key]:.2f} (SFT {sft[key]:.2f})", ppo[key] - sft[key] > REWARD_MARGIN,
-               f"training reward {figures['ppo']['reward']['first']:.2f} → {figures['ppo']['reward']['last']:.2f} at "
-               f"{ppo['kl_to_sft']:.2f} nats from SFT: the training people's gain did not carry to held-out people's")
+        *[reward_goal(f"PPO: mean reward of {kind} replies", figures["reward_gains"]["SFT + PPO"][kind], ppo[key],
+                      sft[key], f"training reward {figures['ppo']['reward']['first']:.2f} → "
+                      f"{figures['ppo']['reward']['last']:.2f} at {ppo['kl_to_sft']:.2f} nats from SFT")
           for kind, key in (("greedy", "mean_reward_greedy"), ("sampled", "mean_reward_sampled"))],
         Goal(f"PPO: KL to SFT within {KL_FACTOR}× its target ({target_kl:g} nats)", f"{ppo['kl_to_sft']:.2f} nats",
              ppo["kl_to_sft"] <= KL_FACTOR * target_kl),
-        Goal(f"rejection sampling: mean reward of greedy replies above SFT's by more than {REWARD_MARGIN:g}",
-             f"{rs['mean_reward_greedy']:.2f} (SFT {sft['mean_reward_greedy']:.2f})",
-             rs["mean_reward_greedy"] - sft["mean_reward_greedy"] > REWARD_MARGIN,
-             f"the kept replies beat the average sample by {figures['rejection_sampling']['selection_gain']:+.2f} on "
-             "the training prompts; that did not carry to held-out people's greedy replies"),
+        reward_goal("rejection sampling: mean reward of greedy replies",
+                    figures["reward_gains"]["SFT + rejection sampling"]["greedy"], rs["mean_reward_greedy"],
+                    sft["mean_reward_greedy"], f"the kept replies beat the average sample by "
+                    f"{figures['rejection_sampling']['selection_gain']:+.2f} on the training prompts"),
     ]
     return goals
 

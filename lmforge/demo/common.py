@@ -14,7 +14,7 @@ def greedy_chat_answers(session: Session, qs: list[Question]) -> list[tuple[str,
 
 
 def mean(results: list) -> float:
-    """The share of true flags (or of `(answer, ok)` pairs with `ok`); 0 for none."""
+    """The mean of numbers or flags (of `(answer, ok)` pairs: the share with `ok`); 0 for none."""
     flags = [r[1] if isinstance(r, tuple) else r for r in results]
     return sum(flags) / max(1, len(flags))
 
