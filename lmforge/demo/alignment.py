@@ -41,6 +41,8 @@ from lmforge.world.safety import REFUSAL, leaks_phone_number, red_team_prompts
 # people outside the world (see `outsider_pairs`), for 5x the alignment steps: with the world's ~70 people alone it
 # learned them by heart and ranked held-out people's wrong-person replies near chance.
 OUTSIDERS, REWARD_STEPS, REWARD_LR = 1500, {"helpful": 5, "safety": 1}, 3e-4
+OUTSIDER_SHARE = 3 / 7  # at most this many outsider pairs per helpfulness pair of the world: a small world's few
+# pairs are not swamped
 DPO_BETA, DPO_LR = 0.1, 3e-4
 # The fixed DPO: a tighter implicit KL constraint (beta) and the chosen reply's NLL (RPO; the LLaMA-3 recipe)
 # weighted by RPO_ALPHA, on the helpfulness and safety pairs.
@@ -109,9 +111,9 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
     prefs = write_preference_data(world, out / "world" / "preferences.jsonl", "train", seed=seed)
     every_flaw = write_preference_data(world, out / "world" / "preferences-every-flaw.jsonl", "train", seed=seed,
                                        every_flaw=True)
+    world_pairs = [record for _, record in jsonl_records(every_flaw)]
     reward_prefs = write_jsonl(out / "world" / "preferences-reward.jsonl",
-                               [*(record for _, record in jsonl_records(every_flaw)),
-                                *outsider_pairs(world, OUTSIDERS, seed=seed)])
+                               [*world_pairs, *outsider_pairs(world, outsider_count(world_pairs), seed=seed)])
     heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed,
                                     every_flaw=True)
     train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
@@ -170,10 +172,11 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     dpo_val, rpo_val = ([r for r in RunDir(out / name).records() if "val_preference_accuracy" in r][-1]
                         for name in ("dpo", "dpo-rpo"))
     ppo_log = RunDir(out / "ppo").records()
+    world_pairs = [record for _, record in jsonl_records(trained.every_flaw)]
     figures = {
         "preference_pairs": sum(1 for _ in trained.prefs.open()),
-        "reward_pairs": {"world": sum(r["kind"] == "helpful" for _, r in jsonl_records(trained.every_flaw)),
-                         "outsiders": OUTSIDERS},
+        "reward_pairs": {"world": sum(r["kind"] == "helpful" for r in world_pairs),
+                         "outsiders": outsider_count(world_pairs)},
         "reward_model_accuracy": {kind: [r for r in RunDir(out / f"reward-{kind}").records() if "val_accuracy" in r][-1]
                                   ["val_accuracy"] for kind in trained.reward_dirs},
         "flaws": {flaw: {"pairs": len(oks), "reward_model": mean(oks), "sft_likelihood": mean(likely)}
@@ -372,6 +375,11 @@ def flaw_accuracy(path: Path, scorers: dict[str, RewardScorer], sft: Session,
             out[records[i]["flaw"]][0].append(c > r)
             out[records[i]["flaw"]][1].append(likely[i])
     return {flaw: lists for flaw, lists in out.items() if lists[0]}
+
+
+def outsider_count(world_pairs: list[dict]) -> int:
+    """How many outsider pairs the helpfulness reward model learns from beside the world's preference pairs."""
+    return min(OUTSIDERS, int(OUTSIDER_SHARE * sum(r["kind"] == "helpful" for r in world_pairs)))
 
 
 def reply_tokens(tokenizer: Tokenizer) -> int:
