@@ -93,6 +93,7 @@ class Trained:
     merged: Path
     prefs: Path  # DPO's: one flaw per training question
     every_flaw: Path  # the helpfulness reward model's, beside the outsiders' pairs
+    reward_pairs: dict[str, int]  # the helpfulness reward model's pairs: "world" (helpful ones) and "outsiders"
     heldout: Path  # every flaw of each held-out question
     reward_dirs: dict[str, Path]
     rejection: Path  # fine-tuned on the best of K sampled replies
@@ -112,8 +113,10 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
     every_flaw = write_preference_data(world, out / "world" / "preferences-every-flaw.jsonl", "train", seed=seed,
                                        every_flaw=True)
     world_pairs = [record for _, record in jsonl_records(every_flaw)]
+    helpful = sum(record["kind"] == "helpful" for record in world_pairs)
+    reward_pairs = {"world": helpful, "outsiders": min(OUTSIDERS, int(OUTSIDER_SHARE * helpful))}
     reward_prefs = write_jsonl(out / "world" / "preferences-reward.jsonl",
-                               [*world_pairs, *outsider_pairs(world, outsider_count(world_pairs), seed=seed)])
+                               [*world_pairs, *outsider_pairs(world, reward_pairs["outsiders"], seed=seed)])
     heldout = write_preference_data(world, out / "world" / "preferences-heldout.jsonl", "heldout", seed=seed,
                                     every_flaw=True)
     train = TrainConfig(steps=steps, micro_batch_size=16, lr=1e-3, warmup_steps=10, weight_decay=0.0,
@@ -154,8 +157,8 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
                 "sampling": {"max_new_tokens": budget}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
                 "save_every": iterations, "seed": seed}}))
     seconds["ppo"] = time.perf_counter() - start
-    return Trained(merged, prefs, every_flaw, heldout, reward_dirs, rejection, rejection_round, dpo_adapter,
-                   rpo_adapter, ppo_adapter, iterations, seconds)
+    return Trained(merged, prefs, every_flaw, reward_pairs, heldout, reward_dirs, rejection,
+                   rejection_round, dpo_adapter, rpo_adapter, ppo_adapter, iterations, seconds)
 
 
 def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps: int) -> Alignment:
@@ -172,11 +175,9 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
     dpo_val, rpo_val = ([r for r in RunDir(out / name).records() if "val_preference_accuracy" in r][-1]
                         for name in ("dpo", "dpo-rpo"))
     ppo_log = RunDir(out / "ppo").records()
-    world_pairs = [record for _, record in jsonl_records(trained.every_flaw)]
     figures = {
         "preference_pairs": sum(1 for _ in trained.prefs.open()),
-        "reward_pairs": {"world": sum(r["kind"] == "helpful" for r in world_pairs),
-                         "outsiders": outsider_count(world_pairs)},
+        "reward_pairs": trained.reward_pairs,
         "reward_model_accuracy": {kind: [r for r in RunDir(out / f"reward-{kind}").records() if "val_accuracy" in r][-1]
                                   ["val_accuracy"] for kind in trained.reward_dirs},
         "flaws": {flaw: {"pairs": len(oks), "reward_model": mean(oks), "sft_likelihood": mean(likely)}
@@ -375,11 +376,6 @@ def flaw_accuracy(path: Path, scorers: dict[str, RewardScorer], sft: Session,
             out[records[i]["flaw"]][0].append(c > r)
             out[records[i]["flaw"]][1].append(likely[i])
     return {flaw: lists for flaw, lists in out.items() if lists[0]}
-
-
-def outsider_count(world_pairs: list[dict]) -> int:
-    """How many outsider pairs the helpfulness reward model learns from beside the world's preference pairs."""
-    return min(OUTSIDERS, int(OUTSIDER_SHARE * sum(r["kind"] == "helpful" for r in world_pairs)))
 
 
 def reply_tokens(tokenizer: Tokenizer) -> int:
