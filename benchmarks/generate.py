@@ -6,25 +6,31 @@ Prints a table, one `RESULT` line per case, and a profile of one lmforge decode 
 adds the cost of a JSON-schema token mask: greedy decoding with every row inside a schema's open
 string (so that both runs generate the same tokens' count) against the same rows unconstrained.
 `--family NAME` (gemma2, qwen3, phi3, falcon, bloom, ...) times that family instead of the Llama-family
-default: a transformers model of the family at the same size (`FAMILIES`), saved and loaded by both. At the
-default size, llama.cpp (through llama-cpp-python) decodes the same weights at batch 1 from the GGUF files
-`lmforge export gguf` writes (f32, f16) and llama.cpp quantizes (Q8_0, Q4_0), with each engine's share of the
-memory-bandwidth limit. lmforge's weight-only int8 and int4 engines (`--quantize`, bfloat16 activations) decode the
-same weights at batch 1 beside llama.cpp's Q8_0 and Q4_0, with the share of their greedy tokens that float32's
-engine also chose (random weights: small logit margins, so a low share says little; tests/test_quantize.py
-measures agreement and perplexity on a trained model). lmforge's engines are the ones a `Session` serves with (q/k/v
-and gate/up projections fused), eager and compiled (`--no-compile` skips the compiled ones). `--preset NAME` times
-another size, e.g. the bandwidth-bound qwen2.5-0.5b."""
+default: a transformers model of the family at the same size (`FAMILIES`), saved and loaded by both. Without
+`--family`, llama.cpp (through llama-cpp-python, in a child process) decodes the same weights at batch 1 from the
+GGUF files `lmforge export gguf` writes (f32, f16) and llama.cpp quantizes (Q8_0, Q4_0), with each engine's share of
+the memory-bandwidth limit. lmforge's weight-only int8 and int4 engines (`--quantize`, bfloat16 activations, eager
+and compiled) decode the same weights at batch 1 beside llama.cpp's Q8_0 and Q4_0, with the share of their greedy
+tokens that float32's engine also chose (random weights: small logit margins, so a low share says little;
+tests/test_quantize.py measures agreement and perplexity on a trained model). lmforge's engines are the ones a
+`Session` serves with (q/k/v and gate/up projections fused), eager and compiled (`--no-compile` skips the compiled
+ones). `--preset NAME` times another size, e.g. the bandwidth-bound qwen2.5-0.5b."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import multiprocessing
+import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import lmforge  # noqa: F401  (before torch: it sets OpenMP's spin count, lmforge/__init__.py)
 import numpy as np
 import torch
 
@@ -211,26 +217,28 @@ def batch1_prompt(config: ModelConfig, args: argparse.Namespace) -> list[int]:
 
 
 def quantized_rows(config: ModelConfig, workdir: str, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
-    """method -> (tok/s at batch 1, bytes of parameters and buffers) of lmforge's weight-only quantized engines;
-    prints these with the share of greedy tokens equal to float32's at the same position, and of next tokens
-    equal to float32's given float32's sequence (a divergence no longer shifts what follows)."""
+    """engine ("int8", "int8 compiled", ...) -> (tok/s at batch 1, bytes of parameters and buffers) of lmforge's
+    weight-only quantized engines, eager and (unless --no-compile) compiled; prints these with the share of greedy
+    tokens equal to float32's at the same position, and of next tokens equal to float32's given float32's sequence
+    (a divergence no longer shifts what follows)."""
     prompt = [batch1_prompt(config, args)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     reference = serving_engine(workdir + "/model", torch.float32).generate(prompt, params)[0]
     rows = {}
-    for method in args.quantize:
+    for method, compile in [(m, c) for m in args.quantize for c in (False, True) if args.compile or not c]:
         model = load_model(workdir + "/model", dtype=torch.float32)
         fuse_projections(model)
         Quantization(method).apply(model)
-        engine = Engine(model)
+        engine = Engine(model, compile=compile)
         same = sum(a == b for a, b in zip(engine.generate(prompt, params)[0], reference)) / len(reference)
         with torch.inference_mode():  # each next token given float32's text so far
             logits = model(torch.tensor([prompt[0] + reference]))[0, len(prompt[0]) - 1 : -1]
         forced = (logits.argmax(-1) == torch.tensor(reference)).float().mean().item()
         tok_s = args.new_tokens / time_call(lambda: engine.generate(prompt, params), args.repeats)
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        rows[method] = (tok_s, size)
-        print(f"lmforge {method} (bfloat16 activations), batch 1: {tok_s:.1f} tok/s, {size / 1e6:.1f} MB; of "
+        name = method + (" compiled" if compile else "")
+        rows[name] = (tok_s, size)
+        print(f"lmforge {name} (bfloat16 activations), batch 1: {tok_s:.1f} tok/s, {size / 1e6:.1f} MB; of "
               f"{len(reference)} greedy tokens {same:.0%} as float32's, {forced:.0%} given float32's prefix")
     return rows
 
@@ -248,9 +256,7 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
     gguf` as f32 and f16 and quantized by llama.cpp to Q8_0 and Q4_0, against lmforge's fp32 and bf16 rows and
     its `quantized` ones (method -> tok/s, bytes); and each engine's share of the memory-bandwidth limit (weight
     bytes read per token x tok/s / the bandwidth a reduction over a large tensor reads)."""
-    try:
-        import llama_cpp
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         print("(llama.cpp rows need llama-cpp-python: pip install -e '.[test]')")
         return
     from lmforge.export.gguf import export_gguf
@@ -262,54 +268,105 @@ def llama_cpp_rows(config: ModelConfig, workdir: str, args: argparse.Namespace, 
     tokenizer.save(workdir + "/model")
     files = {"f32": export_gguf(workdir + "/model", Path(workdir) / "f32.gguf", dtype="f32"),
              "f16": export_gguf(workdir + "/model", Path(workdir) / "f16.gguf", dtype="f16")}
-    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
+    for name in ("q8_0", "q4_0"):
         files[name] = Path(workdir) / f"{name}.gguf"
-        llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(files[name]).encode(), params)
+        in_quiet_child(llama_cpp_quantize, str(files["f32"]), str(files[name]), name)
     prompt = batch1_prompt(config, args)
-    threads = torch.get_num_threads()
+    speed = {name: llama_cpp_speed(path, prompt, args) for name, path in files.items()}
+    retried = [name for name, tok_s in speed.items() if tok_s is None]
+    speed |= {name: llama_cpp_speed(files[name], prompt, args, extra_buffers=False) for name in retried}
+    note = (f"\n(llama.cpp crashed on {', '.join(retried)} with its extra buffer types, AMX kernels on this CPU: "
+            "measured without them, so without AMX or weight repacking)" if retried else "")
+    bandwidth = read_bandwidth()
+    weights = {name: path.stat().st_size for name, path in files.items()}
+    weights |= {"lmforge fp32": weights["f32"], "lmforge bf16": weights["f16"]}
+    weights |= {f"lmforge {name}": size for name, (_, size) in quantized.items()}
+    weights |= {"lmforge fp32 compiled": weights["f32"], "lmforge bf16 compiled": weights["f16"]}
+    measured = {**{f"llama.cpp {k}": v for k, v in speed.items()},
+                "lmforge fp32": ours.get("decode_b1_fp32"), "lmforge bf16": ours.get("decode_b1_bf16"),
+                "lmforge fp32 compiled": ours.get("decode_b1_fp32_compiled"),
+                "lmforge bf16 compiled": ours.get("decode_b1_bf16_compiled"),
+                **{f"lmforge {name}": tok_s for name, (tok_s, _) in quantized.items()}}
+    print(f"\nBatch 1, {args.new_tokens} greedy tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s{note}\n")
+    print(f"{'engine':<24}{'tok/s':>10}{'MB read per token':>20}{'share of bandwidth limit':>26}")
+    for name, tok_s in measured.items():
+        if tok_s is None:
+            continue
+        size = weights[name.removeprefix("llama.cpp ")] if name.startswith("llama.cpp") else weights[name]
+        print(f"{name:<24}{tok_s:>10.1f}{size / 1e6:>20.1f}{tok_s * size / bandwidth:>26.0%}")
+    for ours_name, theirs in (("lmforge fp32", "f32"), ("lmforge bf16", "f16"), ("lmforge fp32 compiled", "f32"),
+                              ("lmforge bf16 compiled", "f16")):
+        ours_tok_s, theirs_tok_s = measured[ours_name], speed[theirs]
+        if ours_tok_s is not None and theirs_tok_s is not None:
+            compiled = "_compiled" if ours_name.endswith("compiled") else ""
+            print(f"RESULT llamacpp_{theirs}_b1{compiled} lmforge={ours_tok_s:.1f} reference={theirs_tok_s:.1f} "
+                  f"unit=tok/s ratio={ours_tok_s / theirs_tok_s:.2f} ({ours_name} vs llama.cpp {theirs})")
+    for name, (tok_s, _) in quantized.items():
+        method, _, compiled = name.partition(" ")
+        theirs = {"int8": "q8_0", "int4": "q4_0"}[method]
+        if speed[theirs] is None:
+            continue
+        print(f"RESULT {method}_b1{'_compiled' if compiled else ''} lmforge={tok_s:.1f} reference={speed[theirs]:.1f} "
+              f"unit=tok/s ratio={tok_s / speed[theirs]:.2f} (lmforge {name} vs llama.cpp {theirs})")
 
-    def decode(llm: Any) -> None:  # greedy: the argmax of the last position's logits, fed back
+
+def in_quiet_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a child process whose C-level output is hidden, or None where the child crashed (some of
+    llama.cpp's kernels crash on some CPUs: AMX)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=hide_output) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            return None
+
+
+def hide_output() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+
+
+def llama_cpp_quantize(source: str, target: str, ftype: str) -> None:
+    """llama.cpp's quantization of the GGUF file `source` to `ftype` ("q8_0", "q4_0") at `target`."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    llama_cpp.llama_model_quantize(source.encode(), target.encode(), params)
+
+
+def llama_cpp_speed(path: Path, prompt: list[int], args: argparse.Namespace, extra_buffers: bool = True
+                    ) -> float | None:
+    """llama.cpp's greedy batch-1 tok/s on the GGUF file at `path`, or None where it crashed.
+    `extra_buffers=False` loads the weights without llama.cpp's extra buffer types (AMX, repacked weights)."""
+    return in_quiet_child(llama_cpp_decode_speed, str(path), prompt, args, torch.get_num_threads(), extra_buffers)
+
+
+def llama_cpp_decode_speed(path: str, prompt: list[int], args: argparse.Namespace, threads: int,
+                           extra_buffers: bool) -> float:
+    """`llama_cpp_speed` in the child process: greedy decoding as the argmax of the last position's logits, fed back."""
+    import llama_cpp
+    import llama_cpp.llama
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def model_params() -> Any:  # llama_cpp.Llama takes no argument for this field
+        params = defaults()
+        params.use_extra_bufts = extra_buffers
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params
+    llm = llama_cpp.Llama(model_path=path, n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=threads,
+                          n_batch=args.prompt_len, verbose=False)
+
+    def decode() -> None:
         llm.reset()
         llm.eval(prompt)
         for _ in range(args.new_tokens):
             logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
             llm.eval([int(logits.argmax())])
 
-    speed = {}
-    for name, path in files.items():
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=threads,
-                              n_batch=args.prompt_len, verbose=False)
-        speed[name] = args.new_tokens / time_call(lambda llm=llm: decode(llm), args.repeats)
-    bandwidth = read_bandwidth()
-    weights = {name: path.stat().st_size for name, path in files.items()}
-    weights |= {"lmforge fp32": weights["f32"], "lmforge bf16": weights["f16"]}
-    weights |= {f"lmforge {method}": size for method, (_, size) in quantized.items()}
-    weights |= {"lmforge fp32 compiled": weights["f32"], "lmforge bf16 compiled": weights["f16"]}
-    measured = {**{f"llama.cpp {k}": v for k, v in speed.items()},
-                "lmforge fp32": ours.get("decode_b1_fp32"), "lmforge bf16": ours.get("decode_b1_bf16"),
-                "lmforge fp32 compiled": ours.get("decode_b1_fp32_compiled"),
-                "lmforge bf16 compiled": ours.get("decode_b1_bf16_compiled"),
-                **{f"lmforge {method}": tok_s for method, (tok_s, _) in quantized.items()}}
-    print(f"\nBatch 1, {args.new_tokens} greedy tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    print(f"{'engine':<20}{'tok/s':>10}{'MB read per token':>20}{'share of bandwidth limit':>26}")
-    for name, tok_s in measured.items():
-        if tok_s is None:
-            continue
-        size = weights[name.removeprefix("llama.cpp ")] if name.startswith("llama.cpp") else weights[name]
-        print(f"{name:<20}{tok_s:>10.1f}{size / 1e6:>20.1f}{tok_s * size / bandwidth:>26.0%}")
-    for ours_name, theirs in (("lmforge fp32", "f32"), ("lmforge bf16", "f16"), ("lmforge fp32 compiled", "f32"),
-                              ("lmforge bf16 compiled", "f16"), ("lmforge fp32", "q8_0"), ("lmforge fp32", "q4_0")):
-        if measured[ours_name] is not None:
-            compiled = "_compiled" if ours_name.endswith("compiled") else ""
-            print(f"RESULT llamacpp_{theirs}_b1{compiled} lmforge={measured[ours_name]:.1f} reference={speed[theirs]:.1f} "
-                  f"unit=tok/s ratio={measured[ours_name] / speed[theirs]:.2f} ({ours_name} vs llama.cpp {theirs})")
-    for method, theirs in (("int8", "q8_0"), ("int4", "q4_0")):
-        if method in quantized:
-            tok_s = quantized[method][0]
-            print(f"RESULT {method}_b1 lmforge={tok_s:.1f} reference={speed[theirs]:.1f} unit=tok/s "
-                  f"ratio={tok_s / speed[theirs]:.2f} (lmforge {method} vs llama.cpp {theirs})")
+    return args.new_tokens / time_call(decode, args.repeats)
 
 
 def profile_decode_step(engine: Engine, vocab: int) -> None:

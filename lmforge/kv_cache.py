@@ -105,15 +105,21 @@ class KVCache:
 
 class StaticKVCache(KVCache):
     """The same cache with shapes that never change, for `torch.compile`: the write position is a
-    tensor and attention reads every slot, the unfilled ones masked out."""
+    tensor and attention reads every slot, the unfilled ones masked out. Each layer's keys and values
+    are a tensor of their own, (batch, kv_heads, max_len, head_dim): a compiled step writes its slot
+    in place, where a write into a slice of one tensor for all layers copied that whole tensor."""
 
     static = True
 
     def __init__(
         self, config: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str
     ) -> None:
-        super().__init__(config, batch_size, max_len, dtype=dtype, device=device)
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
         self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.virtual_tokens = None
 
     def attended(self, n: int) -> int:
         return self.max_len
@@ -126,3 +132,12 @@ class StaticKVCache(KVCache):
 
     def advance(self, n: int) -> None:
         self.length.add_(n)
+
+    def add_virtual_tokens(self, n: int) -> None:
+        if self.virtual_tokens is not None:
+            raise ValueError(f"the cache already holds a soft prompt of {self.virtual_tokens} virtual tokens")
+        if n:
+            self.k, self.v = ([torch.cat((t, t.new_zeros(*t.shape[:2], n, t.shape[3])), dim=2) for t in ts]
+                              for ts in (self.k, self.v))
+            self.max_len += n
+        self.virtual_tokens = n

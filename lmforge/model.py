@@ -89,19 +89,23 @@ def attention_mask(
     return (allowed | (k == q)[None])[:, None]  # a padding query sees itself, so no row is empty (NaN)
 
 
-def softcapped_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, softcap: float
+def written_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, softcap: float | None = None
 ) -> Tensor:
-    """Attention with scores soft-capped as `softcap * tanh(scores / softcap)` (Gemma 2), written out:
-    SDPA cannot cap. `mask` (boolean, True = attend) or `causal` as for `scaled_dot_product_attention`."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    """`scaled_dot_product_attention` written out, with scores optionally soft-capped as
+    `softcap * tanh(scores / softcap)` (Gemma 2; SDPA cannot cap). `mask` (boolean, True = attend) or `causal` as
+    for SDPA. Each K/V head serves its group of query heads without being copied."""
+    B, H, T, D = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    scores = (q.reshape(B, kv_heads, H // kv_heads * T, D) @ k.transpose(-1, -2)).view(B, H, T, S) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if causal:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (weights.view(B, kv_heads, H // kv_heads * T, S) @ v).view(B, H, T, D)
 
 
 def stacked_linear(*parts: nn.Linear) -> nn.Linear:
@@ -170,8 +174,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1 and T == k.shape[2]
-        if self.softcap is not None:
-            y = softcapped_attention(q, k, v, mask, causal, self.scale, self.softcap)
+        # In a compiled CPU decode step SDPA's kernel costs 40-150 us a call, the written-out form a few.
+        if self.softcap is not None or (T == 1 and x.device.type == "cpu" and torch.compiler.is_compiling()):
+            y = written_attention(q, k, v, mask, causal, self.scale, self.softcap)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads, scale=self.scale

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.generate.grammar import GrammarCompiler
+from lmforge.generate.matvec import compile_options, use_matvec_linears
 from lmforge.generate.processing import TokenLogprob, logprobs_of, process, record, row_states
 from lmforge.generate.sampling import SamplingParams, sample
 from lmforge.kv_cache import KVCache, StaticKVCache
@@ -26,12 +26,6 @@ def use_column_major_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.stride(0) != 1:
             module.weight.data = module.weight.data.t().contiguous().t()
-
-
-def compile_options(device: torch.device) -> dict[str, Any]:
-    """`torch.compile`'s settings for a decode step. CUDA: CUDA graphs remove the launch overhead. CPU:
-    inductor's autotuned GEMM templates (freezing the weights as constants measured no steadier gain)."""
-    return {"mode": "reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs"}
 
 
 @dataclass
@@ -49,8 +43,8 @@ class Engine:
     """Batched prefill + decode with a KV cache over a `Transformer`.
 
     `compile=True` runs each decode step as one `torch.compile`d graph over a static cache sized
-    to the whole context (gpt-fast's recipe; `compile_options`): the first step per batch size pays the
-    compilation.
+    to the whole context (gpt-fast's recipe; `compile_options`), on CPU with its single-row products written for
+    inductor (`lmforge.generate.matvec`): the first step per batch size pays the compilation.
     `grammars` compiles the grammars of structured output (it needs the tokenizer: a `Session` sets it)."""
 
     def __init__(self, model: Transformer, *, compile: bool = False, grammars: GrammarCompiler | None = None) -> None:
@@ -61,12 +55,14 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs several-fold
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            use_column_major_weights(model)
         self.compiled = compile
         self._decode = self._forward
         if compile:
+            if self.device.type == "cpu":
+                use_matvec_linears(model)
             self._decode = torch.compile(self._forward, fullgraph=True, dynamic=False, **compile_options(self.device))
+        elif self.device.type == "cpu" and self.dtype == torch.float32:
+            use_column_major_weights(model)
 
     def _forward(self, tokens: Tensor, pad: Tensor | None, cache: KVCache) -> Tensor:
         return self.model(tokens, pad=pad, cache=cache, last_only=True)
