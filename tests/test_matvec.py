@@ -13,7 +13,7 @@ from torch._inductor.utils import run_and_get_code
 
 from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine
-from lmforge.generate.matvec import MatVecLinear, matvec, use_matvec_linears
+from lmforge.generate.matvec import CASCADE_SUM_SIZE, MatVecLinear, matvec, use_matvec_linears
 from lmforge.generate.quantize import Quantization
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import fuse_projections
@@ -30,18 +30,22 @@ def sum_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return 2 * x.shape[-1] * F32_EPS * (x.double().abs() @ weight.double().abs().t()) + 1e-7
 
 
+@pytest.mark.parametrize("features", [96, 2 * CASCADE_SUM_SIZE + 3], ids=["one-sum", "three-sums"])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matvec_sums_in_float32(weight_dtype, dtype):
-    """x Wᵀ against float64: within float32 sums, then one rounding to x's dtype."""
+def test_matvec_sums_in_float32(weight_dtype, dtype, features):
+    """x Wᵀ against float64, eager and compiled: within float32 sums, then one rounding to x's dtype."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1, 96, generator=generator).to(dtype)
-    weight = torch.randn(40, 96, generator=generator).to(weight_dtype)
+    x = torch.randn(1, 1, features, generator=generator).to(dtype)
+    weight = torch.randn(40, features, generator=generator).to(weight_dtype)
     y = matvec(x, weight)
+    torch._dynamo.reset()
+    compiled = torch.compile(matvec, fullgraph=True, dynamic=False)(x, weight)
+    assert compiled.shape == y.shape and compiled.dtype == y.dtype
     assert y.shape == (1, 1, 40) and y.dtype == dtype
     ref = x.double() @ weight.double().t()
     bound = sum_bound(x, weight) + (BF16_EPS if dtype is torch.bfloat16 else F32_EPS) * ref.abs()
-    assert ((y.double() - ref).abs() <= bound).all()
+    assert ((y.double() - ref).abs() <= bound).all() and ((compiled.double() - ref).abs() <= bound).all()
 
 
 def test_matvec_linears_keep_their_parameters_and_the_eager_product():
