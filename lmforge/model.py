@@ -90,22 +90,31 @@ def attention_mask(
 
 
 def written_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, softcap: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, softcap: float | None = None,
+    as_sums: bool = False,
 ) -> Tensor:
     """`scaled_dot_product_attention` written out, with scores optionally soft-capped as
     `softcap * tanh(scores / softcap)` (Gemma 2; SDPA cannot cap). `mask` (boolean, True = attend) or `causal` as
-    for SDPA. Each K/V head serves its group of query heads without being copied."""
+    for SDPA. Each K/V head serves its group of query heads without being copied. `as_sums`: the two products as
+    float32 sums of broadcast products, which inductor fuses with their neighbours (a compiled CPU decode step)."""
     B, H, T, D = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
-    scores = (q.reshape(B, kv_heads, H // kv_heads * T, D) @ k.transpose(-1, -2)).view(B, H, T, S) * scale
+    q = q.reshape(B, kv_heads, H // kv_heads * T, D)
+    if as_sums:
+        scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1).to(q.dtype)
+    else:
+        scores = q @ k.transpose(-1, -2)
+    scores = scores.view(B, H, T, S) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (weights.view(B, kv_heads, H // kv_heads * T, S) @ v).view(B, H, T, D)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).view(B, kv_heads, H // kv_heads * T, S)
+    if as_sums:
+        return (weights.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype).view(B, H, T, D)
+    return (weights.to(q.dtype) @ v).view(B, H, T, D)
 
 
 def stacked_linear(*parts: nn.Linear) -> nn.Linear:
@@ -174,9 +183,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1 and T == k.shape[2]
-        # In a compiled CPU decode step SDPA's kernel costs 40-150 us a call, the written-out form a few.
-        if self.softcap is not None or (T == 1 and x.device.type == "cpu" and torch.compiler.is_compiling()):
-            y = written_attention(q, k, v, mask, causal, self.scale, self.softcap)
+        # In a compiled CPU decode step SDPA's kernel costs 40-150 us a call, the written-out sums a few.
+        compiled_step = T == 1 and x.device.type == "cpu" and torch.compiler.is_compiling()
+        if self.softcap is not None or compiled_step:
+            y = written_attention(q, k, v, mask, causal, self.scale, self.softcap, as_sums=compiled_step)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads, scale=self.scale
