@@ -36,6 +36,7 @@ import torch
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfig
+from lmforge.console import hide_third_party_noise
 from lmforge.generate.engine import Engine
 from lmforge.generate.quantize import METHODS, Quantization
 from lmforge.generate.sampling import SamplingParams
@@ -130,8 +131,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    hide_third_party_noise()
 
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
     workdir = tempfile.mkdtemp()
     config = write_model(args.family, args.prompt_len + args.new_tokens + 8, workdir + "/model", args.preset)
