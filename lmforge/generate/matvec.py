@@ -38,12 +38,12 @@ CASCADE_SUM_SIZE = 4096  # inductor sums more terms than this through a slower, 
 def matvec(x: Tensor, weight: Tensor) -> Tensor:
     """x Wᵀ for one row `x` (..., in) and `weight` (out, in), summed in float32; in `x`'s dtype. More input features
     than `CASCADE_SUM_SIZE` are summed in equal parts, one loop each (measured 1.1-1.8x faster on 4864 features)."""
-    rows, features = x.float().unsqueeze(-2), x.shape[-1]
+    row, features = x.float().unsqueeze(-2), x.shape[-1]
     parts = -(-features // CASCADE_SUM_SIZE)
     if parts == 1:
-        return (rows * weight.float()).sum(-1).to(x.dtype)
+        return (row * weight.float()).sum(-1).to(x.dtype)
     bounds = [features * i // parts for i in range(parts + 1)]
-    sums = [(rows[..., a:b] * weight[:, a:b].float()).sum(-1) for a, b in zip(bounds, bounds[1:])]
+    sums = [(row[..., a:b] * weight[:, a:b].float()).sum(-1) for a, b in zip(bounds, bounds[1:])]
     return sum(sums[1:], sums[0]).to(x.dtype)
 
 
