@@ -87,13 +87,14 @@ def single_row_outputs(engine: Engine, params: SamplingParams) -> list[list[int]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "int8"])
-def test_compiled_batch1_decoding_equals_eager(quantized, tmp_path):
+@pytest.mark.parametrize(("family", "quantized"), [("llama", False), ("llama", True), ("gemma2", False)],
+                         ids=["float32", "int8", "gemma2-softcap"])
+def test_compiled_batch1_decoding_equals_eager(family, quantized, tmp_path):
     """Greedy batch-1 decoding with the compiled step (single-row products, attention written out) gives the eager
-    engine's tokens, float32 and int8 weights (float32 activations, as in the eager engine); its generated code calls
-    no library for the float linear layers or SDPA (int8 layers keep torch's int8 kernel); the same batch size again
-    compiles nothing new."""
-    sharp_hf_model("llama").save_pretrained(tmp_path)
+    engine's tokens: float32 and int8 weights (float32 activations, as in the eager engine), and Gemma 2's
+    soft-capped attention. Its generated code calls no library for the float linear layers or SDPA (int8 layers keep
+    torch's int8 kernel); the same batch size again compiles nothing new."""
+    sharp_hf_model(family).save_pretrained(tmp_path)
     model = load_model(tmp_path)
     fuse_projections(model)
     if quantized:
