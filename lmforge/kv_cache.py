@@ -8,6 +8,9 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 
 
+STATIC_SHAPE = "a static KV cache (a compiled engine's) keeps its rows and slots: batch continuously without compile"
+
+
 class KVCache:
     """Keys and values of every layer, (layers, batch, kv_heads, max_len, head_dim), filled left to right.
 
@@ -81,6 +84,8 @@ class KVCache:
     def stack(cls, first: KVCache, second: KVCache) -> tuple[KVCache, int, int]:
         """One cache holding `first`'s rows then `second`'s, right-aligned so that both end at the
         longer one's length. Returns it and the left padding each input's rows gained."""
+        if first.static or second.static:
+            raise TypeError(STATIC_SHAPE)
         length = max(first.length, second.length)
         merged = cls.__new__(cls)
         shape = list(first.k.shape)
@@ -132,6 +137,12 @@ class StaticKVCache(KVCache):
 
     def advance(self, n: int) -> None:
         self.length.add_(n)
+
+    def keep_rows(self, rows: Tensor) -> None:
+        raise TypeError(STATIC_SHAPE)
+
+    def drop_left(self, n: int) -> None:
+        raise TypeError(STATIC_SHAPE)
 
     def add_virtual_tokens(self, n: int) -> None:
         if self.virtual_tokens is not None:

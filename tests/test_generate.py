@@ -308,3 +308,19 @@ def test_compiled_fused_engine_matches_eager_without_recompiling(tmp_path):
     assert engine.generate(PROMPTS, params) == eager
     with torch._dynamo.config.patch(error_on_recompile=True):  # the same batch size again: the same graph
         assert engine.generate(PROMPTS, params) == eager
+
+
+def test_a_static_cache_refuses_to_change_its_rows_or_slots():
+    """A compiled engine's cache is per-layer tensors of fixed shape: continuous batching's row and slot edits
+    are refused with the reason, never half-applied."""
+    from lmforge.kv_cache import KVCache, StaticKVCache
+    from lmforge.presets import preset
+
+    config = preset("tiny")
+    static = StaticKVCache(config, 2, 16, dtype=torch.float32, device="cpu")
+    dynamic = KVCache(config, 1, 16, dtype=torch.float32, device="cpu")
+    for edit in (lambda: static.keep_rows(torch.tensor([0])), lambda: static.drop_left(1),
+                 lambda: KVCache.stack(static, dynamic), lambda: KVCache.stack(dynamic, static)):
+        with pytest.raises(TypeError, match="static KV cache"):
+            edit()
+    assert [tuple(t.shape) for t in static.k] == [(2, config.num_key_value_heads, 16, config.head_dim)] * len(static.k)
