@@ -42,12 +42,12 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-def sharp_hf_model(name: str):
-    """`tiny_hf_model` with its matrices scaled up. At the default init (std 0.02) attention is
-    nearly uniform and the logits tiny, so a wrong RoPE or mask moved them by barely 1e-3; scaled,
+def sharp_hf_model(name: str, **overrides):
+    """`tiny_hf_model` with its matrices scaled up (`overrides`: config fields). At the default init (std 0.02)
+    attention is nearly uniform and the logits tiny, so a wrong RoPE or mask moved them by barely 1e-3; scaled,
     such mistakes move them by ~1 while exact implementations still agree to ~1e-6."""
-    family, overrides = VARIANTS.get(name, (name, {}))
-    model = tiny_hf_model(family, **overrides)
+    family, variant = VARIANTS.get(name, (name, {}))
+    model = tiny_hf_model(family, **variant, **overrides)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

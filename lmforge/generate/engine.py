@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lmforge.generate.grammar import GrammarCompiler
 from lmforge.generate.matvec import compile_options, use_matvec_linears
+from lmforge.generate.native_step import NativeStep, native_step
 from lmforge.generate.processing import TokenLogprob, logprobs_of, process, record, row_states
 from lmforge.generate.sampling import SamplingParams, sample
 from lmforge.kv_cache import KVCache, StaticKVCache
@@ -44,7 +45,8 @@ class Engine:
 
     `compile=True` runs each decode step as one `torch.compile`d graph over a static cache sized
     to the whole context (gpt-fast's recipe; `compile_options`), on CPU with its single-row products written for
-    inductor (`lmforge.generate.matvec`): the first step per batch size pays the compilation.
+    inductor (`lmforge.generate.matvec`): the first step per batch size pays the compilation. On CPU a single
+    sequence of a model `native_step` runs is decoded by its C step instead.
     `grammars` compiles the grammars of structured output (it needs the tokenizer: a `Session` sets it)."""
 
     def __init__(self, model: Transformer, *, compile: bool = False, grammars: GrammarCompiler | None = None) -> None:
@@ -57,8 +59,10 @@ class Engine:
         torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs several-fold
         self.compiled = compile
         self._decode = self._forward
+        self.native: NativeStep | None = None
         if compile:
             if self.device.type == "cpu":
+                self.native = native_step(model)
                 use_matvec_linears(model)
             self._decode = torch.compile(self._forward, fullgraph=True, dynamic=False, **compile_options(self.device))
         elif self.device.type == "cpu" and self.dtype == torch.float32:
@@ -115,6 +119,8 @@ class Engine:
         """Logits (B, V) after feeding one more token (B,) per row."""
         self.stats.forward_passes += 1
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(tokens))
+        if self.native is not None and len(tokens) == 1 and cache.static:
+            return self.native(int(tokens[0]), cache)
         return self._decode(tokens[:, None], pads if pads.any() else None, cache)[:, -1]
 
     @torch.inference_mode()
