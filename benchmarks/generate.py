@@ -10,11 +10,12 @@ default: a transformers model of the family at the same size (`FAMILIES`), saved
 `--family`, llama.cpp (through llama-cpp-python, in a child process) decodes the same weights at batch 1 from the
 GGUF files `lmforge export gguf` writes (f32, f16) and llama.cpp quantizes (Q8_0, Q4_0), with each engine's share of
 the memory-bandwidth limit. lmforge's weight-only int8 and int4 engines (`--quantize`, bfloat16 activations, eager
-and compiled) decode the same weights at batch 1 beside llama.cpp's Q8_0 and Q4_0, with the share of their greedy
-tokens that float32's engine also chose (random weights: small logit margins, so a low share says little;
+and compiled; int8 compiled is the C step, float32 activations) decode the same weights at batch 1 beside
+llama.cpp's Q8_0 and Q4_0, with the share of their greedy tokens that float32's engine also chose (random weights: small logit margins, so a low share says little;
 tests/test_quantize.py measures agreement and perplexity on a trained model). lmforge's engines are the ones a
 `Session` serves with (q/k/v and gate/up projections fused), eager and compiled (`--no-compile` skips the compiled
-ones). `--preset NAME` times another size, e.g. the bandwidth-bound qwen2.5-0.5b."""
+ones): compiled at batch 1 is lmforge's C decode step (`lmforge.generate.native_step`; int4 layers it does not run
+keep the torch.compile'd step), at batch 8 the torch.compile'd step. `--preset NAME` times another size, e.g. the bandwidth-bound qwen2.5-0.5b."""
 
 from __future__ import annotations
 
@@ -242,7 +243,8 @@ def quantized_rows(config: ModelConfig, workdir: str, args: argparse.Namespace) 
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         name = method + (" compiled" if compile else "")
         rows[name] = (tok_s, size)
-        print(f"lmforge {name} (bfloat16 activations), batch 1: {tok_s:.1f} tok/s, {size / 1e6:.1f} MB; of "
+        activations = "C step, float32 activations" if engine.native else "bfloat16 activations"
+        print(f"lmforge {name} ({activations}), batch 1: {tok_s:.1f} tok/s, {size / 1e6:.1f} MB; of "
               f"{len(reference)} greedy tokens {same:.0%} as float32's, {forced:.0%} given float32's prefix")
     return rows
 

@@ -89,9 +89,11 @@ def add_generation_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     add_dtype_flag(p)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: the first call per batch size compiles (about a minute), "
-                        "then each step runs as one fused graph (CPU) or CUDA graph (GPU), without eager "
-                        "PyTorch's per-operator overhead")
+                   help="compile the decode step: on CPU one sequence of a Llama-family model (Llama, Mistral, "
+                        "Qwen2/3, Gemma, Phi-3) decodes through lmforge's C step, built once per machine with the "
+                        "system C compiler; other models and batches run a torch.compile'd step, compiled on the "
+                        "first call per batch size (about a minute), one fused graph (CPU) or CUDA graph (GPU). "
+                        "Either way without eager PyTorch's per-operator overhead")
     add_quantize_flags(p)
 
 

@@ -7,7 +7,8 @@ in [0, 15], packed for the CPU kernel). The layers call torch's CPU kernels for 
 weights, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (the one torchao's int4 CPU tensor calls; its int8
 weight-only forward turns the whole weight back into floats at every call, slower than the dense layer). Both kernels
 are fast with bfloat16 activations and several times slower than a dense float32 layer with float32 ones, so
-`Quantization.apply` computes in bfloat16 unless told otherwise. The int4 packing follows the CPU's instruction set:
+`Quantization.apply` computes in bfloat16 unless told otherwise. A compiled engine decodes a single sequence of an
+int8 model through its C step instead (`native_step`: the int8 rows times float32 activations). The int4 packing follows the CPU's instruction set:
 a quantized model is built where it runs, never saved.
 
 Quantized: every linear layer of the decoder (attention, MLP, experts) and the output head. Kept in float: the
