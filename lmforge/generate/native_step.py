@@ -112,6 +112,13 @@ def projections(block: nn.Module) -> dict[str, tuple[nn.Module, slice]]:
     return {**qkv, "o": (attn.o_proj, everything), **gate_up, "down": (mlp.down_proj, everything)}
 
 
+def cpu_model() -> str:
+    """This CPU's model name and instruction-set flags (what `-march=native` compiles for), where Linux tells."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return "\n".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "native"
 
@@ -126,7 +133,7 @@ def library(arch: str = "native") -> ctypes.CDLL:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise NativeBuildError(f"no C compiler to build {SOURCE.name} ({compiler}: {error})") from None
-    cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0] if Path("/proc/cpuinfo").exists() else ""
+    cpu = cpu_model()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), cpu.encode()])).hexdigest()
     path = cache_dir() / f"native_step-{key[:16]}.so"
