@@ -161,7 +161,7 @@ def test_refuses_what_it_does_not_run(family, tmp_path):
     assert Engine(model, compile=True).native is None
 
 
-def test_refuses_caches_it_cannot_write(tmp_path):
+def test_refuses_tokens_and_caches_it_cannot_take(tmp_path):
     _, model = hf_and_lmforge("llama", tmp_path)
     step = NativeStep(model)
     with torch.inference_mode():
@@ -169,6 +169,8 @@ def test_refuses_caches_it_cannot_write(tmp_path):
             step(5, KVCache(model.config, 1, 16, dtype=torch.float32, device="cpu"))
         with pytest.raises(ValueError, match="StaticKVCache of one sequence"):
             step(5, StaticKVCache(model.config, 2, 16, dtype=torch.float32, device="cpu"))
+        with pytest.raises(ValueError, match="token id 97 is outside the vocabulary of 97"):
+            step(97, StaticKVCache(model.config, 1, 16, dtype=torch.float32, device="cpu"))
         full = StaticKVCache(model.config, 1, 5, dtype=torch.float32, device="cpu")
         model(torch.tensor([[5, 6, 7, 8]]), cache=full)
         step(9, full)

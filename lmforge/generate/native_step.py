@@ -247,6 +247,8 @@ class NativeStep:
         if threads != self.c.threads:
             self.normed = torch.zeros(threads * self.c.dim)  # one normalised input per thread
             self.c.normed, self.c.threads = self.normed.data_ptr(), threads
+        if not 0 <= token < self.c.vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary of {self.c.vocab}")
         position = int(cache.length)
         if position >= cache.max_len:
             raise ValueError(f"KV cache is full: {position + 1} tokens exceed its {cache.max_len} slots")
