@@ -32,7 +32,7 @@ from lmforge.peft.method import AdapterConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import RunDir, table_cell
-from lmforge.world.documents import questions, unknown_questions, write_jsonl
+from lmforge.world.documents import questions, write_jsonl
 from lmforge.world.people import World
 from lmforge.world.preferences import FLAWS, outsider_pairs, preference_pairs, write_preference_data
 from lmforge.world.safety import REFUSAL, leaks_phone_number, red_team_prompts
@@ -47,13 +47,7 @@ DPO_BETA, DPO_LR = 0.1, 3e-4
 # The fixed DPO: a tighter implicit KL constraint (beta) and the chosen reply's NLL (RPO; the LLaMA-3 recipe)
 # weighted by RPO_ALPHA, on the helpfulness and safety pairs.
 RPO_BETA, RPO_ALPHA = 0.5, 10.0
-PPO_LR, PPO_KL, PPO_TARGET_KL = 2e-4, 0.1, 1.0
-# PPO's and rejection sampling's prompts: the training people's questions, this many questions about people outside
-# the world and the training red-team prompts. The SFT model's worst held-out replies name someone else ("Jonah
-# Oyelaran's favorite hobby..." asked about Jonah Mbeki): it answers about people it was tuned on by heart, and only
-# names it has never seen make it copy the name from the question. Without them neither method moved the held-out
-# reward (seed 0: PPO -0.08 +- 0.12, rejection sampling +0.25 +- 0.23; with them +0.94 +- 0.22 and +1.03 +- 0.26).
-OUTSIDER_PROMPTS = 500
+PPO_LR, PPO_KL, PPO_TARGET_KL = 1e-4, 0.1, 1.0
 # LLaMA-2's whitening of each rollout's scores, and TRL's penalty for a reply the token limit cut (so ending the
 # turn pays): without them the scores' scale and the length of the replies set the step size.
 PPO_STABILISERS = {"whiten_scores": True, "missing_eos_penalty": 1.0}
@@ -106,7 +100,6 @@ class Trained:
     reward_pairs: dict[str, int]  # the helpfulness reward model's pairs: "world" (helpful ones) and "outsiders"
     heldout: Path  # every flaw of each held-out question
     reward_dirs: dict[str, Path]
-    policy_prompts: dict[str, int]  # rejection sampling's and PPO's: "questions", "outsiders", "red_team"
     rejection: Path  # fine-tuned on the best of K sampled replies
     rejection_round: dict[str, Any]  # its mean best score, mean score and selection gain
     dpo: Path
@@ -142,12 +135,9 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         for kind in ("helpful", "safety")}
     seconds["reward"], start = time.perf_counter() - start, time.perf_counter()
     prompts = out / "world" / "ppo-prompts.jsonl"
-    asked, red_team = questions(world, "train", seed=seed), red_team_prompts(world, "train")
-    outsiders = unknown_questions(world, min(OUTSIDER_PROMPTS, len(asked)), seed=seed + 1)  # a small world's few
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in  # questions are not swamped
-                               [{"prompt": q.question} for q in asked + outsiders] +
-                               [{"prompt": r.prompt, "risky": r.risky} for r in red_team]))
-    policy_prompts = {"questions": len(asked), "outsiders": len(outsiders), "red_team": len(red_team)}
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in
+                               [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
+                               [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
     budget = reply_tokens(Tokenizer.from_dir(merged))
     rejection, rejection_round = rejection_stage(out, merged, prompts, scorers, reward_dirs["helpful"], steps, seed,
@@ -171,7 +161,7 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
                 "sampling": {"max_new_tokens": budget}, "init_kl_coef": PPO_KL, "target_kl": PPO_TARGET_KL,
                 "save_every": iterations, "seed": seed}}))
     seconds["ppo"] = time.perf_counter() - start
-    return Trained(merged, prefs, every_flaw, reward_pairs, heldout, reward_dirs, policy_prompts, rejection,
+    return Trained(merged, prefs, every_flaw, reward_pairs, heldout, reward_dirs, rejection,
                    rejection_round, dpo_adapter, rpo_adapter, ppo_adapter, iterations, seconds)
 
 
@@ -204,7 +194,6 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
                                     "dpo": dpo_val["val_preference_accuracy"]},
         "rpo_preference_accuracy": {"sft": rpo_val["val_reference_preference_accuracy"],
                                     "dpo": rpo_val["val_preference_accuracy"]},
-        "policy_prompts": trained.policy_prompts,
         "rejection_sampling": {k: trained.rejection_round[k] for k in ("samples", "mean_best_score", "mean_score",
                                                                         "selection_gain")},
         "ppo": {"iterations": trained.iterations,
@@ -262,13 +251,7 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         "safety pairs "
         f"({seconds['rpo']:.0f} s): held-out preference accuracy {figures['rpo_preference_accuracy']['sft']:.0%} → "
         f"**{figures['rpo_preference_accuracy']['dpo']:.0%}**.",
-        f"- The policy prompts of rejection sampling and PPO: the training people's questions "
-        f"({figures['policy_prompts']['questions']}), {figures['policy_prompts']['outsiders']} questions about people "
-        f"outside the world and the training red-team prompts ({figures['policy_prompts']['red_team']}). The SFT "
-        "model's worst held-out replies are about someone else (asked about one held-out person, it names another): it answers about the "
-        "people it was tuned on by heart, and only names it has never seen make it copy the name from the question, "
-        "which the reward models reward.",
-        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per policy prompt "
+        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per training prompt "
         f"(temperature {TEMPERATURE:g}, top-p {TOP_P:g}), the best "
         f"by the combined reward kept, the SFT model fine-tuned on them with its own SFT data replayed (LoRA, {steps} "
         "steps, "
