@@ -83,7 +83,8 @@ def unsupported(model: nn.Module) -> str | None:
         return reason
     for module in [module for block in decoder.layers for module, _ in projections(block).values()] + [model.lm_head]:
         if not runs_in_c(module):
-            return f"{type(module).__name__} layers" + (f" of {module.weight.dtype}" if type(module) is nn.Linear else "")
+            of = f" of {module.weight.dtype}" if type(module) is nn.Linear else ""
+            return f"{type(module).__name__} layers{of}"
     return None
 
 
@@ -176,9 +177,9 @@ class NativeStep:
         self.kept: list[Tensor] = []  # every tensor the structs point into
         self.layers = (CLayer * config.num_hidden_layers)()
         for index, block in enumerate(decoder.layers):
-            layer = self.layers[index]
-            attn = block.self_attn
-            layer.attn_norm, layer.mlp_norm = self.gain(block.input_layernorm), self.gain(block.post_attention_layernorm)
+            layer, attn = self.layers[index], block.self_attn
+            layer.attn_norm = self.gain(block.input_layernorm)
+            layer.mlp_norm = self.gain(block.post_attention_layernorm)
             if attn.qk_norm:
                 layer.q_norm, layer.k_norm = self.gain(attn.q_norm), self.gain(attn.k_norm)
             for name, (module, rows) in projections(block).items():
@@ -196,11 +197,10 @@ class NativeStep:
             embed=self.pointer(embed.weight), final_norm=self.gain(decoder.norm),
             head=self.linear(model.lm_head, slice(None)), layer=self.layers,
         )
-        self.scratch = {name: self.pointer(torch.zeros(size)) for name, size in (
-            ("x", config.hidden_size), ("qkv", (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim),
-            ("att", config.num_attention_heads * config.head_dim), ("gated", self.c.hidden))}
-        for name, address in self.scratch.items():
-            setattr(self.c, name, address)
+        q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        scratch = {"x": config.hidden_size, "qkv": q_rows + 2 * kv_rows, "att": q_rows, "gated": self.c.hidden}
+        for name, size in scratch.items():
+            setattr(self.c, name, self.pointer(torch.zeros(size)))
         self.cache: KVCache | None = None
 
     def pointer(self, tensor: Tensor) -> int:
