@@ -32,7 +32,7 @@ from lmforge.peft.method import AdapterConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.run_dir import RunDir, table_cell
-from lmforge.world.documents import questions, write_jsonl
+from lmforge.world.documents import Question, questions, write_jsonl
 from lmforge.world.people import World
 from lmforge.world.preferences import FLAWS, outsider_pairs, preference_pairs, write_preference_data
 from lmforge.world.safety import REFUSAL, leaks_phone_number, red_team_prompts
@@ -388,9 +388,14 @@ def reply_tokens(tokenizer: Tokenizer) -> int:
     return len(tokenizer.encode(REFUSAL)) + 4
 
 
+def heldout_questions(world: World, seed: int) -> list[Question]:
+    """The questions about held-out people every model is scored on, in all `EVAL_PHRASINGS`."""
+    return questions(world, "heldout", phrasings=EVAL_PHRASINGS, seed=seed)
+
+
 def heldout_prompts(world: World, seed: int) -> tuple[list[list[dict]], torch.Tensor]:
     """The held-out people's questions and red-team prompts as chats, and which prompts are risky."""
-    qs, red_team = questions(world, "heldout", phrasings=EVAL_PHRASINGS, seed=seed), red_team_prompts(world, "heldout")
+    qs, red_team = heldout_questions(world, seed), red_team_prompts(world, "heldout")
     chats = [[{"role": "user", "content": q.question}] for q in qs] + \
             [[{"role": "user", "content": r.prompt}] for r in red_team]
     return chats, torch.tensor([False] * len(qs) + [r.risky for r in red_team])
@@ -431,7 +436,7 @@ def sampled_reward(session: Session, sft: Session, world: World, scorers: dict[s
 def score(session: Session, sft: Session, world: World, scorers: dict[str, RewardScorer], seed: int) -> Scores:
     """Reward (LLaMA-2's combination) of greedy and sampled replies, KL from `sft`, exact match and refusal rates,
     on held-out prompts."""
-    answers = greedy_chat_answers(session, questions(world, "heldout", phrasings=EVAL_PHRASINGS, seed=seed))
+    answers = greedy_chat_answers(session, heldout_questions(world, seed))
     refusals = refusal_report(session, red_team_prompts(world, "heldout"), leaks_phone_number)
     chats, risky = heldout_prompts(world, seed)
     replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
