@@ -14,7 +14,9 @@ import pytest
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.demo.alignment import PPO_TARGET_KL, learnable_conclusion, policy_conclusion, reward_model_conclusion
+from lmforge.demo.alignment import (
+    PPO_TARGET_KL, learnable_conclusion, policy_conclusion, prompted_conclusion, reward_model_conclusion,
+)
 from lmforge.demo.alignment_goals import alignment_goals, goals_table
 from lmforge.demo.common import change
 from lmforge.demo.holistic import (
@@ -140,7 +142,7 @@ def test_prompting_rows_state_the_summary_figures(run):
         assert all(0 <= v <= 1 for v in scores.values())
 
 
-def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figures(run):
+def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figures(run, world):
     out, report, summary = run
     alignment = summary["alignment"]
     # The reported preference accuracies are the DPO run's own validation records.
@@ -199,6 +201,19 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
     # The conclusions are the ones the figures give.
     assert reward_model_conclusion(alignment["wrong_value_ranked_lower"]) in report
     assert policy_conclusion(alignment["models"], alignment["reward_gains"]) in report
+    assert prompted_conclusion(alignment["reward_gains"], alignment["prompted_reward_gains"]) in report
+    # The RLHF prompts ask about every other held-out person, never with an answer; no prompt names the others.
+    heldout = sorted(p.name for p in world.pretraining_people() if p.split == "heldout")
+    assert alignment["prompted_people"] == heldout[::2] and len(heldout) >= 2
+    prompts = [r["prompt"] for r in records(out / "world" / "ppo-prompts.jsonl")]
+    for name in heldout:
+        asked = [q for q in prompts if name in q]
+        assert bool(asked) == (name in alignment["prompted_people"])
+    assert not {q.answer for q in questions(world, "heldout", phrasings=3)} & set(prompts)
+    for name, m in alignment["models"].items():
+        p = m["prompted_people"]
+        assert (f"| {m['false_refusal_rate']:.0%} | {p['mean_reward_greedy']:.2f} | {p['mean_reward_sampled']:.2f} | "
+                f"{p['held_out_em']:.0%} |") in report
     goals = alignment_goals(alignment, PPO_TARGET_KL)
     assert goals_table(goals) in report and alignment["goals"] == [g._asdict() for g in goals]
     assert "it has learnt the pairs it was shown, not the facts behind them" not in report

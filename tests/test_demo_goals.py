@@ -7,6 +7,7 @@ import copy
 
 import pytest
 
+from lmforge.demo.alignment import prompted_conclusion
 from lmforge.demo.alignment_goals import alignment_goals, goals_table, paired_gain
 from lmforge.world.preferences import FLAWS
 
@@ -86,3 +87,16 @@ def test_unmet_reward_goal_says_why_from_the_figures():
     assert len(why) == 2
     ppo, rs = (next(w for goal, w in why.items() if goal.startswith(start)) for start in ("PPO", "rejection"))
     assert ppo.startswith("within 2 standard errors of no change") and rs.startswith("below SFT's")
+
+
+def test_prompted_conclusion_follows_the_gains_on_each_group():
+    def gains(mean: float) -> dict:
+        return {name: {"greedy": {"mean": mean, "standard_error": 0.1}}
+                for name in ("SFT + rejection sampling", "SFT + PPO")}
+
+    did_not_carry = prompted_conclusion(gains(0.1), gains(1.5))
+    assert "PPO: greedy replies' mean reward +1.50 ± 0.10 over SFT's on the held-out people in its prompts, " \
+           "+0.10 ± 0.10 on the others; what it learnt about the people it was asked about did not carry" in did_not_carry
+    assert "it carried to people it never saw" in prompted_conclusion(gains(0.5), gains(1.5))
+    assert "did not measurably raise the reward even on the people it was asked about" in \
+        prompted_conclusion(gains(0.5), gains(0.15))

@@ -58,12 +58,26 @@ EVAL_PHRASINGS, EVAL_SAMPLES = 3, 4
 CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
 
 @dataclass
+class Prompted:
+    """The measurements on the held-out people whose questions were among the RLHF prompts."""
+
+    rewards: list[float]  # combined reward of the greedy reply to each of their questions
+    sampled_rewards: list[float]
+    exact_match: float
+
+    def figures(self) -> dict[str, float]:
+        return {"held_out_em": self.exact_match, "mean_reward_greedy": mean(self.rewards),
+                "mean_reward_sampled": mean(self.sampled_rewards)}
+
+
+@dataclass
 class Scores:
     rewards: list[float]  # combined reward of the greedy reply to each held-out question and red-team prompt
     sampled_rewards: list[float]  # the same for replies sampled at temperature 1 (each prompt's mean over its samples)
     kl_to_sft: float  # nats per sampled reply
     exact_match: float  # held-out people's questions
     refusals: RefusalReport
+    prompted: Prompted  # the held-out people in the RLHF prompts (the fields above leave them out)
 
     @property
     def reward(self) -> float:
@@ -77,7 +91,8 @@ class Scores:
         """The model's row of `summary.json`."""
         return {"held_out_em": self.exact_match, "refusal_rate": self.refusals.refusal_rate,
                 "false_refusal_rate": self.refusals.false_refusal_rate, "mean_reward_greedy": self.reward,
-                "mean_reward_sampled": self.sampled_reward, "kl_to_sft": self.kl_to_sft, "leaked": self.refusals.leaked}
+                "mean_reward_sampled": self.sampled_reward, "kl_to_sft": self.kl_to_sft, "leaked": self.refusals.leaked,
+                "prompted_people": self.prompted.figures()}
 
 
 @dataclass
@@ -135,8 +150,10 @@ def train_models(out: Path, world: World, sft_adapter: Path, seed: int, steps: i
         for kind in ("helpful", "safety")}
     seconds["reward"], start = time.perf_counter() - start, time.perf_counter()
     prompts = out / "world" / "ppo-prompts.jsonl"
+    asked = prompted_people(world)
     prompts.write_text("".join(json.dumps(p) + "\n" for p in
                                [{"prompt": q.question} for q in questions(world, "train", seed=seed)] +
+                               [{"prompt": q.question} for q in heldout_questions(world, seed) if q.person in asked] +
                                [{"prompt": r.prompt, "risky": r.risky} for r in red_team_prompts(world, "train")]))
     scorers = {kind: RewardScorer.load(path) for kind, path in reward_dirs.items()}
     budget = reply_tokens(Tokenizer.from_dir(merged))
@@ -203,6 +220,11 @@ def alignment_stage(out: Path, world: World, sft_adapter: Path, seed: int, steps
         "reward_gains": {name: {"greedy": paired_gain(scores["SFT"].rewards, sc.rewards),
                                 "sampled": paired_gain(scores["SFT"].sampled_rewards, sc.sampled_rewards)}
                          for name, sc in scores.items() if name != "SFT"},
+        "prompted_people": sorted(prompted_people(world)),
+        "prompted_reward_gains": {name: {
+            "greedy": paired_gain(scores["SFT"].prompted.rewards, sc.prompted.rewards),
+            "sampled": paired_gain(scores["SFT"].prompted.sampled_rewards, sc.prompted.sampled_rewards)}
+            for name, sc in scores.items() if name != "SFT"},
     }
     goals = alignment_goals(figures, PPO_TARGET_KL)
     figures["goals"] = [g._asdict() for g in goals]
@@ -251,7 +273,11 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         "safety pairs "
         f"({seconds['rpo']:.0f} s): held-out preference accuracy {figures['rpo_preference_accuracy']['sft']:.0%} → "
         f"**{figures['rpo_preference_accuracy']['dpo']:.0%}**.",
-        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per training prompt "
+        f"- The RLHF prompts (rejection sampling's and PPO's): the training questions and red-team prompts, and the "
+        f"questions, without their answers, about {len(figures['prompted_people'])} of the held-out people (every "
+        "other by name), as InstructGPT's RLHF prompts were not its SFT prompts; the goals are measured on the other "
+        "held-out people, whom no stage names.",
+        f"- Rejection sampling (LLaMA-2's first RLHF stage): {SAMPLES} replies sampled per prompt "
         f"(temperature {TEMPERATURE:g}, top-p {TOP_P:g}), the best "
         f"by the combined reward kept, the SFT model fine-tuned on them with its own SFT data replayed (LoRA, {steps} "
         "steps, "
@@ -269,14 +295,18 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         "reply.\n",
         "![PPO reward and KL](ppo/reward.png)\n",
         "| model | mean reward, greedy (held-out) | mean reward, sampled | KL to SFT (nats per reply) | exact match "
-        "(held-out people) | refusal rate (red team) | false refusals (look-alikes) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "(held-out people) | refusal rate (red team) | false refusals (look-alikes) | people in the RLHF prompts: "
+        "mean reward, greedy | sampled | exact match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in scores.items():
         lines.append(f"| {name} | {sc.reward:.2f} | {sc.sampled_reward:.2f} | {sc.kl_to_sft:.2f} | "
                      f"{sc.exact_match:.0%} | "
-                     f"{sc.refusals.refusal_rate:.0%} | {sc.refusals.false_refusal_rate:.0%} |")
+                     f"{sc.refusals.refusal_rate:.0%} | {sc.refusals.false_refusal_rate:.0%} | "
+                     f"{mean(sc.prompted.rewards):.2f} | {mean(sc.prompted.sampled_rewards):.2f} | "
+                     f"{sc.prompted.exact_match:.0%} |")
     lines += ["", policy_conclusion(figures["models"], figures["reward_gains"]), "",
+              prompted_conclusion(figures["reward_gains"], figures["prompted_reward_gains"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
     for row in list(zip(*replies))[:6]:
@@ -348,6 +378,31 @@ def policy_conclusion(models: dict[str, dict[str, float]], reward_gains: dict[st
     return text + "PPO did not raise the reward of greedy replies over SFT's."
 
 
+def prompted_conclusion(gains: dict[str, dict[str, dict[str, float]]],
+                        prompted: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Whether what rejection sampling and PPO learnt from their prompts about held-out people carries to the
+    held-out people they never saw, from the paired greedy reward gains on each group."""
+    def measurable(gain: dict[str, float]) -> bool:
+        return gain["mean"] > NOISE * gain["standard_error"]
+
+    def figure(gain: dict[str, float]) -> str:
+        return f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}"
+
+    parts = []
+    for name in ("SFT + rejection sampling", "SFT + PPO"):
+        inside, outside = prompted[name]["greedy"], gains[name]["greedy"]
+        text = (f"{name.removeprefix('SFT + ')}: greedy replies' mean reward {figure(inside)} over SFT's on the "
+                f"held-out people in its prompts, {figure(outside)} on the others; ")
+        if measurable(inside) and not measurable(outside):
+            text += "what it learnt about the people it was asked about did not carry to people it never saw"
+        elif measurable(inside):
+            text += "it carried to people it never saw"
+        else:
+            text += "it did not measurably raise the reward even on the people it was asked about"
+        parts.append(text)
+    return "Per group of held-out people (gain ± standard error, prompt by prompt): " + "; ".join(parts) + "."
+
+
 def redraw(world: World, trained: Path, path: Path, seed: int) -> Path:
     """The training people's preference pairs drawn again with `seed`, without those in `trained`."""
     def key(record: dict) -> str:
@@ -393,6 +448,13 @@ def heldout_questions(world: World, seed: int) -> list[Question]:
     return questions(world, "heldout", phrasings=EVAL_PHRASINGS, seed=seed)
 
 
+def prompted_people(world: World) -> set[str]:
+    """Every other held-out person by name: those asked about in rejection sampling's and PPO's prompts, without the
+    answers, as InstructGPT's RLHF prompts were not its SFT prompts (SFT already answers its own training questions
+    as the reward model likes, so they teach RLHF little). The goals are measured on the other held-out people."""
+    return set(sorted(p.name for p in world.pretraining_people() if p.split == "heldout")[::2])
+
+
 def heldout_prompts(world: World, seed: int) -> tuple[list[list[dict]], torch.Tensor]:
     """The held-out people's questions and red-team prompts as chats, and which prompts are risky."""
     qs, red_team = heldout_questions(world, seed), red_team_prompts(world, "heldout")
@@ -435,10 +497,19 @@ def sampled_reward(session: Session, sft: Session, world: World, scorers: dict[s
 
 def score(session: Session, sft: Session, world: World, scorers: dict[str, RewardScorer], seed: int) -> Scores:
     """Reward (LLaMA-2's combination) of greedy and sampled replies, KL from `sft`, exact match and refusal rates,
-    on held-out prompts."""
-    answers = greedy_chat_answers(session, heldout_questions(world, seed))
+    on held-out prompts: those about the people in the RLHF prompts apart."""
+    qs = heldout_questions(world, seed)
+    answers = greedy_chat_answers(session, qs)
     refusals = refusal_report(session, red_team_prompts(world, "heldout"), leaks_phone_number)
     chats, risky = heldout_prompts(world, seed)
     replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
-    return Scores(combined_score(scorers, chats, replies, risky).tolist(),
-                  *sampled_reward(session, sft, world, scorers, seed), mean(answers), refusals)
+    greedy = combined_score(scorers, chats, replies, risky).tolist()
+    sampled, kl = sampled_reward(session, sft, world, scorers, seed)
+    asked = prompted_people(world)
+    inside = [q.person in asked for q in qs] + [False] * len(refusals.replies)
+
+    def part(values: list, prompted: bool) -> list:
+        return [v for v, flag in zip(values, inside) if flag == prompted]
+
+    return Scores(part(greedy, False), part(sampled, False), kl, mean(part(answers, False)), refusals,
+                  Prompted(part(greedy, True), part(sampled, True), mean(part(answers, True))))

@@ -31,7 +31,8 @@ def summary_section(world: World, base: Session, alignment: Alignment, retrieval
     texts, answers, gold = ([r.question.question for r in updated], [r.question.answer for r in updated],
                             [r.doc_id for r in updated])
     rows = ["## Summary\n",
-            "Every model on held-out prompts: questions about held-out people (what pretraining stored), questions "
+            "Every model on held-out prompts: questions about the held-out people no stage asks about (what "
+            "pretraining stored), questions "
             "about facts pretraining never saw (without and with the context store), red-team prompts and their "
             "harmless look-alikes, and the mean reward-model score (LLaMA-2's combination).\n",
             "| model | held-out people | unseen facts, closed-book | unseen facts, with retrieval | refusals "
