@@ -40,8 +40,8 @@ from lmforge.world.safety import REFUSAL, leaks_phone_number, red_team_prompts
 # The helpfulness reward model learns from every flaw of each training question and from OUTSIDERS pairs about
 # people outside the world (see `outsider_pairs`), for 5x the alignment steps: with the world's ~70 people alone it
 # learned them by heart and ranked held-out people's wrong-person replies near chance.
-OUTSIDERS, REWARD_STEPS, REWARD_LR = 1500, {"helpful": 5, "safety": 1}, 3e-4
-OUTSIDER_SHARE = 3 / 7  # at most this many outsider pairs per helpfulness pair of the world: a small world's few
+OUTSIDERS, REWARD_STEPS, REWARD_LR = 2500, {"helpful": 5, "safety": 1}, 3e-4
+OUTSIDER_SHARE = 5 / 7  # at most this many outsider pairs per helpfulness pair of the world: a small world's few
 # pairs are not swamped
 DPO_BETA, DPO_LR = 0.1, 3e-4
 # The fixed DPO: a tighter implicit KL constraint (beta) and the chosen reply's NLL (RPO; the LLaMA-3 recipe)
