@@ -57,6 +57,7 @@ PPO_STABILISERS = {"whiten_scores": True, "missing_eos_penalty": 1.0}
 EVAL_PHRASINGS, EVAL_SAMPLES = 3, 4
 CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
 
+
 @dataclass
 class Prompted:
     """The measurements on the held-out people whose questions were among the RLHF prompts."""
@@ -75,7 +76,7 @@ class Scores:
     rewards: list[float]  # combined reward of the greedy reply to each held-out question and red-team prompt
     sampled_rewards: list[float]  # the same for replies sampled at temperature 1 (each prompt's mean over its samples)
     kl_to_sft: float  # nats per sampled reply
-    exact_match: float  # held-out people's questions
+    exact_match: float  # held-out people's questions (those no stage asks about)
     refusals: RefusalReport
     prompted: Prompted  # the held-out people in the RLHF prompts (the fields above leave them out)
 
@@ -300,11 +301,12 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sc in scores.items():
+        prompted = sc.prompted.figures()
         lines.append(f"| {name} | {sc.reward:.2f} | {sc.sampled_reward:.2f} | {sc.kl_to_sft:.2f} | "
                      f"{sc.exact_match:.0%} | "
                      f"{sc.refusals.refusal_rate:.0%} | {sc.refusals.false_refusal_rate:.0%} | "
-                     f"{mean(sc.prompted.rewards):.2f} | {mean(sc.prompted.sampled_rewards):.2f} | "
-                     f"{sc.prompted.exact_match:.0%} |")
+                     f"{prompted['mean_reward_greedy']:.2f} | {prompted['mean_reward_sampled']:.2f} | "
+                     f"{prompted['held_out_em']:.0%} |")
     lines += ["", policy_conclusion(figures["models"], figures["reward_gains"]), "",
               prompted_conclusion(figures["reward_gains"], figures["prompted_reward_gains"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
