@@ -19,7 +19,7 @@ from lmforge.align.reward import RewardConfig, RewardScorer, combined_reward, tr
 from lmforge.align.safety import RefusalReport, refusal_report
 from lmforge.data.preference import PreferenceDataConfig, encode_pair, read_pairs
 from lmforge.demo.alignment_goals import (
-    EM_LOSS, NOISE, REFUSAL_LOSS, alignment_goals, goals_table, paired_gain,
+    EM_LOSS, NOISE, REFUSAL_LOSS, alignment_goals, gain_text, goals_table, paired_gain,
 )
 from lmforge.demo.common import change, greedy_chat_answers, mean, points, score_change
 from lmforge.demo.rejection import SAMPLES, TEMPERATURE, TOP_P, rejection_stage
@@ -387,14 +387,11 @@ def prompted_conclusion(gains: dict[str, dict[str, dict[str, float]]],
     def measurable(gain: dict[str, float]) -> bool:
         return gain["mean"] > NOISE * gain["standard_error"]
 
-    def figure(gain: dict[str, float]) -> str:
-        return f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}"
-
     parts = []
     for name in ("SFT + rejection sampling", "SFT + PPO"):
         inside, outside = prompted[name]["greedy"], gains[name]["greedy"]
-        text = (f"{name.removeprefix('SFT + ')}: greedy replies' mean reward {figure(inside)} over SFT's on the "
-                f"held-out people in its prompts, {figure(outside)} on the others; ")
+        text = (f"{name.removeprefix('SFT + ')}: greedy replies' mean reward {gain_text(inside)} over SFT's on the "
+                f"held-out people in its prompts, {gain_text(outside)} on the others; ")
         if measurable(inside) and not measurable(outside):
             text += "what it learnt about the people it was asked about did not carry to people it never saw"
         elif measurable(inside):

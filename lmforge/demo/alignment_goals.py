@@ -34,6 +34,11 @@ def paired_gain(before: list[float], after: list[float]) -> dict[str, float]:
     return {"mean": avg, "standard_error": spread / math.sqrt(len(diffs))}
 
 
+def gain_text(gain: dict[str, float]) -> str:
+    """A paired gain as "+0.41 ± 0.15"."""
+    return f"{gain['mean']:+.2f} ± {gain['standard_error']:.2f}"
+
+
 def reward_goal(what: str, gain: dict[str, float], after: float, before: float, context: str) -> Goal:
     """The goal that `what`'s mean reward beats SFT's by more than `REWARD_MARGIN` and than `NOISE` standard errors
     of the paired difference; when not met, why (from the figures) and `context`."""
@@ -41,13 +46,13 @@ def reward_goal(what: str, gain: dict[str, float], after: float, before: float, 
     reason = ("below SFT's" if mean <= 0 else f"within {NOISE} standard errors of no change" if mean <= NOISE * error
               else f"less than {REWARD_MARGIN:g}")
     return Goal(f"{what} above SFT's by more than {REWARD_MARGIN:g} and {NOISE} standard errors",
-                f"{after:.2f} (SFT {before:.2f}; difference {mean:+.2f} ± {error:.2f})",
+                f"{after:.2f} (SFT {before:.2f}; difference {gain_text(gain)})",
                 mean > REWARD_MARGIN and mean > NOISE * error, f"{reason}; {context}")
 
 
 def alignment_goals(figures: dict[str, Any], target_kl: float) -> list[Goal]:
     """Every goal of the alignment stage, checked against `figures` (the stage's part of `summary.json`)."""
-    models, flaws = figures["models"], figures["flaws"]
+    models, flaws, prompted = figures["models"], figures["flaws"], figures["prompted_reward_gains"]
     sft, rpo, ppo, rs = (models[name] for name in ("SFT", "SFT + DPO + RPO", "SFT + PPO", "SFT + rejection sampling"))
     learnable = {flaw: f["reward_model"] for flaw, f in flaws.items() if FLAWS[flaw].learnable}
     worst = min(learnable, key=learnable.get)
@@ -73,14 +78,17 @@ def alignment_goals(figures: dict[str, Any], target_kl: float) -> list[Goal]:
              f"a wrong value ranked by likelihood needs the person's fact: SFT ranks "
              f"{flaws['wrong_value']['sft_likelihood']:.0%} of those pairs right"),
         *[reward_goal(f"PPO: mean reward of {kind} replies", figures["reward_gains"]["SFT + PPO"][kind], ppo[key],
-                      sft[key], f"training reward {figures['ppo']['reward']['first']:.2f} → "
+                      sft[key], f"on the held-out people in its prompts {gain_text(prompted['SFT + PPO'][kind])}; "
+                      f"training reward {figures['ppo']['reward']['first']:.2f} → "
                       f"{figures['ppo']['reward']['last']:.2f} at {ppo['kl_to_sft']:.2f} nats from SFT")
           for kind, key in (("greedy", "mean_reward_greedy"), ("sampled", "mean_reward_sampled"))],
         Goal(f"PPO: KL to SFT within {KL_FACTOR}× its target ({target_kl:g} nats)", f"{ppo['kl_to_sft']:.2f} nats",
              ppo["kl_to_sft"] <= KL_FACTOR * target_kl),
         reward_goal("rejection sampling: mean reward of greedy replies",
                     figures["reward_gains"]["SFT + rejection sampling"]["greedy"], rs["mean_reward_greedy"],
-                    sft["mean_reward_greedy"], f"the kept replies beat the average sample by "
+                    sft["mean_reward_greedy"], f"on the held-out people in its prompts "
+                    f"{gain_text(prompted['SFT + rejection sampling']['greedy'])}; the kept replies beat the average "
+                    f"sample by "
                     f"{figures['rejection_sampling']['selection_gain']:+.2f} on the training prompts"),
     ]
     return goals
