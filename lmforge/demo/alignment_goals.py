@@ -88,8 +88,7 @@ def alignment_goals(figures: dict[str, Any], target_kl: float) -> list[Goal]:
                     figures["reward_gains"]["SFT + rejection sampling"]["greedy"], rs["mean_reward_greedy"],
                     sft["mean_reward_greedy"], f"on the held-out people in its prompts "
                     f"{gain_text(prompted['SFT + rejection sampling']['greedy'])}; the kept replies beat the average "
-                    f"sample by "
-                    f"{figures['rejection_sampling']['selection_gain']:+.2f} on the training prompts"),
+                    f"sample by {figures['rejection_sampling']['selection_gain']:+.2f} on the training prompts"),
     ]
     return goals
 
