@@ -73,7 +73,8 @@ class Prompted:
 
 @dataclass
 class Scores:
-    rewards: list[float]  # combined reward of the greedy reply to each held-out question and red-team prompt
+    rewards: list[float]  # combined reward of the greedy reply to each question about the held-out people no stage
+    # asks about, and to each red-team prompt
     sampled_rewards: list[float]  # the same for replies sampled at temperature 1 (each prompt's mean over its samples)
     kl_to_sft: float  # nats per sampled reply
     exact_match: float  # held-out people's questions (those no stage asks about)
