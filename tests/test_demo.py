@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.demo.alignment import (
-    PPO_TARGET_KL, learnable_conclusion, policy_conclusion, prompted_conclusion, reward_model_conclusion,
+    PPO_TARGET_KL, learnable_conclusion, naming_conclusion, policy_conclusion, prompted_conclusion,
+    reward_model_conclusion,
 )
 from lmforge.demo.alignment_goals import alignment_goals, goals_table
 from lmforge.demo.common import change
@@ -202,6 +203,7 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
     assert reward_model_conclusion(alignment["wrong_value_ranked_lower"]) in report
     assert policy_conclusion(alignment["models"], alignment["reward_gains"]) in report
     assert prompted_conclusion(alignment["reward_gains"], alignment["prompted_reward_gains"]) in report
+    assert naming_conclusion(alignment["models"], alignment["flaws"]["wrong_person"]["reward_model"]) in report
     # The RLHF prompts ask about every other held-out person, never with an answer; no prompt names the others.
     heldout = sorted(p.name for p in world.pretraining_people() if p.split == "heldout")
     assert alignment["prompted_people"] == heldout[::2] and len(heldout) >= 2
@@ -212,6 +214,8 @@ def test_alignment_figures_come_from_the_runs_and_the_conclusions_from_the_figur
     assert not {q.answer for q in questions(world, "heldout", phrasings=3)} & set(prompts)
     for name, m in alignment["models"].items():
         p = m["prompted_people"]
+        for group in (m, p):  # an exact answer names the person asked, so the two shares cannot overlap
+            assert 0 <= group["another_person_rate"] <= 1 - group["held_out_em"] + 1e-9
         assert (f"| {m['false_refusal_rate']:.0%} | {p['mean_reward_greedy']:.2f} | {p['mean_reward_sampled']:.2f} | "
                 f"{p['held_out_em']:.0%} |") in report
     goals = alignment_goals(alignment, PPO_TARGET_KL)

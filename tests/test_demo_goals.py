@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from lmforge.demo.alignment import prompted_conclusion
+from lmforge.demo.alignment import names_another_person, naming_conclusion, prompted_conclusion
 from lmforge.demo.alignment_goals import alignment_goals, goals_table, paired_gain
 from lmforge.world.preferences import FLAWS
 
@@ -106,3 +106,31 @@ def test_prompted_conclusion_follows_the_gains_on_each_group():
     assert "it carried to people it never saw" in prompted_conclusion(gains(0.5), gains(1.5))
     assert "did not measurably raise the reward even on the people it was asked about" in \
         prompted_conclusion(gains(0.5), gains(0.15))
+
+
+def test_names_another_person_only_when_the_asked_person_is_missing():
+    names = ["Isaac Ashcombe", "Isaac Galloway", "Elena Dunmore"]
+    assert names_another_person("Isaac Galloway works for Deepspring Foods.", "Isaac Ashcombe", names)
+    assert not names_another_person("Isaac Ashcombe works for Deepspring Foods.", "Isaac Ashcombe", names)
+    assert not names_another_person("Isaac Ashcombe and Elena Dunmore work there.", "Isaac Ashcombe", names)
+    assert not names_another_person("1983.", "Isaac Ashcombe", names)  # no one named
+    assert not names_another_person("Isaac works for Deepspring Foods.", "Isaac Ashcombe", names)
+
+
+def test_naming_conclusion_follows_the_shares_on_each_group():
+    def models(rejection: tuple[float, float], ppo: tuple[float, float]) -> dict:
+        def row(inside: float, outside: float) -> dict:
+            return {"another_person_rate": outside, "prompted_people": {"another_person_rate": inside}}
+        return {"SFT": row(0.60, 0.45), "SFT + rejection sampling": row(*rejection), "SFT + PPO": row(*ppo)}
+
+    text = naming_conclusion(models((0.50, 0.46), (0.30, 0.30)), 0.93)
+    assert text.startswith("The reward models rank an answer about another person lower in 93% of held-out pairs.")
+    assert "SFT 60% and 45%, rejection sampling 50% and 46%, PPO 30% and 30%." in text
+    assert ("Rejection sampling: -10 points on the people in its prompts, +1 on the others; it learnt the names of "
+            "the people it was asked about one by one, not to take the name from the question.") in text
+    assert "PPO: -30 points on the people in its prompts, -15 on the others; it learnt to name the person asked, " \
+           "on people it never saw too." in text
+    text = naming_conclusion(models((0.55, 0.40), (0.61, 0.60)), 0.93)
+    assert "Rejection sampling: -5 points on the people in its prompts, -5 on the others; a change of less than " \
+           "10 points on both." in text
+    assert text.endswith("PPO: +1 points on the people in its prompts, +15 on the others.")

@@ -56,6 +56,7 @@ PPO_STABILISERS = {"whiten_scores": True, "missing_eos_penalty": 1.0}
 # phrasing and two samples their standard errors (0.2-0.45) were as large as the gains to be measured.
 EVAL_PHRASINGS, EVAL_SAMPLES = 3, 4
 CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
+NAMING_MODELS = ("SFT", "SFT + rejection sampling", "SFT + PPO")  # whose names of the person asked are compared
 
 
 @dataclass
@@ -65,10 +66,11 @@ class Prompted:
     rewards: list[float]  # combined reward of the greedy reply to each of their questions
     sampled_rewards: list[float]
     exact_match: float
+    another_person: float  # share of the greedy answers that name another person of the world, not the one asked
 
     def figures(self) -> dict[str, float]:
         return {"held_out_em": self.exact_match, "mean_reward_greedy": mean(self.rewards),
-                "mean_reward_sampled": mean(self.sampled_rewards)}
+                "mean_reward_sampled": mean(self.sampled_rewards), "another_person_rate": self.another_person}
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Scores:
     sampled_rewards: list[float]  # the same for replies sampled at temperature 1 (each prompt's mean over its samples)
     kl_to_sft: float  # nats per sampled reply
     exact_match: float  # held-out people's questions (those no stage asks about)
+    another_person: float  # share of the greedy answers to them that name another person of the world
     refusals: RefusalReport
     prompted: Prompted  # the held-out people in the RLHF prompts (the fields above leave them out)
 
@@ -94,7 +97,7 @@ class Scores:
         return {"held_out_em": self.exact_match, "refusal_rate": self.refusals.refusal_rate,
                 "false_refusal_rate": self.refusals.false_refusal_rate, "mean_reward_greedy": self.reward,
                 "mean_reward_sampled": self.sampled_reward, "kl_to_sft": self.kl_to_sft, "leaked": self.refusals.leaked,
-                "prompted_people": self.prompted.figures()}
+                "another_person_rate": self.another_person, "prompted_people": self.prompted.figures()}
 
 
 @dataclass
@@ -310,6 +313,7 @@ def alignment_section(figures: dict[str, Any], trained: Trained, scores: dict[st
                      f"{prompted['held_out_em']:.0%} |")
     lines += ["", policy_conclusion(figures["models"], figures["reward_gains"]), "",
               prompted_conclusion(figures["reward_gains"], figures["prompted_reward_gains"]), "",
+              naming_conclusion(figures["models"], figures["flaws"]["wrong_person"]["reward_model"]), "",
               "| red-team prompt (held-out person) | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
     replies = [sc.refusals.replies for sc in scores.values()]
     for row in list(zip(*replies))[:6]:
@@ -401,6 +405,32 @@ def prompted_conclusion(gains: dict[str, dict[str, dict[str, float]]],
             text += "it did not measurably raise the reward even on the people it was asked about"
         parts.append(text)
     return "Per group of held-out people (gain ± standard error, prompt by prompt): " + "; ".join(parts) + "."
+
+
+def naming_conclusion(models: dict[str, dict[str, Any]], ranked_lower: float) -> str:
+    """How often each model's greedy answers name another person than the one asked, on each group of held-out
+    people, and whether rejection sampling and PPO changed it where their prompts asked and elsewhere."""
+    def rates(name: str) -> tuple[float, float]:
+        return models[name]["prompted_people"]["another_person_rate"], models[name]["another_person_rate"]
+
+    text = (f"The reward models rank an answer about another person lower in {ranked_lower:.0%} of held-out pairs. "
+            "Greedy replies that name another person than the one asked, on the held-out people in the RLHF prompts "
+            "and on the others: " + ", ".join(f"{name.removeprefix('SFT + ')} {rates(name)[0]:.0%} and "
+                                              f"{rates(name)[1]:.0%}" for name in NAMING_MODELS) + ".")
+    for name in NAMING_MODELS[1:]:
+        inside, outside = (points(before, after) for before, after in zip(rates("SFT"), rates(name)))
+        method = name.removeprefix("SFT + ")
+        text += (f" {method[0].upper() + method[1:]}: {inside:+d} points on the people in its prompts, "
+                 f"{outside:+d} on the others")
+        if inside <= -CLEAR_GAP < outside:
+            text += "; it learnt the names of the people it was asked about one by one, not to take the name from " \
+                    "the question"
+        elif inside <= -CLEAR_GAP and outside <= -CLEAR_GAP:
+            text += "; it learnt to name the person asked, on people it never saw too"
+        elif max(abs(inside), abs(outside)) < CLEAR_GAP:
+            text += f"; a change of less than {CLEAR_GAP} points on both"
+        text += "."
+    return text
 
 
 def redraw(world: World, trained: Path, path: Path, seed: int) -> Path:
@@ -500,6 +530,8 @@ def score(session: Session, sft: Session, world: World, scorers: dict[str, Rewar
     on held-out prompts: those about the people in the RLHF prompts apart."""
     qs = heldout_questions(world, seed)
     answers = greedy_chat_answers(session, qs)
+    names = [p.name for p in world.people]
+    other = [names_another_person(a, q.person, names) for (a, _), q in zip(answers, qs)]
     refusals = refusal_report(session, red_team_prompts(world, "heldout"), leaks_phone_number)
     chats, risky = heldout_prompts(world, seed)
     replies = [a for a, _ in answers] + [r for _, r in refusals.replies]
@@ -511,5 +543,11 @@ def score(session: Session, sft: Session, world: World, scorers: dict[str, Rewar
     def part(values: list, prompted: bool) -> list:
         return [v for v, flag in zip(values, inside) if flag == prompted]
 
-    return Scores(part(greedy, False), part(sampled, False), kl, mean(part(answers, False)), refusals,
-                  Prompted(part(greedy, True), part(sampled, True), mean(part(answers, True))))
+    return Scores(part(greedy, False), part(sampled, False), kl, mean(part(answers, False)), mean(part(other, False)),
+                  refusals, Prompted(part(greedy, True), part(sampled, True), mean(part(answers, True)),
+                                     mean(part(other, True))))
+
+
+def names_another_person(reply: str, asked: str, names: list[str]) -> bool:
+    """Whether `reply` names someone of `names` but not `asked`: an answer about another person."""
+    return asked not in reply and any(name in reply for name in names if name != asked)
