@@ -56,7 +56,7 @@ PPO_STABILISERS = {"whiten_scores": True, "missing_eos_penalty": 1.0}
 # phrasing and two samples their standard errors (0.2-0.45) were as large as the gains to be measured.
 EVAL_PHRASINGS, EVAL_SAMPLES = 3, 4
 CLEAR_GAP = 10  # percentage points: a smaller difference between two shares is reported as "about the same"
-NAMING_MODELS = ("SFT", "SFT + rejection sampling", "SFT + PPO")  # whose names of the person asked are compared
+RLHF_MODELS = ("SFT + rejection sampling", "SFT + PPO")  # trained on the RLHF prompts
 
 
 @dataclass
@@ -393,7 +393,7 @@ def prompted_conclusion(gains: dict[str, dict[str, dict[str, float]]],
         return gain["mean"] > NOISE * gain["standard_error"]
 
     parts = []
-    for name in ("SFT + rejection sampling", "SFT + PPO"):
+    for name in RLHF_MODELS:
         inside, outside = prompted[name]["greedy"], gains[name]["greedy"]
         text = (f"{name.removeprefix('SFT + ')}: greedy replies' mean reward {gain_text(inside)} over SFT's on the "
                 f"held-out people in its prompts, {gain_text(outside)} on the others; ")
@@ -416,8 +416,8 @@ def naming_conclusion(models: dict[str, dict[str, Any]], ranked_lower: float) ->
     text = (f"The reward models rank an answer about another person lower in {ranked_lower:.0%} of held-out pairs. "
             "Greedy replies that name another person than the one asked, on the held-out people in the RLHF prompts "
             "and on the others: " + ", ".join(f"{name.removeprefix('SFT + ')} {rates(name)[0]:.0%} and "
-                                              f"{rates(name)[1]:.0%}" for name in NAMING_MODELS) + ".")
-    for name in NAMING_MODELS[1:]:
+                                              f"{rates(name)[1]:.0%}" for name in ("SFT", *RLHF_MODELS)) + ".")
+    for name in RLHF_MODELS:
         inside, outside = (points(before, after) for before, after in zip(rates("SFT"), rates(name)))
         method = name.removeprefix("SFT + ")
         text += (f" {method[0].upper() + method[1:]}: {inside:+d} points on the people in its prompts, "
