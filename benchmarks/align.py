@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations (after one warm-up)")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    root = Path(scratch.name)
     world = make_world(0, n_people=60)
     corpus = write_pretraining_corpus(world, root / "corpus.jsonl")
     tokenizer = train_tokenizer([corpus], 2048, root / "tok", show_progress=False)

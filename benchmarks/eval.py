@@ -84,7 +84,8 @@ def main() -> None:
 
     from lmforge.eval.harness import LMForgeLM
 
-    root = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    root = Path(scratch.name)
     corpus = write_pretraining_corpus(make_world(0, n_people=100, n_companies=10), root / "corpus.jsonl")
     tokenizer = train_tokenizer([corpus], 8192, root / "tokenizer", show_progress=False)
     model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,

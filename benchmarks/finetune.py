@@ -125,7 +125,8 @@ def main() -> None:
     config = preset("tiny", max_position_embeddings=args.seq_len + VIRTUAL_TOKENS)
     init = Transformer(config)
     init.init_weights(seed=0)
-    workdir = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    workdir = Path(scratch.name)
     save_model(init, workdir / "init")
     source = RandomTokens(config.vocab_size, args.batch, args.seq_len)
     rows = [(f"{method}_{precision}", *measure(method, precision, init, workdir, source, args))

@@ -138,7 +138,8 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
 
-    workdir = tempfile.mkdtemp()
+    scratch = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    workdir = scratch.name
     config = write_model(args.family, args.prompt_len + args.new_tokens + 8, workdir + "/model", args.preset)
     prefix = f"{args.family}_" if args.family else "" if args.preset == "tiny" else f"{args.preset}_"
 

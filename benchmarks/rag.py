@@ -129,7 +129,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     sizes = sorted(args.sizes)
-    workdir = args.out or Path(tempfile.mkdtemp(prefix="rag-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="rag-bench-")  # removed when the benchmark exits
+    workdir = args.out or Path(scratch.name)
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}; "
           f"stores in {workdir}")
 

@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    workdir = Path(scratch.name)
     checkpoint = build_checkpoint(workdir, context=256)
     table: dict[str, dict[int, dict[str, float]]] = {}
     for name, batch in (("lmforge (continuous)", 16), ("one row at a time", 1)):

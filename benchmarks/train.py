@@ -72,7 +72,8 @@ def main() -> None:
     import transformers
 
     config = preset("tiny", max_position_embeddings=args.seq_len)
-    workdir = tempfile.mkdtemp()
+    scratch = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+    workdir = scratch.name
     init = Transformer(config)
     init.init_weights(seed=0)
     save_model(init, workdir + "/init")
