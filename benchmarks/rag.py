@@ -124,7 +124,8 @@ def main() -> None:
                         help="torch and faiss (OpenMP) threads (default 1: on a busy two-core machine a second "
                              "thread made encoding three times slower, and single-query searches waited for it)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="directory for the stores (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the stores, kept (default: a temporary one, removed at exit)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
